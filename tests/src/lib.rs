@@ -1,0 +1,1 @@
+//! Harness for integration tests (to be written).

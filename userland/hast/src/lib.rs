@@ -1,0 +1,23 @@
+//! hast: Highly Available Storage, block-level replication of a disk between
+//! two hosts (network RAID1), compatible with FreeBSD's hastd/hastctl.
+//!
+//! Layers call down, never up:
+//! - bottom: [`sysexits`], [`size`], [`role`], [`nv`], [`proto`], [`addr`],
+//!   [`config`], [`provider`], [`activemap`], [`metadata`];
+//! - then the control protocol ([`control`]), [`hooks`], [`pidfile`];
+//! - then the daemon's engine ([`engine`]); the binaries sit on top.
+
+pub mod activemap;
+pub mod addr;
+pub mod config;
+pub mod control;
+pub mod engine;
+pub mod hooks;
+pub mod metadata;
+pub mod nv;
+pub mod pidfile;
+pub mod proto;
+pub mod provider;
+pub mod role;
+pub mod size;
+pub mod sysexits;
