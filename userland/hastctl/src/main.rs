@@ -1,1 +1,426 @@
-fn main() {}
+//! hastctl: the Highly Available Storage control utility. `create` and
+//! `dump` work on the local provider directly; `role`, `list` and `status`
+//! talk to hastd over its control socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+use hast::config::{Config, HostIdentity, ResourceConfig, DEFAULT_CONFIG};
+use hast::control;
+use hast::metadata::{self, Layout, Metadata};
+use hast::nv::Nv;
+use hast::provider::Provider;
+use hast::role::Role;
+use hast::size::{humanize, parse_size};
+use hast::sysexits;
+
+/// Highly Available Storage control utility.
+#[derive(Debug, Parser)]
+#[command(name = "hastctl", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Configuration file.
+    #[arg(short = 'c', value_name = "config", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Print debugging information; repeat for more.
+    #[arg(short = 'd', action = ArgAction::Count)]
+    debug: u8,
+    /// Act as node NAME: only `on NAME` blocks describe this host.
+    #[arg(long, value_name = "NAME")]
+    node: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Initialize the local provider's metadata and activemap.
+    Create {
+        #[command(flatten)]
+        common: Common,
+        /// Extent size (K/M/G/T suffixes); default 2M.
+        #[arg(short = 'e', value_name = "extentsize", value_parser = size_arg)]
+        extentsize: Option<u64>,
+        /// Number of extents kept dirty; default 64.
+        #[arg(short = 'k', value_name = "keepdirty", value_parser = size_arg)]
+        keepdirty: Option<u64>,
+        /// Size of the provider to use (K/M/G/T suffixes); default the whole provider.
+        #[arg(short = 'm', value_name = "mediasize", value_parser = size_arg)]
+        mediasize: Option<u64>,
+        #[arg(required = true, value_name = "name")]
+        names: Vec<String>,
+    },
+    /// Change the role of resources: init, primary or secondary.
+    Role {
+        #[command(flatten)]
+        common: Common,
+        #[arg(value_name = "init|primary|secondary", value_parser = role_arg)]
+        role: Role,
+        #[arg(required = true, value_name = "all|name")]
+        names: Vec<String>,
+    },
+    /// Print the state of resources, verbosely.
+    List {
+        #[command(flatten)]
+        common: Common,
+        #[arg(value_name = "all|name")]
+        names: Vec<String>,
+    },
+    /// Print the state of resources, one line each.
+    Status {
+        #[command(flatten)]
+        common: Common,
+        #[arg(value_name = "all|name")]
+        names: Vec<String>,
+    },
+    /// Print the metadata stored on the local provider.
+    Dump {
+        #[command(flatten)]
+        common: Common,
+        #[arg(value_name = "all|name")]
+        names: Vec<String>,
+    },
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn role_arg(s: &str) -> Result<Role, String> {
+    match s.parse::<Role>() {
+        Ok(r @ (Role::Init | Role::Primary | Role::Secondary)) => Ok(r),
+        _ => Err(format!(
+            "invalid role {s:?} (expected init, primary or secondary)"
+        )),
+    }
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return exit(if usage { sysexits::EX_USAGE } else { 0 });
+        }
+    };
+    let common = match &cli.cmd {
+        Cmd::Create { common, .. }
+        | Cmd::Role { common, .. }
+        | Cmd::List { common, .. }
+        | Cmd::Status { common, .. }
+        | Cmd::Dump { common, .. } => common,
+    };
+    let level = match common.debug {
+        0 => tracing::Level::WARN,
+        1 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    let host = match &common.node {
+        Some(n) => HostIdentity::node(n),
+        None => HostIdentity::detect(),
+    };
+    let cfg = match Config::load(&common.config, &host) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return exit(e.exit_code());
+        }
+    };
+    let code = match &cli.cmd {
+        Cmd::Create {
+            extentsize,
+            keepdirty,
+            mediasize,
+            names,
+            ..
+        } => create(&cfg, names, *mediasize, *extentsize, *keepdirty),
+        Cmd::Dump { names, .. } => dump(&cfg, names),
+        Cmd::Role { role, names, .. } => {
+            let req = control::setrole_request(*role, names);
+            talk(&cfg, &req).map_or_else(|c| c, |nv| print_setrole(&nv, *role))
+        }
+        Cmd::List { names, .. } => {
+            let req = control::status_request(&only_all_means_empty(names));
+            talk(&cfg, &req).map_or_else(|c| c, |nv| print_list(&nv))
+        }
+        Cmd::Status { names, .. } => {
+            let req = control::status_request(&only_all_means_empty(names));
+            talk(&cfg, &req).map_or_else(|c| c, |nv| print_status(&nv))
+        }
+    };
+    exit(code)
+}
+
+fn only_all_means_empty(names: &[String]) -> Vec<String> {
+    if names.len() == 1 && names[0] == "all" {
+        Vec::new()
+    } else {
+        names.to_vec()
+    }
+}
+
+/// The resources named on the command line (or all of them), reporting
+/// unknown names; the exit code so far is 65 (EX_DATAERR) if any was unknown.
+fn select<'a>(cfg: &'a Config, names: &[String], all_allowed: bool) -> (Vec<&'a ResourceConfig>, i32) {
+    if all_allowed && (names.is_empty() || (names.len() == 1 && names[0] == "all")) {
+        return (cfg.resources.iter().collect(), 0);
+    }
+    let mut ec = 0;
+    let mut out = Vec::new();
+    for name in names {
+        match cfg.resource(name) {
+            Some(r) => out.push(r),
+            None => {
+                eprintln!("Unknown resource {name}.");
+                if ec == 0 {
+                    ec = sysexits::EX_DATAERR;
+                }
+            }
+        }
+    }
+    (out, ec)
+}
+
+fn create(
+    cfg: &Config,
+    names: &[String],
+    mediasize: Option<u64>,
+    extentsize: Option<u64>,
+    keepdirty: Option<u64>,
+) -> i32 {
+    let (resources, mut ec) = select(cfg, names, false);
+    for res in resources {
+        let r = create_one(res, mediasize, extentsize, keepdirty);
+        if r != 0 && ec == 0 {
+            ec = r;
+        }
+    }
+    ec
+}
+
+fn create_one(
+    res: &ResourceConfig,
+    mediasize: Option<u64>,
+    extentsize: Option<u64>,
+    keepdirty: Option<u64>,
+) -> i32 {
+    let provider = match Provider::open(&res.local, true) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("[{}] {e}", res.name);
+            return sysexits::EX_NOINPUT;
+        }
+    };
+    let layout = match Layout::compute(
+        provider.mediasize(),
+        provider.sectorsize(),
+        mediasize,
+        extentsize,
+        keepdirty,
+    ) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("[{}] {e}", res.name);
+            return e.exit_code();
+        }
+    };
+    match metadata::create(&provider, &res.name, &layout) {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("[{}] {e}", res.name);
+            e.exit_code()
+        }
+    }
+}
+
+fn dump(cfg: &Config, names: &[String]) -> i32 {
+    let (resources, mut ec) = select(cfg, names, true);
+    for res in resources {
+        let r = match Provider::open(&res.local, false) {
+            Err(e) => {
+                eprintln!("[{}] {e}", res.name);
+                sysexits::EX_NOINPUT
+            }
+            Ok(p) => match Metadata::read(&p, &res.name) {
+                Ok(md) => {
+                    print!("{}", metadata::dump_text(&md));
+                    0
+                }
+                Err(e) => {
+                    eprintln!("[{}] {e}", res.name);
+                    e.exit_code()
+                }
+            },
+        };
+        if r != 0 && ec == 0 {
+            ec = r;
+        }
+    }
+    ec
+}
+
+/// Send `req` to hastd; on failure print why and return the exit code.
+fn talk(cfg: &Config, req: &Nv) -> Result<Nv, i32> {
+    let reply = control::request(&cfg.control, req).map_err(|e| {
+        eprintln!("{e}");
+        e.exit_code()
+    })?;
+    let error = reply.get_i16("error").unwrap_or(0);
+    if error != 0 {
+        eprintln!("Error {error} received from hastd.");
+        return Err(sysexits::EX_SOFTWARE);
+    }
+    Ok(reply)
+}
+
+/// The per-resource error of a reply, printed; 0 when there is none.
+fn resource_error(nv: &Nv, no: usize, name: &str) -> i32 {
+    let error = nv.get_i16(&format!("error{no}")).unwrap_or(0);
+    if error != 0 {
+        match nv.get_string(&format!("errmsg{no}")) {
+            Some(msg) => eprintln!("[{name}] Received error {error} from hastd: {msg}"),
+            None => eprintln!("[{name}] Received error {error} from hastd."),
+        }
+    }
+    i32::from(error)
+}
+
+fn print_setrole(nv: &Nv, newrole: Role) -> i32 {
+    let mut ret = 0;
+    for (no, name) in control::resource_names(nv).iter().enumerate() {
+        let error = resource_error(nv, no, name);
+        if error != 0 {
+            if ret == 0 {
+                ret = error;
+            }
+            continue;
+        }
+        let old = nv.get_string(&format!("role{no}")).unwrap_or("unknown");
+        if old == newrole.as_str() {
+            tracing::debug!("[{name}] Role unchanged ({old}).");
+        } else {
+            tracing::debug!("[{name}] Role changed from {old} to {newrole}.");
+        }
+    }
+    ret
+}
+
+fn str_field<'a>(nv: &'a Nv, name: &str, no: usize) -> &'a str {
+    nv.get_string(&format!("{name}{no}")).unwrap_or("")
+}
+
+fn u64_field(nv: &Nv, name: &str, no: usize) -> u64 {
+    nv.get_u64(&format!("{name}{no}")).unwrap_or(0)
+}
+
+fn print_list(nv: &Nv) -> i32 {
+    use std::fmt::Write;
+    let mut ret = 0;
+    let mut out = String::new();
+    for (no, name) in control::resource_names(nv).iter().enumerate() {
+        let _ = writeln!(out, "{name}:");
+        let error = nv.get_i16(&format!("error{no}")).unwrap_or(0);
+        if error != 0 {
+            if ret == 0 {
+                ret = i32::from(error);
+            }
+            let _ = writeln!(out, "  error: {error}");
+            continue;
+        }
+        let extentsize = u64::from(nv.get_u32(&format!("extentsize{no}")).unwrap_or(0));
+        let keepdirty = nv.get_u32(&format!("keepdirty{no}")).unwrap_or(0);
+        let _ = writeln!(out, "  role: {}", str_field(nv, "role", no));
+        let _ = writeln!(out, "  provname: {}", str_field(nv, "provname", no));
+        let _ = writeln!(out, "  localpath: {}", str_field(nv, "localpath", no));
+        let _ = writeln!(out, "  extentsize: {extentsize} ({}B)", humanize(extentsize));
+        let _ = writeln!(out, "  keepdirty: {keepdirty}");
+        let _ = writeln!(out, "  remoteaddr: {}", str_field(nv, "remoteaddr", no));
+        if let Some(s) = nv.get_string(&format!("sourceaddr{no}")) {
+            let _ = writeln!(out, "  sourceaddr: {s}");
+        }
+        let _ = writeln!(out, "  replication: {}", str_field(nv, "replication", no));
+        if let Some(s) = nv.get_string(&format!("status{no}")) {
+            let _ = writeln!(out, "  status: {s}");
+        }
+        let pid = nv.get_i32(&format!("workerpid{no}")).unwrap_or(0);
+        if pid != 0 {
+            let _ = writeln!(out, "  workerpid: {pid}");
+        }
+        let dirty = u64_field(nv, "dirty", no);
+        let _ = writeln!(out, "  dirty: {dirty} ({}B)", humanize(dirty));
+        let _ = writeln!(out, "  statistics:");
+        let _ = writeln!(out, "    reads: {}", u64_field(nv, "stat_read", no));
+        let _ = writeln!(out, "    writes: {}", u64_field(nv, "stat_write", no));
+        let _ = writeln!(out, "    deletes: {}", u64_field(nv, "stat_delete", no));
+        let _ = writeln!(out, "    flushes: {}", u64_field(nv, "stat_flush", no));
+        let _ = writeln!(
+            out,
+            "    activemap updates: {}",
+            u64_field(nv, "stat_activemap_update", no)
+        );
+        let _ = writeln!(
+            out,
+            "    local errors: read: {}, write: {}, delete: {}, flush: {}",
+            u64_field(nv, "stat_read_error", no),
+            u64_field(nv, "stat_write_error", no),
+            u64_field(nv, "stat_delete_error", no),
+            u64_field(nv, "stat_flush_error", no)
+        );
+        let _ = writeln!(
+            out,
+            "    queues: local: {}, send: {}, recv: {}, done: {}, idle: {}",
+            u64_field(nv, "local_queue_size", no),
+            u64_field(nv, "send_queue_size", no),
+            u64_field(nv, "recv_queue_size", no),
+            u64_field(nv, "done_queue_size", no),
+            u64_field(nv, "idle_queue_size", no)
+        );
+    }
+    print!("{out}");
+    ret
+}
+
+fn print_status(nv: &Nv) -> i32 {
+    use std::fmt::Write;
+    let mut ret = 0;
+    let mut out = String::new();
+    for (no, name) in control::resource_names(nv).iter().enumerate() {
+        if no == 0 {
+            out.push_str("Name\tStatus\t Role\t\tComponents\n");
+        }
+        let _ = write!(out, "{name}\t");
+        let error = nv.get_i16(&format!("error{no}")).unwrap_or(0);
+        if error != 0 {
+            if ret == 0 {
+                ret = i32::from(error);
+            }
+            let _ = writeln!(out, "ERR{error}");
+            continue;
+        }
+        let status = nv.get_string(&format!("status{no}")).unwrap_or("-");
+        let _ = writeln!(
+            out,
+            "{status:<9}{:<15}{}\t{}",
+            str_field(nv, "role", no),
+            str_field(nv, "localpath", no),
+            str_field(nv, "remoteaddr", no)
+        );
+    }
+    print!("{out}");
+    ret
+}

@@ -1,0 +1,65 @@
+# hast: Highly Available Storage. See README.md.
+#
+#   make deps    install the system packages the build and the tests need
+#   make         build hastd and hastctl (release)
+#   make test    install what is needed, then run every test
+#   make demo    set up two nodes on this machine and walk through the main job
+#   make install install binaries, man pages and the sample configuration
+
+CARGO    ?= cargo
+PREFIX   ?= /usr/local
+DESTDIR  ?=
+UNAME_S  := $(shell uname -s)
+
+DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
+	python3-libnbd nbdkit nbdfuse fio fuse3 nftables iproute2 mandoc \
+	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc
+PKG_PKGS = rust llvm qemu-tools libnbd fio shellcheck
+
+.PHONY: all build deps test test-rust test-scripts demo install clean
+
+all: build
+
+build:
+	$(CARGO) build --release --workspace
+
+deps:
+ifeq ($(UNAME_S),FreeBSD)
+	pkg install -y $(PKG_PKGS)
+else
+	@missing=""; for p in $(DEB_PKGS); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "make deps: installing$$missing"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	else \
+		echo "make deps: all system packages present"; \
+	fi
+endif
+	@command -v $(CARGO) >/dev/null || { echo "make deps: cargo not found; install Rust (rustup) first" >&2; exit 1; }
+
+test: deps test-scripts test-rust
+
+test-rust:
+	$(CARGO) build --workspace --all-targets
+	$(CARGO) test --workspace --no-fail-fast
+
+test-scripts:
+	sh tests/lint.sh
+
+demo: deps
+	$(CARGO) build --workspace
+	sh tests/demo.sh
+
+install: build
+	install -d $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/man/man8 $(DESTDIR)$(PREFIX)/share/examples/hast
+	install -m 0555 target/release/hastd target/release/hastctl $(DESTDIR)$(PREFIX)/sbin/
+	install -m 0444 docs/hast.conf.5 $(DESTDIR)$(PREFIX)/share/man/man5/
+	install -m 0444 docs/hastd.8 docs/hastctl.8 $(DESTDIR)$(PREFIX)/share/man/man8/
+	install -m 0444 docs/hast.conf.sample $(DESTDIR)$(PREFIX)/share/examples/hast/
+
+clean:
+	$(CARGO) clean

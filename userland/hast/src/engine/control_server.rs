@@ -1,0 +1,184 @@
+//! hastd's side of the control socket: accepting hastctl connections,
+//! reading one bounded request each, and building replies.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::addr::{Addr, AddrKind};
+use crate::nv::Nv;
+use crate::proto::{self, Limits};
+
+/// How long a control client may take to send its request or read the reply.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Failure to set up the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// Another process already serves this Unix socket.
+    #[error("control socket {0} is in use by another process (another hastd with this control address?)")]
+    InUse(PathBuf),
+    /// Binding or preparing the socket failed.
+    #[error("unable to listen on control address {addr}: {source}")]
+    Io {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A request read from a client, with the channel for its reply.
+pub struct Request {
+    pub nv: Nv,
+    pub reply: oneshot::Sender<Nv>,
+}
+
+/// A bound control socket (blocking form, so it can be created before the
+/// daemon forks; converted to tokio by [`ControlListener::serve`]).
+#[derive(Debug)]
+pub enum ControlListener {
+    Unix {
+        listener: std::os::unix::net::UnixListener,
+        path: PathBuf,
+    },
+    Tcp(std::net::TcpListener),
+}
+
+impl ControlListener {
+    /// Bind `addr`. A Unix socket path left by a dead daemon is replaced; one
+    /// that still accepts connections is refused. The socket is mode 0600.
+    pub fn bind(addr: &Addr) -> Result<ControlListener, ListenError> {
+        let io = |source| ListenError::Io {
+            addr: addr.to_string(),
+            source,
+        };
+        match &addr.kind {
+            AddrKind::Unix(path) => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(ListenError::InUse(path.clone()));
+                }
+                match std::fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io(e)),
+                }
+                if let Some(dir) = path.parent() {
+                    if !dir.as_os_str().is_empty() && !dir.exists() {
+                        std::fs::create_dir_all(dir).map_err(io)?;
+                    }
+                }
+                // Create the socket with no permissions for group and others
+                // from the start, then set exactly 0600.
+                // SAFETY: umask only changes this process's file-creation mask.
+                let old = unsafe { libc::umask(0o177) };
+                let bound = std::os::unix::net::UnixListener::bind(path);
+                // SAFETY: as above, restoring the previous mask.
+                unsafe { libc::umask(old) };
+                let listener = bound.map_err(io)?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io)?;
+                listener.set_nonblocking(true).map_err(io)?;
+                Ok(ControlListener::Unix {
+                    listener,
+                    path: path.clone(),
+                })
+            }
+            AddrKind::Tcp { .. } => {
+                let addrs = addr.socket_addrs().map_err(io)?;
+                let listener = std::net::TcpListener::bind(&addrs[..]).map_err(io)?;
+                listener.set_nonblocking(true).map_err(io)?;
+                Ok(ControlListener::Tcp(listener))
+            }
+        }
+    }
+
+    /// Accept clients until the returned task is aborted; each request read
+    /// is handed to `requests`. Must run inside a tokio runtime.
+    pub fn serve(
+        self,
+        requests: mpsc::Sender<Request>,
+    ) -> std::io::Result<(tokio::task::JoinHandle<()>, Option<PathBuf>)> {
+        match self {
+            ControlListener::Unix { listener, path } => {
+                let listener = UnixListener::from_std(listener)?;
+                let task = tokio::spawn(async move {
+                    loop {
+                        match listener.accept().await {
+                            Ok((stream, _)) => {
+                                tokio::spawn(handle_client(stream, requests.clone()));
+                            }
+                            Err(e) => {
+                                tracing::error!("unable to accept control connection: {e}");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
+                });
+                Ok((task, Some(path)))
+            }
+            ControlListener::Tcp(listener) => {
+                let listener = TcpListener::from_std(listener)?;
+                let task = tokio::spawn(async move {
+                    loop {
+                        match listener.accept().await {
+                            Ok((stream, peer)) => {
+                                tracing::debug!(%peer, "control connection");
+                                tokio::spawn(handle_client(stream, requests.clone()));
+                            }
+                            Err(e) => {
+                                tracing::error!("unable to accept control connection: {e}");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
+                });
+                Ok((task, None))
+            }
+        }
+    }
+}
+
+/// Remove a Unix control socket file when the daemon stops listening on it.
+pub fn remove_socket(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("unable to remove control socket {}: {e}", path.display());
+        }
+    }
+}
+
+async fn handle_client<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, requests: mpsc::Sender<Request>) {
+    let nv = match tokio::time::timeout(
+        CLIENT_TIMEOUT,
+        proto::read_frame_async(&mut stream, Limits::CONTROL),
+    )
+    .await
+    {
+        Ok(Ok((nv, _payload))) => nv,
+        Ok(Err(e)) => {
+            tracing::error!("unable to receive control header: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::error!("unable to receive control header: no request within {CLIENT_TIMEOUT:?}");
+            return;
+        }
+    };
+    let (tx, rx) = oneshot::channel();
+    if requests.send(Request { nv, reply: tx }).await.is_err() {
+        return;
+    }
+    let Ok(reply) = rx.await else {
+        // The daemon dropped the request (e.g. it lacked `cmd`): close.
+        return;
+    };
+    match tokio::time::timeout(CLIENT_TIMEOUT, proto::write_frame_async(&mut stream, &reply, &[])).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("unable to send control response: {e}"),
+        Err(_) => tracing::error!("unable to send control response: client did not read it within {CLIENT_TIMEOUT:?}"),
+    }
+}

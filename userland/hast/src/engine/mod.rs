@@ -1,0 +1,207 @@
+//! The hastd engine: owns the configuration, the resources and their roles,
+//! the control socket, the pidfile, and the reaction to signals (SIGHUP
+//! reloads the configuration with the reference's rules; SIGINT and SIGTERM
+//! stop cleanly).
+
+pub mod control_server;
+pub mod reload;
+pub mod resource;
+
+use std::path::PathBuf;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, HostIdentity};
+use crate::control::{
+    resource_names, EHAST_INVALID, EHAST_NOENTRY, EHAST_UNIMPLEMENTED, HASTCTL_CMD_SETROLE,
+    HASTCTL_CMD_STATUS,
+};
+use crate::nv::Nv;
+use crate::pidfile::Pidfile;
+use crate::role::Role;
+use control_server::{ControlListener, Request};
+use resource::Resource;
+
+/// How the daemon was started.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The configuration file (`-c`), re-read on SIGHUP.
+    pub config_path: PathBuf,
+    /// Which `on` blocks are this node (`--node` or the real host).
+    pub host: HostIdentity,
+    /// `-P`: a pidfile that overrides the configuration's.
+    pub pidfile_override: Option<PathBuf>,
+}
+
+impl Options {
+    /// The pidfile to use with `cfg`.
+    pub fn pidfile_for(&self, cfg: &Config) -> PathBuf {
+        self.pidfile_override
+            .clone()
+            .unwrap_or_else(|| cfg.pidfile.clone())
+    }
+}
+
+/// The running daemon's state. Only the main loop touches it, so role
+/// changes, status requests and reloads are serialized.
+pub struct Daemon {
+    opts: Options,
+    cfg: Config,
+    resources: Vec<Resource>,
+    pidfile: Pidfile,
+    control: Option<ControlListener>,
+}
+
+/// The live control socket: its accept task and its path (Unix sockets).
+struct Serving {
+    task: tokio::task::JoinHandle<()>,
+    path: Option<PathBuf>,
+}
+
+impl Serving {
+    fn stop(self) {
+        self.task.abort();
+        if let Some(path) = &self.path {
+            control_server::remove_socket(path);
+        }
+    }
+}
+
+impl Daemon {
+    /// A daemon for `cfg` whose pidfile is locked and control socket bound.
+    /// Every resource starts in role init.
+    pub fn new(opts: Options, cfg: Config, pidfile: Pidfile, control: ControlListener) -> Daemon {
+        let resources = cfg.resources.iter().cloned().map(Resource::new).collect();
+        Daemon {
+            opts,
+            cfg,
+            resources,
+            pidfile,
+            control: Some(control),
+        }
+    }
+
+    /// Serve until SIGINT or SIGTERM; returns the process exit code.
+    pub async fn run(mut self) -> i32 {
+        let (tx, mut rx) = mpsc::channel::<Request>(64);
+        let mut serving = match self.start_serving(&tx) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("unable to serve the control socket: {e}");
+                return crate::sysexits::EX_OSERR;
+            }
+        };
+        let signals = (
+            signal(SignalKind::hangup()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        );
+        let (mut hup, mut int, mut term) = match signals {
+            (Ok(h), Ok(i), Ok(t)) => (h, i, t),
+            _ => {
+                tracing::error!("unable to install signal handlers");
+                serving.stop();
+                return crate::sysexits::EX_OSERR;
+            }
+        };
+        tracing::info!(
+            "started successfully, running protocol version {}",
+            crate::proto::HAST_PROTO_VERSION
+        );
+        loop {
+            tokio::select! {
+                Some(req) = rx.recv() => {
+                    if let Some(reply) = self.handle(&req.nv) {
+                        let _ = req.reply.send(reply);
+                    }
+                }
+                _ = hup.recv() => {
+                    if let Some(new_control) = self.reload() {
+                        let old = std::mem::replace(&mut self.control, Some(new_control));
+                        drop(old);
+                        match self.start_serving(&tx) {
+                            Ok(s) => {
+                                let old = std::mem::replace(&mut serving, s);
+                                old.stop();
+                            }
+                            Err(e) => tracing::error!("unable to serve the new control socket: {e}"),
+                        }
+                    }
+                }
+                _ = int.recv() => break,
+                _ = term.recv() => break,
+            }
+        }
+        tracing::info!("termination signal received, exiting");
+        serving.stop();
+        self.resources.clear();
+        tracing::debug!(pidfile = %self.pidfile.path().display(), "removing pidfile");
+        0
+    }
+
+    fn start_serving(&mut self, tx: &mpsc::Sender<Request>) -> std::io::Result<Serving> {
+        let listener = self
+            .control
+            .take()
+            .ok_or_else(|| std::io::Error::other("no control socket bound"))?;
+        let (task, path) = listener.serve(tx.clone())?;
+        Ok(Serving { task, path })
+    }
+
+    /// Answer one control request; None closes the connection unanswered
+    /// (a request without `cmd`, as the reference does).
+    fn handle(&mut self, req: &Nv) -> Option<Nv> {
+        let cmd = req.get_u8("cmd").unwrap_or(0);
+        if cmd == 0 {
+            tracing::error!("control header is missing the 'cmd' field");
+            return None;
+        }
+        let mut out = Nv::new();
+        let Some(first) = req.get_string("resource0") else {
+            tracing::error!("control header is missing the 'resource0' field");
+            out.add_i16("error", EHAST_INVALID);
+            return Some(out);
+        };
+        let role = match cmd {
+            HASTCTL_CMD_SETROLE => match req.get_u8("role").and_then(Role::from_u8) {
+                Some(r @ (Role::Init | Role::Primary | Role::Secondary)) => Some(r),
+                _ => {
+                    tracing::error!("invalid role received ({:?})", req.get("role"));
+                    out.add_i16("error", EHAST_INVALID);
+                    return Some(out);
+                }
+            },
+            HASTCTL_CMD_STATUS => None,
+            _ => {
+                tracing::error!("invalid command received ({cmd})");
+                out.add_i16("error", EHAST_UNIMPLEMENTED);
+                return Some(out);
+            }
+        };
+        let names: Vec<String> = if first == "all" {
+            self.resources.iter().map(|r| r.name().to_string()).collect()
+        } else {
+            resource_names(req)
+        };
+        for (no, name) in names.iter().enumerate() {
+            out.add_string(format!("resource{no}"), name.as_str());
+            let Some(res) = self.resources.iter_mut().find(|r| r.name() == name) else {
+                out.add_i16(format!("error{no}"), EHAST_NOENTRY);
+                out.add_string(format!("errmsg{no}"), format!("no resource {name} in the configuration"));
+                continue;
+            };
+            match role {
+                Some(new) => {
+                    out.add_string(format!("role{no}"), res.role().as_str());
+                    if let Err(e) = res.set_role(new) {
+                        out.add_i16(format!("error{no}"), e.code());
+                        out.add_string(format!("errmsg{no}"), e.to_string());
+                    }
+                }
+                None => res.status_into(&mut out, no),
+            }
+        }
+        Some(out)
+    }
+}

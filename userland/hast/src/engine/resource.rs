@@ -1,0 +1,229 @@
+//! One resource inside hastd: its configuration, its role, and while it is
+//! primary or secondary the opened local provider and its metadata. Role
+//! changes are persisted as `prevrole` and run the `role` hook.
+
+use crate::activemap::DiskMap;
+use crate::config::ResourceConfig;
+use crate::hooks::{self, Event};
+use crate::metadata::{Metadata, MetadataError};
+use crate::nv::Nv;
+use crate::provider::{Provider, ProviderError};
+use crate::role::Role;
+use crate::sysexits;
+
+/// Why a resource could not take the role it was given.
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    /// The local provider cannot be opened.
+    #[error("{0}")]
+    Provider(#[from] ProviderError),
+    /// The metadata cannot be read, is not this resource's, or cannot be written.
+    #[error("{0}")]
+    Metadata(#[from] MetadataError),
+}
+
+impl RoleError {
+    /// The per-resource error code sent to hastctl (sysexits values, like
+    /// hastctl create: 66 cannot open, 65 bad metadata, 74 I/O error).
+    pub fn code(&self) -> i16 {
+        let code = match self {
+            RoleError::Provider(_) => sysexits::EX_NOINPUT,
+            RoleError::Metadata(e) => e.exit_code(),
+        };
+        i16::try_from(code).unwrap_or(i16::MAX)
+    }
+}
+
+/// Counters reported by `hastctl list`. Until the data path runs (it comes
+/// with the NBD export) nothing increments them.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub read: u64,
+    pub write: u64,
+    pub delete: u64,
+    pub flush: u64,
+    pub activemap_update: u64,
+    pub read_error: u64,
+    pub write_error: u64,
+    pub delete_error: u64,
+    pub flush_error: u64,
+}
+
+/// The local side of an active (primary or secondary) resource.
+#[derive(Debug)]
+struct Active {
+    provider: Provider,
+    md: Metadata,
+    map: DiskMap,
+    stats: Stats,
+}
+
+/// A configured resource and its current role.
+#[derive(Debug)]
+pub struct Resource {
+    cfg: ResourceConfig,
+    role: Role,
+    active: Option<Active>,
+}
+
+impl Resource {
+    /// A resource as configured, in role init (hastd never picks a role).
+    pub fn new(cfg: ResourceConfig) -> Resource {
+        Resource {
+            cfg,
+            role: Role::Init,
+            active: None,
+        }
+    }
+
+    /// The resource name.
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ResourceConfig {
+        &self.cfg
+    }
+
+    /// The current role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Replace the configuration without a restart (the caller decided the
+    /// change needs none).
+    pub fn set_config(&mut self, cfg: ResourceConfig) {
+        self.cfg = cfg;
+    }
+
+    /// Change the role. Leaving primary or secondary closes the provider;
+    /// entering one opens it, checks the metadata belongs to this resource
+    /// and persists the new role as `prevrole`. On failure the resource is
+    /// left in init. The `role` hook runs whenever the role actually changed.
+    pub fn set_role(&mut self, new: Role) -> Result<(), RoleError> {
+        let old = self.role;
+        if old == new {
+            return Ok(());
+        }
+        let span = tracing::info_span!("resource", name = %self.cfg.name);
+        let _enter = span.enter();
+        tracing::info!("role changed from {old} to {new}");
+        self.deactivate();
+        self.role = new;
+        let result = match new {
+            Role::Primary | Role::Secondary => self.activate(new),
+            Role::Init | Role::Undef => Ok(()),
+        };
+        if let Err(e) = &result {
+            tracing::error!("unable to become {new}: {e}; role is init");
+            self.role = Role::Init;
+        }
+        if self.role != old {
+            hooks::run(
+                self.cfg.exec.as_deref(),
+                &self.cfg.name,
+                &Event::Role {
+                    old: old.as_str(),
+                    new: self.role.as_str(),
+                },
+            );
+        }
+        result
+    }
+
+    fn activate(&mut self, role: Role) -> Result<(), RoleError> {
+        let provider = Provider::open(&self.cfg.local, true)?;
+        let mut md = Metadata::read(&provider, &self.cfg.name)?;
+        let map = md.read_map(&provider)?;
+        md.prevrole = role;
+        md.write(&provider, self.cfg.metaflush)?;
+        tracing::debug!(
+            datasize = md.datasize,
+            extentsize = md.extentsize,
+            localoff = md.localoff,
+            dirty = map.count(),
+            "local provider {} opened",
+            self.cfg.local.display()
+        );
+        self.active = Some(Active {
+            provider,
+            md,
+            map,
+            stats: Stats::default(),
+        });
+        Ok(())
+    }
+
+    fn deactivate(&mut self) {
+        if let Some(active) = self.active.take() {
+            if let Err(e) = active.provider.flush() {
+                tracing::warn!("flushing {} failed: {e}", self.cfg.local.display());
+            }
+            tracing::debug!("local provider {} closed", self.cfg.local.display());
+        }
+    }
+
+    /// Append this resource's `hastctl status`/`list` fields with index `no`
+    /// to a control reply (the reference's field names and types).
+    pub fn status_into(&self, nv: &mut Nv, no: usize) {
+        let cfg = &self.cfg;
+        nv.add_string(format!("provname{no}"), cfg.provname.as_str());
+        nv.add_string(format!("localpath{no}"), cfg.local.display().to_string());
+        nv.add_string(format!("remoteaddr{no}"), cfg.remote.as_str());
+        if let Some(src) = &cfg.source {
+            nv.add_string(format!("sourceaddr{no}"), src.raw.as_str());
+        }
+        nv.add_string(format!("replication{no}"), cfg.replication.as_str());
+        nv.add_string(format!("checksum{no}"), cfg.checksum.as_str());
+        nv.add_string(format!("compression{no}"), cfg.compression.as_str());
+        nv.add_string(format!("role{no}"), self.role.as_str());
+        let Some(active) = &self.active else {
+            nv.add_i32(format!("workerpid{no}"), 0);
+            return;
+        };
+        // hastd serves every resource itself; its pid is the worker's.
+        nv.add_i32(
+            format!("workerpid{no}"),
+            i32::try_from(std::process::id()).unwrap_or(0),
+        );
+        if self.role == Role::Secondary {
+            // Like the reference, a secondary reports status only while its
+            // primary is connected, and no dirty count.
+            return;
+        }
+        let extentsize = active.md.extentsize;
+        nv.add_string(format!("status{no}"), "degraded");
+        nv.add_u64(
+            format!("dirty{no}"),
+            active.map.count().saturating_mul(u64::from(extentsize)),
+        );
+        nv.add_u32(format!("extentsize{no}"), extentsize);
+        nv.add_u32(format!("keepdirty{no}"), active.md.keepdirty);
+        let s = &active.stats;
+        for (name, v) in [
+            ("stat_read", s.read),
+            ("stat_write", s.write),
+            ("stat_delete", s.delete),
+            ("stat_flush", s.flush),
+            ("stat_activemap_update", s.activemap_update),
+            ("stat_read_error", s.read_error),
+            ("stat_write_error", s.write_error),
+            ("stat_delete_error", s.delete_error),
+            ("stat_flush_error", s.flush_error),
+            ("idle_queue_size", 0),
+            ("local_queue_size", 0),
+            ("send_queue_size", 0),
+            ("recv_queue_size", 0),
+            ("done_queue_size", 0),
+        ] {
+            nv.add_u64(format!("{name}{no}"), v);
+        }
+    }
+}
+
+impl Drop for Resource {
+    fn drop(&mut self) {
+        self.deactivate();
+    }
+}
