@@ -478,7 +478,7 @@ pub enum ConfigError {
     At {
         path: PathBuf,
         line: u32,
-        problem: Problem,
+        problem: Box<Problem>,
     },
 }
 
@@ -503,7 +503,7 @@ impl ConfigError {
     pub fn problem(&self) -> Option<&Problem> {
         match self {
             ConfigError::Unreadable { .. } => None,
-            ConfigError::At { problem, .. } => Some(problem),
+            ConfigError::At { problem, .. } => Some(problem.as_ref()),
         }
     }
 }
@@ -526,14 +526,16 @@ impl Config {
         let at = |line: u32, problem: Problem| ConfigError::At {
             path: path.to_path_buf(),
             line,
-            problem,
+            problem: Box::new(problem),
         };
         let tokens = lex(text).map_err(|(line, p)| at(line, p))?;
+        // A missing token at the end of the file is reported where the last one stands.
+        let eof_line = tokens.last().map_or(1, |t| t.line);
         let mut parser = Parser {
             tokens,
             pos: 0,
             host,
-            eof_line: last_line(text),
+            eof_line,
         };
         let mut config = parser.file().map_err(|(line, p)| at(line, p))?;
         config.path = path.to_path_buf();
@@ -544,17 +546,6 @@ impl Config {
     pub fn resource(&self, name: &str) -> Option<&ResourceConfig> {
         self.resources.iter().find(|r| r.name == name)
     }
-}
-
-/// Number of the last line of `text` (1 for an empty text).
-fn last_line(text: &str) -> u32 {
-    let newlines = text.bytes().filter(|&b| b == b'\n').count();
-    let lines = if text.ends_with('\n') {
-        newlines
-    } else {
-        newlines.saturating_add(1)
-    };
-    u32::try_from(lines.max(1)).unwrap_or(u32::MAX)
 }
 
 // ---------------------------------------------------------------------------
