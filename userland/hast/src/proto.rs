@@ -285,16 +285,212 @@ pub async fn read_frame_async<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Cursor;
+
+    /// A reader that counts what was consumed from it.
+    struct Counting<'a> {
+        inner: &'a [u8],
+        consumed: usize,
+    }
+
+    impl Read for Counting<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = Read::read(&mut self.inner, buf)?;
+            self.consumed += n;
+            Ok(n)
+        }
+    }
+
+    fn cmd_nv() -> Nv {
+        let mut nv = Nv::new();
+        nv.add_u8("cmd", 1);
+        nv
+    }
 
     #[test]
     fn frame_bytes_for_a_control_command() {
-        let mut nv = Nv::new();
-        nv.add_u8("cmd", 1);
-        let f = encode_frame(&nv, &[]).unwrap();
+        let f = encode_frame(&cmd_nv(), &[]).unwrap();
         assert_eq!(&f[..5], &[2, 22, 0, 0, 0]);
-        assert_eq!(f.len(), 27);
+        assert_eq!(&f[5..], &cmd_nv().encode().unwrap()[..]);
         let (back, payload) = read_frame(&mut &f[..], Limits::CONTROL).unwrap();
-        assert_eq!(back, nv);
+        assert_eq!(back, cmd_nv());
         assert!(payload.is_empty());
+    }
+
+    #[test]
+    fn payload_sets_uint32_size_and_follows_the_nv() {
+        let payload = vec![0xabu8; 4096];
+        let f = encode_frame(&cmd_nv(), &payload).unwrap();
+        let nvlen = u32::from_le_bytes(f[1..5].try_into().unwrap()) as usize;
+        let nv = Nv::decode(&f[5..5 + nvlen]).unwrap();
+        assert_eq!(nv.get(SIZE_FIELD), Some(&Value::Uint32(4096)));
+        assert_eq!(&f[5 + nvlen..], &payload[..]);
+        let (back, data) = read_frame(&mut &f[..], Limits::replication(1 << 20)).unwrap();
+        assert_eq!(back.get_u32(SIZE_FIELD), Some(4096));
+        assert_eq!(data, payload);
+        // Two frames back to back on one stream.
+        let mut two = f.clone();
+        two.extend(encode_frame(&cmd_nv(), &[]).unwrap());
+        let mut cur = Cursor::new(two);
+        read_frame(&mut cur, Limits::replication(4096)).unwrap();
+        let (second, p2) = read_frame(&mut cur, Limits::replication(4096)).unwrap();
+        assert_eq!(second, cmd_nv());
+        assert!(p2.is_empty());
+        assert!(matches!(
+            read_frame(&mut cur, Limits::CONTROL),
+            Err(ProtoError::Closed)
+        ));
+    }
+
+    #[test]
+    fn header_bound_is_checked_before_reading_or_allocating() {
+        // Declares a 4 GiB nv; only the 5 header bytes may be consumed.
+        let bytes = [2u8, 0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+        let mut r = Counting {
+            inner: &bytes,
+            consumed: 0,
+        };
+        match read_frame(&mut r, Limits::CONTROL) {
+            Err(ProtoError::HeaderTooLarge { size, max }) => {
+                assert_eq!(size, u64::from(u32::MAX));
+                assert_eq!(max, NV_MAX_SIZE);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(r.consumed, 5);
+        // A caller limit below NV_MAX_SIZE is honoured too.
+        let f = encode_frame(&cmd_nv(), &[]).unwrap();
+        let small = Limits {
+            max_header: 21,
+            max_payload: 0,
+        };
+        assert!(matches!(
+            read_frame(&mut &f[..], small),
+            Err(ProtoError::HeaderTooLarge { size: 22, max: 21 })
+        ));
+    }
+
+    #[test]
+    fn payload_bound_is_checked_before_reading_the_payload() {
+        let mut nv = cmd_nv();
+        nv.add_u32(SIZE_FIELD, u32::MAX);
+        let nvb = nv.encode().unwrap();
+        let mut bytes = vec![2u8];
+        bytes.extend_from_slice(&(nvb.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&nvb);
+        bytes.extend_from_slice(&[0; 64]);
+        let mut r = Counting {
+            inner: &bytes,
+            consumed: 0,
+        };
+        assert!(matches!(
+            read_frame(&mut r, Limits::replication(1 << 20)),
+            Err(ProtoError::PayloadTooLarge { size, max }) if size == u64::from(u32::MAX) && max == 1 << 20
+        ));
+        assert_eq!(r.consumed, 5 + nvb.len());
+        // The control socket takes no payload at all.
+        let f = encode_frame(&cmd_nv(), b"x").unwrap();
+        assert!(matches!(
+            read_frame(&mut &f[..], Limits::CONTROL),
+            Err(ProtoError::PayloadTooLarge { size: 1, max: 0 })
+        ));
+        // A "size" of another type is refused rather than misread.
+        let mut nv = cmd_nv();
+        nv.add_u64(SIZE_FIELD, 1);
+        let f = encode_frame(&nv, &[]).unwrap();
+        assert!(matches!(
+            read_frame(&mut &f[..], Limits::replication(16)),
+            Err(ProtoError::BadSizeField("uint64"))
+        ));
+    }
+
+    #[test]
+    fn bad_version_truncation_and_bad_nv() {
+        let mut f = encode_frame(&cmd_nv(), &[]).unwrap();
+        f[0] = 1;
+        assert!(matches!(
+            read_frame(&mut &f[..], Limits::CONTROL),
+            Err(ProtoError::BadVersion(1))
+        ));
+        f[0] = 2;
+        assert!(matches!(
+            read_frame(&mut &[][..], Limits::CONTROL),
+            Err(ProtoError::Closed)
+        ));
+        for cut in [1, 4, 5, 10, f.len() - 1] {
+            match read_frame(&mut &f[..cut], Limits::CONTROL) {
+                Err(ProtoError::Truncated { got, want, .. }) => assert!(got < want),
+                other => panic!("cut {cut}: unexpected {other:?}"),
+            }
+        }
+        let p = encode_frame(&cmd_nv(), &[9; 100]).unwrap();
+        assert!(matches!(
+            read_frame(&mut &p[..p.len() - 1], Limits::replication(100)),
+            Err(ProtoError::Truncated {
+                what: "payload",
+                got: 99,
+                want: 100
+            })
+        ));
+        // An nv that fails validation.
+        let mut bad = f.clone();
+        bad[5] = 0x55;
+        assert!(matches!(
+            read_frame(&mut &bad[..], Limits::CONTROL),
+            Err(ProtoError::Nv(NvError::BadType { ty: 0x55, .. }))
+        ));
+    }
+
+    #[test]
+    fn sync_frames_over_a_real_socket() {
+        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let payload: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let p2 = payload.clone();
+        let t = std::thread::spawn(move || {
+            write_frame(&mut a, &cmd_nv(), &p2).unwrap();
+        });
+        let (nv, data) = read_frame(&mut b, Limits::replication(1 << 20)).unwrap();
+        t.join().unwrap();
+        assert_eq!(nv.get_u8("cmd"), Some(1));
+        assert_eq!(data, payload);
+        assert!(matches!(
+            read_frame(&mut b, Limits::CONTROL),
+            Err(ProtoError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn async_frames_over_a_real_socket() {
+        let (mut a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let payload = vec![0x5au8; 131072];
+        let p2 = payload.clone();
+        let w = tokio::spawn(async move {
+            write_frame_async(&mut a, &cmd_nv(), &p2).await.unwrap();
+            write_frame_async(&mut a, &cmd_nv(), &[]).await.unwrap();
+        });
+        let (nv, data) = read_frame_async(&mut b, Limits::replication(131072))
+            .await
+            .unwrap();
+        assert_eq!(nv.get_u32(SIZE_FIELD), Some(131072));
+        assert_eq!(data, payload);
+        let (nv, size) = read_header_async(&mut b, Limits::CONTROL).await.unwrap();
+        assert_eq!((nv.get_u8("cmd"), size), (Some(1), 0));
+        w.await.unwrap();
+        assert!(matches!(
+            read_frame_async(&mut b, Limits::CONTROL).await,
+            Err(ProtoError::Closed)
+        ));
+        // Bound checked before allocation on the async path as well.
+        let (mut a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut a, &[2, 0, 0, 0, 0x40])
+            .await
+            .unwrap();
+        assert!(matches!(
+            read_frame_async(&mut b, Limits::CONTROL).await,
+            Err(ProtoError::HeaderTooLarge {
+                size: 0x4000_0000,
+                ..
+            })
+        ));
     }
 }
