@@ -26,6 +26,9 @@ pub const MAX_EXTENTSIZE: u64 = 1 << 30;
 /// Largest keepdirty: the reference keeps it in an int.
 pub const MAX_KEEPDIRTY: u64 = i32::MAX as u64;
 
+/// Largest sector rounding accepted for the activemap area on read.
+const MAX_MAP_SLACK: u64 = 1 << 20;
+
 /// The metadata of one resource, as stored on its local provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Metadata {
@@ -452,6 +455,16 @@ impl Metadata {
                 "offset",
                 self.localoff,
                 "leaves no room for the activemap",
+            ));
+        }
+        // hastctl create makes the map area the bitmap rounded up to a
+        // sector; anything far larger is corruption (and must not make us
+        // allocate it).
+        if self.mapsize() > need.saturating_mul(2).saturating_add(MAX_MAP_SLACK) {
+            return Err(bad(
+                "offset",
+                self.localoff,
+                "activemap area far larger than the data needs",
             ));
         }
         match self.localoff.checked_add(self.datasize) {

@@ -209,26 +209,21 @@ impl Provider {
     /// or a daemon and `hastctl create` do not use the provider at once.
     /// Filesystems without flock support are accepted, as in the reference.
     pub fn lock_exclusive(&self) -> Result<(), ProviderError> {
-        use nix::fcntl::{Flock, FlockArg};
-        let dup = self
-            .file
-            .try_clone()
-            .map_err(|source| ProviderError::Locked {
-                path: self.path.clone(),
-                source,
-            })?;
-        match Flock::lock(dup, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => {
-                // Keep the lock for the life of the open file description.
-                std::mem::forget(lock);
-                Ok(())
-            }
-            Err((_, nix::errno::Errno::EOPNOTSUPP)) => Ok(()),
-            Err((_, e)) => Err(ProviderError::Locked {
-                path: self.path.clone(),
-                source: io::Error::from(e),
-            }),
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock(2) on a descriptor this Provider owns; the lock
+        // lives as long as the open file and is released when it closes.
+        let rc = unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(());
         }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return Ok(());
+        }
+        Err(ProviderError::Locked {
+            path: self.path.clone(),
+            source: err,
+        })
     }
 
     /// Reads exactly `buf.len()` bytes at `off`.

@@ -392,6 +392,10 @@ fn loop_device_provider() {
     }
     let _guard = Detach(dev.clone());
     let p = Provider::open(Path::new(&dev), true).unwrap();
+    p.lock_exclusive().unwrap();
+    // flock locks belong to the open file: a second open is refused...
+    let other = Provider::open(Path::new(&dev), false).unwrap();
+    assert!(other.lock_exclusive().is_err());
     assert!(p.is_block_device());
     assert_eq!(p.mediasize(), 64 << 20);
     assert_eq!(p.sectorsize(), 4096);
@@ -401,6 +405,9 @@ fn loop_device_provider() {
     let md = create(&p, "loop", &layout).unwrap();
     assert_eq!(Metadata::read(&p, "loop").unwrap(), md);
     drop(p);
+    // ...and closing the first releases the lock.
+    other.lock_exclusive().unwrap();
+    drop(other);
     // The bytes reached the backing file.
     let raw = std::fs::read(&path).unwrap();
     let nv = Nv::decode(&raw[..4096]).unwrap();
