@@ -208,8 +208,6 @@ pub enum NvError {
     NameNotTerminated { offset: usize },
     #[error("nv element at offset {offset}: name contains a NUL before its end")]
     NameInnerNul { offset: usize },
-    #[error("nv element at offset {offset}: name is not valid UTF-8")]
-    NameNotUtf8 { offset: usize },
     #[error("nv element {name:?} at offset {offset}: unknown type byte {ty:#04x} (valid: 1..=17)")]
     BadType { offset: usize, name: String, ty: u8 },
     #[error("nv element {name:?} at offset {offset}: data size is zero")]
@@ -236,8 +234,6 @@ pub enum NvError {
     StringNotTerminated { offset: usize, name: String },
     #[error("nv element {name:?} at offset {offset}: string contains a NUL before its end")]
     StringInnerNul { offset: usize, name: String },
-    #[error("nv element {name:?} at offset {offset}: string is not valid UTF-8")]
-    StringNotUtf8 { offset: usize, name: String },
     #[error("cannot encode nv name {name:?}: {len} bytes, at most {max} allowed")]
     NameTooLong {
         name: String,
@@ -441,7 +437,7 @@ impl Nv {
     /// scalars of exact size, arrays a multiple of the element size, strings
     /// with exactly one NUL at the end, no element past the buffer. Decoding
     /// stops at the end of `buf` or at a zero byte where an element would
-    /// start. Names and strings must also be UTF-8.
+    /// start. Names and strings that are not UTF-8 are decoded lossily.
     pub fn decode(buf: &[u8]) -> Result<Nv, NvError> {
         if buf.len() > NV_MAX_SIZE {
             return Err(NvError::TooLarge {
@@ -503,9 +499,10 @@ fn decode_element(rest: &[u8], offset: usize) -> Result<(String, Value, usize), 
     if body.contains(&0) {
         return Err(NvError::NameInnerNul { offset });
     }
-    let name = std::str::from_utf8(body)
-        .map_err(|_| NvError::NameNotUtf8 { offset })?
-        .to_string();
+    // The reference accepts any bytes; invalid UTF-8 is replaced rather
+    // than failing the whole list (a peer's error message in a non-UTF-8
+    // locale must not break the protocol).
+    let name = String::from_utf8_lossy(body).into_owned();
     if !(1..=17).contains(&ty) {
         return Err(NvError::BadType { offset, name, ty });
     }
@@ -590,10 +587,7 @@ fn decode_element(rest: &[u8], offset: usize) -> Result<(String, Value, usize), 
             if body.contains(&0) {
                 return Err(NvError::StringInnerNul { offset, name });
             }
-            match std::str::from_utf8(body) {
-                Ok(s) => Value::String(s.to_string()),
-                Err(_) => return Err(NvError::StringNotUtf8 { offset, name }),
-            }
+            Value::String(String::from_utf8_lossy(body).into_owned())
         }
     };
     Ok((name, value, total))

@@ -281,3 +281,10 @@ proptest! {
         let _ = Nv::decode(&bytes[..end]);
     }
 }
+
+#[test]
+fn non_utf8_strings_are_accepted_like_the_reference() {
+    let buf = elem(17, "errmsg", b"caf\xe9\0");
+    let nv = Nv::decode(&buf).unwrap();
+    assert_eq!(nv.get_string("errmsg"), Some("caf\u{fffd}"));
+}
