@@ -70,7 +70,11 @@ fn wait_hook(path: &Path, line: &str) {
     let ok = wait_for(Duration::from_secs(5), || {
         hook_lines(path).iter().any(|l| l == line)
     });
-    assert!(ok, "hook line {line:?} not seen; got {:?}", hook_lines(path));
+    assert!(
+        ok,
+        "hook line {line:?} not seen; got {:?}",
+        hook_lines(path)
+    );
 }
 
 /// The whole content of a (small) provider file, to compare before/after.
@@ -118,11 +122,15 @@ fn create_options_and_their_checks() {
     assert!(d.contains("    keepdirty: 16\n"), "{d}");
     // 32M - 4096 needs 32 extents -> 8 bytes of map, one 512-byte sector.
     assert!(d.contains("    localoff: 4608\n"), "{d}");
-    assert!(d.contains(&format!("    datasize: {} ", (32u64 << 20) - 4608)), "{d}");
+    assert!(
+        d.contains(&format!("    datasize: {} ", (32u64 << 20) - 4608)),
+        "{d}"
+    );
 
     let before = sha(&img);
     for (args, what) in [
-        (vec!["-e", "3000", "r0"], "power of two"),
+        (vec!["-e", "4608", "r0"], "power of 2"),
+        (vec!["-e", "3000", "r0"], "multiple of sector size"),
         (vec!["-e", "256", "r0"], "sector size"),
         (vec!["-m", "1G", "r0"], "larger"),
     ] {
@@ -158,7 +166,14 @@ fn create_options_and_their_checks() {
     assert_eq!(r.code, 66, "{}", r.stderr);
 }
 
-fn expected_list(name: &str, role: &str, local: &Path, remote: &str, pid: i32, active: bool) -> String {
+fn expected_list(
+    name: &str,
+    role: &str,
+    local: &Path,
+    remote: &str,
+    pid: i32,
+    active: bool,
+) -> String {
     let mut s = format!(
         "{name}:\n  role: {role}\n  provname: {name}\n  localpath: {}\n",
         local.display()
@@ -231,17 +246,37 @@ fn two_nodes_roles_status_list_hooks_and_clean_exit() {
     assert_eq!(l.code, 0, "{}", l.stderr);
     assert_eq!(
         l.stdout,
-        expected_list("r0", "primary", &a_img, "tcp4://127.0.0.2", alpha.pid().unwrap(), true)
+        expected_list(
+            "r0",
+            "primary",
+            &a_img,
+            "tcp4://127.0.0.2",
+            alpha.pid().unwrap(),
+            true
+        )
     );
     let l = beta.hastctl("list", &["r0"]);
     assert_eq!(
         l.stdout,
-        expected_list("r0", "secondary", &b_img, "tcp4://127.0.0.1", beta.pid().unwrap(), true)
+        expected_list(
+            "r0",
+            "secondary",
+            &b_img,
+            "tcp4://127.0.0.1",
+            beta.pid().unwrap(),
+            true
+        )
     );
 
     // The role is persisted as prevrole.
-    assert!(alpha.hastctl("dump", &["r0"]).stdout.contains("    prevrole: primary\n"));
-    assert!(beta.hastctl("dump", &["r0"]).stdout.contains("    prevrole: secondary\n"));
+    assert!(alpha
+        .hastctl("dump", &["r0"])
+        .stdout
+        .contains("    prevrole: primary\n"));
+    assert!(beta
+        .hastctl("dump", &["r0"])
+        .stdout
+        .contains("    prevrole: secondary\n"));
 
     // Setting the same role again changes nothing and runs no hook.
     let n = hook_lines(&s.hooks).len();
@@ -252,7 +287,10 @@ fn two_nodes_roles_status_list_hooks_and_clean_exit() {
     // Back to init: the hook has old and new role; prevrole is init.
     assert_eq!(alpha.hastctl("role", &["init", "r0"]).code, 0);
     wait_hook(&s.hooks, "role r0 primary init");
-    assert!(alpha.hastctl("dump", &["r0"]).stdout.contains("    prevrole: init\n"));
+    assert!(alpha
+        .hastctl("dump", &["r0"])
+        .stdout
+        .contains("    prevrole: init\n"));
     assert_eq!(
         alpha.hastctl("list", &["r0"]).stdout,
         expected_list("r0", "init", &a_img, "tcp4://127.0.0.2", 0, false)
@@ -272,11 +310,11 @@ fn two_nodes_roles_status_list_hooks_and_clean_exit() {
 #[test]
 fn sighup_adds_removes_and_restarts_resources() {
     let s = setup(&["r0", "r1", "r2"], 32 << 20);
-    fs::write(&s.conf, config_text(&s.dir, &["r0", "r1"])).unwrap();
     let mut alpha = Node::new(&s.dir, &s.conf, "alpha");
     for r in ["r0", "r1", "r2"] {
         assert_eq!(alpha.hastctl("create", &[r]).code, 0);
     }
+    fs::write(&s.conf, config_text(&s.dir, &["r0", "r1"])).unwrap();
     alpha.start();
     assert_eq!(alpha.hastctl("role", &["primary", "r0", "r1"]).code, 0);
     wait_hook(&s.hooks, "role r0 init primary");
@@ -306,21 +344,31 @@ fn sighup_adds_removes_and_restarts_resources() {
     );
     // r2 now also points to alpha-r2.img from the r1 resource: its metadata
     // names r2, so r1 cannot become primary on it and must end in init.
-    fs::write(&s.conf, text).unwrap();
+    fs::write(&s.conf, &text).unwrap();
     alpha.signal(libc::SIGHUP);
     wait_hook(&s.hooks, "role r1 primary init");
     let st = alpha.hastctl("status", &["r1"]).stdout;
-    assert!(st.contains("r1\t-        init"), "{st}\n{}", alpha.log_text());
+    assert!(
+        st.contains("r1\t-        init"),
+        "{st}\n{}",
+        alpha.log_text()
+    );
 
     // A broken configuration is not applied; the daemon keeps running.
+    // (hastctl reads the file too, so the good text is put back before
+    // asking; the daemon must not have re-read it in between.)
     fs::write(&s.conf, "resource {\n").unwrap();
     alpha.signal(libc::SIGHUP);
-    std::thread::sleep(Duration::from_millis(500));
+    let ok = wait_for(Duration::from_secs(5), || {
+        alpha.log_text().contains("not reloaded")
+    });
+    assert!(ok, "{}", alpha.log_text());
+    fs::write(&s.conf, config_text(&s.dir, &["r0"])).unwrap();
     assert!(alpha.running());
     let st = alpha.hastctl("status", &[]);
     assert_eq!(st.code, 0, "{}", st.stderr);
     assert!(st.stdout.contains("r2\t"), "{}", st.stdout);
-    assert!(alpha.log_text().contains("not reloaded"), "{}", alpha.log_text());
+    assert!(!st.stdout.contains("r0\t"), "{}", st.stdout);
 }
 
 #[test]
@@ -335,8 +383,15 @@ fn role_errors_leave_the_daemon_up_and_the_disk_alone() {
     let r = alpha.hastctl("role", &["primary", "r1"]);
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("[r1] Received error"), "{}", r.stderr);
-    assert_eq!(sha(&r1_img), before, "a failed role change wrote to the provider");
-    assert!(alpha.hastctl("status", &["r1"]).stdout.contains("r1\t-        init"));
+    assert_eq!(
+        sha(&r1_img),
+        before,
+        "a failed role change wrote to the provider"
+    );
+    assert!(alpha
+        .hastctl("status", &["r1"])
+        .stdout
+        .contains("r1\t-        init"));
 
     fs::rename(s.dir.join("alpha-r0.img"), s.dir.join("moved.img")).unwrap();
     let r = alpha.hastctl("role", &["primary", "r0"]);
@@ -364,8 +419,15 @@ fn second_daemon_on_the_same_pidfile_exits_75() {
     let mut second = alpha.spawn_hastd(&["-P", alpha.pidfile.to_str().unwrap()]);
     let st = second.wait().unwrap();
     assert_eq!(st.code(), Some(75));
-    assert!(alpha.log_text().contains(&format!("pid {pid}")), "{}", alpha.log_text());
-    assert_eq!(fs::read_to_string(&alpha.pidfile).unwrap(), format!("{pid}\n"));
+    assert!(
+        alpha.log_text().contains(&format!("pid {pid}")),
+        "{}",
+        alpha.log_text()
+    );
+    assert_eq!(
+        fs::read_to_string(&alpha.pidfile).unwrap(),
+        format!("{pid}\n")
+    );
     assert!(alpha.running());
     assert_eq!(alpha.hastctl("status", &[]).code, 0);
 }
@@ -375,7 +437,11 @@ fn bad_configurations_are_refused_with_file_line_and_exit_code() {
     let s = setup(&["r0"], 32 << 20);
     let alpha = Node::new(&s.dir, &s.conf, "alpha");
     let bad = s.dir.join("bad.conf");
-    fs::write(&bad, "resource r0 {\n\ton alpha {\n\t\tlocal /x\n\t\tremote\n\t}\n}\n").unwrap();
+    fs::write(
+        &bad,
+        "resource r0 {\n\ton alpha {\n\t\tlocal /x\n\t\tremote\n\t}\n}\n",
+    )
+    .unwrap();
     let mut child = std::process::Command::new(hast_tests::bin("hastd"))
         .args(["-F", "-c"])
         .arg(&bad)
@@ -385,7 +451,12 @@ fn bad_configurations_are_refused_with_file_line_and_exit_code() {
         .unwrap();
     let st = child.wait().unwrap();
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert_eq!(st.code(), Some(78), "{err}");
     assert!(err.contains(&format!("{}:5", bad.display())), "{err}");
 
@@ -404,7 +475,12 @@ fn bad_configurations_are_refused_with_file_line_and_exit_code() {
         .args(["--node", "gamma"])
         .output()
         .unwrap();
-    assert_eq!(r.status.code(), Some(78), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(
+        r.status.code(),
+        Some(78),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     let _ = alpha;
 }
 
@@ -445,18 +521,29 @@ fn garbage_and_oversized_control_frames_are_dropped() {
     // An unknown command is answered with error 4, a missing resource0 with 2.
     let mut nv = hast::nv::Nv::new();
     nv.add_u8("cmd", 9).add_string("resource0", "all");
-    let reply = raw_exchange(&alpha.control, &hast::proto::encode_frame(&nv, &[]).unwrap());
+    let reply = raw_exchange(
+        &alpha.control,
+        &hast::proto::encode_frame(&nv, &[]).unwrap(),
+    );
     let (rnv, _) = hast::proto::read_frame(&mut &reply[..], hast::proto::Limits::CONTROL).unwrap();
     assert_eq!(rnv.get_i16("error"), Some(4));
     let mut nv = hast::nv::Nv::new();
     nv.add_u8("cmd", 1).add_u8("role", 2);
-    let reply = raw_exchange(&alpha.control, &hast::proto::encode_frame(&nv, &[]).unwrap());
+    let reply = raw_exchange(
+        &alpha.control,
+        &hast::proto::encode_frame(&nv, &[]).unwrap(),
+    );
     let (rnv, _) = hast::proto::read_frame(&mut &reply[..], hast::proto::Limits::CONTROL).unwrap();
     assert_eq!(rnv.get_i16("error"), Some(2));
     // A role number that is no role.
     let mut nv = hast::nv::Nv::new();
-    nv.add_u8("cmd", 1).add_u8("role", 7).add_string("resource0", "r0");
-    let reply = raw_exchange(&alpha.control, &hast::proto::encode_frame(&nv, &[]).unwrap());
+    nv.add_u8("cmd", 1)
+        .add_u8("role", 7)
+        .add_string("resource0", "r0");
+    let reply = raw_exchange(
+        &alpha.control,
+        &hast::proto::encode_frame(&nv, &[]).unwrap(),
+    );
     let (rnv, _) = hast::proto::read_frame(&mut &reply[..], hast::proto::Limits::CONTROL).unwrap();
     assert_eq!(rnv.get_i16("error"), Some(2));
 

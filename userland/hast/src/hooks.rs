@@ -111,7 +111,10 @@ mod tests {
         let script = dir.path().join("hook.sh");
         std::fs::write(
             &script,
-            format!("#!/bin/sh\necho \"$@\" > {}.tmp && mv {0}.tmp {0}\n", out.display()),
+            format!(
+                "#!/bin/sh\necho \"$@\" > {}.tmp && mv {0}.tmp {0}\n",
+                out.display()
+            ),
         )
         .unwrap();
         use std::os::unix::fs::PermissionsExt;

@@ -176,7 +176,11 @@ fn only_all_means_empty(names: &[String]) -> Vec<String> {
 
 /// The resources named on the command line (or all of them), reporting
 /// unknown names; the exit code so far is 65 (EX_DATAERR) if any was unknown.
-fn select<'a>(cfg: &'a Config, names: &[String], all_allowed: bool) -> (Vec<&'a ResourceConfig>, i32) {
+fn select<'a>(
+    cfg: &'a Config,
+    names: &[String],
+    all_allowed: bool,
+) -> (Vec<&'a ResourceConfig>, i32) {
     if all_allowed && (names.is_empty() || (names.len() == 1 && names[0] == "all")) {
         return (cfg.resources.iter().collect(), 0);
     }
@@ -347,7 +351,11 @@ fn print_list(nv: &Nv) -> i32 {
         let _ = writeln!(out, "  role: {}", str_field(nv, "role", no));
         let _ = writeln!(out, "  provname: {}", str_field(nv, "provname", no));
         let _ = writeln!(out, "  localpath: {}", str_field(nv, "localpath", no));
-        let _ = writeln!(out, "  extentsize: {extentsize} ({}B)", humanize(extentsize));
+        let _ = writeln!(
+            out,
+            "  extentsize: {extentsize} ({}B)",
+            humanize(extentsize)
+        );
         let _ = writeln!(out, "  keepdirty: {keepdirty}");
         let _ = writeln!(out, "  remoteaddr: {}", str_field(nv, "remoteaddr", no));
         if let Some(s) = nv.get_string(&format!("sourceaddr{no}")) {

@@ -151,7 +151,10 @@ pub fn remove_socket(path: &Path) {
     }
 }
 
-async fn handle_client<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, requests: mpsc::Sender<Request>) {
+async fn handle_client<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    requests: mpsc::Sender<Request>,
+) {
     let nv = match tokio::time::timeout(
         CLIENT_TIMEOUT,
         proto::read_frame_async(&mut stream, Limits::CONTROL),
@@ -164,7 +167,9 @@ async fn handle_client<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, request
             return;
         }
         Err(_) => {
-            tracing::error!("unable to receive control header: no request within {CLIENT_TIMEOUT:?}");
+            tracing::error!(
+                "unable to receive control header: no request within {CLIENT_TIMEOUT:?}"
+            );
             return;
         }
     };
@@ -176,9 +181,16 @@ async fn handle_client<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, request
         // The daemon dropped the request (e.g. it lacked `cmd`): close.
         return;
     };
-    match tokio::time::timeout(CLIENT_TIMEOUT, proto::write_frame_async(&mut stream, &reply, &[])).await {
+    match tokio::time::timeout(
+        CLIENT_TIMEOUT,
+        proto::write_frame_async(&mut stream, &reply, &[]),
+    )
+    .await
+    {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!("unable to send control response: {e}"),
-        Err(_) => tracing::error!("unable to send control response: client did not read it within {CLIENT_TIMEOUT:?}"),
+        Err(_) => tracing::error!(
+            "unable to send control response: client did not read it within {CLIENT_TIMEOUT:?}"
+        ),
     }
 }

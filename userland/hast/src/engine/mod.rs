@@ -118,8 +118,7 @@ impl Daemon {
                 }
                 _ = hup.recv() => {
                     if let Some(new_control) = self.reload() {
-                        let old = std::mem::replace(&mut self.control, Some(new_control));
-                        drop(old);
+                        self.control = Some(new_control);
                         match self.start_serving(&tx) {
                             Ok(s) => {
                                 let old = std::mem::replace(&mut serving, s);
@@ -180,7 +179,10 @@ impl Daemon {
             }
         };
         let names: Vec<String> = if first == "all" {
-            self.resources.iter().map(|r| r.name().to_string()).collect()
+            self.resources
+                .iter()
+                .map(|r| r.name().to_string())
+                .collect()
         } else {
             resource_names(req)
         };
@@ -188,7 +190,10 @@ impl Daemon {
             out.add_string(format!("resource{no}"), name.as_str());
             let Some(res) = self.resources.iter_mut().find(|r| r.name() == name) else {
                 out.add_i16(format!("error{no}"), EHAST_NOENTRY);
-                out.add_string(format!("errmsg{no}"), format!("no resource {name} in the configuration"));
+                out.add_string(
+                    format!("errmsg{no}"),
+                    format!("no resource {name} in the configuration"),
+                );
                 continue;
             };
             match role {

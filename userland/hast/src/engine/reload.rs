@@ -117,7 +117,10 @@ impl Daemon {
                 let _ = res.set_role(Role::Init);
                 res.set_config(ncfg.clone());
                 if let Err(e) = res.set_role(role) {
-                    tracing::error!("resource {} could not be restarted as {role}: {e}", ncfg.name);
+                    tracing::error!(
+                        "resource {} could not be restarted as {role}: {e}",
+                        ncfg.name
+                    );
                 }
             } else {
                 if needs_reload(role, res.config(), ncfg) {

@@ -109,7 +109,7 @@ impl Resource {
         let span = tracing::info_span!("resource", name = %self.cfg.name);
         let _enter = span.enter();
         tracing::info!("role changed from {old} to {new}");
-        self.deactivate();
+        self.deactivate(new);
         self.role = new;
         let result = match new {
             Role::Primary | Role::Secondary => self.activate(new),
@@ -155,8 +155,17 @@ impl Resource {
         Ok(())
     }
 
-    fn deactivate(&mut self) {
-        if let Some(active) = self.active.take() {
+    /// Close the provider of an active resource. When it leaves for init the
+    /// new role is recorded as `prevrole` first; when the daemon stops
+    /// (`next` is Undef) the metadata is left as it is, as after a crash.
+    fn deactivate(&mut self, next: Role) {
+        if let Some(mut active) = self.active.take() {
+            if next == Role::Init {
+                active.md.prevrole = Role::Init;
+                if let Err(e) = active.md.write(&active.provider, self.cfg.metaflush) {
+                    tracing::warn!("unable to record prevrole init: {e}");
+                }
+            }
             if let Err(e) = active.provider.flush() {
                 tracing::warn!("flushing {} failed: {e}", self.cfg.local.display());
             }
@@ -224,6 +233,6 @@ impl Resource {
 
 impl Drop for Resource {
     fn drop(&mut self) {
-        self.deactivate();
+        self.deactivate(Role::Undef);
     }
 }
