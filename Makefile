@@ -12,7 +12,7 @@ DESTDIR  ?=
 UNAME_S  := $(shell uname -s)
 
 DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
-	python3-libnbd nbdkit nbdfuse fio fuse3 nftables iproute2 mandoc \
+	python3-libnbd nbdkit fio fuse3 nftables iproute2 mandoc \
 	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc
 PKG_PKGS = rust llvm qemu-tools libnbd fio shellcheck
 
