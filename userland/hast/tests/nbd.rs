@@ -433,6 +433,7 @@ fn qemu_io_patterns_land_at_localoff() {
         &[
             "write -P 0x11 0 64k",
             "write -P 0x22 1M 128k",
+            "write -f -P 0x44 2M 64k",
             &last,
             "flush",
         ],
@@ -444,6 +445,7 @@ fn qemu_io_patterns_land_at_localoff() {
         &[
             "read -P 0x11 0 64k",
             "read -P 0x22 1M 128k",
+            "read -P 0x44 2M 64k",
             &lastr,
             "read -P 0 64k 960k",
         ],
@@ -456,6 +458,9 @@ fn qemu_io_patterns_land_at_localoff() {
     let p = h.provider("r0");
     assert!(export_bytes(p, 0, 64 << 10).iter().all(|b| *b == 0x11));
     assert!(export_bytes(p, MIB, 128 << 10).iter().all(|b| *b == 0x22));
+    assert!(export_bytes(p, 2 * MIB, 64 << 10)
+        .iter()
+        .all(|b| *b == 0x44));
     assert!(export_bytes(p, size - 4096, 4096)
         .iter()
         .all(|b| *b == 0x33));

@@ -166,6 +166,14 @@ impl Server {
     }
 }
 
+impl Drop for Server {
+    /// Dropping the server stops it like [`Server::shutdown`] without
+    /// waiting: connections drain in the background.
+    fn drop(&mut self) {
+        self.shared.stop.send_replace(true);
+    }
+}
+
 async fn accept_unix(
     shared: Arc<Shared>,
     listener: UnixListener,
