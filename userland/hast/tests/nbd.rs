@@ -1406,3 +1406,71 @@ fn example_binary_serves_a_file_and_stops_on_sigterm() {
     assert_eq!(o.status.code(), Some(64));
     assert!(text(&o).contains("usage"));
 }
+
+#[test]
+fn nbdfuse_file_reads_and_writes_through_the_server() {
+    need!("nbdfuse", "fusermount3");
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("SKIP: /dev/fuse is missing; nbdfuse cannot mount");
+        return;
+    }
+    let size = 8 * MIB;
+    let h = Harness::new(&[("r0", size)]);
+    let mnt = h.dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let child = Command::new("nbdfuse")
+        .arg(mnt.join("disk"))
+        .arg(h.uri("r0"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Mount(std::process::Child, PathBuf);
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let _ = Command::new("fusermount3").arg("-u").arg(&self.1).status();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut m = Mount(child, mnt.clone());
+    let disk = mnt.join("disk");
+    let t = Instant::now();
+    while std::fs::metadata(&disk).map(|md| md.len()).unwrap_or(0) != size {
+        if let Ok(Some(s)) = m.0.try_wait() {
+            let mut e = String::new();
+            m.0.stderr.take().unwrap().read_to_string(&mut e).unwrap();
+            eprintln!("SKIP: nbdfuse could not mount here ({s}): {e}");
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "nbdfuse file never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let data: Vec<u8> = (0..2 * MIB).map(|i| (i % 251) as u8).collect();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .unwrap();
+        f.write_all_at(&data, 3 * MIB).unwrap();
+        f.sync_all().unwrap();
+        let mut back = vec![0u8; data.len()];
+        f.read_exact_at(&mut back, 3 * MIB).unwrap();
+        assert!(back == data, "read back through nbdfuse differs");
+    }
+    drop(m);
+    assert!(export_bytes(h.provider("r0"), 3 * MIB, 2 * MIB) == data);
+    h.check_guards();
+}
