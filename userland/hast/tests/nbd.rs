@@ -579,8 +579,10 @@ fn fio_nbd_engine_verifies_crc32c() {
     }
     let size = 64 * MIB;
     let h = Harness::new(&[("r0", size)]);
-    let o = run(Command::new("fio").args([
+    // fio keeps verify state files in its working directory: the temp dir.
+    let o = run(Command::new("fio").current_dir(h.dir.path()).args([
         "--name=nbdjob",
+        "--verify_state_save=0",
         "--ioengine=nbd",
         &format!("--uri={}", h.uri("r0")),
         "--rw=randwrite",
