@@ -1476,3 +1476,76 @@ fn nbdfuse_file_reads_and_writes_through_the_server() {
     assert!(export_bytes(h.provider("r0"), 3 * MIB, 2 * MIB) == data);
     h.check_guards();
 }
+
+/// A file backend that fails some requests: errors at chosen offsets, and a
+/// panic (a broken backend must still not leave a client waiting).
+struct Faulty {
+    inner: FileBackend,
+}
+
+impl Backend for Faulty {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn read(&self, off: u64, len: u32) -> BoxFuture<'_, std::io::Result<Vec<u8>>> {
+        match off {
+            0 => Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::EIO)) }),
+            4096 => Box::pin(async { panic!("backend bug at 4096 (expected by the test)") }),
+            _ => self.inner.read(off, len),
+        }
+    }
+    fn write(&self, off: u64, data: Vec<u8>, fua: bool) -> BoxFuture<'_, std::io::Result<()>> {
+        match off {
+            0 => Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::EDQUOT)) }),
+            _ => self.inner.write(off, data, fua),
+        }
+    }
+    fn flush(&self) -> BoxFuture<'_, std::io::Result<()>> {
+        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::EIO)) })
+    }
+    fn trim(&self, off: u64, len: u32, fua: bool) -> BoxFuture<'_, std::io::Result<()>> {
+        self.inner.trim(off, len, fua)
+    }
+    fn write_zeroes(
+        &self,
+        off: u64,
+        len: u32,
+        nh: bool,
+        fua: bool,
+    ) -> BoxFuture<'_, std::io::Result<()>> {
+        self.inner.write_zeroes(off, len, nh, fua)
+    }
+}
+
+#[test]
+fn backend_errors_and_panics_become_nbd_errors() {
+    let h = Harness::new(&[]);
+    let path = h.dir.path().join("faulty.provider");
+    make_provider(&path, MIB);
+    let opts = FileOptions {
+        offset: HEAD,
+        size: Some(MIB),
+        ..FileOptions::default()
+    };
+    let b = Faulty {
+        inner: FileBackend::open(&path, &opts).unwrap(),
+    };
+    h.registry.add("f", Arc::new(b)).unwrap();
+    let (mut c, _, _) = Raw::go(&h.sock, "f");
+    c.request(proto::CMD_READ, 0, 1, 0, 4096, &[]);
+    assert_eq!(c.reply(), (proto::EIO, 1), "no payload may follow an error");
+    c.request(proto::CMD_READ, 0, 2, 4096, 4096, &[]);
+    assert_eq!(c.reply(), (proto::EIO, 2));
+    // EDQUOT maps to ENOSPC (proto.md "Error values").
+    assert_eq!(c.write(3, 0, &[1; 4096]), proto::ENOSPC);
+    c.request(proto::CMD_FLUSH, 0, 4, 0, 0, &[]);
+    assert_eq!(c.reply(), (proto::EIO, 4));
+    // The connection carries on.
+    assert_eq!(c.write(5, 8192, &[0x66; 4096]), 0);
+    assert_eq!(c.read(6, 8192, 4096), vec![0x66; 4096]);
+    assert_eq!(export_bytes(&path, 0, 4096), vec![0; 4096]);
+    check_guards(&path, MIB);
+}

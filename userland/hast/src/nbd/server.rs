@@ -609,6 +609,39 @@ struct Reply {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
+/// A request handed to its task. It is always answered: if the task ends
+/// without answering (a panicking backend, a runtime shutting down), the
+/// drop sends `EIO` so the client is not left waiting for the cookie.
+struct Pending {
+    tx: mpsc::UnboundedSender<Reply>,
+    cookie: u64,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Pending {
+    fn answer(mut self, error: u32, data: Option<Vec<u8>>) {
+        self.send(error, data);
+    }
+
+    fn send(&mut self, error: u32, data: Option<Vec<u8>>) {
+        if let Some(permit) = self.permit.take() {
+            // The writer is gone when the client is; nothing to tell then.
+            let _ = self.tx.send(Reply {
+                cookie: self.cookie,
+                error,
+                data,
+                _permit: Some(permit),
+            });
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.send(proto::EIO, None);
+    }
+}
+
 /// Why the reader stopped.
 enum Until<T> {
     Done(T),
@@ -725,29 +758,20 @@ async fn transmission<R, W>(
                 "client went away inside a write payload"
             );
         }
-        let tx = tx.clone();
+        let pending = Pending {
+            tx: tx.clone(),
+            cookie: req.cookie,
+            permit: Some(permit),
+        };
         let backend = Arc::clone(&backend);
-        let cookie = req.cookie;
         tokio::spawn(async move {
-            let reply = match run(backend.as_ref(), op, data).await {
-                Ok(data) => Reply {
-                    cookie,
-                    error: 0,
-                    data,
-                    _permit: Some(permit),
-                },
+            match run(backend.as_ref(), op, data).await {
+                Ok(data) => pending.answer(0, data),
                 Err(e) => {
                     warn!(?op, error = %e, "NBD request failed");
-                    Reply {
-                        cookie,
-                        error: proto::errno_to_nbd(&e),
-                        data: None,
-                        _permit: Some(permit),
-                    }
+                    pending.answer(proto::errno_to_nbd(&e), None);
                 }
-            };
-            // The writer is gone when the client is; nothing to tell then.
-            let _ = tx.send(reply);
+            }
         });
     };
     debug!(%peer, export = %name, %reason, "NBD connection draining");
