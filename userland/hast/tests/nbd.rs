@@ -1549,3 +1549,25 @@ fn backend_errors_and_panics_become_nbd_errors() {
     assert_eq!(export_bytes(&path, 0, 4096), vec![0; 4096]);
     check_guards(&path, MIB);
 }
+
+#[test]
+fn silent_client_is_dropped_after_the_handshake_timeout() {
+    let config = Config {
+        handshake_timeout: Some(Duration::from_millis(300)),
+        ..Config::default()
+    };
+    let h = Harness::with_config(&[("r0", MIB)], config);
+    let t = Instant::now();
+    let mut idle = Raw::connect(&h.sock);
+    idle.read_n(18);
+    assert!(idle.closed(), "silent client kept");
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+    // The timeout ends with the handshake: a client in transmission stays.
+    let (mut c, _, _) = Raw::go(&h.sock, "r0");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.read(1, 0, 512), vec![0u8; 512]);
+}
