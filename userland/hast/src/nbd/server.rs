@@ -23,7 +23,7 @@ use super::{Backend, NbdError};
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Largest READ/WRITE payload accepted (the advertised maximum block
-    /// size). Default 32 MiB.
+    /// size). Default 32 MiB; at least 64 KiB.
     pub max_payload: u32,
     /// Advertised preferred block size (raised to the export's block size
     /// when that is larger). Default 4096.
@@ -69,9 +69,11 @@ pub struct Server {
 impl Server {
     /// A server for the exports of `registry`.
     pub fn new(registry: Registry, config: Config) -> Result<Server, NbdError> {
-        if config.max_payload < 4096 {
+        // At least the largest legal block size, so that one block of any
+        // export fits and the preferred size never exceeds the maximum.
+        if config.max_payload < 65536 {
             return Err(NbdError::Config(format!(
-                "max_payload {} is below 4096 bytes",
+                "max_payload {} is below 65536 bytes",
                 config.max_payload
             )));
         }
@@ -954,6 +956,27 @@ mod tests {
             j(req(proto::CMD_TRIM, 0, 0, SIZE as u32)),
             Verdict::Run(_)
         ));
+    }
+
+    #[test]
+    fn config_limits() {
+        let new = |c: Config| Server::new(Registry::new(), c).is_ok();
+        assert!(new(Config::default()));
+        let small = Config {
+            max_payload: 4096,
+            ..Config::default()
+        };
+        assert!(!new(small));
+        let budget = Config {
+            inflight_bytes: 1 << 20,
+            ..Config::default()
+        };
+        assert!(!new(budget));
+        let pref = Config {
+            preferred_block: 3000,
+            ..Config::default()
+        };
+        assert!(!new(pref));
     }
 
     #[test]
