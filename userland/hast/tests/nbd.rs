@@ -1571,3 +1571,54 @@ fn silent_client_is_dropped_after_the_handshake_timeout() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(c.read(1, 0, 512), vec![0u8; 512]);
 }
+
+#[test]
+fn provider_geometry_is_checked_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let open = |offset, size, block_size| {
+        FileBackend::open(
+            &path,
+            &FileOptions {
+                offset,
+                size,
+                block_size,
+                read_only: false,
+            },
+        )
+    };
+    let ok = open(MIB, None, None).unwrap();
+    assert_eq!((ok.size(), ok.block_size()), (3 * MIB, 512));
+    // Odd tail rounded down to the block size.
+    let ok = open(MIB + 512, None, Some(4096)).unwrap();
+    assert_eq!(ok.size(), 3 * MIB - 4096);
+    let msg = |r: Result<FileBackend, hast::nbd::NbdError>| r.unwrap_err().to_string();
+    assert!(msg(open(5 * MIB, None, None)).contains("beyond its end"));
+    assert!(msg(open(MIB, Some(3 * MIB + 512), None)).contains("does not fit"));
+    assert!(msg(open(0, Some(1000), None)).contains("not a multiple"));
+    assert!(msg(open(4 * MIB, None, None)).contains("no room"));
+    assert!(msg(open(0, None, Some(3000))).contains("power of two"));
+    let e = FileBackend::open(dir.path(), &FileOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot open") || e.contains("neither"), "{e}");
+    let e = FileBackend::open(&dir.path().join("missing"), &FileOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot open provider") && e.contains("missing"),
+        "{e}"
+    );
+    // Export names and geometry are checked by the registry.
+    let reg = Registry::new();
+    let b = Arc::new(open(0, None, None).unwrap());
+    assert!(reg.add("", b.clone()).is_err());
+    assert!(reg.add("a\0b", b.clone()).is_err());
+    assert!(reg.add(&"x".repeat(4097), b.clone()).is_err());
+    reg.add("ok", b).unwrap();
+    assert_eq!(reg.names(), ["ok"]);
+}

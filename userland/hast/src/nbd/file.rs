@@ -128,6 +128,12 @@ impl FileBackend {
             }
             None => room - room % bs,
         };
+        if size == 0 {
+            return Err(bad(format!(
+                "no room for an export at offset {} ({provider_size} bytes, block size {block_size})",
+                opts.offset
+            )));
+        }
         Ok(FileBackend {
             file: Arc::new(file),
             path: path.to_path_buf(),
