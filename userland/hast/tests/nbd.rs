@@ -1622,3 +1622,27 @@ fn provider_geometry_is_checked_on_open() {
     reg.add("ok", b).unwrap();
     assert_eq!(reg.names(), ["ok"]);
 }
+
+#[test]
+fn serve_stream_speaks_nbd_on_a_socketpair() {
+    let h = Harness::new(&[("r0", MIB)]);
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    theirs.set_nonblocking(true).unwrap();
+    let server = h.server();
+    h.rt.block_on(async move {
+        let s = tokio::net::UnixStream::from_std(theirs).unwrap();
+        server.serve_stream(s);
+    });
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut r = Raw(ours);
+    r.hello(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES);
+    r.opt(proto::OPT_EXPORT_NAME, b"r0");
+    assert_eq!(r.u64(), MIB);
+    r.u16();
+    assert_eq!(r.write(1, 512, &[0x2b; 512]), 0);
+    assert_eq!(r.read(2, 512, 512), vec![0x2b; 512]);
+    assert_eq!(export_bytes(h.provider("r0"), 512, 512), vec![0x2b; 512]);
+    r.request(proto::CMD_DISC, 0, 3, 0, 0, &[]);
+    assert!(r.closed());
+}
