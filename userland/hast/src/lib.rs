@@ -14,6 +14,7 @@ pub mod control;
 pub mod engine;
 pub mod hooks;
 pub mod metadata;
+pub mod nbd;
 pub mod nv;
 pub mod pidfile;
 pub mod proto;
