@@ -80,7 +80,7 @@ struct hc_req {
 	uint64_t	 r_offset;
 	uint64_t	 r_length;
 	uint64_t	 r_cookie;
-	uint64_t	 r_gen;		/* map write generation needed */
+	uint64_t	 r_gen;		/* map write expected to mark it */
 	uint64_t	 r_start;	/* hast_shim_time_ns() at submit */
 	uint32_t	 r_type;	/* HC_T_* */
 	uint32_t	 r_cmd;		/* HAST_CMD_* */
@@ -615,8 +615,14 @@ hc_advance(struct hast_core *hc, struct hc_req *r)
 			hc->hc_map_want = 1;
 		}
 	}
-	if (r->r_gen > hc->hc_gen_done)
-		return;
+	/*
+	 * Issue once every extent is marked on disk and stays marked through
+	 * the map write in flight (r_gen may be passed by then: an earlier
+	 * map write already covered it).
+	 */
+	for (e = r->r_ext0; e <= r->r_ext1; e++)
+		if (!hc_marked_on_disk(hc, e))
+			return;
 	/* In an outage no data is written before the localcnt bump. */
 	if (hc->hc_link == HAST_LINK_DOWN && hc->hc_bump != BUMP_OK) {
 		hc_bump_ask(hc);
@@ -1048,6 +1054,8 @@ hast_core_remote_done(struct hast_core *hc, uint64_t seq, int32_t error)
 	r->r_flags &= ~RF_REMOTE;
 	if (error == 0)
 		r->r_flags |= RF_ROK;
+	else
+		r->r_flags &= ~RF_RRECV;	/* the peer lost it after all */
 	hc_progress(hc, r);
 	hc_leave(hc);
 	return (0);
@@ -1079,7 +1087,8 @@ hast_core_map_done(struct hast_core *hc, int32_t error)
 		for (n = hc->hc_waitq.n_next; n != &hc->hc_waitq; n = next) {
 			next = n->n_next;
 			r = n->n_owner;
-			if ((r->r_flags & RF_MARKED) && r->r_gen != 0 &&
+			if ((r->r_flags & RF_MARKED) &&
+			    r->r_gen > hc->hc_gen_done &&
 			    r->r_gen <= hc->hc_gen_last)
 				hc_fail_unissued(hc, r, HAST_EIO);
 		}
@@ -1170,7 +1179,7 @@ hast_core_link(struct hast_core *hc, uint32_t state)
 		/* Unconfirmed: the remote half failed. */
 		if (hc_node_linked(&r->r_up))
 			hc_list_remove(&r->r_up);
-		r->r_flags &= ~RF_REMOTE;
+		r->r_flags &= ~(RF_REMOTE | RF_RRECV);
 		hc_progress(hc, r);
 	}
 	hc_leave(hc);
