@@ -312,13 +312,20 @@ static void
 hc_map_start(struct hast_core *hc)
 {
 	uint32_t i;
+	int differ;
 
 	HC_ASSERT(!hc->hc_map_inflight);
-	for (i = 0; i < hc->hc_mapsize; i++)
+	differ = 0;
+	for (i = 0; i < hc->hc_mapsize; i++) {
 		hc->hc_mapbuf[i] = (uint8_t)((hc->hc_memmap[i] |
 		    hc->hc_kdmap[i] | hc->hc_syncmap[i]) & hc_byte_mask(hc, i));
-	hc->hc_map_inflight = 1;
+		if (hc->hc_mapbuf[i] != hc->hc_diskmap[i])
+			differ = 1;
+	}
 	hc->hc_map_want = 0;
+	if (!differ)
+		return;		/* the disk already says it */
+	hc->hc_map_inflight = 1;
 	hc->hc_map_issue = 1;
 	hc->hc_gen_last++;
 	hc->hc_st.hs_activemap_updates++;

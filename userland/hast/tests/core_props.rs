@@ -162,6 +162,7 @@ struct Model {
     must_sync: Vec<bool>,          // must be in the core's sync map
     must_disk: Vec<bool>,          // must be set on disk as well
     fail_allowed: bool,            // this step may fail unissued writes
+    map_failed: bool,              // the last map write failed
 }
 
 #[derive(Debug, Clone)]
@@ -243,6 +244,7 @@ impl Model {
             must_sync: vec![false; NEXT as usize],
             must_disk: vec![false; NEXT as usize],
             fail_allowed: false,
+            map_failed: false,
         }
     }
 
@@ -331,8 +333,10 @@ impl Model {
                 };
                 if err {
                     self.fail_allowed = true;
+                    self.map_failed = true;
                     self.core.map_done(EIO).unwrap();
                 } else {
+                    self.map_failed = false;
                     self.disk = snap;
                     self.core.map_done(0).unwrap();
                 }
@@ -522,6 +526,7 @@ impl Model {
                 Ev::Map(m) => {
                     assert!(self.inflight.is_none(), "two map writes in flight");
                     assert_eq!(m.len(), self.core.map_size());
+                    assert_ne!(m, self.disk, "map write that changes nothing");
                     self.inflight = Some(m);
                 }
                 Ev::Local(io) => {
@@ -651,6 +656,11 @@ impl Model {
                 assert!(self.marked(e, e), "extent {e} needs resync but is clean on disk");
             }
         }
+        // With no map write in flight (and none failed) the disk says
+        // exactly what the core wants: marks and lazy cleaning both land.
+        if self.inflight.is_none() && !self.map_failed {
+            assert_eq!(dirty, self.disk, "map not rewritten after a change");
+        }
         // Keepdirty bound: idle marked extents.
         let idle = (0..NEXT)
             .filter(|&e| {
@@ -713,7 +723,7 @@ impl Model {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn core_keeps_every_rule(mode in 0u8..3, keepdirty in 0u32..4,
