@@ -11,6 +11,7 @@ pub mod activemap;
 pub mod addr;
 pub mod config;
 pub mod control;
+pub mod core;
 pub mod engine;
 pub mod hooks;
 pub mod metadata;

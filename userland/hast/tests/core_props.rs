@@ -1,0 +1,1046 @@
+//! Property and scenario tests of the fast-path core (kmod/hast_core.c run
+//! through hast-sys and `hast::core`): a model of the rules in DESIGN.md
+//! ("Rules the fast path must keep") is checked after every step of random
+//! interleavings of requests, completions, link changes, map writes and
+//! sync-range operations.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use hast::core::{Cmd, Core, CoreError, CoreHost, LocalIo, MapKind, Mode, Params, SyncDir, UpcallKind};
+use proptest::prelude::*;
+
+const EIO: i32 = 5;
+const EXT: u64 = 4096;
+const SECT: u64 = 512;
+const NEXT: u32 = 12;
+/// 11 full extents and a half one: the last extent is partial.
+const MEDIA: u64 = 11 * EXT + 2048;
+
+#[derive(Debug, Clone)]
+enum Ev {
+    Local(LocalIo),
+    Map(Vec<u8>),
+    Complete(u64, i32),
+    Release(u64),
+}
+
+#[derive(Default)]
+struct Host {
+    events: Mutex<Vec<Ev>>,
+}
+
+impl Host {
+    fn take(&self) -> Vec<Ev> {
+        std::mem::take(&mut *self.events.lock().unwrap())
+    }
+}
+
+impl CoreHost for Host {
+    fn local_io(&self, io: LocalIo) {
+        self.events.lock().unwrap().push(Ev::Local(io));
+    }
+    fn map_write(&self, map: &[u8]) {
+        self.events.lock().unwrap().push(Ev::Map(map.to_vec()));
+    }
+    fn complete(&self, cookie: u64, error: i32) {
+        self.events.lock().unwrap().push(Ev::Complete(cookie, error));
+    }
+    fn release(&self, cookie: u64) {
+        self.events.lock().unwrap().push(Ev::Release(cookie));
+    }
+}
+
+fn bit(map: &[u8], e: u32) -> bool {
+    map[(e / 8) as usize] >> (e % 8) & 1 == 1
+}
+
+fn new_core(mode: Mode, keepdirty: u32) -> (Core, Arc<Host>) {
+    let host = Arc::new(Host::default());
+    let core = Core::new(
+        Params { mediasize: MEDIA, extentsize: EXT as u32, sectorsize: SECT as u32, keepdirty, mode },
+        host.clone(),
+    )
+    .unwrap();
+    (core, host)
+}
+
+// ---------------------------------------------------------------------------
+// The model.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bump {
+    Ok,
+    Needed,
+    Pending,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Local {
+    NotIssued,
+    Issued,
+    Done(i32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Remote {
+    /// No upcall: not sent (yet, or ever if the request was issued).
+    None,
+    Taken { memsync: bool },
+    Received,
+    Done(i32),
+    Lost,
+}
+
+impl Remote {
+    fn open(self) -> bool {
+        matches!(self, Remote::Taken { .. } | Remote::Received)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Req {
+    seq: u64,
+    cmd: Cmd,
+    off: u64,
+    len: u64,
+    e0: u32,
+    e1: u32,
+    mode: Mode,
+    local: Local,
+    remote: Remote,
+    acked: Option<i32>,
+    released: bool,
+    bumpfail: bool,
+}
+
+impl Req {
+    fn update(&self) -> bool {
+        matches!(self.cmd, Cmd::Write | Cmd::Delete)
+    }
+    /// Issued and not yet released: its extents must stay marked.
+    fn in_flight(&self) -> bool {
+        self.update() && self.local != Local::NotIssued && !self.released
+    }
+    /// A half of its I/O is still open (range locks look at this).
+    fn io_open(&self) -> bool {
+        self.update() && (self.local == Local::Issued || self.remote.open())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Lock {
+    off: u64,
+    len: u64,
+    granted: bool,
+    failed: bool,
+    nio: u32,
+    /// Requests submitted before this lock was asked for.
+    before: u64,
+}
+
+fn overlap(o1: u64, l1: u64, o2: u64, l2: u64) -> bool {
+    o1 < o2 + l2 && o2 < o1 + l1
+}
+
+struct Model {
+    core: Core,
+    host: Arc<Host>,
+    keepdirty: u32,
+    mode: Mode,
+    link: bool,
+    bump: Bump,
+    syncdir: SyncDir,
+    reqs: BTreeMap<u64, Req>, // by cookie
+    by_seq: BTreeMap<u64, u64>,
+    next_cookie: u64,
+    locals: Vec<u64>,              // seqs with local I/O outstanding
+    syncios: BTreeMap<u64, u64>,   // sync I/O seq -> lock seq
+    locks: BTreeMap<u64, Lock>,
+    disk: Vec<u8>,                 // bytes of the last completed map write
+    inflight: Option<Vec<u8>>,     // map write in flight
+    must_sync: Vec<bool>,          // must be in the core's sync map
+    must_disk: Vec<bool>,          // must be set on disk as well
+    fail_allowed: bool,            // this step may fail unissued writes
+    map_failed: bool,              // the last map write failed
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Submit { cmd: u8, ext: u8, sect: u8, nsect: u8 },
+    LocalDone { pick: usize, err: bool },
+    RemoteRecv { pick: usize },
+    RemoteDone { pick: usize, err: bool },
+    MapDone { err: bool },
+    LinkDown,
+    LinkUp,
+    BumpDone { err: bool },
+    SyncLock { ext: u8, n: u8 },
+    SyncIo { pick: usize, write: bool, half: bool },
+    SyncRelease { pick: usize, clear: bool },
+    Merge { bits: u16 },
+    SetDir(u8),
+    SetMode(u8),
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0u8..8, 0u8..12, 0u8..8, 1u8..24)
+            .prop_map(|(cmd, ext, sect, nsect)| Op::Submit { cmd, ext, sect, nsect }),
+        8 => (any::<usize>(), prop::bool::weighted(0.15)).prop_map(|(pick, err)| Op::LocalDone { pick, err }),
+        3 => any::<usize>().prop_map(|pick| Op::RemoteRecv { pick }),
+        7 => (any::<usize>(), prop::bool::weighted(0.2)).prop_map(|(pick, err)| Op::RemoteDone { pick, err }),
+        6 => prop::bool::weighted(0.1).prop_map(|err| Op::MapDone { err }),
+        1 => Just(Op::LinkDown),
+        2 => Just(Op::LinkUp),
+        2 => prop::bool::weighted(0.2).prop_map(|err| Op::BumpDone { err }),
+        2 => (0u8..12, 1u8..3).prop_map(|(ext, n)| Op::SyncLock { ext, n }),
+        2 => (any::<usize>(), any::<bool>(), any::<bool>())
+            .prop_map(|(pick, write, half)| Op::SyncIo { pick, write, half }),
+        2 => (any::<usize>(), prop::bool::weighted(0.8)).prop_map(|(pick, clear)| Op::SyncRelease { pick, clear }),
+        1 => any::<u16>().prop_map(|bits| Op::Merge { bits }),
+        1 => (0u8..3).prop_map(Op::SetDir),
+        1 => (0u8..3).prop_map(Op::SetMode),
+    ]
+}
+
+fn mode_of(v: u8) -> Mode {
+    match v % 3 {
+        0 => Mode::FullSync,
+        1 => Mode::MemSync,
+        _ => Mode::Async,
+    }
+}
+
+fn pick<T: Copy>(v: &[T], i: usize) -> Option<T> {
+    if v.is_empty() {
+        None
+    } else {
+        Some(v[i % v.len()])
+    }
+}
+
+impl Model {
+    fn new(mode: Mode, keepdirty: u32) -> Model {
+        let (core, host) = new_core(mode, keepdirty);
+        let size = core.map_size();
+        assert_eq!(core.extents(), NEXT);
+        Model {
+            core,
+            host,
+            keepdirty,
+            mode,
+            link: false,
+            bump: Bump::Needed,
+            syncdir: SyncDir::None,
+            reqs: BTreeMap::new(),
+            by_seq: BTreeMap::new(),
+            next_cookie: 1000,
+            locals: Vec::new(),
+            syncios: BTreeMap::new(),
+            locks: BTreeMap::new(),
+            disk: vec![0; size],
+            inflight: None,
+            must_sync: vec![false; NEXT as usize],
+            must_disk: vec![false; NEXT as usize],
+            fail_allowed: false,
+            map_failed: false,
+        }
+    }
+
+    fn req_by_seq(&mut self, seq: u64) -> &mut Req {
+        let cookie = self.by_seq[&seq];
+        self.reqs.get_mut(&cookie).unwrap()
+    }
+
+    fn open_remotes(&self, want_memsync: bool) -> Vec<u64> {
+        self.reqs
+            .values()
+            .filter(|r| match r.remote {
+                Remote::Taken { memsync } => !want_memsync || memsync,
+                Remote::Received => !want_memsync,
+                _ => false,
+            })
+            .map(|r| r.seq)
+            .collect()
+    }
+
+    fn apply(&mut self, op: &Op) {
+        self.fail_allowed = false;
+        match *op {
+            Op::Submit { cmd, ext, sect, nsect } => {
+                let cmd = match cmd {
+                    0 | 1 | 2 => Cmd::Write,
+                    3 | 4 => Cmd::Read,
+                    5 | 6 => Cmd::Delete,
+                    _ => Cmd::Flush,
+                };
+                let (off, len) = if cmd == Cmd::Flush {
+                    (0, 0)
+                } else {
+                    let off = (u64::from(ext) * EXT + u64::from(sect) * SECT).min(MEDIA - SECT);
+                    let len = (u64::from(nsect) * SECT).min(MEDIA - off);
+                    (off, len)
+                };
+                let cookie = self.next_cookie;
+                self.next_cookie += 1;
+                let seq = self.core.submit(cmd, off, len, cookie).unwrap();
+                let (e0, e1) = if len == 0 { (0, 0) } else { ((off / EXT) as u32, ((off + len - 1) / EXT) as u32) };
+                self.by_seq.insert(seq, cookie);
+                self.reqs.insert(
+                    cookie,
+                    Req {
+                        seq,
+                        cmd,
+                        off,
+                        len,
+                        e0,
+                        e1,
+                        mode: self.mode,
+                        local: Local::NotIssued,
+                        remote: Remote::None,
+                        acked: None,
+                        released: false,
+                        bumpfail: false,
+                    },
+                );
+            }
+            Op::LocalDone { pick: p, err } => {
+                let Some(seq) = pick(&self.locals, p) else { return };
+                self.locals.retain(|&s| s != seq);
+                let e = if err { EIO } else { 0 };
+                self.core.local_done(seq, e).unwrap();
+                if self.syncios.contains_key(&seq) {
+                    return; // answered by a SyncIoDone upcall
+                }
+                self.req_by_seq(seq).local = Local::Done(e);
+            }
+            Op::RemoteRecv { pick: p } => {
+                let Some(seq) = pick(&self.open_remotes(true), p) else { return };
+                self.core.remote_received(seq).unwrap();
+                self.req_by_seq(seq).remote = Remote::Received;
+            }
+            Op::RemoteDone { pick: p, err } => {
+                let Some(seq) = pick(&self.open_remotes(false), p) else { return };
+                let e = if err { EIO } else { 0 };
+                self.core.remote_done(seq, e).unwrap();
+                self.req_by_seq(seq).remote = Remote::Done(e);
+            }
+            Op::MapDone { err } => {
+                let Some(snap) = self.inflight.take() else {
+                    assert_eq!(self.core.map_done(0), Err(CoreError::Invalid("map_done")));
+                    return;
+                };
+                if err {
+                    self.fail_allowed = true;
+                    self.map_failed = true;
+                    self.core.map_done(EIO).unwrap();
+                } else {
+                    self.map_failed = false;
+                    self.disk = snap;
+                    self.core.map_done(0).unwrap();
+                }
+            }
+            Op::LinkDown => {
+                if self.link && self.bump == Bump::Ok {
+                    self.bump = Bump::Needed;
+                }
+                self.link = false;
+                for r in self.reqs.values_mut() {
+                    if r.remote.open() {
+                        r.remote = Remote::Lost;
+                    }
+                }
+                for l in self.locks.values_mut() {
+                    l.failed = true;
+                }
+                self.core.set_link(false);
+            }
+            Op::LinkUp => {
+                self.link = true;
+                if self.bump == Bump::Needed {
+                    self.bump = Bump::Ok;
+                }
+                self.core.set_link(true);
+            }
+            Op::BumpDone { err } => {
+                if self.bump != Bump::Pending {
+                    assert_eq!(self.core.bump_done(0), Err(CoreError::Invalid("bump_done")));
+                    return;
+                }
+                if err {
+                    self.fail_allowed = true;
+                    self.bump = if self.link { Bump::Ok } else { Bump::Needed };
+                    for r in self.reqs.values_mut() {
+                        if r.local != Local::NotIssued {
+                            r.bumpfail = true;
+                        }
+                    }
+                    self.core.bump_done(EIO).unwrap();
+                } else {
+                    self.bump = Bump::Ok;
+                    self.core.bump_done(0).unwrap();
+                }
+            }
+            Op::SyncLock { ext, n } => {
+                let off = u64::from(ext) * EXT;
+                let len = (u64::from(n) * EXT).min(MEDIA - off);
+                let seq = self.core.sync_lock(off, len).unwrap();
+                let before = self.next_cookie;
+                self.locks.insert(seq, Lock { off, len, granted: false, failed: !self.link, nio: 0, before });
+            }
+            Op::SyncIo { pick: p, write, half } => {
+                let granted: Vec<u64> = self.locks.iter().filter(|(_, l)| l.granted).map(|(s, _)| *s).collect();
+                let Some(lseq) = pick(&granted, p) else { return };
+                let l = self.locks.get_mut(&lseq).unwrap();
+                let len = if half { (l.len / 2).max(SECT) / SECT * SECT } else { l.len };
+                let cmd = if write { Cmd::Write } else { Cmd::Read };
+                let seq = self.core.sync_io(lseq, cmd, l.off, len, 77).unwrap();
+                l.nio += 1;
+                self.syncios.insert(seq, lseq);
+            }
+            Op::SyncRelease { pick: p, clear } => {
+                let all: Vec<u64> = self.locks.keys().copied().collect();
+                let Some(lseq) = pick(&all, p) else { return };
+                let l = self.locks[&lseq].clone();
+                let rc = self.core.sync_release(lseq, clear);
+                if l.nio > 0 {
+                    assert_eq!(rc, Err(CoreError::Busy("sync_release")));
+                    return;
+                }
+                self.locks.remove(&lseq);
+                if clear && l.granted && l.failed {
+                    assert_eq!(rc, Err(CoreError::Failed("sync_release")), "a failed lock must not clear");
+                    return;
+                }
+                assert_eq!(rc, Ok(()));
+                if clear && l.granted {
+                    let sync = self.core.map(MapKind::Sync);
+                    for e in 0..NEXT {
+                        let start = u64::from(e) * EXT;
+                        let end = (start + EXT).min(MEDIA);
+                        if start >= l.off && end <= l.off + l.len {
+                            self.must_sync[e as usize] = false;
+                            self.must_disk[e as usize] = false;
+                            assert!(!bit(&sync, e), "extent {e} still in the sync map after a clean sync");
+                        }
+                    }
+                }
+            }
+            Op::Merge { bits } => {
+                let mut map = vec![0u8; self.core.map_size()];
+                map[0] = bits as u8;
+                map[1] = (bits >> 8) as u8;
+                self.core.map_merge(&map).unwrap();
+                for e in 0..NEXT {
+                    if bit(&map, e) {
+                        self.must_sync[e as usize] = true;
+                    }
+                }
+            }
+            Op::SetDir(d) => {
+                self.syncdir = match d {
+                    0 => SyncDir::None,
+                    1 => SyncDir::ToPeer,
+                    _ => SyncDir::FromPeer,
+                };
+                self.core.set_sync_dir(self.syncdir);
+            }
+            Op::SetMode(m) => {
+                self.mode = mode_of(m);
+                self.core.set_mode(self.mode);
+            }
+        }
+    }
+
+    /// Extents of r set on disk and kept by the map write in flight.
+    fn marked(&self, e0: u32, e1: u32) -> bool {
+        (e0..=e1).all(|e| bit(&self.disk, e) && self.inflight.as_ref().is_none_or(|m| bit(m, e)))
+    }
+
+    fn take_upcalls(&mut self) {
+        while let Some(up) = self.core.next_upcall() {
+            match up.kind {
+                UpcallKind::Bump => {
+                    assert!(!self.link, "bump asked with the link up");
+                    assert_eq!(self.bump, Bump::Needed, "second bump in one outage");
+                    self.bump = Bump::Pending;
+                }
+                UpcallKind::SyncLocked => {
+                    let l = self.locks.get_mut(&up.seq).unwrap();
+                    assert!(!l.granted);
+                    l.granted = true;
+                    let (off, len) = (l.off, l.len);
+                    for r in self.reqs.values() {
+                        assert!(
+                            !(r.io_open() && overlap(r.off, r.len, off, len)),
+                            "sync lock granted over write in flight {r:?}"
+                        );
+                    }
+                }
+                UpcallKind::SyncIoDone { error } => {
+                    let lseq = self.syncios.remove(&up.seq).unwrap();
+                    let l = self.locks.get_mut(&lseq).unwrap();
+                    l.nio -= 1;
+                    if error != 0 {
+                        l.failed = true;
+                    }
+                }
+                kind => {
+                    assert!(self.link, "remote request queued with the link down");
+                    let link = self.link;
+                    let r = self.req_by_seq(up.seq).clone();
+                    assert_eq!((up.offset, up.length, up.cookie), (r.off, r.len, self.by_seq[&up.seq]));
+                    let memsync = match kind {
+                        UpcallKind::Write { memsync } => {
+                            assert_eq!(r.cmd, Cmd::Write);
+                            assert_eq!(memsync, r.mode == Mode::MemSync);
+                            memsync
+                        }
+                        UpcallKind::Delete => {
+                            assert_eq!(r.cmd, Cmd::Delete);
+                            false
+                        }
+                        UpcallKind::Flush => {
+                            assert_eq!(r.cmd, Cmd::Flush);
+                            false
+                        }
+                        _ => {
+                            assert_eq!(r.cmd, Cmd::Read);
+                            false
+                        }
+                    };
+                    if r.update() {
+                        assert!(self.marked(r.e0, r.e1), "data sent before the map write completed: {r:?}");
+                    }
+                    assert!(link);
+                    self.req_by_seq(up.seq).remote = Remote::Taken { memsync };
+                }
+            }
+        }
+    }
+
+    fn events(&mut self) {
+        for ev in self.host.take() {
+            match ev {
+                Ev::Map(m) => {
+                    assert!(self.inflight.is_none(), "two map writes in flight");
+                    assert_eq!(m.len(), self.core.map_size());
+                    assert_ne!(m, self.disk, "map write that changes nothing");
+                    self.inflight = Some(m);
+                }
+                Ev::Local(io) => {
+                    assert!(!self.locals.contains(&io.seq));
+                    self.locals.push(io.seq);
+                    if io.sync {
+                        assert!(self.syncios.contains_key(&io.seq));
+                        continue;
+                    }
+                    let link = self.link;
+                    let bump = self.bump;
+                    let r = self.req_by_seq(io.seq).clone();
+                    assert_eq!((io.cmd, io.offset, io.length), (r.cmd, r.off, r.len));
+                    assert_eq!(r.local, Local::NotIssued);
+                    if r.update() {
+                        assert!(self.marked(r.e0, r.e1), "data written before the map write completed: {r:?}");
+                        assert!(link || bump == Bump::Ok, "write issued in an outage before the bump");
+                        for (s, l) in &self.locks {
+                            assert!(
+                                !(l.granted && overlap(r.off, r.len, l.off, l.len)),
+                                "write {r:?} issued under granted sync lock {s}"
+                            );
+                            let cookie = self.by_seq[&io.seq];
+                            assert!(
+                                !(cookie >= l.before && overlap(r.off, r.len, l.off, l.len)),
+                                "write {r:?} overtook sync lock {s} asked before it"
+                            );
+                        }
+                    }
+                    self.req_by_seq(io.seq).local = Local::Issued;
+                }
+                Ev::Complete(cookie, err) => self.on_complete(cookie, err),
+                Ev::Release(cookie) => {
+                    let r = self.reqs.get_mut(&cookie).unwrap();
+                    assert!(r.acked.is_some(), "released before acknowledged");
+                    assert!(!r.released);
+                    r.released = true;
+                    let r = r.clone();
+                    assert!(!matches!(r.local, Local::Issued), "released with local I/O open");
+                    assert!(!r.remote.open(), "released with remote half open");
+                    if r.update() && r.local != Local::NotIssued {
+                        let clean = r.local == Local::Done(0) && r.remote == Remote::Done(0);
+                        if !clean {
+                            for e in r.e0..=r.e1 {
+                                self.must_sync[e as usize] = true;
+                                self.must_disk[e as usize] = true;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_complete(&mut self, cookie: u64, err: i32) {
+        let bump = self.bump;
+        let fail_allowed = self.fail_allowed;
+        let r = self.reqs.get_mut(&cookie).unwrap();
+        assert!(r.acked.is_none(), "acknowledged twice");
+        r.acked = Some(err);
+        let r = r.clone();
+        let resolved = !r.remote.open();
+        let rok = r.remote == Remote::Done(0);
+        match r.local {
+            Local::Issued => panic!("acknowledged before the local I/O finished: {r:?}"),
+            Local::NotIssued => {
+                if r.cmd == Cmd::Read {
+                    // A stale read served by the peer.
+                    assert!(resolved, "stale read acknowledged before the peer answered");
+                    assert_eq!(err, if rok { 0 } else { EIO });
+                } else {
+                    assert!(r.update() && fail_allowed && err == EIO, "unissued request completed: {r:?} {err}");
+                }
+                return;
+            }
+            Local::Done(le) => {
+                if le != 0 {
+                    assert!(resolved, "local failure acknowledged before the remote result: {r:?}");
+                    assert_eq!(err, if rok { 0 } else { le });
+                    return;
+                }
+            }
+        }
+        match r.cmd {
+            Cmd::Read => assert_eq!(err, 0),
+            Cmd::Flush => {
+                if r.mode != Mode::Async {
+                    assert!(resolved, "flush acknowledged before the peer: {r:?}");
+                }
+                assert_eq!(err, 0);
+            }
+            _ => {
+                match r.mode {
+                    Mode::FullSync => assert!(resolved, "fullsync ack before remote done: {r:?}"),
+                    Mode::MemSync => {
+                        assert!(resolved || r.remote == Remote::Received, "memsync ack before received: {r:?}")
+                    }
+                    Mode::Async => {}
+                }
+                let local_only = !rok && r.remote != Remote::Received && !matches!(r.remote, Remote::Taken { .. });
+                if local_only && err == 0 {
+                    assert_eq!(bump, Bump::Ok, "local-only write acknowledged before the bump: {r:?}");
+                }
+                if err != 0 {
+                    assert!(err == EIO && r.bumpfail, "unexpected write error {err}: {r:?}");
+                }
+            }
+        }
+    }
+
+    fn check(&self) {
+        let disk = self.core.map(MapKind::Disk);
+        assert_eq!(disk, self.disk, "core's diskmap differs from the last map written");
+        let sync = self.core.map(MapKind::Sync);
+        let dirty = self.core.map(MapKind::Dirty);
+        // Never clean on disk while a write is unconfirmed.
+        for r in self.reqs.values() {
+            if r.in_flight() {
+                assert!(self.marked(r.e0, r.e1), "extent of unconfirmed write not on disk: {r:?}");
+            }
+        }
+        for e in 0..NEXT {
+            if self.must_sync[e as usize] {
+                assert!(bit(&sync, e), "extent {e} lost its sync mark");
+            }
+            if self.must_disk[e as usize] {
+                assert!(self.marked(e, e), "extent {e} needs resync but is clean on disk");
+            }
+        }
+        // With no map write in flight (and none failed) the disk says
+        // exactly what the core wants: marks and lazy cleaning both land.
+        if self.inflight.is_none() && !self.map_failed {
+            assert_eq!(dirty, self.disk, "map not rewritten after a change");
+        }
+        // Keepdirty bound: idle marked extents.
+        let idle = (0..NEXT)
+            .filter(|&e| {
+                bit(&dirty, e)
+                    && !bit(&sync, e)
+                    && !self.reqs.values().any(|r| r.update() && !r.released && r.e0 <= e && e <= r.e1)
+            })
+            .count();
+        assert!(idle <= self.keepdirty as usize, "{idle} idle dirty extents > keepdirty {}", self.keepdirty);
+        assert!(self.core.stats().keepdirty <= u64::from(self.keepdirty));
+        // Group commit: a waiting write has a reason to wait.
+        for r in self.reqs.values() {
+            if !r.update() || r.local != Local::NotIssued || r.acked.is_some() {
+                continue;
+            }
+            let locked = self.locks.values().any(|l| overlap(r.off, r.len, l.off, l.len));
+            let bump_hold = !self.link && self.bump != Bump::Ok;
+            assert!(locked || bump_hold || !self.marked(r.e0, r.e1), "write waits for nothing: {r:?}");
+        }
+    }
+
+    fn step(&mut self, op: &Op) {
+        if std::env::var_os("CORE_PROPS_TRACE").is_some() {
+            eprintln!("op {op:?} link={} bump={:?}", self.link, self.bump);
+        }
+        self.apply(op);
+        self.take_upcalls();
+        self.events();
+        self.check();
+    }
+
+    /// Finish everything and check that every request was answered once.
+    fn drain(&mut self) {
+        self.step(&Op::LinkUp);
+        for _ in 0..200 {
+            if self.bump == Bump::Pending {
+                self.step(&Op::BumpDone { err: false });
+            }
+            if self.inflight.is_some() {
+                self.step(&Op::MapDone { err: false });
+            }
+            if !self.locals.is_empty() {
+                self.step(&Op::LocalDone { pick: 0, err: false });
+            }
+            if !self.open_remotes(false).is_empty() {
+                self.step(&Op::RemoteDone { pick: 0, err: false });
+            }
+            if let Some((&s, _)) = self.locks.iter().find(|(_, l)| l.nio == 0) {
+                let all: Vec<u64> = self.locks.keys().copied().collect();
+                let i = all.iter().position(|&x| x == s).unwrap();
+                self.step(&Op::SyncRelease { pick: i, clear: false });
+            }
+        }
+        for r in self.reqs.values() {
+            assert!(r.acked.is_some() && r.released, "request never finished: {r:?}");
+        }
+        let st = self.core.stats();
+        assert_eq!((st.q_local, st.q_send, st.q_recv, st.q_held, st.sync_locks), (0, 0, 0, 0, 0));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn core_keeps_every_rule(mode in 0u8..3, keepdirty in 0u32..4,
+                             ops in prop::collection::vec(op_strategy(), 1..120)) {
+        let mut m = Model::new(mode_of(mode), keepdirty);
+        for op in &ops {
+            m.step(op);
+        }
+        m.drain();
+        let Model { core, .. } = m;
+        assert!(core.close().is_ok());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios.
+
+fn locals(evs: &[Ev]) -> Vec<LocalIo> {
+    evs.iter()
+        .filter_map(|e| if let Ev::Local(io) = e { Some(*io) } else { None })
+        .collect()
+}
+
+fn maps(evs: &[Ev]) -> Vec<Vec<u8>> {
+    evs.iter().filter_map(|e| if let Ev::Map(m) = e { Some(m.clone()) } else { None }).collect()
+}
+
+fn completes(evs: &[Ev]) -> Vec<(u64, i32)> {
+    evs.iter()
+        .filter_map(|e| if let Ev::Complete(c, err) = e { Some((*c, *err)) } else { None })
+        .collect()
+}
+
+#[test]
+fn one_map_write_releases_every_waiting_write() {
+    let (core, host) = new_core(Mode::FullSync, 8);
+    core.set_link(true);
+    let s1 = core.submit(Cmd::Write, 0, 4096, 1).unwrap();
+    let ev = host.take();
+    assert_eq!(maps(&ev).len(), 1, "first write starts a map write");
+    assert!(locals(&ev).is_empty(), "no data before the map is on disk");
+    // Three writes to three new extents arrive while it is in flight.
+    let s2 = core.submit(Cmd::Write, EXT, 512, 2).unwrap();
+    let s3 = core.submit(Cmd::Write, 2 * EXT, 512, 3).unwrap();
+    let s4 = core.submit(Cmd::Write, 3 * EXT + 512, 1024, 4).unwrap();
+    assert!(host.take().is_empty(), "they wait; still one map write in flight");
+    assert_eq!(core.stats().q_mapwait, 4);
+    core.map_done(0).unwrap();
+    let ev = host.take();
+    assert_eq!(locals(&ev).iter().map(|io| io.seq).collect::<Vec<_>>(), vec![s1]);
+    let next = maps(&ev);
+    assert_eq!(next.len(), 1, "one map write for all three waiting writes");
+    assert_eq!(next[0][0] & 0x0f, 0x0f);
+    core.map_done(0).unwrap();
+    let ev = host.take();
+    assert_eq!(locals(&ev).iter().map(|io| io.seq).collect::<Vec<_>>(), vec![s2, s3, s4]);
+    assert_eq!(core.stats().activemap_updates, 2);
+    assert_eq!(core.map(MapKind::Disk)[0] & 0x0f, 0x0f);
+}
+
+#[test]
+fn memsync_acknowledges_on_received() {
+    let (core, host) = new_core(Mode::MemSync, 4);
+    core.set_link(true);
+    let seq = core.submit(Cmd::Write, 0, 4096, 9).unwrap();
+    core.map_done(0).unwrap();
+    let up = core.next_upcall().unwrap();
+    assert_eq!((up.kind, up.seq), (UpcallKind::Write { memsync: true }, seq));
+    host.take();
+    core.local_done(seq, 0).unwrap();
+    assert!(completes(&host.take()).is_empty(), "not before the peer received it");
+    core.remote_received(seq).unwrap();
+    assert_eq!(host.take().iter().filter(|e| matches!(e, Ev::Complete(9, 0))).count(), 1);
+    assert!(bit(&core.map(MapKind::Disk), 0), "extent stays marked until remote done");
+    core.remote_done(seq, 0).unwrap();
+    assert!(matches!(host.take()[..], [Ev::Release(9)]));
+    assert!(!bit(&core.map(MapKind::Sync), 0));
+}
+
+#[test]
+fn async_acknowledges_on_local_and_sends_in_order() {
+    let (core, host) = new_core(Mode::Async, 4);
+    core.set_link(true);
+    let a = core.submit(Cmd::Write, 0, 512, 1).unwrap();
+    core.map_done(0).unwrap();
+    let b = core.submit(Cmd::Write, 512, 512, 2).unwrap();
+    let c = core.submit(Cmd::Delete, 1024, 512, 3).unwrap();
+    let order: Vec<u64> = std::iter::from_fn(|| core.next_upcall()).map(|u| u.seq).collect();
+    assert_eq!(order, vec![a, b, c]);
+    host.take();
+    core.local_done(b, 0).unwrap();
+    assert_eq!(completes(&host.take()), vec![(2, 0)], "async acks on local done");
+    core.local_done(a, 0).unwrap();
+    core.local_done(c, 0).unwrap();
+    assert_eq!(completes(&host.take()), vec![(1, 0), (3, 0)]);
+    assert_eq!(core.stats().q_recv, 3, "remote copies still in flight");
+    for s in [a, b, c] {
+        core.remote_done(s, 0).unwrap();
+    }
+    assert_eq!(host.take().len(), 3, "three releases");
+}
+
+#[test]
+fn extent_stays_dirty_after_remote_error() {
+    let (core, host) = new_core(Mode::FullSync, 1);
+    core.set_link(true);
+    let s = core.submit(Cmd::Write, 5 * EXT, 4096, 1).unwrap();
+    core.map_done(0).unwrap();
+    core.local_done(s, 0).unwrap();
+    core.remote_done(s, EIO).unwrap();
+    assert!(completes(&host.take()).contains(&(1, 0)), "the client write succeeded locally");
+    assert!(bit(&core.map(MapKind::Sync), 5));
+    // Push extent 5 out of the keepdirty list: it must stay on disk.
+    for (i, e) in [6u64, 7, 8].iter().enumerate() {
+        let s = core.submit(Cmd::Write, e * EXT, 512, 10 + i as u64).unwrap();
+        if host.take().iter().any(|e| matches!(e, Ev::Map(_))) {
+            core.map_done(0).unwrap();
+        }
+        core.local_done(s, 0).unwrap();
+        core.remote_done(s, 0).unwrap();
+    }
+    while host.take().iter().any(|e| matches!(e, Ev::Map(_))) {
+        core.map_done(0).unwrap();
+    }
+    assert!(bit(&core.map(MapKind::Disk), 5), "failed extent cleaned on disk");
+    assert!(bit(&core.map(MapKind::Sync), 5));
+    assert_eq!(core.stats().syncdirty, 1);
+}
+
+#[test]
+fn local_failure_with_remote_success_keeps_extent_marked() {
+    let (core, host) = new_core(Mode::FullSync, 0);
+    core.set_link(true);
+    let s = core.submit(Cmd::Write, 0, 512, 1).unwrap();
+    core.map_done(0).unwrap();
+    core.local_done(s, EIO).unwrap();
+    assert!(completes(&host.take()).is_empty(), "waits for the remote copy");
+    core.remote_done(s, 0).unwrap();
+    assert_eq!(completes(&host.take()), vec![(1, 0)]);
+    assert!(bit(&core.map(MapKind::Sync), 0) && bit(&core.map(MapKind::Disk), 0));
+    assert_eq!(core.stats().write_errors, 1);
+}
+
+#[test]
+fn keepdirty_evicts_the_least_recently_used_extent() {
+    let (core, host) = new_core(Mode::FullSync, 2);
+    core.set_link(true);
+    let mut written = Vec::new();
+    for (i, e) in [0u64, 1, 2].iter().enumerate() {
+        let s = core.submit(Cmd::Write, e * EXT, 512, i as u64).unwrap();
+        let m = maps(&host.take());
+        assert_eq!(m.len(), 1, "a new extent needs a map write");
+        written.push(m[0][0]);
+        core.map_done(0).unwrap();
+        core.local_done(s, 0).unwrap();
+        core.remote_done(s, 0).unwrap();
+    }
+    // The third map write marks extent 2 and drops idle extent 0.
+    assert_eq!(written, vec![0b001, 0b011, 0b110]);
+    assert_eq!(core.map(MapKind::Dirty)[0], 0b110);
+    assert_eq!(core.map(MapKind::Disk)[0], 0b110);
+    assert_eq!(core.stats().keepdirty, 2);
+    // A hot extent in the list needs no map write.
+    let s = core.submit(Cmd::Write, EXT, 512, 9).unwrap();
+    assert!(maps(&host.take()).is_empty());
+    core.local_done(s, 0).unwrap();
+    core.remote_done(s, 0).unwrap();
+    assert_eq!(core.stats().activemap_updates, 3);
+    // While extents 0, 3 and 4 are busy the list still holds only two
+    // idle ones; when they finish, only the two most recent stay marked.
+    let busy: Vec<u64> =
+        [0u64, 3, 4].iter().enumerate().map(|(i, e)| core.submit(Cmd::Write, e * EXT, 512, 20 + i as u64).unwrap()).collect();
+    while !maps(&host.take()).is_empty() {
+        core.map_done(0).unwrap();
+    }
+    for s in busy {
+        core.local_done(s, 0).unwrap();
+        core.remote_done(s, 0).unwrap();
+    }
+    while !maps(&host.take()).is_empty() {
+        core.map_done(0).unwrap();
+    }
+    assert_eq!(core.map(MapKind::Disk)[0], 0b11000, "only extents 3 and 4 kept");
+}
+
+#[test]
+fn first_write_of_an_outage_waits_for_the_bump() {
+    let (core, host) = new_core(Mode::FullSync, 4);
+    core.set_link(true);
+    core.set_link(false);
+    let a = core.submit(Cmd::Write, 0, 512, 1).unwrap();
+    core.map_done(0).unwrap();
+    assert_eq!(core.next_upcall().map(|u| u.kind), Some(UpcallKind::Bump));
+    let b = core.submit(Cmd::Write, 512, 512, 2).unwrap();
+    assert!(core.next_upcall().is_none(), "one bump per outage");
+    assert!(locals(&host.take()).is_empty(), "held until the bump is persisted");
+    core.bump_done(0).unwrap();
+    assert_eq!(locals(&host.take()).iter().map(|io| io.seq).collect::<Vec<_>>(), vec![a, b]);
+    assert!(core.next_upcall().is_none(), "nothing sent to a missing peer");
+    core.local_done(a, 0).unwrap();
+    core.local_done(b, 0).unwrap();
+    assert_eq!(completes(&host.take()), vec![(1, 0), (2, 0)]);
+    assert!(bit(&core.map(MapKind::Sync), 0));
+    // Later writes of the same outage go straight through.
+    let c = core.submit(Cmd::Write, EXT, 512, 3).unwrap();
+    core.map_done(0).unwrap();
+    assert_eq!(locals(&host.take()).len(), 1);
+    assert!(core.next_upcall().is_none());
+    core.local_done(c, 0).unwrap();
+}
+
+#[test]
+fn sync_lock_and_writes_wait_for_each_other() {
+    let (core, host) = new_core(Mode::FullSync, 4);
+    core.set_link(true);
+    let w = core.submit(Cmd::Write, 0, 512, 1).unwrap();
+    core.map_done(0).unwrap();
+    while core.next_upcall().is_some() {}
+    let l = core.sync_lock(0, EXT).unwrap();
+    assert!(core.next_upcall().is_none(), "lock waits for the write in flight");
+    let w2 = core.submit(Cmd::Write, 1024, 512, 2).unwrap();
+    core.local_done(w, 0).unwrap();
+    core.remote_done(w, 0).unwrap();
+    let up = core.next_upcall().unwrap();
+    assert_eq!((up.kind, up.seq), (UpcallKind::SyncLocked, l));
+    assert!(!locals(&host.take()).iter().any(|io| io.seq == w2), "write waits for the lock");
+    let io = core.sync_io(l, Cmd::Read, 0, EXT, 5).unwrap();
+    let ev = host.take();
+    assert_eq!(locals(&ev)[0].seq, io);
+    assert!(locals(&ev)[0].sync);
+    core.local_done(io, 0).unwrap();
+    let up = core.next_upcall().unwrap();
+    assert_eq!((up.kind, up.seq), (UpcallKind::SyncIoDone { error: 0 }, io));
+    core.sync_release(l, true).unwrap();
+    assert!(locals(&host.take()).iter().any(|io| io.seq == w2));
+}
+
+#[test]
+fn failed_resync_chunk_leaves_extent_dirty() {
+    let (core, host) = new_core(Mode::FullSync, 4);
+    core.set_link(true);
+    let mut peer = vec![0u8; core.map_size()];
+    peer[0] = 0b1000;
+    core.map_merge(&peer).unwrap();
+    assert!(maps(&host.take()).len() == 1, "merged extents are written to disk");
+    core.map_done(0).unwrap();
+    let l = core.sync_lock(3 * EXT, EXT).unwrap();
+    assert_eq!(core.next_upcall().map(|u| u.kind), Some(UpcallKind::SyncLocked));
+    let io = core.sync_io(l, Cmd::Write, 3 * EXT, EXT, 0).unwrap();
+    core.local_done(io, EIO).unwrap();
+    assert_eq!(core.next_upcall().map(|u| u.kind), Some(UpcallKind::SyncIoDone { error: EIO }));
+    assert_eq!(core.sync_release(l, true), Err(CoreError::Failed("sync_release")));
+    assert!(bit(&core.map(MapKind::Sync), 3) && bit(&core.map(MapKind::Disk), 3));
+    // A good pass clears it, and the map is rewritten clean.
+    let l = core.sync_lock(3 * EXT, EXT).unwrap();
+    core.next_upcall();
+    let io = core.sync_io(l, Cmd::Write, 3 * EXT, EXT, 0).unwrap();
+    core.local_done(io, 0).unwrap();
+    core.next_upcall();
+    core.sync_release(l, true).unwrap();
+    assert!(!bit(&core.map(MapKind::Sync), 3));
+    assert_eq!(maps(&host.take()).last().map(|m| m[0]), Some(0));
+}
+
+#[test]
+fn link_loss_fails_remote_halves_and_keeps_extents_dirty() {
+    let (core, host) = new_core(Mode::FullSync, 4);
+    core.set_link(true);
+    let s = core.submit(Cmd::Write, 2 * EXT, 512, 1).unwrap();
+    core.map_done(0).unwrap();
+    core.local_done(s, 0).unwrap();
+    assert!(completes(&host.take()).is_empty());
+    core.set_link(false);
+    // The write's only copy is local: acknowledged after the bump.
+    assert!(completes(&host.take()).is_empty());
+    let ups: Vec<_> = std::iter::from_fn(|| core.next_upcall()).collect();
+    assert_eq!(ups.last().map(|u| u.kind), Some(UpcallKind::Bump));
+    assert_eq!(core.remote_done(s, 0), Err(CoreError::UnknownSeq("remote_done", s)));
+    core.bump_done(0).unwrap();
+    assert_eq!(completes(&host.take()), vec![(1, 0)]);
+    assert!(bit(&core.map(MapKind::Sync), 2) && bit(&core.map(MapKind::Disk), 2));
+}
+
+#[test]
+fn stale_reads_go_to_the_peer() {
+    let (core, host) = new_core(Mode::FullSync, 4);
+    core.set_link(true);
+    let mut peer = vec![0u8; core.map_size()];
+    peer[0] = 0b10;
+    core.map_merge(&peer).unwrap();
+    core.set_sync_dir(SyncDir::FromPeer);
+    let r = core.submit(Cmd::Read, EXT, 512, 1).unwrap();
+    let up = core.next_upcall().unwrap();
+    assert_eq!((up.kind, up.seq), (UpcallKind::Read, r));
+    assert!(locals(&host.take()).is_empty());
+    core.remote_done(r, 0).unwrap();
+    assert_eq!(completes(&host.take()), vec![(1, 0)]);
+    // A fresh extent reads locally; a local failure falls back to the peer.
+    let r = core.submit(Cmd::Read, 0, 512, 2).unwrap();
+    assert_eq!(locals(&host.take()).len(), 1);
+    core.local_done(r, EIO).unwrap();
+    assert_eq!(core.next_upcall().map(|u| u.kind), Some(UpcallKind::Read));
+    core.remote_done(r, 0).unwrap();
+    assert_eq!(completes(&host.take()), vec![(2, 0)]);
+    assert_eq!(core.stats().read_errors, 1);
+}
+
+#[test]
+fn rejects_bad_requests_and_busy_close() {
+    let (core, _host) = new_core(Mode::FullSync, 4);
+    assert_eq!(core.submit(Cmd::Write, 100, 512, 1), Err(CoreError::Invalid("submit")));
+    assert_eq!(core.submit(Cmd::Write, MEDIA - 512, 1024, 1), Err(CoreError::Invalid("submit")));
+    assert_eq!(core.submit(Cmd::Read, 0, 0, 1), Err(CoreError::Invalid("submit")));
+    assert_eq!(core.submit(Cmd::Flush, 512, 0, 1), Err(CoreError::Invalid("submit")));
+    core.set_link(true);
+    let _ = core.submit(Cmd::Write, 0, 512, 1).unwrap();
+    let Err((core, e)) = core.close() else { panic!("closed with a write in flight") };
+    assert_eq!(e, CoreError::Busy("close"));
+    drop(core);
+}
