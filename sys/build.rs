@@ -56,7 +56,9 @@ fn main() {
         .use_core()
         .derive_default(true)
         .generate()
-        .expect("bindgen could not translate the hast headers (is libclang installed? run `make deps`)");
+        .expect(
+            "bindgen could not translate the hast headers (is libclang installed? run `make deps`)",
+        );
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     bindings
         .write_to_file(out.join("bindings.rs"))

@@ -2,7 +2,12 @@
 //! (ffi/hast_abi.h) and to the portable fast-path core (kmod/hast_core.h),
 //! which build.rs compiles with a userland shim. The safe wrapper is
 //! `hast::core`.
-#![allow(non_upper_case_globals, non_camel_case_types, non_snake_case, dead_code)]
+#![allow(
+    non_upper_case_globals,
+    non_camel_case_types,
+    non_snake_case,
+    dead_code
+)]
 
 include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
 

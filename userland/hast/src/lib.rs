@@ -23,3 +23,4 @@ pub mod provider;
 pub mod role;
 pub mod size;
 pub mod sysexits;
+pub mod uhost;

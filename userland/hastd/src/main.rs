@@ -46,6 +46,7 @@ fn log_to_stderr(debug: u8) {
     tracing_subscriber::fmt()
         .with_max_level(level(debug))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }

@@ -4,6 +4,7 @@
 //! stop cleanly).
 
 pub mod control_server;
+pub mod primary;
 pub mod reload;
 pub mod resource;
 
@@ -112,12 +113,12 @@ impl Daemon {
         loop {
             tokio::select! {
                 Some(req) = rx.recv() => {
-                    if let Some(reply) = self.handle(&req.nv) {
+                    if let Some(reply) = self.handle(&req.nv).await {
                         let _ = req.reply.send(reply);
                     }
                 }
                 _ = hup.recv() => {
-                    if let Some(new_control) = self.reload() {
+                    if let Some(new_control) = self.reload().await {
                         self.control = Some(new_control);
                         match self.start_serving(&tx) {
                             Ok(s) => {
@@ -134,6 +135,9 @@ impl Daemon {
         }
         tracing::info!("termination signal received, exiting");
         serving.stop();
+        for res in &mut self.resources {
+            res.shutdown().await;
+        }
         self.resources.clear();
         tracing::debug!(pidfile = %self.pidfile.path().display(), "removing pidfile");
         0
@@ -150,7 +154,7 @@ impl Daemon {
 
     /// Answer one control request; None closes the connection unanswered
     /// (a request without `cmd`, as the reference does).
-    fn handle(&mut self, req: &Nv) -> Option<Nv> {
+    async fn handle(&mut self, req: &Nv) -> Option<Nv> {
         let cmd = req.get_u8("cmd").unwrap_or(0);
         if cmd == 0 {
             tracing::error!("control header is missing the 'cmd' field");
@@ -199,7 +203,7 @@ impl Daemon {
             match role {
                 Some(new) => {
                     out.add_string(format!("role{no}"), res.role().as_str());
-                    if let Err(e) = res.set_role(new) {
+                    if let Err(e) = res.set_role(new).await {
                         out.add_i16(format!("error{no}"), e.code());
                         out.add_string(format!("errmsg{no}"), e.to_string());
                     }

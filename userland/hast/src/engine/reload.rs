@@ -41,7 +41,7 @@ fn replication_settings_differ(old: &ResourceConfig, new: &ResourceConfig) -> bo
 impl Daemon {
     /// Reload the configuration. Returns a newly bound control socket when
     /// the control address changed (the caller swaps it in).
-    pub(super) fn reload(&mut self) -> Option<ControlListener> {
+    pub(super) async fn reload(&mut self) -> Option<ControlListener> {
         tracing::info!("reloading configuration...");
         let newcfg = match Config::load(&self.opts.config_path, &self.opts.host) {
             Ok(c) => c,
@@ -95,7 +95,7 @@ impl Daemon {
             if newcfg.resource(res.name()).is_some() {
                 kept.push(res);
             } else {
-                let _ = res.set_role(Role::Init);
+                let _ = res.set_role(Role::Init).await;
                 tracing::info!("resource {} removed", res.name());
             }
         }
@@ -114,9 +114,9 @@ impl Daemon {
                     "resource {} configuration was modified, restarting it",
                     ncfg.name
                 );
-                let _ = res.set_role(Role::Init);
+                let _ = res.set_role(Role::Init).await;
                 res.set_config(ncfg.clone());
-                if let Err(e) = res.set_role(role) {
+                if let Err(e) = res.set_role(role).await {
                     tracing::error!(
                         "resource {} could not be restarted as {role}: {e}",
                         ncfg.name

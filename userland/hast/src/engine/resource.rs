@@ -1,6 +1,9 @@
 //! One resource inside hastd: its configuration, its role, and while it is
-//! primary or secondary the opened local provider and its metadata. Role
-//! changes are persisted as `prevrole` and run the `role` hook.
+//! primary or secondary the opened local provider and its metadata (and,
+//! on a primary, the data path of [`super::primary`]). Role changes are
+//! persisted as `prevrole` and run the `role` hook.
+
+use std::sync::{Arc, Mutex};
 
 use crate::activemap::DiskMap;
 use crate::config::ResourceConfig;
@@ -11,6 +14,8 @@ use crate::provider::{Provider, ProviderError};
 use crate::role::Role;
 use crate::sysexits;
 
+use super::primary::{Primary, PrimaryError};
+
 /// Why a resource could not take the role it was given.
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {
@@ -20,6 +25,9 @@ pub enum RoleError {
     /// The metadata cannot be read, is not this resource's, or cannot be written.
     #[error("{0}")]
     Metadata(#[from] MetadataError),
+    /// The data path (core, NBD export) could not start.
+    #[error("{0}")]
+    DataPath(#[from] PrimaryError),
 }
 
 impl RoleError {
@@ -29,13 +37,14 @@ impl RoleError {
         let code = match self {
             RoleError::Provider(_) => sysexits::EX_NOINPUT,
             RoleError::Metadata(e) => e.exit_code(),
+            RoleError::DataPath(_) => sysexits::EX_OSERR,
         };
         i16::try_from(code).unwrap_or(i16::MAX)
     }
 }
 
-/// Counters reported by `hastctl list`. Until the data path runs (it comes
-/// with the NBD export) nothing increments them.
+/// Counters reported by `hastctl list` for a resource without a data path
+/// (a secondary: its counters come with replication).
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
     pub read: u64,
@@ -50,16 +59,15 @@ pub struct Stats {
 }
 
 /// The local side of an active (primary or secondary) resource.
-#[derive(Debug)]
 struct Active {
-    provider: Provider,
-    md: Metadata,
+    provider: Arc<Provider>,
+    md: Arc<Mutex<Metadata>>,
     map: DiskMap,
     stats: Stats,
+    primary: Option<Primary>,
 }
 
 /// A configured resource and its current role.
-#[derive(Debug)]
 pub struct Resource {
     cfg: ResourceConfig,
     role: Role,
@@ -101,20 +109,20 @@ impl Resource {
     /// entering one opens it, checks the metadata belongs to this resource
     /// and persists the new role as `prevrole`. On failure the resource is
     /// left in init. The `role` hook runs whenever the role actually changed.
-    pub fn set_role(&mut self, new: Role) -> Result<(), RoleError> {
+    pub async fn set_role(&mut self, new: Role) -> Result<(), RoleError> {
         let old = self.role;
         if old == new {
             return Ok(());
         }
         let span = tracing::info_span!("resource", name = %self.cfg.name);
-        let _enter = span.enter();
-        tracing::info!("role changed from {old} to {new}");
-        self.deactivate(new);
+        span.in_scope(|| tracing::info!("role changed from {old} to {new}"));
+        self.deactivate(new).await;
         self.role = new;
         let result = match new {
-            Role::Primary | Role::Secondary => self.activate(new),
+            Role::Primary | Role::Secondary => self.activate(new).await,
             Role::Init | Role::Undef => Ok(()),
         };
+        let _enter = span.enter();
         if let Err(e) = &result {
             tracing::error!("unable to become {new}: {e}; role is init");
             self.role = Role::Init;
@@ -132,16 +140,21 @@ impl Resource {
         result
     }
 
-    fn activate(&mut self, role: Role) -> Result<(), RoleError> {
+    async fn activate(&mut self, role: Role) -> Result<(), RoleError> {
         let provider = Provider::open(&self.cfg.local, true)?;
         let mut md = Metadata::read(&provider, &self.cfg.name)?;
         let map = md.read_map(&provider)?;
         md.prevrole = role;
         md.write(&provider, self.cfg.metaflush)?;
+        let provider = Arc::new(provider);
+        let md = Arc::new(Mutex::new(md));
+        let primary = match role {
+            Role::Primary => {
+                Some(Primary::start(&self.cfg, provider.clone(), md.clone(), map.as_bytes()).await?)
+            }
+            _ => None,
+        };
         tracing::debug!(
-            datasize = md.datasize,
-            extentsize = md.extentsize,
-            localoff = md.localoff,
             dirty = map.count(),
             "local provider {} opened",
             self.cfg.local.display()
@@ -151,6 +164,7 @@ impl Resource {
             md,
             map,
             stats: Stats::default(),
+            primary,
         });
         Ok(())
     }
@@ -158,18 +172,34 @@ impl Resource {
     /// Close the provider of an active resource. When it leaves for init the
     /// new role is recorded as `prevrole` first; when the daemon stops
     /// (`next` is Undef) the metadata is left as it is, as after a crash.
-    fn deactivate(&mut self, next: Role) {
+    async fn deactivate(&mut self, next: Role) {
         if let Some(mut active) = self.active.take() {
+            if let Some(primary) = active.primary.take() {
+                primary.stop().await;
+            }
+            Self::close(active, next, &self.cfg);
+        }
+    }
+
+    /// Stop the data path (if any) without changing the metadata, as the
+    /// daemon does when it exits.
+    pub async fn shutdown(&mut self) {
+        self.deactivate(Role::Undef).await;
+    }
+
+    fn close(active: Active, next: Role, cfg: &ResourceConfig) {
+        {
             if next == Role::Init {
-                active.md.prevrole = Role::Init;
-                if let Err(e) = active.md.write(&active.provider, self.cfg.metaflush) {
+                let mut md = active.md.lock().unwrap_or_else(|p| p.into_inner());
+                md.prevrole = Role::Init;
+                if let Err(e) = md.write(&active.provider, cfg.metaflush) {
                     tracing::warn!("unable to record prevrole init: {e}");
                 }
             }
             if let Err(e) = active.provider.flush() {
-                tracing::warn!("flushing {} failed: {e}", self.cfg.local.display());
+                tracing::warn!("flushing {} failed: {e}", cfg.local.display());
             }
-            tracing::debug!("local provider {} closed", self.cfg.local.display());
+            tracing::debug!("local provider {} closed", cfg.local.display());
         }
     }
 
@@ -201,15 +231,41 @@ impl Resource {
             // primary is connected, and no dirty count.
             return;
         }
-        let extentsize = active.md.extentsize;
-        nv.add_string(format!("status{no}"), "degraded");
+        let (extentsize, keepdirty) = {
+            let md = active.md.lock().unwrap_or_else(|p| p.into_inner());
+            (md.extentsize, md.keepdirty)
+        };
+        let mut s = active.stats.clone();
+        let mut dirty = active.map.count();
+        let mut status = "degraded";
+        let mut queues = [0u64; 5];
+        if let Some(primary) = &active.primary {
+            let c = primary.stats();
+            s = Stats {
+                read: c.reads,
+                write: c.writes,
+                delete: c.deletes,
+                flush: c.flushes,
+                activemap_update: c.activemap_updates,
+                read_error: c.read_errors,
+                write_error: c.write_errors,
+                delete_error: c.delete_errors,
+                flush_error: c.flush_errors,
+            };
+            dirty = c.dirty;
+            if c.link_up {
+                status = "complete";
+            }
+            // idle: requests are not pooled, so there is no idle queue.
+            queues = [0, c.q_local + c.q_held, c.q_send, c.q_recv, c.q_done];
+        }
+        nv.add_string(format!("status{no}"), status);
         nv.add_u64(
             format!("dirty{no}"),
-            active.map.count().saturating_mul(u64::from(extentsize)),
+            dirty.saturating_mul(u64::from(extentsize)),
         );
         nv.add_u32(format!("extentsize{no}"), extentsize);
-        nv.add_u32(format!("keepdirty{no}"), active.md.keepdirty);
-        let s = &active.stats;
+        nv.add_u32(format!("keepdirty{no}"), keepdirty);
         for (name, v) in [
             ("stat_read", s.read),
             ("stat_write", s.write),
@@ -220,11 +276,11 @@ impl Resource {
             ("stat_write_error", s.write_error),
             ("stat_delete_error", s.delete_error),
             ("stat_flush_error", s.flush_error),
-            ("idle_queue_size", 0),
-            ("local_queue_size", 0),
-            ("send_queue_size", 0),
-            ("recv_queue_size", 0),
-            ("done_queue_size", 0),
+            ("idle_queue_size", queues[0]),
+            ("local_queue_size", queues[1]),
+            ("send_queue_size", queues[2]),
+            ("recv_queue_size", queues[3]),
+            ("done_queue_size", queues[4]),
         ] {
             nv.add_u64(format!("{name}{no}"), v);
         }
@@ -232,7 +288,12 @@ impl Resource {
 }
 
 impl Drop for Resource {
+    /// Last resort when a resource is dropped without [`Resource::shutdown`]:
+    /// the export stops in the background, the provider is flushed.
     fn drop(&mut self) {
-        self.deactivate(Role::Undef);
+        if let Some(mut active) = self.active.take() {
+            drop(active.primary.take());
+            Self::close(active, Role::Undef, &self.cfg);
+        }
     }
 }

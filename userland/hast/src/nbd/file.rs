@@ -9,6 +9,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use nix::fcntl::{fallocate, FallocateFlags};
 
 use super::{Backend, BoxFuture, NbdError};
@@ -148,6 +149,31 @@ impl FileBackend {
     /// The provider path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Write `data` at export offset `off` (durably when `fua`). Takes
+    /// shared bytes so a caller that also sends them elsewhere (the peer)
+    /// needs no copy.
+    pub fn write_bytes(
+        &self,
+        off: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> BoxFuture<'static, io::Result<()>> {
+        let at = match self
+            .writable()
+            .and_then(|_| self.place(off, data.len() as u64))
+        {
+            Ok(at) => at,
+            Err(e) => return ready(Err(e)),
+        };
+        self.blocking(move |f| {
+            if fua {
+                write_durable(f, &data, at)
+            } else {
+                f.write_all_at(&data, at)
+            }
+        })
     }
 
     /// Absolute provider offset of an export range, refusing anything that
@@ -294,20 +320,7 @@ impl Backend for FileBackend {
     }
 
     fn write(&self, off: u64, data: Vec<u8>, fua: bool) -> BoxFuture<'_, io::Result<()>> {
-        let at = match self
-            .writable()
-            .and_then(|_| self.place(off, data.len() as u64))
-        {
-            Ok(at) => at,
-            Err(e) => return ready(Err(e)),
-        };
-        self.blocking(move |f| {
-            if fua {
-                write_durable(f, &data, at)
-            } else {
-                f.write_all_at(&data, at)
-            }
-        })
+        self.write_bytes(off, Bytes::from(data), fua)
     }
 
     fn flush(&self) -> BoxFuture<'_, io::Result<()>> {

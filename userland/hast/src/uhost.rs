@@ -1,0 +1,419 @@
+//! uhost: the Linux host of the fast-path core. Client requests arriving
+//! through the NBD server are handed to the core ([`crate::core`]), which
+//! decides when to issue the local I/O, when the activemap must be written
+//! first, and when the client may be answered; this module carries those
+//! decisions out on the local provider (positioned I/O on the blocking
+//! thread pool, many requests in flight) and writes the map sectors.
+//! Upcalls for the engine (replicate, read from the peer, persist the
+//! counter bump) are signalled through [`Uhost::upcalls_ready`].
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use bytes::Bytes;
+use tokio::sync::{oneshot, Notify};
+
+use crate::core::{Cmd, Core, CoreError, CoreHost, LocalIo, Mode, Params};
+use crate::metadata::METADATA_SIZE;
+use crate::nbd::{Backend, BoxFuture, FileBackend, FileOptions, NbdError};
+
+/// Where a provider's replicated data lives and how it is replicated.
+#[derive(Debug, Clone)]
+pub struct Geometry {
+    /// Offset of the data area in the provider (metadata + map before it).
+    pub localoff: u64,
+    /// Bytes of the data area.
+    pub datasize: u64,
+    pub extentsize: u32,
+    pub sectorsize: u32,
+    pub keepdirty: u32,
+    pub mode: Mode,
+    /// Flush the provider after every map write (hast.conf `metaflush`).
+    pub metaflush: bool,
+}
+
+/// Failure to set up a host.
+#[derive(Debug, thiserror::Error)]
+pub enum UhostError {
+    #[error("{0}")]
+    Open(#[from] NbdError),
+    #[error("cannot open {path} for activemap writes: {source}", path = path.display())]
+    MapFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Core(#[from] CoreError),
+}
+
+/// What a client request needs while the core holds it.
+#[derive(Debug)]
+enum Op {
+    Read,
+    Write { data: Bytes, fua: bool },
+    Zeroes { no_hole: bool, fua: bool },
+    Delete { fua: bool },
+    Flush,
+}
+
+/// The answer to a client request.
+type Answer = Result<Option<Vec<u8>>, i32>;
+
+#[derive(Debug)]
+struct Pending {
+    op: Op,
+    /// Data read locally (or from the peer) for a read.
+    read: Option<Vec<u8>>,
+    answer: Option<oneshot::Sender<Answer>>,
+}
+
+struct Inner {
+    /// This host, for the tasks its callbacks spawn.
+    me: Weak<Inner>,
+    local: FileBackend,
+    map_file: File,
+    metaflush: bool,
+    core: OnceLock<Weak<Core>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_cookie: AtomicU64,
+    rt: tokio::runtime::Handle,
+    upcalls: Notify,
+    link_up: AtomicBool,
+    size: u64,
+    sectorsize: u32,
+}
+
+/// One primary provider served through the core.
+pub struct Uhost {
+    inner: Arc<Inner>,
+    core: Arc<Core>,
+}
+
+fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn core_errno(e: &CoreError) -> i32 {
+    match e {
+        CoreError::Invalid(_) => libc::EINVAL,
+        CoreError::NoMemory(_) => libc::ENOMEM,
+        _ => libc::EIO,
+    }
+}
+
+impl Inner {
+    fn core(&self) -> Option<Arc<Core>> {
+        self.core.get().and_then(Weak::upgrade)
+    }
+
+    fn with_pending<T>(&self, cookie: u64, f: impl FnOnce(&mut Pending) -> T) -> Option<T> {
+        let mut table = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        table.get_mut(&cookie).map(f)
+    }
+
+    fn local_done(&self, seq: u64, error: i32) {
+        if let Some(core) = self.core() {
+            if let Err(e) = core.local_done(seq, error) {
+                tracing::error!("local completion of seq {seq} refused: {e}");
+            }
+        }
+    }
+}
+
+impl CoreHost for Inner {
+    fn local_io(&self, io: LocalIo) {
+        let Some(core) = self.core() else { return };
+        if io.sync {
+            // Resynchronization I/O arrives with replication.
+            let _ = core.local_done(io.seq, libc::EOPNOTSUPP);
+            return;
+        }
+        let Ok(len) = u32::try_from(io.length) else {
+            let _ = core.local_done(io.seq, libc::EINVAL);
+            return;
+        };
+        let op = self.with_pending(io.cookie, |p| match &p.op {
+            Op::Read => Op::Read,
+            Op::Write { data, fua } => Op::Write {
+                data: data.clone(),
+                fua: *fua,
+            },
+            Op::Zeroes { no_hole, fua } => Op::Zeroes {
+                no_hole: *no_hole,
+                fua: *fua,
+            },
+            Op::Delete { fua } => Op::Delete { fua: *fua },
+            Op::Flush => Op::Flush,
+        });
+        let Some(op) = op else {
+            let _ = core.local_done(io.seq, libc::EINVAL);
+            return;
+        };
+        let Some(me) = self.me.upgrade() else { return };
+        self.rt.spawn(async move {
+            let result = match op {
+                Op::Read => match me.local.read(io.offset, len).await {
+                    Ok(buf) => {
+                        me.with_pending(io.cookie, |p| p.read = Some(buf));
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+                Op::Write { data, fua } => me.local.write_bytes(io.offset, data, fua).await,
+                Op::Zeroes { no_hole, fua } => {
+                    me.local.write_zeroes(io.offset, len, no_hole, fua).await
+                }
+                Op::Delete { fua } => me.local.trim(io.offset, len, fua).await,
+                Op::Flush => me.local.flush().await,
+            };
+            me.local_done(io.seq, result.as_ref().map_or_else(errno, |()| 0));
+        });
+    }
+
+    fn map_write(&self, map: &[u8]) {
+        let Some(me) = self.me.upgrade() else { return };
+        let map = map.to_vec();
+        self.rt.spawn_blocking(move || {
+            let mut r = me.map_file.write_all_at(&map, METADATA_SIZE);
+            if r.is_ok() && me.metaflush {
+                r = me.map_file.sync_data();
+            }
+            let error = match &r {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!("unable to write the activemap: {e}");
+                    errno(e)
+                }
+            };
+            if let Some(core) = me.core() {
+                if let Err(e) = core.map_done(error) {
+                    tracing::error!("map write completion refused: {e}");
+                }
+            }
+        });
+    }
+
+    fn complete(&self, cookie: u64, error: i32) {
+        let answer = {
+            let mut table = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            table.get_mut(&cookie).and_then(|p| {
+                let read = p.read.take();
+                p.answer.take().map(|tx| (tx, read))
+            })
+        };
+        if let Some((tx, read)) = answer {
+            let _ = tx.send(if error == 0 { Ok(read) } else { Err(error) });
+        }
+    }
+
+    fn release(&self, cookie: u64) {
+        let mut table = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        table.remove(&cookie);
+    }
+
+    fn notify(&self) {
+        self.upcalls.notify_one();
+    }
+}
+
+impl Uhost {
+    /// Open `path` (the local provider) and start a core for it. Must run
+    /// inside a tokio runtime. The activemap read from disk (`map`) becomes
+    /// the core's dirty and sync map.
+    pub fn new(path: &Path, geo: &Geometry, map: &[u8]) -> Result<Uhost, UhostError> {
+        let local = FileBackend::open(
+            path,
+            &FileOptions {
+                offset: geo.localoff,
+                size: Some(geo.datasize),
+                block_size: Some(geo.sectorsize),
+                read_only: false,
+            },
+        )?;
+        let map_file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|source| UhostError::MapFile {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let inner = Arc::new_cyclic(|me| Inner {
+            me: me.clone(),
+            local,
+            map_file,
+            metaflush: geo.metaflush,
+            core: OnceLock::new(),
+            pending: Mutex::new(HashMap::new()),
+            next_cookie: AtomicU64::new(1),
+            rt: tokio::runtime::Handle::current(),
+            upcalls: Notify::new(),
+            link_up: AtomicBool::new(false),
+            size: geo.datasize,
+            sectorsize: geo.sectorsize,
+        });
+        let core = Arc::new(Core::new(
+            Params {
+                mediasize: geo.datasize,
+                extentsize: geo.extentsize,
+                sectorsize: geo.sectorsize,
+                keepdirty: geo.keepdirty,
+                mode: geo.mode,
+            },
+            inner.clone(),
+        )?);
+        core.map_load(map)?;
+        let _ = inner.core.set(Arc::downgrade(&core));
+        Ok(Uhost { inner, core })
+    }
+
+    /// The core, for the engine (upcalls, link state, statistics).
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    /// Wait until the core has queued upcalls (then drain
+    /// [`Core::next_upcall`]).
+    pub async fn upcalls_ready(&self) {
+        self.inner.upcalls.notified().await;
+    }
+
+    /// Tell the core (and the FUA logic) whether the peer is connected.
+    pub fn set_link(&self, up: bool) {
+        self.inner.link_up.store(up, Ordering::SeqCst);
+        self.core.set_link(up);
+    }
+
+    /// Put the peer's answer to a read upcall in place before
+    /// [`Core::remote_done`].
+    pub fn set_read_data(&self, cookie: u64, data: Vec<u8>) {
+        self.inner.with_pending(cookie, |p| p.read = Some(data));
+    }
+
+    /// The data of a write upcall (zeros for a write-zeroes), to send to the
+    /// peer.
+    pub fn write_data(&self, cookie: u64, length: u64) -> Option<Bytes> {
+        self.inner.with_pending(cookie, |p| match &p.op {
+            Op::Write { data, .. } => Some(data.clone()),
+            Op::Zeroes { .. } => usize::try_from(length)
+                .ok()
+                .map(|n| Bytes::from(vec![0u8; n])),
+            _ => None,
+        })?
+    }
+
+    /// Hand a request to the core and wait for its answer.
+    async fn submit(&self, cmd: Cmd, off: u64, len: u64, op: Op) -> Answer {
+        let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut table = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+            table.insert(
+                cookie,
+                Pending {
+                    op,
+                    read: None,
+                    answer: Some(tx),
+                },
+            );
+        }
+        if let Err(e) = self.core.submit(cmd, off, len, cookie) {
+            self.inner.release(cookie);
+            return Err(core_errno(&e));
+        }
+        rx.await.unwrap_or(Err(libc::EIO))
+    }
+
+    async fn submit_io(&self, cmd: Cmd, off: u64, len: u64, op: Op) -> io::Result<Option<Vec<u8>>> {
+        self.submit(cmd, off, len, op)
+            .await
+            .map_err(io::Error::from_raw_os_error)
+    }
+
+    /// A FUA request is durable locally when it completes; while the peer is
+    /// connected a flush makes it durable there too.
+    async fn fua_flush(&self, fua: bool) -> io::Result<()> {
+        if fua && self.inner.link_up.load(Ordering::SeqCst) {
+            self.submit_io(Cmd::Flush, 0, 0, Op::Flush).await?;
+        }
+        Ok(())
+    }
+
+    /// Fail every request still waiting and stop the core. Call after the
+    /// NBD export is stopped (no new requests) and in-flight I/O finished.
+    pub fn close(self) {
+        let Uhost { inner, core } = self;
+        match Arc::try_unwrap(core) {
+            Ok(core) => {
+                if let Err((_, e)) = core.close() {
+                    tracing::warn!("core still busy at close: {e}");
+                }
+            }
+            Err(_) => tracing::warn!("core still referenced at close"),
+        }
+        drop(inner);
+    }
+}
+
+impl Backend for Uhost {
+    fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    fn block_size(&self) -> u32 {
+        self.inner.sectorsize
+    }
+
+    fn read(&self, off: u64, len: u32) -> BoxFuture<'_, io::Result<Vec<u8>>> {
+        Box::pin(async move {
+            let data = self
+                .submit_io(Cmd::Read, off, u64::from(len), Op::Read)
+                .await?;
+            data.ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))
+        })
+    }
+
+    fn write(&self, off: u64, data: Vec<u8>, fua: bool) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            let len = data.len() as u64;
+            let data = Bytes::from(data);
+            self.submit_io(Cmd::Write, off, len, Op::Write { data, fua })
+                .await?;
+            self.fua_flush(fua).await
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            self.submit_io(Cmd::Flush, 0, 0, Op::Flush).await?;
+            Ok(())
+        })
+    }
+
+    fn trim(&self, off: u64, len: u32, fua: bool) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            self.submit_io(Cmd::Delete, off, u64::from(len), Op::Delete { fua })
+                .await?;
+            self.fua_flush(fua).await
+        })
+    }
+
+    fn write_zeroes(
+        &self,
+        off: u64,
+        len: u32,
+        no_hole: bool,
+        fua: bool,
+    ) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            self.submit_io(Cmd::Write, off, u64::from(len), Op::Zeroes { no_hole, fua })
+                .await?;
+            self.fua_flush(fua).await
+        })
+    }
+}
