@@ -53,10 +53,12 @@ resource shared {
 	on alpha {
 		local $work/alpha.img
 		remote tcp4://127.0.0.2
+		nbd $work/alpha.nbd
 	}
 	on beta {
 		local $work/beta.img
 		remote tcp4://127.0.0.1
+		nbd $work/beta.nbd
 	}
 }
 CONF

@@ -25,8 +25,8 @@ fn config_text(dir: &Path, names: &[&str]) -> String {
     for n in names {
         s.push_str(&format!(
             "resource {n} {{\n\
-             \ton alpha {{\n\t\tlocal {d}/alpha-{n}.img\n\t\tremote tcp4://127.0.0.2\n\t}}\n\
-             \ton beta {{\n\t\tlocal {d}/beta-{n}.img\n\t\tremote tcp4://127.0.0.1\n\t}}\n}}\n"
+             \ton alpha {{\n\t\tlocal {d}/alpha-{n}.img\n\t\tremote tcp4://127.0.0.2\n\t\tnbd {d}/alpha-{n}.nbd\n\t}}\n\
+             \ton beta {{\n\t\tlocal {d}/beta-{n}.img\n\t\tremote tcp4://127.0.0.1\n\t\tnbd {d}/beta-{n}.nbd\n\t}}\n}}\n"
         ));
     }
     s

@@ -119,6 +119,14 @@ impl Server {
         };
         match std::fs::symlink_metadata(path) {
             Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+                // A socket someone still accepts on belongs to a live
+                // server: never steal it.
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(err(std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "another server is listening on this socket",
+                    )));
+                }
                 std::fs::remove_file(path).map_err(err)?;
             }
             _ => {}
