@@ -22,5 +22,6 @@ pub mod proto;
 pub mod provider;
 pub mod role;
 pub mod size;
+pub mod splitbrain;
 pub mod sysexits;
 pub mod uhost;
