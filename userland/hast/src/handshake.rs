@@ -1,0 +1,290 @@
+//! The connection handshake of protocol version 2, as nv messages: what
+//! each side sends and the checks on what it receives. The primary opens
+//! connection 1 (requests and handshake replies) and connection 2 (replies
+//! from the secondary); the token proves both come from the same node.
+
+use crate::nv::Nv;
+use crate::splitbrain::SyncSrc;
+
+/// Size of the token the secondary hands out.
+pub const TOKEN_SIZE: usize = 16;
+
+/// A handshake message that does not say what it must.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("handshake header has no '{0}' field (or it has the wrong type)")]
+    Missing(&'static str),
+    #[error("handshake header carries a token of {0} bytes, expected {TOKEN_SIZE}")]
+    TokenSize(usize),
+    #[error("peer speaks protocol version {0}, this node at most {max}", max = crate::proto::HAST_PROTO_VERSION)]
+    Version(u8),
+    #[error("peer refused: {0}")]
+    Refused(String),
+    #[error("invalid syncsrc {0} in handshake reply")]
+    SyncSrc(u8),
+}
+
+/// Step 1, primary -> secondary on connection 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub resource: String,
+    pub version: u8,
+}
+
+impl Hello {
+    pub fn to_nv(&self) -> Nv {
+        let mut nv = Nv::new();
+        nv.add_string("resource", self.resource.as_str())
+            .add_u8("version", self.version);
+        nv
+    }
+
+    /// Parse a step-1 header. A first connection carries no token; a header
+    /// with a token is step 2 ([`Attach`]).
+    pub fn from_nv(nv: &Nv) -> Result<Hello, HandshakeError> {
+        let resource = nv
+            .get_string("resource")
+            .ok_or(HandshakeError::Missing("resource"))?
+            .to_string();
+        // A peer that sends no version speaks version 1.
+        let version = nv.get_u8("version").filter(|&v| v != 0).unwrap_or(1);
+        Ok(Hello { resource, version })
+    }
+}
+
+/// Step 1 answer, secondary -> primary on connection 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Welcome {
+    Accepted {
+        version: u8,
+        token: [u8; TOKEN_SIZE],
+    },
+    /// Refused; `wait` when the secondary is (still) primary itself.
+    Refused { errmsg: String, wait: bool },
+}
+
+impl Welcome {
+    pub fn to_nv(&self) -> Nv {
+        let mut nv = Nv::new();
+        match self {
+            Welcome::Accepted { version, token } => {
+                nv.add_u8("version", *version)
+                    .add_u8_array("token", token.to_vec());
+            }
+            Welcome::Refused { errmsg, wait } => {
+                nv.add_string("errmsg", errmsg.as_str());
+                if *wait {
+                    nv.add_u8("wait", 1);
+                }
+            }
+        }
+        nv
+    }
+
+    pub fn from_nv(nv: &Nv) -> Result<Welcome, HandshakeError> {
+        if let Some(msg) = nv.get_string("errmsg") {
+            return Ok(Welcome::Refused {
+                errmsg: msg.to_string(),
+                wait: nv.get("wait").is_some(),
+            });
+        }
+        let version = nv.get_u8("version").filter(|&v| v != 0).unwrap_or(1);
+        if version > crate::proto::HAST_PROTO_VERSION {
+            return Err(HandshakeError::Version(version));
+        }
+        let raw = nv
+            .get_u8_array("token")
+            .ok_or(HandshakeError::Missing("token"))?;
+        let token: [u8; TOKEN_SIZE] = raw
+            .try_into()
+            .map_err(|_| HandshakeError::TokenSize(raw.len()))?;
+        Ok(Welcome::Accepted { version, token })
+    }
+}
+
+/// Step 2, primary -> secondary on connection 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attach {
+    pub resource: String,
+    pub token: [u8; TOKEN_SIZE],
+    /// The primary's provider was never written (its resuid was just made).
+    pub virgin: bool,
+    pub resuid: u64,
+    pub localcnt: u64,
+    pub remotecnt: u64,
+}
+
+impl Attach {
+    pub fn to_nv(&self) -> Nv {
+        let mut nv = Nv::new();
+        nv.add_string("resource", self.resource.as_str())
+            .add_u8_array("token", self.token.to_vec());
+        if self.virgin {
+            nv.add_i8("virgin", 1);
+        }
+        nv.add_u64("resuid", self.resuid)
+            .add_u64("localcnt", self.localcnt)
+            .add_u64("remotecnt", self.remotecnt);
+        nv
+    }
+
+    pub fn from_nv(nv: &Nv) -> Result<Attach, HandshakeError> {
+        let resource = nv
+            .get_string("resource")
+            .ok_or(HandshakeError::Missing("resource"))?
+            .to_string();
+        let raw = nv
+            .get_u8_array("token")
+            .ok_or(HandshakeError::Missing("token"))?;
+        let token: [u8; TOKEN_SIZE] = raw
+            .try_into()
+            .map_err(|_| HandshakeError::TokenSize(raw.len()))?;
+        let get = |name: &'static str| nv.get_u64(name).ok_or(HandshakeError::Missing(name));
+        Ok(Attach {
+            resource,
+            token,
+            virgin: nv.get("virgin").is_some(),
+            resuid: get("resuid")?,
+            localcnt: get("localcnt")?,
+            remotecnt: get("remotecnt")?,
+        })
+    }
+}
+
+/// Step 2 answer, secondary -> primary on connection 1, followed by
+/// `mapsize` bytes of the secondary's activemap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Geometry {
+    pub datasize: i64,
+    pub extentsize: i32,
+    pub localcnt: u64,
+    pub remotecnt: u64,
+    /// The secondary adopted the primary's resource id just now.
+    pub virgin: bool,
+    pub syncsrc: SyncSrc,
+    pub mapsize: u32,
+}
+
+impl Geometry {
+    pub fn to_nv(&self) -> Nv {
+        let mut nv = Nv::new();
+        nv.add_i64("datasize", self.datasize)
+            .add_i32("extentsize", self.extentsize)
+            .add_u64("localcnt", self.localcnt)
+            .add_u64("remotecnt", self.remotecnt);
+        if self.virgin {
+            nv.add_i8("virgin", 1);
+        }
+        nv.add_u8("syncsrc", self.syncsrc.to_u8())
+            .add_u32("mapsize", self.mapsize);
+        nv
+    }
+
+    /// Parse the answer; an `errmsg` is returned as [`HandshakeError::Refused`].
+    pub fn from_nv(nv: &Nv) -> Result<Geometry, HandshakeError> {
+        if let Some(msg) = nv.get_string("errmsg") {
+            return Err(HandshakeError::Refused(msg.to_string()));
+        }
+        let raw_src = nv
+            .get_u8("syncsrc")
+            .ok_or(HandshakeError::Missing("syncsrc"))?;
+        Ok(Geometry {
+            datasize: nv
+                .get_i64("datasize")
+                .ok_or(HandshakeError::Missing("datasize"))?,
+            extentsize: nv
+                .get_i32("extentsize")
+                .ok_or(HandshakeError::Missing("extentsize"))?,
+            localcnt: nv
+                .get_u64("localcnt")
+                .ok_or(HandshakeError::Missing("localcnt"))?,
+            remotecnt: nv
+                .get_u64("remotecnt")
+                .ok_or(HandshakeError::Missing("remotecnt"))?,
+            virgin: nv.get("virgin").is_some(),
+            syncsrc: SyncSrc::from_u8(raw_src).ok_or(HandshakeError::SyncSrc(raw_src))?,
+            mapsize: nv.get_u32("mapsize").unwrap_or(0),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(nv: &Nv) -> Nv {
+        Nv::decode(&nv.encode().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn messages_round_trip_with_the_reference_field_types() {
+        let hello = Hello {
+            resource: "data".into(),
+            version: 2,
+        };
+        assert_eq!(Hello::from_nv(&round(&hello.to_nv())).unwrap(), hello);
+        let w = Welcome::Accepted {
+            version: 2,
+            token: [7; TOKEN_SIZE],
+        };
+        assert_eq!(Welcome::from_nv(&round(&w.to_nv())).unwrap(), w);
+        let a = Attach {
+            resource: "data".into(),
+            token: [9; TOKEN_SIZE],
+            virgin: true,
+            resuid: 42,
+            localcnt: 3,
+            remotecnt: 2,
+        };
+        let nv = a.to_nv();
+        assert!(matches!(nv.get("virgin"), Some(crate::nv::Value::Int8(1))));
+        assert_eq!(Attach::from_nv(&round(&nv)).unwrap(), a);
+        let g = Geometry {
+            datasize: 1 << 30,
+            extentsize: 2 << 20,
+            localcnt: 1,
+            remotecnt: 1,
+            virgin: false,
+            syncsrc: SyncSrc::Secondary,
+            mapsize: 512,
+        };
+        let nv = g.to_nv();
+        assert!(matches!(
+            nv.get("datasize"),
+            Some(crate::nv::Value::Int64(_))
+        ));
+        assert!(matches!(
+            nv.get("extentsize"),
+            Some(crate::nv::Value::Int32(_))
+        ));
+        assert_eq!(Geometry::from_nv(&round(&nv)).unwrap(), g);
+    }
+
+    #[test]
+    fn refusals_and_bad_headers() {
+        let r = Welcome::Refused {
+            errmsg: "Remote node acts as primary for the resource and not as secondary.".into(),
+            wait: true,
+        };
+        assert_eq!(Welcome::from_nv(&r.to_nv()).unwrap(), r);
+        let mut nv = Nv::new();
+        nv.add_u8("version", 2).add_u8_array("token", vec![1, 2, 3]);
+        assert_eq!(Welcome::from_nv(&nv), Err(HandshakeError::TokenSize(3)));
+        let mut nv = Nv::new();
+        nv.add_u8("version", 3).add_u8_array("token", vec![0; 16]);
+        assert_eq!(Welcome::from_nv(&nv), Err(HandshakeError::Version(3)));
+        let mut nv = Nv::new();
+        nv.add_string("errmsg", crate::splitbrain::SPLIT_BRAIN_MSG);
+        assert_eq!(
+            Geometry::from_nv(&nv),
+            Err(HandshakeError::Refused("Split-brain condition!".into()))
+        );
+        let mut nv = Nv::new();
+        nv.add_string("resource", "r");
+        assert_eq!(Attach::from_nv(&nv), Err(HandshakeError::Missing("token")));
+        // No version means protocol version 1.
+        let mut nv = Nv::new();
+        nv.add_string("resource", "r");
+        assert_eq!(Hello::from_nv(&nv).unwrap().version, 1);
+    }
+}
