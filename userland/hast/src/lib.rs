@@ -26,3 +26,4 @@ pub mod size;
 pub mod splitbrain;
 pub mod sysexits;
 pub mod uhost;
+pub mod wire;
