@@ -1,0 +1,444 @@
+//! The secondary's side of a replication session: after the handshake it
+//! decides (split-brain table) what to synchronize, answers with its
+//! geometry and activemap, then applies the primary's requests to the local
+//! provider, many in flight, and sends the replies on the second
+//! connection. Overlapping writes are applied in the order they arrived, so
+//! both copies end up with the same bytes.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::config::ResourceConfig;
+use crate::handshake::{Attach, Geometry};
+use crate::hooks::{self, Event};
+use crate::metadata::{Metadata, METADATA_SIZE};
+use crate::nv::NV_MAX_SIZE;
+use crate::proto::{self, Limits, ProtoError};
+use crate::provider::Provider;
+use crate::splitbrain::{self, Counters, Decision, MapToSend, SPLIT_BRAIN_MSG};
+use crate::wire::{self, Cmd, Reply, Request};
+
+/// Requests the secondary works on at once.
+const MAX_INFLIGHT: usize = 256;
+/// Largest READ/WRITE accepted (the reference's MAXPHYS on FreeBSD 13+).
+pub const MAX_IO: u64 = 1 << 20;
+/// The primary sends a keepalive after 10 s idle; silence for twice that
+/// ends the session.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connection: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("no request from the primary for {0:?}")]
+    Idle(Duration),
+    #[error("refused the primary: {0}")]
+    Refused(String),
+    #[error("local provider: {0}")]
+    Local(String),
+    #[error("payload: {0}")]
+    Payload(String),
+}
+
+/// The local side a session works on.
+#[derive(Clone)]
+pub struct Local {
+    pub provider: Arc<Provider>,
+    pub md: Arc<Mutex<Metadata>>,
+    pub cfg: ResourceConfig,
+}
+
+impl Local {
+    fn counters(&self) -> (Counters, u64, u32) {
+        let m = self.md.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            Counters {
+                resuid: m.resuid,
+                localcnt: m.localcnt,
+                remotecnt: m.remotecnt,
+            },
+            m.datasize,
+            m.extentsize,
+        )
+    }
+}
+
+/// Step 2 on the secondary: decide, answer with the geometry and the map
+/// on `conn_in` (connection 1). Returns the decision on success.
+pub async fn answer_attach<W: AsyncWrite + Unpin>(
+    conn_in: &mut W,
+    local: &Local,
+    attach: &Attach,
+) -> Result<Decision, SessionError> {
+    let (mine, datasize, extentsize) = local.counters();
+    let theirs = Counters {
+        resuid: attach.resuid,
+        localcnt: attach.localcnt,
+        remotecnt: attach.remotecnt,
+    };
+    let decision = splitbrain::decide(mine, theirs, attach.virgin);
+    let refuse = |msg: String| {
+        let mut nv = crate::nv::Nv::new();
+        nv.add_string("errmsg", msg.as_str());
+        (nv, msg)
+    };
+    let (map_kind, src, virgin) = match &decision {
+        Decision::Mismatch { primary, secondary } => {
+            let (nv, msg) = refuse(format!(
+                "Resource unique ID mismatch (primary={primary}, secondary={secondary})."
+            ));
+            proto::write_frame_async(conn_in, &nv, &[]).await?;
+            return Err(SessionError::Refused(msg));
+        }
+        Decision::SplitBrain => {
+            let (nv, _) = refuse(SPLIT_BRAIN_MSG.to_string());
+            proto::write_frame_async(conn_in, &nv, &[]).await?;
+            hooks::run(local.cfg.exec.as_deref(), &local.cfg.name, &Event::SplitBrain);
+            return Err(SessionError::Refused("split-brain detected".into()));
+        }
+        Decision::Adopt { resuid, map } => {
+            let provider = local.provider.clone();
+            let md = local.md.clone();
+            let resuid = *resuid;
+            tokio::task::spawn_blocking(move || {
+                let mut m = md.lock().unwrap_or_else(|p| p.into_inner());
+                let mut next = m.clone();
+                next.resuid = resuid;
+                next.write(&provider, true).map(|()| *m = next)
+            })
+            .await
+            .map_err(|e| SessionError::Local(e.to_string()))?
+            .map_err(|e| SessionError::Local(e.to_string()))?;
+            (*map, splitbrain::SyncSrc::Primary, true)
+        }
+        Decision::Sync {
+            src,
+            map,
+            unexpected,
+        } => {
+            if *unexpected {
+                tracing::warn!(
+                    "this should never happen, asking for full synchronization (primary(local={}, remote={}), secondary(local={}, remote={}))",
+                    theirs.localcnt, theirs.remotecnt, mine.localcnt, mine.remotecnt
+                );
+            }
+            (*map, *src, false)
+        }
+    };
+    let mapsize = {
+        let m = local.md.lock().unwrap_or_else(|p| p.into_inner());
+        m.localoff.saturating_sub(METADATA_SIZE)
+    };
+    let map: Vec<u8> = match map_kind {
+        MapToSend::None => Vec::new(),
+        MapToSend::Full => vec![0xff; usize::try_from(mapsize).unwrap_or(0)],
+        MapToSend::Dirty => {
+            let provider = local.provider.clone();
+            let len = usize::try_from(mapsize).unwrap_or(0);
+            tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len];
+                provider.read_exact_at(&mut buf, METADATA_SIZE).map(|()| buf)
+            })
+            .await
+            .map_err(|e| SessionError::Local(e.to_string()))?
+            .map_err(|e| SessionError::Local(e.to_string()))?
+        }
+    };
+    let geo = Geometry {
+        datasize: i64::try_from(datasize).unwrap_or(i64::MAX),
+        extentsize: i32::try_from(extentsize).unwrap_or(i32::MAX),
+        localcnt: mine.localcnt,
+        remotecnt: mine.remotecnt,
+        virgin,
+        syncsrc: src,
+        mapsize: u32::try_from(map.len()).unwrap_or(0),
+    };
+    proto::write_frame_async(conn_in, &geo.to_nv(), &map).await?;
+    Ok(decision)
+}
+
+/// A reply waiting to be sent, with the data of a read.
+struct Outgoing {
+    reply: Reply,
+    data: Option<Vec<u8>>,
+}
+
+/// Ranges of writes (and deletes) in flight, so a later overlapping one
+/// waits for the earlier ones.
+#[derive(Default)]
+struct InFlight {
+    ranges: Mutex<Vec<(u64, u64, u64)>>,
+    changed: tokio::sync::Notify,
+}
+
+impl InFlight {
+    fn overlaps(&self, id: u64, off: u64, end: u64) -> bool {
+        let r = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
+        r.iter().any(|&(i, s, e)| i < id && s < end && off < e)
+    }
+
+    async fn wait_turn(&self, id: u64, off: u64, end: u64) {
+        loop {
+            let notified = self.changed.notified();
+            if !self.overlaps(id, off, end) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn add(&self, id: u64, off: u64, end: u64) {
+        self.ranges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id, off, end));
+    }
+
+    fn remove(&self, id: u64) {
+        self.ranges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|&(i, _, _)| i != id);
+        self.changed.notify_waiters();
+    }
+}
+
+/// Counters of the secondary for `hastctl list`.
+#[derive(Debug, Default)]
+pub struct SecondaryStats {
+    pub read: std::sync::atomic::AtomicU64,
+    pub write: std::sync::atomic::AtomicU64,
+    pub delete: std::sync::atomic::AtomicU64,
+    pub flush: std::sync::atomic::AtomicU64,
+    pub read_error: std::sync::atomic::AtomicU64,
+    pub write_error: std::sync::atomic::AtomicU64,
+    pub delete_error: std::sync::atomic::AtomicU64,
+    pub flush_error: std::sync::atomic::AtomicU64,
+}
+
+fn bump(c: &std::sync::atomic::AtomicU64) {
+    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Apply the primary's requests from `conn_in`, replying on `conn_out`,
+/// until the connection ends or fails.
+pub async fn serve<R, W>(
+    mut conn_in: R,
+    mut conn_out: W,
+    local: Local,
+    stats: Arc<SecondaryStats>,
+) -> SessionError
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (datasize, localoff) = {
+        let m = local.md.lock().unwrap_or_else(|p| p.into_inner());
+        (m.datasize, m.localoff)
+    };
+    let limits = wire::Limits {
+        sectorsize: local.provider.sectorsize(),
+        datasize,
+        max_length: MAX_IO,
+    };
+    let frame_limits = Limits {
+        max_header: NV_MAX_SIZE,
+        max_payload: usize::try_from(MAX_IO).unwrap_or(usize::MAX),
+    };
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(MAX_INFLIGHT * 2);
+    let writer = tokio::spawn(async move {
+        while let Some(out) = rx.recv().await {
+            let data = out.data.as_deref().unwrap_or(&[]);
+            if let Err(e) = proto::write_frame_async(&mut conn_out, &out.reply.to_nv(), data).await {
+                return Some(e);
+            }
+        }
+        None
+    });
+    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let inflight = Arc::new(InFlight::default());
+    let mut map_cleared = false;
+    let mut next_id: u64 = 0;
+    let result = loop {
+        let frame = tokio::time::timeout(
+            IDLE_TIMEOUT,
+            proto::read_frame_async(&mut conn_in, frame_limits),
+        )
+        .await;
+        let (nv, payload) = match frame {
+            Err(_) => break SessionError::Idle(IDLE_TIMEOUT),
+            Ok(Err(e)) => break SessionError::Proto(e),
+            Ok(Ok(f)) => f,
+        };
+        let req = match Request::from_nv(&nv, &limits) {
+            Ok(r) => r,
+            Err((seq, e)) => {
+                tracing::error!("invalid request from the primary: {e}");
+                if seq == 0 {
+                    break SessionError::Refused(e.to_string());
+                }
+                let reply = Reply {
+                    seq,
+                    received: false,
+                    error: libc::EINVAL as i16,
+                };
+                if tx.send(Outgoing { reply, data: None }).await.is_err() {
+                    break SessionError::Local("reply writer stopped".into());
+                }
+                continue;
+            }
+        };
+        if req.cmd == Cmd::Keepalive {
+            continue;
+        }
+        if !map_cleared {
+            // The primary has merged our map by now: start from a clean one.
+            if let Err(e) = clear_map(&local).await {
+                tracing::warn!("unable to clear the local activemap: {e}");
+            }
+            map_cleared = true;
+        }
+        let data = if req.cmd == Cmd::Write {
+            match crate::payload::decode(&nv, payload, req.length, MAX_IO) {
+                Ok(d) => Some(Bytes::from(d)),
+                Err(e) => {
+                    tracing::error!("request seq {}: {e}", req.seq);
+                    let reply = Reply {
+                        seq: req.seq,
+                        received: false,
+                        error: libc::EINVAL as i16,
+                    };
+                    if tx.send(Outgoing { reply, data: None }).await.is_err() {
+                        break SessionError::Local("reply writer stopped".into());
+                    }
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        if req.memsync {
+            let reply = Reply {
+                seq: req.seq,
+                received: true,
+                error: 0,
+            };
+            if tx.send(Outgoing { reply, data: None }).await.is_err() {
+                break SessionError::Local("reply writer stopped".into());
+            }
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break SessionError::Local("request slots closed".into());
+        };
+        next_id += 1;
+        let id = next_id;
+        let end = req.offset.saturating_add(req.length);
+        let mutates = matches!(req.cmd, Cmd::Write | Cmd::Delete);
+        if matches!(req.cmd, Cmd::Write | Cmd::Delete | Cmd::Read) {
+            inflight.add(id, req.offset, end);
+        }
+        let tx = tx.clone();
+        let provider = local.provider.clone();
+        let inflight = inflight.clone();
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            if req.cmd != Cmd::Flush {
+                if mutates {
+                    inflight.wait_turn(id, req.offset, end).await;
+                } else {
+                    // A read waits only for earlier writes to its range.
+                    inflight.wait_turn(id, req.offset, end).await;
+                }
+            }
+            let at = localoff.saturating_add(req.offset);
+            let len = req.length;
+            let cmd = req.cmd;
+            let io = tokio::task::spawn_blocking(move || execute(&provider, cmd, at, len, data)).await;
+            inflight.remove(id);
+            let (error, out) = match io {
+                Ok(Ok(out)) => (0, out),
+                Ok(Err(e)) => (e.raw_os_error().unwrap_or(libc::EIO), None),
+                Err(_) => (libc::EIO, None),
+            };
+            let counter = match (cmd, error != 0) {
+                (Cmd::Read, false) => &stats.read,
+                (Cmd::Read, true) => &stats.read_error,
+                (Cmd::Write, false) => &stats.write,
+                (Cmd::Write, true) => &stats.write_error,
+                (Cmd::Delete, false) => &stats.delete,
+                (Cmd::Delete, true) => &stats.delete_error,
+                (_, false) => &stats.flush,
+                (_, true) => &stats.flush_error,
+            };
+            bump(counter);
+            if error != 0 {
+                tracing::error!("request failed: {}({}, {}): errno {error}", cmd.name(), req.offset, len);
+            }
+            let reply = Reply {
+                seq: req.seq,
+                received: false,
+                error: i16::try_from(error).unwrap_or(libc::EIO as i16),
+            };
+            let _ = tx.send(Outgoing { reply, data: out }).await;
+            drop(permit);
+        });
+    };
+    drop(tx);
+    writer.abort();
+    result
+}
+
+async fn clear_map(local: &Local) -> std::io::Result<()> {
+    let (provider, len) = {
+        let m = local.md.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            local.provider.clone(),
+            usize::try_from(m.localoff.saturating_sub(METADATA_SIZE)).unwrap_or(0),
+        )
+    };
+    tokio::task::spawn_blocking(move || {
+        provider
+            .write_all_at(&vec![0u8; len], METADATA_SIZE)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// One request's local I/O, at provider offset `at`.
+fn execute(
+    provider: &Provider,
+    cmd: Cmd,
+    at: u64,
+    len: u64,
+    data: Option<Bytes>,
+) -> std::io::Result<Option<Vec<u8>>> {
+    use std::os::unix::fs::FileExt;
+    let f = provider.file();
+    match cmd {
+        Cmd::Read => {
+            let mut buf = vec![0u8; usize::try_from(len).map_err(std::io::Error::other)?];
+            f.read_exact_at(&mut buf, at)?;
+            Ok(Some(buf))
+        }
+        Cmd::Write => {
+            let data = data.ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+            f.write_all_at(&data, at)?;
+            Ok(None)
+        }
+        Cmd::Delete => {
+            crate::nbd::file::discard(f, provider.is_block_device(), at, len)?;
+            Ok(None)
+        }
+        Cmd::Flush => {
+            f.sync_data()?;
+            Ok(None)
+        }
+        Cmd::Keepalive => Ok(None),
+    }
+}
