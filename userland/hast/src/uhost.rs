@@ -73,6 +73,15 @@ struct Pending {
     answer: Option<oneshot::Sender<Answer>>,
 }
 
+/// A resynchronization I/O's buffer.
+#[derive(Debug)]
+enum SyncBuf {
+    /// Read into here (None until done).
+    Read(Option<Vec<u8>>),
+    /// Write these bytes.
+    Write(Bytes),
+}
+
 struct Inner {
     /// This host, for the tasks its callbacks spawn.
     me: Weak<Inner>,
@@ -81,6 +90,8 @@ struct Inner {
     metaflush: bool,
     core: OnceLock<Weak<Core>>,
     pending: Mutex<HashMap<u64, Pending>>,
+    /// Resynchronization I/O by cookie: the data to write, or what was read.
+    sync: Mutex<HashMap<u64, SyncBuf>>,
     next_cookie: AtomicU64,
     rt: tokio::runtime::Handle,
     upcalls: Notify,
@@ -126,18 +137,49 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// A resynchronization I/O: read into, or write from, its sync buffer.
+    fn sync_io(&self, io: LocalIo, len: u32) {
+        let write = {
+            let table = self.sync.lock().unwrap_or_else(|p| p.into_inner());
+            match table.get(&io.cookie) {
+                Some(SyncBuf::Write(data)) => Some(Some(data.clone())),
+                Some(SyncBuf::Read(_)) => Some(None),
+                None => None,
+            }
+        };
+        let (Some(write), Some(me)) = (write, self.me.upgrade()) else {
+            self.local_done(io.seq, libc::EINVAL);
+            return;
+        };
+        self.rt.spawn(async move {
+            let result = match write {
+                Some(data) => me.local.write_bytes(io.offset, data, false).await,
+                None => match me.local.read(io.offset, len).await {
+                    Ok(buf) => {
+                        let mut table = me.sync.lock().unwrap_or_else(|p| p.into_inner());
+                        table.insert(io.cookie, SyncBuf::Read(Some(buf)));
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            me.local_done(io.seq, result.as_ref().map_or_else(errno, |()| 0));
+        });
+    }
+}
+
 impl CoreHost for Inner {
     fn local_io(&self, io: LocalIo) {
         let Some(core) = self.core() else { return };
-        if io.sync {
-            // Resynchronization I/O arrives with replication.
-            let _ = core.local_done(io.seq, libc::EOPNOTSUPP);
-            return;
-        }
         let Ok(len) = u32::try_from(io.length) else {
             let _ = core.local_done(io.seq, libc::EINVAL);
             return;
         };
+        if io.sync {
+            self.sync_io(io, len);
+            return;
+        }
         let op = self.with_pending(io.cookie, |p| match &p.op {
             Op::Read => Op::Read,
             Op::Write { data, fua } => Op::Write {
@@ -250,6 +292,7 @@ impl Uhost {
             metaflush: geo.metaflush,
             core: OnceLock::new(),
             pending: Mutex::new(HashMap::new()),
+            sync: Mutex::new(HashMap::new()),
             next_cookie: AtomicU64::new(1),
             rt: tokio::runtime::Handle::current(),
             upcalls: Notify::new(),
@@ -305,6 +348,50 @@ impl Uhost {
                 .map(|n| Bytes::from(vec![0u8; n])),
             _ => None,
         })?
+    }
+
+    /// Under granted sync lock `lock`, read `len` bytes at `off` from the
+    /// local provider. Returns the I/O's cookie; when the core reports it
+    /// done (`SyncIoDone` upcall with that cookie) take the bytes with
+    /// [`Uhost::take_sync`].
+    pub fn sync_read(&self, lock: u64, off: u64, len: u64) -> Result<u64, CoreError> {
+        self.sync_submit(lock, Cmd::Read, off, len, SyncBuf::Read(None))
+    }
+
+    /// Under granted sync lock `lock`, write `data` at `off` locally.
+    pub fn sync_write(&self, lock: u64, off: u64, data: Bytes) -> Result<u64, CoreError> {
+        let len = data.len() as u64;
+        self.sync_submit(lock, Cmd::Write, off, len, SyncBuf::Write(data))
+    }
+
+    fn sync_submit(&self, lock: u64, cmd: Cmd, off: u64, len: u64, buf: SyncBuf) -> Result<u64, CoreError> {
+        let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .sync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cookie, buf);
+        match self.core.sync_io(lock, cmd, off, len, cookie) {
+            Ok(_seq) => Ok(cookie),
+            Err(e) => {
+                self.take_sync(cookie);
+                Err(e)
+            }
+        }
+    }
+
+    /// Forget a finished sync I/O; the bytes it read, if it was a read.
+    pub fn take_sync(&self, cookie: u64) -> Option<Vec<u8>> {
+        match self
+            .inner
+            .sync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&cookie)
+        {
+            Some(SyncBuf::Read(data)) => data,
+            _ => None,
+        }
     }
 
     /// Hand a request to the core and wait for its answer.

@@ -290,6 +290,30 @@ fn write_durable(f: &File, data: &[u8], at: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Discard `len` bytes at provider offset `at`: punch a hole in a regular
+/// file, BLKDISCARD on a block device. A provider that cannot discard keeps
+/// its data (a discard is a hint), which is not an error.
+pub fn discard(f: &File, block_device: bool, at: u64, len: u64) -> io::Result<()> {
+    let r = if block_device {
+        // SAFETY: BLKDISCARD reads a [start, length] pair of u64 through a
+        // valid pointer.
+        unsafe { ioctl::blk_discard(f.as_raw_fd(), &blk_range(at, len)) }
+            .map(|_| ())
+            .map_err(io::Error::from)
+    } else {
+        falloc(
+            f,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            at,
+            len,
+        )
+    };
+    match r {
+        Err(e) if !(is_unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
 fn blk_range(at: u64, len: u64) -> [u64; 2] {
     [at, len]
 }
@@ -336,29 +360,9 @@ impl Backend for FileBackend {
             Ok(at) => at,
             Err(e) => return ready(Err(e)),
         };
-        let kind = self.kind;
+        let block = self.kind == Kind::BlockDevice;
         self.blocking(move |f| {
-            let r = match kind {
-                Kind::Regular => falloc(
-                    f,
-                    FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                    at,
-                    len,
-                ),
-                // SAFETY: BLKDISCARD reads a [start, length] pair of u64
-                // through a valid pointer.
-                Kind::BlockDevice => {
-                    unsafe { ioctl::blk_discard(f.as_raw_fd(), &blk_range(at, len)) }
-                        .map(|_| ())
-                        .map_err(io::Error::from)
-                }
-            };
-            match r {
-                Ok(()) => {}
-                // A trim is a hint: a provider that cannot discard keeps the data.
-                Err(e) if is_unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL) => {}
-                Err(e) => return Err(e),
-            }
+            discard(f, block, at, len)?;
             if fua {
                 f.sync_data()?;
             }

@@ -1,0 +1,811 @@
+//! The primary's replication link: connects to the secondary (two TCP
+//! connections, the version-2 handshake), then pipelines the core's
+//! upcalls to the peer and hands the replies back by seq; sends keepalives;
+//! resynchronizes dirty extents in the direction the handshake decided,
+//! under the core's range locks, many chunks in flight; reconnects with
+//! quick first retries, then every 10 seconds. Without a session the
+//! upcalls get the degraded answers (the localcnt bump is persisted, peer
+//! reads fail).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::addr::{Addr, AddrKind};
+use crate::config::{Checksum, Compression, ResourceConfig};
+use crate::core::{SyncDir, UpcallKind};
+use crate::handshake::{Attach, Geometry, Hello, Welcome};
+use crate::hooks::{self, Event};
+use crate::metadata::Metadata;
+use crate::nv::NV_MAX_SIZE;
+use crate::proto::{self, Limits, HAST_PROTO_VERSION};
+use crate::provider::Provider;
+use crate::splitbrain::{SyncSrc, SPLIT_BRAIN_MSG};
+use crate::uhost::Uhost;
+use crate::wire::{Cmd, Reply, Request};
+
+use super::secondary::MAX_IO;
+
+/// Send a keepalive after this long without a request.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+/// Reconnection delays: quick first retries, then the reference's 10 s.
+const BACKOFF: [u64; 5] = [0, 1, 1, 2, 5];
+const RETRY: Duration = Duration::from_secs(10);
+/// Extents resynchronized at once.
+const SYNC_EXTENTS_IN_FLIGHT: usize = 4;
+/// Wire seqs of resync requests live above this bit, apart from the
+/// core's seqs of client requests.
+const SYNC_SEQ_BASE: u64 = 1 << 62;
+
+/// Why a connection attempt or a session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("unable to connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection to {0} timed out")]
+    Timeout(String),
+    #[error("{0}")]
+    Proto(#[from] proto::ProtoError),
+    #[error("{0}")]
+    Handshake(#[from] crate::handshake::HandshakeError),
+    #[error("{0}")]
+    Mismatch(String),
+    #[error("{0}")]
+    Local(String),
+    #[error("payload: {0}")]
+    Payload(String),
+    #[error("peer did not answer request seq {0} within the timeout")]
+    Unanswered(u64),
+    #[error("session closed")]
+    Closed,
+}
+
+/// Resync progress, for `hastctl list`.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub active: AtomicBool,
+    pub total: AtomicU64,
+    pub done: AtomicU64,
+    pub started: Mutex<Option<Instant>>,
+}
+
+/// Who waits for a wire seq's reply.
+enum Waiter {
+    /// A client request's remote half (the core's seq).
+    Core { read_cookie: Option<u64>, length: u64 },
+    /// A resync request; `read_len` is the length of a read, 0 for a write.
+    Sync {
+        tx: oneshot::Sender<(i16, Option<Vec<u8>>)>,
+        read_len: u64,
+    },
+}
+
+impl Waiter {
+    /// Bytes of data the reply carries when it succeeds (reads only).
+    fn data_length(&self) -> u64 {
+        match self {
+            Waiter::Core {
+                read_cookie: Some(_),
+                length,
+            } => *length,
+            Waiter::Sync { read_len, .. } => *read_len,
+            _ => 0,
+        }
+    }
+}
+
+/// A frame for the sender task.
+struct Outgoing {
+    req: Request,
+    data: Option<Bytes>,
+}
+
+/// A connected session's handles.
+#[derive(Clone)]
+struct Session {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    waiters: Arc<Mutex<HashMap<u64, (Waiter, Instant)>>>,
+}
+
+/// The replication state of one primary resource.
+pub struct Replicator {
+    uhost: Arc<Uhost>,
+    md: Arc<Mutex<Metadata>>,
+    provider: Arc<Provider>,
+    cfg: Mutex<ResourceConfig>,
+    session: Mutex<Option<Session>>,
+    lock_waiters: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    io_waiters: Mutex<HashMap<u64, oneshot::Sender<i32>>>,
+    sync_seq: AtomicU64,
+    pub progress: Progress,
+    connected: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Replicator {
+    pub fn new(
+        uhost: Arc<Uhost>,
+        md: Arc<Mutex<Metadata>>,
+        provider: Arc<Provider>,
+        cfg: ResourceConfig,
+    ) -> Arc<Replicator> {
+        Arc::new(Replicator {
+            uhost,
+            md,
+            provider,
+            cfg: Mutex::new(cfg),
+            session: Mutex::new(None),
+            lock_waiters: Mutex::new(HashMap::new()),
+            io_waiters: Mutex::new(HashMap::new()),
+            sync_seq: AtomicU64::new(SYNC_SEQ_BASE),
+            progress: Progress::default(),
+            connected: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether a session with the peer is established.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Take new replication settings (SIGHUP on a primary).
+    pub fn set_config(&self, cfg: ResourceConfig) {
+        *lock(&self.cfg) = cfg;
+    }
+
+    fn cfg(&self) -> ResourceConfig {
+        lock(&self.cfg).clone()
+    }
+
+    /// Answer the core's upcalls until the task is aborted.
+    pub async fn upcalls(self: Arc<Self>) {
+        loop {
+            while let Some(up) = self.uhost.core().next_upcall() {
+                self.upcall(up).await;
+            }
+            self.uhost.upcalls_ready().await;
+        }
+    }
+
+    async fn upcall(&self, up: crate::core::Upcall) {
+        let core = self.uhost.core();
+        let cmd = match up.kind {
+            UpcallKind::Bump => {
+                let error = match self.persist(|m| {
+                    m.localcnt = m.localcnt.saturating_add(1);
+                    if m.resuid == 0 {
+                        m.resuid = new_resuid();
+                    }
+                })
+                .await
+                {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        tracing::error!("unable to persist the localcnt bump: {e}");
+                        libc::EIO
+                    }
+                };
+                if let Err(e) = core.bump_done(error) {
+                    tracing::warn!("bump answer refused: {e}");
+                }
+                return;
+            }
+            UpcallKind::SyncLocked => {
+                if let Some(tx) = lock(&self.lock_waiters).remove(&up.seq) {
+                    let _ = tx.send(());
+                }
+                return;
+            }
+            UpcallKind::SyncIoDone { error } => {
+                if let Some(tx) = lock(&self.io_waiters).remove(&up.cookie) {
+                    let _ = tx.send(error);
+                }
+                return;
+            }
+            UpcallKind::Read => Cmd::Read,
+            UpcallKind::Write { .. } => Cmd::Write,
+            UpcallKind::Delete => Cmd::Delete,
+            UpcallKind::Flush => Cmd::Flush,
+        };
+        let session = lock(&self.session).clone();
+        let Some(session) = session else {
+            let error = if cmd == Cmd::Read { libc::EIO } else { libc::ENOTCONN };
+            let _ = core.remote_done(up.seq, error);
+            return;
+        };
+        let data = match up.kind {
+            UpcallKind::Write { .. } => self.uhost.write_data(up.cookie, up.length),
+            _ => None,
+        };
+        if cmd == Cmd::Write && data.is_none() {
+            let _ = core.remote_done(up.seq, libc::EIO);
+            return;
+        }
+        let memsync = matches!(up.kind, UpcallKind::Write { memsync: true });
+        let read_cookie = (cmd == Cmd::Read).then_some(up.cookie);
+        let waiter = Waiter::Core {
+            read_cookie,
+            length: up.length,
+        };
+        lock(&session.waiters).insert(up.seq, (waiter, Instant::now()));
+        let req = Request {
+            cmd,
+            seq: up.seq,
+            offset: up.offset,
+            length: if cmd == Cmd::Flush { 0 } else { up.length },
+            memsync,
+        };
+        if session.tx.send(Outgoing { req, data }).is_err() {
+            lock(&session.waiters).remove(&up.seq);
+            let _ = core.remote_done(up.seq, libc::ENOTCONN);
+        }
+    }
+
+    /// Change the metadata with `f` and write it (flushed).
+    async fn persist(&self, f: impl FnOnce(&mut Metadata) + Send + 'static) -> Result<(), String> {
+        let md = self.md.clone();
+        let provider = self.provider.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut m = lock(&md);
+            let mut next = m.clone();
+            f(&mut next);
+            next.write(&provider, true).map_err(|e| e.to_string())?;
+            *m = next;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Connect, serve, reconnect, until `stop` turns true.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut attempt = 0usize;
+        let mut last_error = String::new();
+        let mut split_brain_reported = false;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let cfg = self.cfg();
+            let Some(remote) = cfg.remote_addr.clone() else {
+                // `remote none`: stay degraded.
+                let _ = stop.changed().await;
+                return;
+            };
+            match self.connect(&cfg, &remote).await {
+                Ok(parts) => {
+                    attempt = 0;
+                    last_error.clear();
+                    split_brain_reported = false;
+                    let ended = tokio::select! {
+                        r = self.clone().session(parts, &cfg) => r,
+                        _ = stop.changed() => LinkError::Closed,
+                    };
+                    self.disconnect(&cfg, &ended);
+                    if *stop.borrow() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if msg.contains(SPLIT_BRAIN_MSG) && !split_brain_reported {
+                        tracing::error!("split-brain detected with {remote}; both nodes refuse to synchronize (see hastctl(8) for the recovery)");
+                        hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SplitBrain);
+                        split_brain_reported = true;
+                    }
+                    if msg != last_error {
+                        tracing::warn!("replication to {remote} not established: {msg}");
+                        last_error = msg;
+                    } else {
+                        tracing::debug!("replication to {remote} not established: {msg}");
+                    }
+                }
+            }
+            let delay = BACKOFF
+                .get(attempt)
+                .map_or(RETRY, |&s| Duration::from_secs(s));
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    fn disconnect(&self, cfg: &ResourceConfig, why: &LinkError) {
+        if let Some(session) = lock(&self.session).take() {
+            lock(&session.waiters).clear();
+        }
+        self.connected.store(false, Ordering::SeqCst);
+        self.uhost.set_link(false);
+        // Resync waiters learn the session is gone from their dropped senders.
+        lock(&self.lock_waiters).clear();
+        lock(&self.io_waiters).clear();
+        tracing::warn!("disconnected from {}: {why}", cfg.remote);
+        hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::Disconnect);
+    }
+
+    async fn dial(cfg: &ResourceConfig, remote: &Addr) -> Result<TcpStream, LinkError> {
+        let timeout = Duration::from_secs(u64::from(cfg.timeout.max(1)));
+        let err = |source| LinkError::Connect {
+            addr: remote.to_string(),
+            source,
+        };
+        let AddrKind::Tcp { .. } = &remote.kind else {
+            return Err(err(std::io::Error::other("remote is not a TCP address")));
+        };
+        let targets = remote.socket_addrs().map_err(err)?;
+        let mut last = std::io::Error::other("remote resolves to nothing");
+        for target in targets {
+            let sock = if target.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }
+            .map_err(err)?;
+            if let Some(src) = &cfg.source {
+                let bind = src
+                    .socket_addrs()
+                    .map_err(err)?
+                    .into_iter()
+                    .find(|a| a.is_ipv4() == target.is_ipv4());
+                if let Some(b) = bind {
+                    sock.bind(b).map_err(err)?;
+                }
+            }
+            match tokio::time::timeout(timeout, sock.connect(target)).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok(s);
+                }
+                Ok(Err(e)) => last = e,
+                Err(_) => return Err(LinkError::Timeout(remote.to_string())),
+            }
+        }
+        Err(err(last))
+    }
+
+    /// The handshake; on success the two connections and the peer's answer.
+    async fn connect(&self, cfg: &ResourceConfig, remote: &Addr) -> Result<(TcpStream, TcpStream, Geometry), LinkError> {
+        let timeout = Duration::from_secs(u64::from(cfg.timeout.max(1)));
+        let limits = Limits {
+            max_header: NV_MAX_SIZE,
+            max_payload: 0,
+        };
+        let mut out = Self::dial(cfg, remote).await?;
+        let hello = Hello {
+            resource: cfg.name.clone(),
+            version: HAST_PROTO_VERSION,
+        };
+        proto::write_frame_async(&mut out, &hello.to_nv(), &[]).await?;
+        let (nv, _) = tokio::time::timeout(timeout, proto::read_frame_async(&mut out, limits))
+            .await
+            .map_err(|_| LinkError::Timeout(remote.to_string()))??;
+        let token = match Welcome::from_nv(&nv)? {
+            Welcome::Accepted { token, .. } => token,
+            Welcome::Refused { errmsg, .. } => {
+                return Err(crate::handshake::HandshakeError::Refused(errmsg).into())
+            }
+        };
+        let mut inc = Self::dial(cfg, remote).await?;
+        let (virgin, resuid, localcnt, remotecnt) = {
+            let m = lock(&self.md).clone();
+            (m.resuid == 0, m.resuid, m.localcnt, m.remotecnt)
+        };
+        let resuid = if virgin {
+            let id = new_resuid();
+            self.persist(move |m| m.resuid = id).await.map_err(LinkError::Local)?;
+            id
+        } else {
+            resuid
+        };
+        let attach = Attach {
+            resource: cfg.name.clone(),
+            token,
+            virgin,
+            resuid,
+            localcnt,
+            remotecnt,
+        };
+        proto::write_frame_async(&mut inc, &attach.to_nv(), &[]).await?;
+        let (ours_size, ours_extent, mapsize) = {
+            let m = lock(&self.md);
+            (m.datasize, m.extentsize, self.uhost.core().map_size())
+        };
+        let map_limits = Limits {
+            max_header: NV_MAX_SIZE,
+            max_payload: mapsize,
+        };
+        let (nv, map) = tokio::time::timeout(timeout, proto::read_frame_async(&mut out, map_limits))
+            .await
+            .map_err(|_| LinkError::Timeout(remote.to_string()))??;
+        let geo = Geometry::from_nv(&nv)?;
+        if u64::try_from(geo.datasize).ok() != Some(ours_size) {
+            return Err(LinkError::Mismatch(format!(
+                "data size differs between nodes (local={ours_size}, remote={})",
+                geo.datasize
+            )));
+        }
+        if u32::try_from(geo.extentsize).ok() != Some(ours_extent) {
+            return Err(LinkError::Mismatch(format!(
+                "extent size differs between nodes (local={ours_extent}, remote={})",
+                geo.extentsize
+            )));
+        }
+        if geo.virgin && localcnt == 0 {
+            // The secondary is new: only this node has the data.
+            self.persist(|m| m.localcnt = m.localcnt.saturating_add(1))
+                .await
+                .map_err(LinkError::Local)?;
+        }
+        if !map.is_empty() {
+            self.uhost
+                .core()
+                .map_merge(&map)
+                .map_err(|e| LinkError::Local(e.to_string()))?;
+        }
+        Ok((out, inc, geo))
+    }
+
+    /// Run a connected session until it fails.
+    async fn session(self: Arc<Self>, parts: (TcpStream, TcpStream, Geometry), cfg: &ResourceConfig) -> LinkError {
+        let (out, inc, geo) = parts;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let waiters = Arc::new(Mutex::new(HashMap::new()));
+        *lock(&self.session) = Some(Session {
+            tx: tx.clone(),
+            waiters: waiters.clone(),
+        });
+        let core = self.uhost.core().clone();
+        core.set_sync_dir(match geo.syncsrc {
+            SyncSrc::Primary => SyncDir::ToPeer,
+            SyncSrc::Secondary => SyncDir::FromPeer,
+        });
+        self.uhost.set_link(true);
+        self.connected.store(true, Ordering::SeqCst);
+        tracing::info!("connected to {}", cfg.remote);
+        hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::Connect);
+        let timeout = Duration::from_secs(u64::from(cfg.timeout.max(1)));
+        let sender = tokio::spawn(send_loop(out, rx, cfg.compression, cfg.checksum));
+        let receiver = tokio::spawn(recv_loop(inc, waiters.clone(), self.uhost.clone()));
+        let watchdog = tokio::spawn(watchdog(waiters, timeout));
+        let sync = tokio::spawn(self.clone().resync(geo, cfg.clone()));
+        let result = tokio::select! {
+            r = sender => r.unwrap_or(LinkError::Closed),
+            r = receiver => r.unwrap_or(LinkError::Closed),
+            r = watchdog => r.unwrap_or(LinkError::Closed),
+        };
+        sync.abort();
+        let _ = sync.await;
+        if self.progress.active.swap(false, Ordering::SeqCst) {
+            hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncIntr);
+        }
+        result
+    }
+
+    /// Send one resync request and wait for the reply.
+    async fn sync_request(&self, cmd: Cmd, offset: u64, length: u64, data: Option<Bytes>) -> Result<Option<Vec<u8>>, LinkError> {
+        let session = lock(&self.session).clone().ok_or(LinkError::Closed)?;
+        let seq = self.sync_seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let read_len = if cmd == Cmd::Read { length } else { 0 };
+        let waiter = Waiter::Sync { tx, read_len };
+        lock(&session.waiters).insert(seq, (waiter, Instant::now()));
+        let req = Request {
+            cmd,
+            seq,
+            offset,
+            length,
+            memsync: false,
+        };
+        session
+            .tx
+            .send(Outgoing { req, data })
+            .map_err(|_| LinkError::Closed)?;
+        let (error, data) = rx.await.map_err(|_| LinkError::Closed)?;
+        if error != 0 {
+            return Err(LinkError::Local(format!(
+                "peer failed {}({offset}, {length}): errno {error}",
+                cmd.name()
+            )));
+        }
+        Ok(data)
+    }
+
+    /// Synchronize one extent range under a sync lock, its chunks in
+    /// parallel; the extent is cleared only when every chunk was confirmed.
+    async fn sync_extent(self: Arc<Self>, dir: SyncSrc, off: u64, len: u64) -> Result<u64, LinkError> {
+        let core = self.uhost.core().clone();
+        let (tx, rx) = oneshot::channel();
+        // Register before asking, so the grant cannot be missed.
+        let lock_seq = {
+            let mut w = lock(&self.lock_waiters);
+            let seq = core
+                .sync_lock(off, len)
+                .map_err(|e| LinkError::Local(e.to_string()))?;
+            w.insert(seq, tx);
+            seq
+        };
+        if rx.await.is_err() {
+            let _ = core.sync_release(lock_seq, false);
+            return Err(LinkError::Closed);
+        }
+        let mut chunks = Vec::new();
+        let mut at = off;
+        while at < off + len {
+            let n = MAX_IO.min(off + len - at);
+            chunks.push((at, n));
+            at += n;
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for (at, n) in chunks {
+            let me = self.clone();
+            set.spawn(async move { me.sync_chunk(dir, lock_seq, at, n).await });
+        }
+        let mut first_error = None;
+        while let Some(r) = set.join_next().await {
+            let r = r.unwrap_or(Err(LinkError::Closed));
+            if let Err(e) = r {
+                first_error.get_or_insert(e);
+            }
+        }
+        let released = core.sync_release(lock_seq, first_error.is_none());
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        released.map_err(|e| LinkError::Local(e.to_string()))?;
+        Ok(len)
+    }
+
+    async fn sync_chunk(&self, dir: SyncSrc, lock_seq: u64, at: u64, n: u64) -> Result<(), LinkError> {
+        match dir {
+            SyncSrc::Primary => {
+                let (tx, rx) = oneshot::channel();
+                let cookie = {
+                    let mut w = lock(&self.io_waiters);
+                    let cookie = self
+                        .uhost
+                        .sync_read(lock_seq, at, n)
+                        .map_err(|e| LinkError::Local(e.to_string()))?;
+                    w.insert(cookie, tx);
+                    cookie
+                };
+                let error = rx.await.map_err(|_| LinkError::Closed)?;
+                let data = self.uhost.take_sync(cookie);
+                if error != 0 {
+                    return Err(LinkError::Local(format!("local read for resync failed: errno {error}")));
+                }
+                let data = data.ok_or_else(|| LinkError::Local("resync read returned no data".into()))?;
+                self.sync_request(Cmd::Write, at, n, Some(Bytes::from(data))).await?;
+            }
+            SyncSrc::Secondary => {
+                let data = self
+                    .sync_request(Cmd::Read, at, n, None)
+                    .await?
+                    .ok_or_else(|| LinkError::Local("peer sent no data for a resync read".into()))?;
+                let (tx, rx) = oneshot::channel();
+                let cookie = {
+                    let mut w = lock(&self.io_waiters);
+                    let cookie = self
+                        .uhost
+                        .sync_write(lock_seq, at, Bytes::from(data))
+                        .map_err(|e| LinkError::Local(e.to_string()))?;
+                    w.insert(cookie, tx);
+                    cookie
+                };
+                let error = rx.await.map_err(|_| LinkError::Closed)?;
+                self.uhost.take_sync(cookie);
+                if error != 0 {
+                    return Err(LinkError::Local(format!("local write for resync failed: errno {error}")));
+                }
+            }
+        }
+        self.progress.done.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Walk the sync map and synchronize every dirty extent; on completion
+    /// take the secondary's counters, as the reference does.
+    async fn resync(self: Arc<Self>, geo: Geometry, cfg: ResourceConfig) {
+        let core = self.uhost.core().clone();
+        let (extentsize, datasize) = {
+            let m = lock(&self.md);
+            (u64::from(m.extentsize), m.datasize)
+        };
+        let map = core.map(crate::core::MapKind::Sync);
+        let dirty: Vec<u64> = (0..u64::from(core.extents()))
+            .filter(|&e| {
+                map.get(usize::try_from(e / 8).unwrap_or(usize::MAX))
+                    .is_some_and(|b| b & (1 << (e % 8)) != 0)
+            })
+            .collect();
+        let total: u64 = dirty
+            .iter()
+            .map(|&e| extentsize.min(datasize.saturating_sub(e * extentsize)))
+            .sum();
+        self.progress.total.store(total, Ordering::Relaxed);
+        self.progress.done.store(0, Ordering::Relaxed);
+        *lock(&self.progress.started) = Some(Instant::now());
+        if total > 0 {
+            self.progress.active.store(true, Ordering::SeqCst);
+            tracing::info!("synchronization started: {total} bytes in {} extents", dirty.len());
+            hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncStart);
+        }
+        let sem = Arc::new(tokio::sync::Semaphore::new(SYNC_EXTENTS_IN_FLIGHT));
+        let mut tasks = Vec::new();
+        for e in dirty {
+            let Ok(permit) = sem.clone().acquire_owned().await else { break };
+            let me = self.clone();
+            let off = e * extentsize;
+            let len = extentsize.min(datasize - off);
+            tasks.push(tokio::spawn(async move {
+                let r = me.sync_extent(geo.syncsrc, off, len).await;
+                drop(permit);
+                r
+            }));
+        }
+        let mut failed = false;
+        let mut synced = 0u64;
+        for t in tasks {
+            match t.await {
+                Ok(Ok(n)) => synced += n,
+                Ok(Err(e)) => {
+                    tracing::warn!("synchronization of an extent failed, it stays dirty: {e}");
+                    failed = true;
+                }
+                Err(_) => failed = true,
+            }
+        }
+        if failed || core.stats().syncdirty != 0 {
+            // Left dirty: retried on the next connection.
+            return;
+        }
+        let (s_local, s_remote) = (geo.localcnt, geo.remotecnt);
+        if let Err(e) = self
+            .persist(move |m| {
+                m.localcnt = s_remote;
+                m.remotecnt = s_local;
+            })
+            .await
+        {
+            tracing::error!("unable to record the synchronized counters: {e}");
+            return;
+        }
+        core.set_sync_dir(SyncDir::None);
+        self.progress.active.store(false, Ordering::SeqCst);
+        if synced > 0 {
+            tracing::info!("synchronization complete: {synced} bytes synchronized");
+            hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncDone);
+        }
+    }
+}
+
+fn new_resuid() -> u64 {
+    loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+/// Write requests to connection 1, in the order they were queued, with a
+/// keepalive after [`KEEPALIVE`] idle.
+async fn send_loop(
+    mut out: TcpStream,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    compression: Compression,
+    checksum: Checksum,
+) -> LinkError {
+    loop {
+        let next = tokio::time::timeout(KEEPALIVE, rx.recv()).await;
+        let (nv, payload) = match next {
+            Err(_) => {
+                let ka = Request {
+                    cmd: Cmd::Keepalive,
+                    seq: 0,
+                    offset: 0,
+                    length: 0,
+                    memsync: false,
+                };
+                (ka.to_nv(), Vec::new())
+            }
+            Ok(None) => return LinkError::Closed,
+            Ok(Some(o)) => {
+                let mut nv = o.req.to_nv();
+                let payload = match o.data {
+                    Some(d) => match crate::payload::encode(&mut nv, &d, compression, checksum) {
+                        Ok(p) => p.into_owned(),
+                        Err(e) => return LinkError::Payload(e.to_string()),
+                    },
+                    None => Vec::new(),
+                };
+                (nv, payload)
+            }
+        };
+        if let Err(e) = proto::write_frame_async(&mut out, &nv, &payload).await {
+            return e.into();
+        }
+    }
+}
+
+/// Read replies from connection 2 and hand them to their waiters.
+async fn recv_loop(
+    mut inc: TcpStream,
+    waiters: Arc<Mutex<HashMap<u64, (Waiter, Instant)>>>,
+    uhost: Arc<Uhost>,
+) -> LinkError {
+    let limits = Limits {
+        max_header: NV_MAX_SIZE,
+        max_payload: usize::try_from(MAX_IO).unwrap_or(usize::MAX),
+    };
+    loop {
+        let (nv, payload) = match proto::read_frame_async(&mut inc, limits).await {
+            Ok(f) => f,
+            Err(e) => return e.into(),
+        };
+        let Some(reply) = Reply::from_nv(&nv) else {
+            return LinkError::Local("reply without seq".into());
+        };
+        let core = uhost.core();
+        if reply.received {
+            let _ = core.remote_received(reply.seq);
+            continue;
+        }
+        let Some((waiter, _)) = lock(&waiters).remove(&reply.seq) else {
+            tracing::debug!("reply for unknown seq {} ignored", reply.seq);
+            continue;
+        };
+        let expect = waiter.data_length();
+        let data = if reply.error != 0 || expect == 0 {
+            None
+        } else {
+            match crate::payload::decode(&nv, payload, expect, MAX_IO) {
+                Ok(d) => Some(d),
+                Err(e) => return LinkError::Payload(e.to_string()),
+            }
+        };
+        match waiter {
+            Waiter::Core { read_cookie, .. } => {
+                let mut error = i32::from(reply.error);
+                if let Some(cookie) = read_cookie {
+                    match data {
+                        Some(d) if error == 0 => uhost.set_read_data(cookie, d),
+                        _ if error == 0 => error = libc::EIO,
+                        _ => {}
+                    }
+                }
+                let _ = core.remote_done(reply.seq, error);
+            }
+            Waiter::Sync { tx, .. } => {
+                let _ = tx.send((reply.error, data));
+            }
+        }
+    }
+}
+
+/// End the session when a request stays unanswered past the timeout.
+async fn watchdog(waiters: Arc<Mutex<HashMap<u64, (Waiter, Instant)>>>, timeout: Duration) -> LinkError {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let late = lock(&waiters)
+            .iter()
+            .find(|(_, (_, t))| t.elapsed() > timeout)
+            .map(|(&seq, _)| seq);
+        if let Some(seq) = late {
+            return LinkError::Unanswered(seq);
+        }
+    }
+}
