@@ -18,6 +18,7 @@ pub mod hooks;
 pub mod metadata;
 pub mod nbd;
 pub mod nv;
+pub mod payload;
 pub mod pidfile;
 pub mod proto;
 pub mod provider;
