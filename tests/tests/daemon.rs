@@ -19,8 +19,8 @@ fn config_text(dir: &Path, names: &[&str]) -> String {
     let mut s = format!(
         "# two nodes on one machine\n\
          exec {d}/hook.sh\n\
-         on alpha {{\n\tcontrol uds://{d}/alpha.ctl\n\tpidfile {d}/alpha.pid\n}}\n\
-         on beta {{\n\tcontrol uds://{d}/beta.ctl\n\tpidfile {d}/beta.pid\n}}\n"
+         on alpha {{\n\tcontrol uds://{d}/alpha.ctl\n\tpidfile {d}/alpha.pid\n\tlisten tcp4://127.0.0.1:0\n}}\n\
+         on beta {{\n\tcontrol uds://{d}/beta.ctl\n\tpidfile {d}/beta.pid\n\tlisten tcp4://127.0.0.2:0\n}}\n"
     );
     for n in names {
         s.push_str(&format!(

@@ -163,7 +163,14 @@ pub struct Geometry {
     pub virgin: bool,
     pub syncsrc: SyncSrc,
     pub mapsize: u32,
+    /// Extension: the largest READ/WRITE the secondary accepts (`maxio`,
+    /// ignored by the reference, which accepts its MAXPHYS).
+    pub maxio: Option<u32>,
 }
+
+/// What a peer that does not announce `maxio` accepts: FreeBSD 12's MAXPHYS
+/// (13 and later accept 1 MiB).
+pub const DEFAULT_MAXIO: u32 = 128 * 1024;
 
 impl Geometry {
     pub fn to_nv(&self) -> Nv {
@@ -177,6 +184,9 @@ impl Geometry {
         }
         nv.add_u8("syncsrc", self.syncsrc.to_u8())
             .add_u32("mapsize", self.mapsize);
+        if let Some(m) = self.maxio {
+            nv.add_u32("maxio", m);
+        }
         nv
     }
 
@@ -204,6 +214,7 @@ impl Geometry {
             virgin: nv.get("virgin").is_some(),
             syncsrc: SyncSrc::from_u8(raw_src).ok_or(HandshakeError::SyncSrc(raw_src))?,
             mapsize: nv.get_u32("mapsize").unwrap_or(0),
+            maxio: nv.get_u32("maxio"),
         })
     }
 }
@@ -247,6 +258,7 @@ mod tests {
             virgin: false,
             syncsrc: SyncSrc::Secondary,
             mapsize: 512,
+            maxio: Some(1 << 20),
         };
         let nv = g.to_nv();
         assert!(matches!(

@@ -52,6 +52,9 @@ pub enum UhostError {
     Core(#[from] CoreError),
 }
 
+/// Largest request handed to the core until a peer says what it accepts.
+pub const DEFAULT_MAX_REQUEST: u64 = 1 << 20;
+
 /// What a client request needs while the core holds it.
 #[derive(Debug)]
 enum Op {
@@ -96,6 +99,8 @@ struct Inner {
     rt: tokio::runtime::Handle,
     upcalls: Notify,
     link_up: AtomicBool,
+    /// Largest READ/WRITE handed to the core: what the peer accepts.
+    max_request: AtomicU64,
     size: u64,
     sectorsize: u32,
 }
@@ -297,6 +302,7 @@ impl Uhost {
             rt: tokio::runtime::Handle::current(),
             upcalls: Notify::new(),
             link_up: AtomicBool::new(false),
+            max_request: AtomicU64::new(DEFAULT_MAX_REQUEST),
             size: geo.datasize,
             sectorsize: geo.sectorsize,
         });
@@ -324,6 +330,28 @@ impl Uhost {
     /// [`Core::next_upcall`]).
     pub async fn upcalls_ready(&self) {
         self.inner.upcalls.notified().await;
+    }
+
+    /// The largest READ/WRITE the peer accepts; larger client requests are
+    /// split before they reach the core.
+    pub fn set_max_request(&self, bytes: u64) {
+        let b = bytes.max(u64::from(self.inner.sectorsize)) / u64::from(self.inner.sectorsize)
+            * u64::from(self.inner.sectorsize);
+        self.inner.max_request.store(b, Ordering::SeqCst);
+    }
+
+    /// Split `[off, off + len)` into pieces no larger than the maximum.
+    fn pieces(&self, off: u64, len: u64) -> Vec<(u64, u64)> {
+        let max = self.inner.max_request.load(Ordering::SeqCst).max(1);
+        let mut out = Vec::new();
+        let mut at = off;
+        let end = off.saturating_add(len);
+        while at < end {
+            let n = max.min(end - at);
+            out.push((at, n));
+            at += n;
+        }
+        out
     }
 
     /// Tell the core (and the FUA logic) whether the peer is connected.
@@ -458,19 +486,33 @@ impl Backend for Uhost {
 
     fn read(&self, off: u64, len: u32) -> BoxFuture<'_, io::Result<Vec<u8>>> {
         Box::pin(async move {
-            let data = self
-                .submit_io(Cmd::Read, off, u64::from(len), Op::Read)
-                .await?;
-            data.ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))
+            let parts = self.pieces(off, u64::from(len));
+            if parts.len() == 1 {
+                let data = self.submit_io(Cmd::Read, off, u64::from(len), Op::Read).await?;
+                return data.ok_or_else(|| io::Error::from_raw_os_error(libc::EIO));
+            }
+            let reads = parts
+                .iter()
+                .map(|&(at, n)| self.submit_io(Cmd::Read, at, n, Op::Read));
+            let mut out = Vec::with_capacity(len as usize);
+            for r in join_all(reads).await {
+                out.extend_from_slice(&r?.ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?);
+            }
+            Ok(out)
         })
     }
 
     fn write(&self, off: u64, data: Vec<u8>, fua: bool) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(async move {
-            let len = data.len() as u64;
             let data = Bytes::from(data);
-            self.submit_io(Cmd::Write, off, len, Op::Write { data, fua })
-                .await?;
+            let writes = self.pieces(off, data.len() as u64).into_iter().map(|(at, n)| {
+                let start = (at - off) as usize;
+                let piece = data.slice(start..start + n as usize);
+                self.submit_io(Cmd::Write, at, n, Op::Write { data: piece, fua })
+            });
+            for r in join_all(writes).await {
+                r?;
+            }
             self.fua_flush(fua).await
         })
     }
@@ -498,9 +540,41 @@ impl Backend for Uhost {
         fua: bool,
     ) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(async move {
-            self.submit_io(Cmd::Write, off, u64::from(len), Op::Zeroes { no_hole, fua })
-                .await?;
+            let zeroes = self
+                .pieces(off, u64::from(len))
+                .into_iter()
+                .map(|(at, n)| self.submit_io(Cmd::Write, at, n, Op::Zeroes { no_hole, fua }));
+            for r in join_all(zeroes).await {
+                r?;
+            }
             self.fua_flush(fua).await
         })
     }
+}
+
+/// Run futures concurrently and collect their outputs in order.
+async fn join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.map(|f| Some(Box::pin(f))).collect();
+    let mut outs: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (slot, out) in futs.iter_mut().zip(outs.iter_mut()) {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        *out = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    outs.into_iter().flatten().collect()
 }

@@ -107,6 +107,13 @@ fn main() -> ExitCode {
             return exit(sysexits::EX_OSERR);
         }
     };
+    let listeners = match hast::engine::listen::Listeners::bind(&cfg.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("hastd: {e}");
+            return exit(sysexits::EX_OSERR);
+        }
+    };
     if !cli.foreground {
         if let Err(e) = nix::unistd::daemon(false, false) {
             eprintln!("hastd: unable to daemonize: {e}");
@@ -133,7 +140,7 @@ fn main() -> ExitCode {
             return exit(sysexits::EX_OSERR);
         }
     };
-    let daemon = Daemon::new(opts, cfg, pidfile, control);
+    let daemon = Daemon::new(opts, cfg, pidfile, control, listeners);
     let code = runtime.block_on(daemon.run());
     exit(code)
 }

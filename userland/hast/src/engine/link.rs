@@ -29,7 +29,7 @@ use crate::splitbrain::{SyncSrc, SPLIT_BRAIN_MSG};
 use crate::uhost::Uhost;
 use crate::wire::{Cmd, Reply, Request};
 
-use super::secondary::MAX_IO;
+use super::secondary::{MAX_IO, MAX_IO_BYTES};
 
 /// Send a keepalive after this long without a request.
 const KEEPALIVE: Duration = Duration::from_secs(10);
@@ -126,6 +126,8 @@ pub struct Replicator {
     lock_waiters: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     io_waiters: Mutex<HashMap<u64, oneshot::Sender<i32>>>,
     sync_seq: AtomicU64,
+    /// The largest request the connected peer accepts.
+    max_io: AtomicU64,
     pub progress: Progress,
     connected: AtomicBool,
 }
@@ -150,6 +152,7 @@ impl Replicator {
             lock_waiters: Mutex::new(HashMap::new()),
             io_waiters: Mutex::new(HashMap::new()),
             sync_seq: AtomicU64::new(SYNC_SEQ_BASE),
+            max_io: AtomicU64::new(u64::from(crate::handshake::DEFAULT_MAXIO)),
             progress: Progress::default(),
             connected: AtomicBool::new(false),
         })
@@ -469,6 +472,9 @@ impl Replicator {
             waiters: waiters.clone(),
         });
         let core = self.uhost.core().clone();
+        let maxio = u64::from(geo.maxio.unwrap_or(crate::handshake::DEFAULT_MAXIO)).min(MAX_IO);
+        self.uhost.set_max_request(maxio);
+        self.max_io.store(maxio, Ordering::SeqCst);
         core.set_sync_dir(match geo.syncsrc {
             SyncSrc::Primary => SyncDir::ToPeer,
             SyncSrc::Secondary => SyncDir::FromPeer,
@@ -544,8 +550,9 @@ impl Replicator {
         }
         let mut chunks = Vec::new();
         let mut at = off;
+        let max = self.max_io.load(Ordering::SeqCst).max(1);
         while at < off + len {
-            let n = MAX_IO.min(off + len - at);
+            let n = max.min(off + len - at);
             chunks.push((at, n));
             at += n;
         }
@@ -625,6 +632,7 @@ impl Replicator {
             (u64::from(m.extentsize), m.datasize)
         };
         let map = core.map(crate::core::MapKind::Sync);
+        tracing::debug!(syncdir = ?geo.syncsrc, "resync: scanning the sync map");
         let dirty: Vec<u64> = (0..u64::from(core.extents()))
             .filter(|&e| {
                 map.get(usize::try_from(e / 8).unwrap_or(usize::MAX))
@@ -709,33 +717,29 @@ async fn send_loop(
     compression: Compression,
     checksum: Checksum,
 ) -> LinkError {
+    let keepalive = Request {
+        cmd: Cmd::Keepalive,
+        seq: 0,
+        offset: 0,
+        length: 0,
+        memsync: false,
+    };
     loop {
-        let next = tokio::time::timeout(KEEPALIVE, rx.recv()).await;
-        let (nv, payload) = match next {
-            Err(_) => {
-                let ka = Request {
-                    cmd: Cmd::Keepalive,
-                    seq: 0,
-                    offset: 0,
-                    length: 0,
-                    memsync: false,
-                };
-                (ka.to_nv(), Vec::new())
-            }
+        let sent = match tokio::time::timeout(KEEPALIVE, rx.recv()).await {
+            Err(_) => proto::write_frame_async(&mut out, &keepalive.to_nv(), &[]).await,
             Ok(None) => return LinkError::Closed,
             Ok(Some(o)) => {
                 let mut nv = o.req.to_nv();
-                let payload = match o.data {
-                    Some(d) => match crate::payload::encode(&mut nv, &d, compression, checksum) {
-                        Ok(p) => p.into_owned(),
-                        Err(e) => return LinkError::Payload(e.to_string()),
-                    },
-                    None => Vec::new(),
-                };
-                (nv, payload)
+                match &o.data {
+                    Some(d) => {
+                        let payload = crate::payload::encode(&mut nv, d, compression, checksum);
+                        proto::write_frame_async(&mut out, &nv, &payload).await
+                    }
+                    None => proto::write_frame_async(&mut out, &nv, &[]).await,
+                }
             }
         };
-        if let Err(e) = proto::write_frame_async(&mut out, &nv, &payload).await {
+        if let Err(e) = sent {
             return e.into();
         }
     }
@@ -772,7 +776,7 @@ async fn recv_loop(
         let data = if reply.error != 0 || expect == 0 {
             None
         } else {
-            match crate::payload::decode(&nv, payload, expect, MAX_IO) {
+            match crate::payload::decode(&nv, payload, usize::try_from(expect).unwrap_or(usize::MAX), MAX_IO_BYTES) {
                 Ok(d) => Some(d),
                 Err(e) => return LinkError::Payload(e.to_string()),
             }

@@ -4,9 +4,12 @@
 //! stop cleanly).
 
 pub mod control_server;
+pub mod link;
+pub mod listen;
 pub mod primary;
 pub mod reload;
 pub mod resource;
+pub mod secondary;
 
 use std::path::PathBuf;
 
@@ -22,6 +25,7 @@ use crate::nv::Nv;
 use crate::pidfile::Pidfile;
 use crate::role::Role;
 use control_server::{ControlListener, Request};
+use listen::{Incoming, Listeners};
 use resource::Resource;
 
 /// How the daemon was started.
@@ -52,6 +56,8 @@ pub struct Daemon {
     resources: Vec<Resource>,
     pidfile: Pidfile,
     control: Option<ControlListener>,
+    listeners: Option<Listeners>,
+    listen_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// The live control socket: its accept task and its path (Unix sockets).
@@ -72,7 +78,13 @@ impl Serving {
 impl Daemon {
     /// A daemon for `cfg` whose pidfile is locked and control socket bound.
     /// Every resource starts in role init.
-    pub fn new(opts: Options, cfg: Config, pidfile: Pidfile, control: ControlListener) -> Daemon {
+    pub fn new(
+        opts: Options,
+        cfg: Config,
+        pidfile: Pidfile,
+        control: ControlListener,
+        listeners: Listeners,
+    ) -> Daemon {
         let resources = cfg.resources.iter().cloned().map(Resource::new).collect();
         Daemon {
             opts,
@@ -80,12 +92,18 @@ impl Daemon {
             resources,
             pidfile,
             control: Some(control),
+            listeners: Some(listeners),
+            listen_tasks: Vec::new(),
         }
     }
 
     /// Serve until SIGINT or SIGTERM; returns the process exit code.
     pub async fn run(mut self) -> i32 {
         let (tx, mut rx) = mpsc::channel::<Request>(64);
+        let (itx, mut irx) = mpsc::channel::<Incoming>(64);
+        if let Some(l) = self.listeners.take() {
+            self.listen_tasks = l.serve(itx.clone());
+        }
         let mut serving = match self.start_serving(&tx) {
             Ok(s) => s,
             Err(e) => {
@@ -117,8 +135,16 @@ impl Daemon {
                         let _ = req.reply.send(reply);
                     }
                 }
+                Some(inc) = irx.recv() => self.incoming(inc).await,
                 _ = hup.recv() => {
-                    if let Some(new_control) = self.reload().await {
+                    let (new_control, new_listeners) = self.reload().await;
+                    if let Some(l) = new_listeners {
+                        for t in self.listen_tasks.drain(..) {
+                            t.abort();
+                        }
+                        self.listen_tasks = l.serve(itx.clone());
+                    }
+                    if let Some(new_control) = new_control {
                         self.control = Some(new_control);
                         match self.start_serving(&tx) {
                             Ok(s) => {
@@ -135,6 +161,9 @@ impl Daemon {
         }
         tracing::info!("termination signal received, exiting");
         serving.stop();
+        for t in self.listen_tasks.drain(..) {
+            t.abort();
+        }
         for res in &mut self.resources {
             res.shutdown().await;
         }
@@ -150,6 +179,63 @@ impl Daemon {
             .ok_or_else(|| std::io::Error::other("no control socket bound"))?;
         let (task, path) = listener.serve(tx.clone())?;
         Ok(Serving { task, path })
+    }
+
+    /// A replication connection from a primary, with its first header.
+    async fn incoming(&mut self, inc: Incoming) {
+        use crate::handshake::{Attach, Hello, Welcome};
+        let Incoming {
+            mut stream,
+            peer,
+            header,
+        } = inc;
+        if !self.resources.iter().any(|r| r.accepts_from(peer.ip())) {
+            tracing::error!("client {peer} isn't known (no resource has it as remote)");
+            return;
+        }
+        let refuse = |msg: &str| Welcome::Refused {
+            errmsg: msg.to_string(),
+            wait: false,
+        };
+        if header.get("token").is_some() {
+            let attach = match Attach::from_nv(&header) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!("bad handshake header from {peer}: {e}");
+                    return;
+                }
+            };
+            match self.resources.iter_mut().find(|r| r.name() == attach.resource) {
+                Some(res) if res.accepts_from(peer.ip()) => res.attach(stream, peer, attach),
+                _ => tracing::error!(
+                    "client {peer} has no access to resource {:?}",
+                    attach.resource
+                ),
+            }
+            return;
+        }
+        let hello = match Hello::from_nv(&header) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!("bad handshake header from {peer}: {e}");
+                return;
+            }
+        };
+        let answer = match self.resources.iter_mut().find(|r| r.name() == hello.resource) {
+            None => {
+                tracing::error!("no resource {:?} as requested by {peer}", hello.resource);
+                refuse("Resource not configured.")
+            }
+            Some(res) if !res.accepts_from(peer.ip()) => {
+                tracing::error!("client {peer} has no access to resource {}", hello.resource);
+                refuse("No access to the resource.")
+            }
+            Some(res) => {
+                res.hello(stream, peer).await;
+                return;
+            }
+        };
+        let _ = crate::proto::write_frame_async(&mut stream, &answer.to_nv(), &[]).await;
     }
 
     /// Answer one control request; None closes the connection unanswered

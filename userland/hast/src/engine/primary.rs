@@ -1,19 +1,21 @@
 //! The primary's data path inside hastd: the core and its Linux host
 //! ([`crate::uhost`]) behind an NBD export at the resource's `nbd` address,
-//! and the task that answers the core's upcalls. Without a connected peer
-//! the primary runs degraded: the first write of the outage waits until the
-//! localcnt bump is on disk, written extents stay dirty, and reads the core
-//! wants from the peer fail.
+//! and the replication link ([`super::link`]) that answers the core's
+//! upcalls. Without a connected peer the primary runs degraded: the first
+//! write of the outage waits until the localcnt bump is on disk, written
+//! extents stay dirty, and reads the core wants from the peer fail.
 
 use std::sync::{Arc, Mutex};
 
 use crate::addr::{Addr, AddrKind};
 use crate::config::{Replication, ResourceConfig};
-use crate::core::{Mode, UpcallKind};
+use crate::core::Mode;
 use crate::metadata::Metadata;
 use crate::nbd::{Backend, Registry, Server};
 use crate::provider::Provider;
 use crate::uhost::{Geometry, Uhost, UhostError};
+
+use super::link::Replicator;
 
 /// Why the data path could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +49,10 @@ pub fn mode_of(r: Replication) -> Mode {
 pub struct Primary {
     uhost: Arc<Uhost>,
     server: Server,
+    replicator: Arc<Replicator>,
     upcalls: tokio::task::JoinHandle<()>,
+    link: tokio::task::JoinHandle<()>,
+    stop_link: tokio::sync::watch::Sender<bool>,
     socket: Option<std::path::PathBuf>,
     addr: Addr,
 }
@@ -73,7 +78,8 @@ impl Primary {
             }
         };
         let uhost = Arc::new(Uhost::new(&cfg.local, &geo, map)?);
-        let upcalls = tokio::spawn(upcall_loop(uhost.clone(), provider, md));
+        let replicator = Replicator::new(uhost.clone(), md, provider, cfg.clone());
+        let upcalls = tokio::spawn(replicator.clone().upcalls());
         let addr = cfg.nbd_addr();
         let export_err = |source| PrimaryError::Export {
             addr: addr.to_string(),
@@ -118,10 +124,15 @@ impl Primary {
         match started.await {
             Ok((server, socket)) => {
                 tracing::info!("exporting {} over NBD at {addr}", cfg.provname);
+                let (stop_link, stop_rx) = tokio::sync::watch::channel(false);
+                let link = tokio::spawn(replicator.clone().run(stop_rx));
                 Ok(Primary {
                     uhost,
                     server,
+                    replicator,
                     upcalls,
+                    link,
+                    stop_link,
                     socket,
                     addr,
                 })
@@ -138,20 +149,38 @@ impl Primary {
         self.uhost.core().stats()
     }
 
+    /// The replication link (connection state, resync progress).
+    pub fn replicator(&self) -> &Arc<Replicator> {
+        &self.replicator
+    }
+
+    /// Take changed replication settings without a restart; the link
+    /// reconnects to apply a new address.
+    pub fn reload(&self, cfg: &ResourceConfig) {
+        self.replicator.set_config(cfg.clone());
+        self.uhost.core().set_mode(mode_of(cfg.replication));
+    }
+
     /// Stop the export: refuse new clients, let requests in flight finish,
     /// disconnect clients, then stop the core.
     pub async fn stop(self) {
         let Primary {
             uhost,
             server,
+            replicator,
             upcalls,
+            link,
+            stop_link,
             socket,
             addr,
         } = self;
         server.shutdown().await;
         drop(server);
+        let _ = stop_link.send(true);
+        let _ = link.await;
         upcalls.abort();
         let _ = upcalls.await;
+        drop(replicator);
         if let Some(path) = socket {
             let _ = std::fs::remove_file(path);
         }
@@ -160,58 +189,5 @@ impl Primary {
             Err(_) => tracing::warn!("NBD export {addr} still referenced after stop"),
         }
         tracing::info!("NBD export at {addr} stopped");
-    }
-}
-
-/// Answer the core's upcalls while no peer is connected.
-async fn upcall_loop(uhost: Arc<Uhost>, provider: Arc<Provider>, md: Arc<Mutex<Metadata>>) {
-    loop {
-        while let Some(up) = uhost.core().next_upcall() {
-            let core = uhost.core();
-            let result = match up.kind {
-                UpcallKind::Bump => {
-                    let provider = provider.clone();
-                    let md = md.clone();
-                    let written = tokio::task::spawn_blocking(move || {
-                        let mut m = md.lock().unwrap_or_else(|p| p.into_inner());
-                        let mut next = m.clone();
-                        next.localcnt = next.localcnt.saturating_add(1);
-                        next.write(&provider, true).map(|()| {
-                            *m = next;
-                            m.localcnt
-                        })
-                    })
-                    .await;
-                    let error = match written {
-                        Ok(Ok(cnt)) => {
-                            tracing::info!(
-                                localcnt = cnt,
-                                "no peer: local modification counter bumped"
-                            );
-                            0
-                        }
-                        Ok(Err(e)) => {
-                            tracing::error!("unable to persist the localcnt bump: {e}");
-                            libc::EIO
-                        }
-                        Err(e) => {
-                            tracing::error!("localcnt bump task failed: {e}");
-                            libc::EIO
-                        }
-                    };
-                    core.bump_done(error)
-                }
-                // Nobody to read from or replicate to.
-                UpcallKind::Read => core.remote_done(up.seq, libc::EIO),
-                UpcallKind::Write { .. } | UpcallKind::Delete | UpcallKind::Flush => {
-                    core.remote_done(up.seq, libc::ENOTCONN)
-                }
-                UpcallKind::SyncLocked | UpcallKind::SyncIoDone { .. } => Ok(()),
-            };
-            if let Err(e) = result {
-                tracing::warn!("upcall {:?} seq {} answer refused: {e}", up.kind, up.seq);
-            }
-        }
-        uhost.upcalls_ready().await;
     }
 }

@@ -11,6 +11,7 @@ use crate::pidfile::Pidfile;
 use crate::role::Role;
 
 use super::control_server::ControlListener;
+use super::listen::Listeners;
 use super::resource::Resource;
 use super::Daemon;
 
@@ -40,17 +41,30 @@ fn replication_settings_differ(old: &ResourceConfig, new: &ResourceConfig) -> bo
 
 impl Daemon {
     /// Reload the configuration. Returns a newly bound control socket when
-    /// the control address changed (the caller swaps it in).
-    pub(super) async fn reload(&mut self) -> Option<ControlListener> {
+    /// the control address changed, and new replication listeners when the
+    /// `listen` addresses changed (the caller swaps them in).
+    pub(super) async fn reload(&mut self) -> (Option<ControlListener>, Option<Listeners>) {
         tracing::info!("reloading configuration...");
         let newcfg = match Config::load(&self.opts.config_path, &self.opts.host) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("{e}");
                 tracing::warn!("configuration not reloaded");
-                return None;
+                return (None, None);
             }
         };
+        let mut new_listeners = None;
+        if newcfg.listen != self.cfg.listen {
+            // Release the old sockets first: the new set may reuse them.
+            match Listeners::bind(&newcfg.listen) {
+                Ok(l) => new_listeners = Some(l),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    tracing::warn!("configuration not reloaded");
+                    return (None, None);
+                }
+            }
+        }
         let mut new_control = None;
         if newcfg.control != self.cfg.control {
             match ControlListener::bind(&newcfg.control) {
@@ -58,7 +72,7 @@ impl Daemon {
                 Err(e) => {
                     tracing::error!("{e}");
                     tracing::warn!("configuration not reloaded");
-                    return None;
+                    return (None, None);
                 }
             }
         }
@@ -77,7 +91,7 @@ impl Daemon {
                 Err(e) => {
                     tracing::error!("{e}");
                     tracing::warn!("configuration not reloaded");
-                    return None;
+                    return (None, None);
                 }
             }
         }
@@ -123,19 +137,21 @@ impl Daemon {
                     );
                 }
             } else {
-                if needs_reload(role, res.config(), ncfg) {
+                let reload = needs_reload(role, res.config(), ncfg);
+                res.set_config(ncfg.clone());
+                if reload {
                     tracing::info!(
                         "resource {} configuration was modified, reloading it",
                         ncfg.name
                     );
+                    res.reload_in_place();
                 }
-                res.set_config(ncfg.clone());
             }
             resources.push(res);
         }
         self.resources = resources;
         self.cfg = newcfg;
         tracing::info!("configuration reloaded successfully");
-        new_control
+        (new_control, new_listeners)
     }
 }

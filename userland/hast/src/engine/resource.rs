@@ -15,6 +15,10 @@ use crate::role::Role;
 use crate::sysexits;
 
 use super::primary::{Primary, PrimaryError};
+use super::secondary::{self, Local, SecondaryStats};
+use crate::handshake::{Attach, Welcome, TOKEN_SIZE};
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::net::TcpStream;
 
 /// Why a resource could not take the role it was given.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +69,27 @@ struct Active {
     map: DiskMap,
     stats: Stats,
     primary: Option<Primary>,
+    secondary: Option<SecondaryState>,
+}
+
+/// A secondary's connection state: the first connection of a primary
+/// waiting for its second one, and the running session.
+#[derive(Default)]
+struct SecondaryState {
+    pending: Option<(TcpStream, [u8; TOKEN_SIZE])>,
+    session: Option<tokio::task::JoinHandle<()>>,
+    connected: Arc<AtomicBool>,
+    stats: Arc<SecondaryStats>,
+}
+
+impl SecondaryState {
+    fn stop_session(&mut self) {
+        self.pending = None;
+        if let Some(s) = self.session.take() {
+            s.abort();
+        }
+        self.connected.store(false, Ordering::SeqCst);
+    }
 }
 
 /// A configured resource and its current role.
@@ -159,12 +184,14 @@ impl Resource {
             "local provider {} opened",
             self.cfg.local.display()
         );
+        let secondary = (role == Role::Secondary).then(SecondaryState::default);
         self.active = Some(Active {
             provider,
             md,
             map,
             stats: Stats::default(),
             primary,
+            secondary,
         });
         Ok(())
     }
@@ -177,7 +204,114 @@ impl Resource {
             if let Some(primary) = active.primary.take() {
                 primary.stop().await;
             }
+            if let Some(mut sec) = active.secondary.take() {
+                sec.stop_session();
+            }
             Self::close(active, next, &self.cfg);
+        }
+    }
+
+    /// Whether `ip` is this resource's `remote` (the access check of an
+    /// incoming replication connection).
+    pub fn accepts_from(&self, ip: std::net::IpAddr) -> bool {
+        self.cfg
+            .remote_addr
+            .as_ref()
+            .and_then(|a| a.socket_addrs().ok())
+            .is_some_and(|addrs| addrs.iter().any(|a| same_ip(a.ip(), ip)))
+    }
+
+    /// Step 1 of a primary's connection: answer on `stream` and keep it
+    /// until the second connection presents the token.
+    pub async fn hello(&mut self, mut stream: TcpStream, peer: std::net::SocketAddr) {
+        use crate::proto::write_frame_async;
+        let role = self.role;
+        let refusal = match (&mut self.active, role) {
+            (Some(Active { secondary: Some(sec), .. }), Role::Secondary) => {
+                if sec.session.is_some() || sec.pending.is_some() {
+                    tracing::info!("new connection from {peer} replaces the current one");
+                }
+                sec.stop_session();
+                let token: [u8; TOKEN_SIZE] = rand::random();
+                let welcome = Welcome::Accepted {
+                    version: crate::proto::HAST_PROTO_VERSION,
+                    token,
+                };
+                if let Err(e) = write_frame_async(&mut stream, &welcome.to_nv(), &[]).await {
+                    tracing::error!("unable to answer {peer}: {e}");
+                    return;
+                }
+                sec.pending = Some((stream, token));
+                return;
+            }
+            _ => Welcome::Refused {
+                errmsg: format!(
+                    "Remote node acts as {role} for the resource and not as secondary."
+                ),
+                wait: role == Role::Primary,
+            },
+        };
+        tracing::error!(
+            "we act as {role} for the resource and not as secondary as requested by {peer}"
+        );
+        let _ = write_frame_async(&mut stream, &refusal.to_nv(), &[]).await;
+    }
+
+    /// Step 2: the second connection with its token; starts the session.
+    pub fn attach(&mut self, stream: TcpStream, peer: std::net::SocketAddr, attach: Attach) {
+        let cfg = self.cfg.clone();
+        let Some(Active {
+            provider,
+            md,
+            secondary: Some(sec),
+            ..
+        }) = &mut self.active
+        else {
+            tracing::error!("connection from {peer} with a token, but we are not secondary");
+            return;
+        };
+        let Some((conn1, token)) = sec.pending.take() else {
+            tracing::error!("token received from {peer} without a first connection");
+            return;
+        };
+        if token != attach.token {
+            tracing::error!("token received from {peer} doesn't match");
+            return;
+        }
+        let local = Local {
+            provider: provider.clone(),
+            md: md.clone(),
+            cfg: cfg.clone(),
+        };
+        let connected = sec.connected.clone();
+        let stats = sec.stats.clone();
+        let name = cfg.name.clone();
+        let span = tracing::info_span!("resource", name = %name);
+        sec.session = Some(tokio::spawn(tracing::Instrument::instrument(async move {
+            let mut conn1 = conn1;
+            match secondary::answer_attach(&mut conn1, &local, &attach).await {
+                Ok(decision) => {
+                    tracing::info!("[{name}] primary {peer} connected ({decision:?})");
+                    connected.store(true, Ordering::SeqCst);
+                    hooks::run(cfg.exec.as_deref(), &name, &Event::Connect);
+                    let _ = stream.set_nodelay(true);
+                    let why = secondary::serve(conn1, stream, local, stats).await;
+                    connected.store(false, Ordering::SeqCst);
+                    tracing::warn!("[{name}] primary {peer} disconnected: {why}");
+                    hooks::run(cfg.exec.as_deref(), &name, &Event::Disconnect);
+                }
+                Err(e) => tracing::error!("[{name}] connection from {peer} refused: {e}"),
+            }
+        }, span)));
+    }
+
+    /// Take changed replication settings in place (a primary on SIGHUP).
+    pub fn reload_in_place(&mut self) {
+        if let Some(Active {
+            primary: Some(p), ..
+        }) = &self.active
+        {
+            p.reload(&self.cfg);
         }
     }
 
@@ -226,9 +360,37 @@ impl Resource {
             format!("workerpid{no}"),
             i32::try_from(std::process::id()).unwrap_or(0),
         );
-        if self.role == Role::Secondary {
+        if let Some(sec) = &active.secondary {
             // Like the reference, a secondary reports status only while its
             // primary is connected, and no dirty count.
+            if !sec.connected.load(Ordering::SeqCst) {
+                return;
+            }
+            let extentsize = active.md.lock().unwrap_or_else(|p| p.into_inner()).extentsize;
+            nv.add_string(format!("status{no}"), "complete");
+            nv.add_u64(format!("dirty{no}"), 0);
+            nv.add_u32(format!("extentsize{no}"), extentsize);
+            nv.add_u32(format!("keepdirty{no}"), 0);
+            let st = &sec.stats;
+            let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+            for (name, v) in [
+                ("stat_read", get(&st.read)),
+                ("stat_write", get(&st.write)),
+                ("stat_delete", get(&st.delete)),
+                ("stat_flush", get(&st.flush)),
+                ("stat_activemap_update", 0),
+                ("stat_read_error", get(&st.read_error)),
+                ("stat_write_error", get(&st.write_error)),
+                ("stat_delete_error", get(&st.delete_error)),
+                ("stat_flush_error", get(&st.flush_error)),
+                ("idle_queue_size", 0),
+                ("local_queue_size", 0),
+                ("send_queue_size", 0),
+                ("recv_queue_size", 0),
+                ("done_queue_size", 0),
+            ] {
+                nv.add_u64(format!("{name}{no}"), v);
+            }
             return;
         }
         let (extentsize, keepdirty) = {
@@ -253,8 +415,21 @@ impl Resource {
                 flush_error: c.flush_errors,
             };
             dirty = c.dirty;
-            if c.link_up {
+            if primary.replicator().is_connected() {
                 status = "complete";
+            }
+            let p = &primary.replicator().progress;
+            if p.active.load(Ordering::SeqCst) {
+                let total = p.total.load(Ordering::Relaxed);
+                let done = p.done.load(Ordering::Relaxed).min(total);
+                let secs = p
+                    .started
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .map_or(0.0, |t| t.elapsed().as_secs_f64());
+                nv.add_u64(format!("sync_total{no}"), total);
+                nv.add_u64(format!("sync_done{no}"), done);
+                nv.add_u64(format!("sync_msecs{no}"), (secs * 1000.0) as u64);
             }
             // idle: requests are not pooled, so there is no idle queue.
             queues = [0, c.q_local + c.q_held, c.q_send, c.q_recv, c.q_done];
@@ -293,7 +468,21 @@ impl Drop for Resource {
     fn drop(&mut self) {
         if let Some(mut active) = self.active.take() {
             drop(active.primary.take());
+            if let Some(mut sec) = active.secondary.take() {
+                sec.stop_session();
+            }
             Self::close(active, Role::Undef, &self.cfg);
         }
     }
+}
+
+/// IP equality that sees an IPv4-mapped IPv6 address as its IPv4 address.
+fn same_ip(a: std::net::IpAddr, b: std::net::IpAddr) -> bool {
+    let canon = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    canon(a) == canon(b)
 }

@@ -26,6 +26,8 @@ use crate::wire::{self, Cmd, Reply, Request};
 const MAX_INFLIGHT: usize = 256;
 /// Largest READ/WRITE accepted (the reference's MAXPHYS on FreeBSD 13+).
 pub const MAX_IO: u64 = 1 << 20;
+/// [`MAX_IO`] as a buffer size.
+pub const MAX_IO_BYTES: usize = 1 << 20;
 /// The primary sends a keepalive after 10 s idle; silence for twice that
 /// ends the session.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -157,6 +159,7 @@ pub async fn answer_attach<W: AsyncWrite + Unpin>(
         virgin,
         syncsrc: src,
         mapsize: u32::try_from(map.len()).unwrap_or(0),
+        maxio: u32::try_from(MAX_IO).ok(),
     };
     proto::write_frame_async(conn_in, &geo.to_nv(), &map).await?;
     Ok(decision)
@@ -304,7 +307,7 @@ where
             map_cleared = true;
         }
         let data = if req.cmd == Cmd::Write {
-            match crate::payload::decode(&nv, payload, req.length, MAX_IO) {
+            match crate::payload::decode(&nv, payload, usize::try_from(req.length).unwrap_or(usize::MAX), MAX_IO_BYTES) {
                 Ok(d) => Some(Bytes::from(d)),
                 Err(e) => {
                     tracing::error!("request seq {}: {e}", req.seq);
@@ -338,7 +341,6 @@ where
         next_id += 1;
         let id = next_id;
         let end = req.offset.saturating_add(req.length);
-        let mutates = matches!(req.cmd, Cmd::Write | Cmd::Delete);
         if matches!(req.cmd, Cmd::Write | Cmd::Delete | Cmd::Read) {
             inflight.add(id, req.offset, end);
         }
@@ -347,13 +349,10 @@ where
         let inflight = inflight.clone();
         let stats = stats.clone();
         tokio::spawn(async move {
+            // Wait for earlier requests to the same range (a flush waits
+            // for nothing: it covers what completed before it).
             if req.cmd != Cmd::Flush {
-                if mutates {
-                    inflight.wait_turn(id, req.offset, end).await;
-                } else {
-                    // A read waits only for earlier writes to its range.
-                    inflight.wait_turn(id, req.offset, end).await;
-                }
+                inflight.wait_turn(id, req.offset, end).await;
             }
             let at = localoff.saturating_add(req.offset);
             let len = req.length;
