@@ -22,7 +22,9 @@ pub enum CoreError {
     Invalid(&'static str),
     #[error("hast core: {0}: out of memory; retry the request later")]
     NoMemory(&'static str),
-    #[error("hast core: {0}: seq {1} has nothing outstanding there (finished, unknown or link lost)")]
+    #[error(
+        "hast core: {0}: seq {1} has nothing outstanding there (finished, unknown or link lost)"
+    )]
     UnknownSeq(&'static str, u64),
     #[error("hast core: {0}: still in use; finish its I/O first")]
     Busy(&'static str),
@@ -316,10 +318,17 @@ impl Core {
     /// Hand a client request to the core; returns its seq. Exactly one
     /// [`CoreHost::complete`] for `cookie` follows. A flush has offset and
     /// length 0.
-    pub fn submit(&self, cmd: Cmd, offset: u64, length: u64, cookie: u64) -> Result<u64, CoreError> {
+    pub fn submit(
+        &self,
+        cmd: Cmd,
+        offset: u64,
+        length: u64,
+        cookie: u64,
+    ) -> Result<u64, CoreError> {
         let mut seq = 0u64;
         // SAFETY: live instance, valid out pointer.
-        let rc = unsafe { sys::hast_core_submit(self.p(), cmd.raw(), offset, length, cookie, &mut seq) };
+        let rc =
+            unsafe { sys::hast_core_submit(self.p(), cmd.raw(), offset, length, cookie, &mut seq) };
         check("submit", 0, rc)?;
         Ok(seq)
     }
@@ -327,36 +336,50 @@ impl Core {
     /// The local I/O `seq` finished (`error` = errno, 0 on success).
     pub fn local_done(&self, seq: u64, error: i32) -> Result<(), CoreError> {
         // SAFETY: live instance.
-        check("local_done", seq, unsafe { sys::hast_core_local_done(self.p(), seq, error) })
+        check("local_done", seq, unsafe {
+            sys::hast_core_local_done(self.p(), seq, error)
+        })
     }
 
     /// memsync: the peer received write `seq`.
     pub fn remote_received(&self, seq: u64) -> Result<(), CoreError> {
         // SAFETY: live instance.
-        check("remote_received", seq, unsafe { sys::hast_core_remote_received(self.p(), seq) })
+        check("remote_received", seq, unsafe {
+            sys::hast_core_remote_received(self.p(), seq)
+        })
     }
 
     /// The remote half of `seq` finished.
     pub fn remote_done(&self, seq: u64, error: i32) -> Result<(), CoreError> {
         // SAFETY: live instance.
-        check("remote_done", seq, unsafe { sys::hast_core_remote_done(self.p(), seq, error) })
+        check("remote_done", seq, unsafe {
+            sys::hast_core_remote_done(self.p(), seq, error)
+        })
     }
 
     /// The map write last handed to [`CoreHost::map_write`] finished.
     pub fn map_done(&self, error: i32) -> Result<(), CoreError> {
         // SAFETY: live instance.
-        check("map_done", 0, unsafe { sys::hast_core_map_done(self.p(), error) })
+        check("map_done", 0, unsafe {
+            sys::hast_core_map_done(self.p(), error)
+        })
     }
 
     /// The engine persisted (0) or failed to persist the localcnt bump.
     pub fn bump_done(&self, error: i32) -> Result<(), CoreError> {
         // SAFETY: live instance.
-        check("bump_done", 0, unsafe { sys::hast_core_bump_done(self.p(), error) })
+        check("bump_done", 0, unsafe {
+            sys::hast_core_bump_done(self.p(), error)
+        })
     }
 
     /// Link to the peer up or down.
     pub fn set_link(&self, up: bool) {
-        let state = if up { sys::HAST_LINK_UP } else { sys::HAST_LINK_DOWN };
+        let state = if up {
+            sys::HAST_LINK_UP
+        } else {
+            sys::HAST_LINK_DOWN
+        };
         // SAFETY: live instance; the state is valid so the call cannot fail.
         let _ = unsafe { sys::hast_core_link(self.p(), state) };
     }
@@ -433,30 +456,45 @@ impl Core {
     pub fn map_load(&self, map: &[u8]) -> Result<(), CoreError> {
         let size = u32::try_from(map.len()).map_err(|_| CoreError::Invalid("map_load"))?;
         // SAFETY: map has size readable bytes.
-        check("map_load", 0, unsafe { sys::hast_core_map_load(self.p(), map.as_ptr(), size) })
+        check("map_load", 0, unsafe {
+            sys::hast_core_map_load(self.p(), map.as_ptr(), size)
+        })
     }
 
     /// OR the peer's map into the sync map.
     pub fn map_merge(&self, map: &[u8]) -> Result<(), CoreError> {
         let size = u32::try_from(map.len()).map_err(|_| CoreError::Invalid("map_merge"))?;
         // SAFETY: map has size readable bytes.
-        check("map_merge", 0, unsafe { sys::hast_core_map_merge(self.p(), map.as_ptr(), size) })
+        check("map_merge", 0, unsafe {
+            sys::hast_core_map_merge(self.p(), map.as_ptr(), size)
+        })
     }
 
     /// Ask for a sync range lock; granted by an [`UpcallKind::SyncLocked`].
     pub fn sync_lock(&self, offset: u64, length: u64) -> Result<u64, CoreError> {
         let mut seq = 0u64;
         // SAFETY: live instance, valid out pointer.
-        check("sync_lock", 0, unsafe { sys::hast_core_sync_lock(self.p(), offset, length, &mut seq) })?;
+        check("sync_lock", 0, unsafe {
+            sys::hast_core_sync_lock(self.p(), offset, length, &mut seq)
+        })?;
         Ok(seq)
     }
 
     /// Local read or write under granted lock `lock`; answered by an
     /// [`UpcallKind::SyncIoDone`] with the returned seq.
-    pub fn sync_io(&self, lock: u64, cmd: Cmd, offset: u64, length: u64, cookie: u64) -> Result<u64, CoreError> {
+    pub fn sync_io(
+        &self,
+        lock: u64,
+        cmd: Cmd,
+        offset: u64,
+        length: u64,
+        cookie: u64,
+    ) -> Result<u64, CoreError> {
         let mut seq = 0u64;
         // SAFETY: live instance, valid out pointer.
-        let rc = unsafe { sys::hast_core_sync_io(self.p(), lock, cmd.raw(), offset, length, cookie, &mut seq) };
+        let rc = unsafe {
+            sys::hast_core_sync_io(self.p(), lock, cmd.raw(), offset, length, cookie, &mut seq)
+        };
         check("sync_io", lock, rc)?;
         Ok(seq)
     }
@@ -466,7 +504,9 @@ impl Core {
     /// ([`CoreError::Failed`], released anyway).
     pub fn sync_release(&self, lock: u64, clear: bool) -> Result<(), CoreError> {
         // SAFETY: live instance.
-        check("sync_release", lock, unsafe { sys::hast_core_sync_release(self.p(), lock, i32::from(clear)) })
+        check("sync_release", lock, unsafe {
+            sys::hast_core_sync_release(self.p(), lock, i32::from(clear))
+        })
     }
 
     pub fn stats(&self) -> Stats {

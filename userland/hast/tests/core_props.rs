@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use hast::core::{Cmd, Core, CoreError, CoreHost, LocalIo, MapKind, Mode, Params, SyncDir, UpcallKind};
+use hast::core::{
+    Cmd, Core, CoreError, CoreHost, LocalIo, MapKind, Mode, Params, SyncDir, UpcallKind,
+};
 use proptest::prelude::*;
 
 const EIO: i32 = 5;
@@ -44,7 +46,10 @@ impl CoreHost for Host {
         self.events.lock().unwrap().push(Ev::Map(map.to_vec()));
     }
     fn complete(&self, cookie: u64, error: i32) {
-        self.events.lock().unwrap().push(Ev::Complete(cookie, error));
+        self.events
+            .lock()
+            .unwrap()
+            .push(Ev::Complete(cookie, error));
     }
     fn release(&self, cookie: u64) {
         self.events.lock().unwrap().push(Ev::Release(cookie));
@@ -58,7 +63,13 @@ fn bit(map: &[u8], e: u32) -> bool {
 fn new_core(mode: Mode, keepdirty: u32) -> (Core, Arc<Host>) {
     let host = Arc::new(Host::default());
     let core = Core::new(
-        Params { mediasize: MEDIA, extentsize: EXT as u32, sectorsize: SECT as u32, keepdirty, mode },
+        Params {
+            mediasize: MEDIA,
+            extentsize: EXT as u32,
+            sectorsize: SECT as u32,
+            keepdirty,
+            mode,
+        },
         host.clone(),
     )
     .unwrap();
@@ -86,7 +97,9 @@ enum Local {
 enum Remote {
     /// No upcall: not sent (yet, or ever if the request was issued).
     None,
-    Taken { memsync: bool },
+    Taken {
+        memsync: bool,
+    },
     Received,
     Done(i32),
     Lost,
@@ -154,31 +167,60 @@ struct Model {
     reqs: BTreeMap<u64, Req>, // by cookie
     by_seq: BTreeMap<u64, u64>,
     next_cookie: u64,
-    locals: Vec<u64>,              // seqs with local I/O outstanding
-    syncios: BTreeMap<u64, u64>,   // sync I/O seq -> lock seq
+    locals: Vec<u64>,            // seqs with local I/O outstanding
+    syncios: BTreeMap<u64, u64>, // sync I/O seq -> lock seq
     locks: BTreeMap<u64, Lock>,
-    disk: Vec<u8>,                 // bytes of the last completed map write
-    inflight: Option<Vec<u8>>,     // map write in flight
-    must_sync: Vec<bool>,          // must be in the core's sync map
-    must_disk: Vec<bool>,          // must be set on disk as well
-    fail_allowed: bool,            // this step may fail unissued writes
-    map_failed: bool,              // the last map write failed
+    disk: Vec<u8>,             // bytes of the last completed map write
+    inflight: Option<Vec<u8>>, // map write in flight
+    must_sync: Vec<bool>,      // must be in the core's sync map
+    must_disk: Vec<bool>,      // must be set on disk as well
+    fail_allowed: bool,        // this step may fail unissued writes
+    map_failed: bool,          // the last map write failed
 }
 
 #[derive(Debug, Clone)]
 enum Op {
-    Submit { cmd: u8, ext: u8, sect: u8, nsect: u8 },
-    LocalDone { pick: usize, err: bool },
-    RemoteRecv { pick: usize },
-    RemoteDone { pick: usize, err: bool },
-    MapDone { err: bool },
+    Submit {
+        cmd: u8,
+        ext: u8,
+        sect: u8,
+        nsect: u8,
+    },
+    LocalDone {
+        pick: usize,
+        err: bool,
+    },
+    RemoteRecv {
+        pick: usize,
+    },
+    RemoteDone {
+        pick: usize,
+        err: bool,
+    },
+    MapDone {
+        err: bool,
+    },
     LinkDown,
     LinkUp,
-    BumpDone { err: bool },
-    SyncLock { ext: u8, n: u8 },
-    SyncIo { pick: usize, write: bool, half: bool },
-    SyncRelease { pick: usize, clear: bool },
-    Merge { bits: u16 },
+    BumpDone {
+        err: bool,
+    },
+    SyncLock {
+        ext: u8,
+        n: u8,
+    },
+    SyncIo {
+        pick: usize,
+        write: bool,
+        half: bool,
+    },
+    SyncRelease {
+        pick: usize,
+        clear: bool,
+    },
+    Merge {
+        bits: u16,
+    },
     SetDir(u8),
     SetMode(u8),
 }
@@ -268,9 +310,14 @@ impl Model {
     fn apply(&mut self, op: &Op) {
         self.fail_allowed = false;
         match *op {
-            Op::Submit { cmd, ext, sect, nsect } => {
+            Op::Submit {
+                cmd,
+                ext,
+                sect,
+                nsect,
+            } => {
                 let cmd = match cmd {
-                    0 | 1 | 2 => Cmd::Write,
+                    0..=2 => Cmd::Write,
                     3 | 4 => Cmd::Read,
                     5 | 6 => Cmd::Delete,
                     _ => Cmd::Flush,
@@ -285,7 +332,11 @@ impl Model {
                 let cookie = self.next_cookie;
                 self.next_cookie += 1;
                 let seq = self.core.submit(cmd, off, len, cookie).unwrap();
-                let (e0, e1) = if len == 0 { (0, 0) } else { ((off / EXT) as u32, ((off + len - 1) / EXT) as u32) };
+                let (e0, e1) = if len == 0 {
+                    (0, 0)
+                } else {
+                    ((off / EXT) as u32, ((off + len - 1) / EXT) as u32)
+                };
                 self.by_seq.insert(seq, cookie);
                 self.reqs.insert(
                     cookie,
@@ -306,7 +357,9 @@ impl Model {
                 );
             }
             Op::LocalDone { pick: p, err } => {
-                let Some(seq) = pick(&self.locals, p) else { return };
+                let Some(seq) = pick(&self.locals, p) else {
+                    return;
+                };
                 self.locals.retain(|&s| s != seq);
                 let e = if err { EIO } else { 0 };
                 self.core.local_done(seq, e).unwrap();
@@ -316,12 +369,16 @@ impl Model {
                 self.req_by_seq(seq).local = Local::Done(e);
             }
             Op::RemoteRecv { pick: p } => {
-                let Some(seq) = pick(&self.open_remotes(true), p) else { return };
+                let Some(seq) = pick(&self.open_remotes(true), p) else {
+                    return;
+                };
                 self.core.remote_received(seq).unwrap();
                 self.req_by_seq(seq).remote = Remote::Received;
             }
             Op::RemoteDone { pick: p, err } => {
-                let Some(seq) = pick(&self.open_remotes(false), p) else { return };
+                let Some(seq) = pick(&self.open_remotes(false), p) else {
+                    return;
+                };
                 let e = if err { EIO } else { 0 };
                 self.core.remote_done(seq, e).unwrap();
                 self.req_by_seq(seq).remote = Remote::Done(e);
@@ -387,13 +444,38 @@ impl Model {
                 let len = (u64::from(n) * EXT).min(MEDIA - off);
                 let seq = self.core.sync_lock(off, len).unwrap();
                 let before = self.next_cookie;
-                self.locks.insert(seq, Lock { off, len, granted: false, failed: !self.link, nio: 0, before });
+                self.locks.insert(
+                    seq,
+                    Lock {
+                        off,
+                        len,
+                        granted: false,
+                        failed: !self.link,
+                        nio: 0,
+                        before,
+                    },
+                );
             }
-            Op::SyncIo { pick: p, write, half } => {
-                let granted: Vec<u64> = self.locks.iter().filter(|(_, l)| l.granted).map(|(s, _)| *s).collect();
-                let Some(lseq) = pick(&granted, p) else { return };
+            Op::SyncIo {
+                pick: p,
+                write,
+                half,
+            } => {
+                let granted: Vec<u64> = self
+                    .locks
+                    .iter()
+                    .filter(|(_, l)| l.granted)
+                    .map(|(s, _)| *s)
+                    .collect();
+                let Some(lseq) = pick(&granted, p) else {
+                    return;
+                };
                 let l = self.locks.get_mut(&lseq).unwrap();
-                let len = if half { (l.len / 2).max(SECT) / SECT * SECT } else { l.len };
+                let len = if half {
+                    (l.len / 2).max(SECT) / SECT * SECT
+                } else {
+                    l.len
+                };
                 let cmd = if write { Cmd::Write } else { Cmd::Read };
                 let seq = self.core.sync_io(lseq, cmd, l.off, len, 77).unwrap();
                 l.nio += 1;
@@ -410,7 +492,11 @@ impl Model {
                 }
                 self.locks.remove(&lseq);
                 if clear && l.granted && l.failed {
-                    assert_eq!(rc, Err(CoreError::Failed("sync_release")), "a failed lock must not clear");
+                    assert_eq!(
+                        rc,
+                        Err(CoreError::Failed("sync_release")),
+                        "a failed lock must not clear"
+                    );
                     return;
                 }
                 assert_eq!(rc, Ok(()));
@@ -422,7 +508,10 @@ impl Model {
                         if start >= l.off && end <= l.off + l.len {
                             self.must_sync[e as usize] = false;
                             self.must_disk[e as usize] = false;
-                            assert!(!bit(&sync, e), "extent {e} still in the sync map after a clean sync");
+                            assert!(
+                                !bit(&sync, e),
+                                "extent {e} still in the sync map after a clean sync"
+                            );
                         }
                     }
                 }
@@ -490,7 +579,10 @@ impl Model {
                     assert!(self.link, "remote request queued with the link down");
                     let link = self.link;
                     let r = self.req_by_seq(up.seq).clone();
-                    assert_eq!((up.offset, up.length, up.cookie), (r.off, r.len, self.by_seq[&up.seq]));
+                    assert_eq!(
+                        (up.offset, up.length, up.cookie),
+                        (r.off, r.len, self.by_seq[&up.seq])
+                    );
                     let memsync = match kind {
                         UpcallKind::Write { memsync } => {
                             assert_eq!(r.cmd, Cmd::Write);
@@ -511,7 +603,10 @@ impl Model {
                         }
                     };
                     if r.update() {
-                        assert!(self.marked(r.e0, r.e1), "data sent before the map write completed: {r:?}");
+                        assert!(
+                            self.marked(r.e0, r.e1),
+                            "data sent before the map write completed: {r:?}"
+                        );
                     }
                     assert!(link);
                     self.req_by_seq(up.seq).remote = Remote::Taken { memsync };
@@ -542,8 +637,14 @@ impl Model {
                     assert_eq!((io.cmd, io.offset, io.length), (r.cmd, r.off, r.len));
                     assert_eq!(r.local, Local::NotIssued);
                     if r.update() {
-                        assert!(self.marked(r.e0, r.e1), "data written before the map write completed: {r:?}");
-                        assert!(link || bump == Bump::Ok, "write issued in an outage before the bump");
+                        assert!(
+                            self.marked(r.e0, r.e1),
+                            "data written before the map write completed: {r:?}"
+                        );
+                        assert!(
+                            link || bump == Bump::Ok,
+                            "write issued in an outage before the bump"
+                        );
                         for (s, l) in &self.locks {
                             assert!(
                                 !(l.granted && overlap(r.off, r.len, l.off, l.len)),
@@ -565,7 +666,10 @@ impl Model {
                     assert!(!r.released);
                     r.released = true;
                     let r = r.clone();
-                    assert!(!matches!(r.local, Local::Issued), "released with local I/O open");
+                    assert!(
+                        !matches!(r.local, Local::Issued),
+                        "released with local I/O open"
+                    );
                     assert!(!r.remote.open(), "released with remote half open");
                     if r.update() && r.local != Local::NotIssued {
                         let clean = r.local == Local::Done(0) && r.remote == Remote::Done(0);
@@ -598,13 +702,19 @@ impl Model {
                     assert!(resolved, "stale read acknowledged before the peer answered");
                     assert_eq!(err, if rok { 0 } else { EIO });
                 } else {
-                    assert!(r.update() && fail_allowed && err == EIO, "unissued request completed: {r:?} {err}");
+                    assert!(
+                        r.update() && fail_allowed && err == EIO,
+                        "unissued request completed: {r:?} {err}"
+                    );
                 }
                 return;
             }
             Local::Done(le) => {
                 if le != 0 {
-                    assert!(resolved, "local failure acknowledged before the remote result: {r:?}");
+                    assert!(
+                        resolved,
+                        "local failure acknowledged before the remote result: {r:?}"
+                    );
                     assert_eq!(err, if rok { 0 } else { le });
                     return;
                 }
@@ -622,16 +732,28 @@ impl Model {
                 match r.mode {
                     Mode::FullSync => assert!(resolved, "fullsync ack before remote done: {r:?}"),
                     Mode::MemSync => {
-                        assert!(resolved || r.remote == Remote::Received, "memsync ack before received: {r:?}")
+                        assert!(
+                            resolved || r.remote == Remote::Received,
+                            "memsync ack before received: {r:?}"
+                        )
                     }
                     Mode::Async => {}
                 }
-                let local_only = !rok && r.remote != Remote::Received && !matches!(r.remote, Remote::Taken { .. });
+                let local_only = !rok
+                    && r.remote != Remote::Received
+                    && !matches!(r.remote, Remote::Taken { .. });
                 if local_only && err == 0 {
-                    assert_eq!(bump, Bump::Ok, "local-only write acknowledged before the bump: {r:?}");
+                    assert_eq!(
+                        bump,
+                        Bump::Ok,
+                        "local-only write acknowledged before the bump: {r:?}"
+                    );
                 }
                 if err != 0 {
-                    assert!(err == EIO && r.bumpfail, "unexpected write error {err}: {r:?}");
+                    assert!(
+                        err == EIO && r.bumpfail,
+                        "unexpected write error {err}: {r:?}"
+                    );
                 }
             }
         }
@@ -639,13 +761,19 @@ impl Model {
 
     fn check(&self) {
         let disk = self.core.map(MapKind::Disk);
-        assert_eq!(disk, self.disk, "core's diskmap differs from the last map written");
+        assert_eq!(
+            disk, self.disk,
+            "core's diskmap differs from the last map written"
+        );
         let sync = self.core.map(MapKind::Sync);
         let dirty = self.core.map(MapKind::Dirty);
         // Never clean on disk while a write is unconfirmed.
         for r in self.reqs.values() {
             if r.in_flight() {
-                assert!(self.marked(r.e0, r.e1), "extent of unconfirmed write not on disk: {r:?}");
+                assert!(
+                    self.marked(r.e0, r.e1),
+                    "extent of unconfirmed write not on disk: {r:?}"
+                );
             }
         }
         for e in 0..NEXT {
@@ -653,7 +781,10 @@ impl Model {
                 assert!(bit(&sync, e), "extent {e} lost its sync mark");
             }
             if self.must_disk[e as usize] {
-                assert!(self.marked(e, e), "extent {e} needs resync but is clean on disk");
+                assert!(
+                    self.marked(e, e),
+                    "extent {e} needs resync but is clean on disk"
+                );
             }
         }
         // With no map write in flight (and none failed) the disk says
@@ -666,19 +797,32 @@ impl Model {
             .filter(|&e| {
                 bit(&dirty, e)
                     && !bit(&sync, e)
-                    && !self.reqs.values().any(|r| r.update() && !r.released && r.e0 <= e && e <= r.e1)
+                    && !self
+                        .reqs
+                        .values()
+                        .any(|r| r.update() && !r.released && r.e0 <= e && e <= r.e1)
             })
             .count();
-        assert!(idle <= self.keepdirty as usize, "{idle} idle dirty extents > keepdirty {}", self.keepdirty);
+        assert!(
+            idle <= self.keepdirty as usize,
+            "{idle} idle dirty extents > keepdirty {}",
+            self.keepdirty
+        );
         assert!(self.core.stats().keepdirty <= u64::from(self.keepdirty));
         // Group commit: a waiting write has a reason to wait.
         for r in self.reqs.values() {
             if !r.update() || r.local != Local::NotIssued || r.acked.is_some() {
                 continue;
             }
-            let locked = self.locks.values().any(|l| overlap(r.off, r.len, l.off, l.len));
+            let locked = self
+                .locks
+                .values()
+                .any(|l| overlap(r.off, r.len, l.off, l.len));
             let bump_hold = !self.link && self.bump != Bump::Ok;
-            assert!(locked || bump_hold || !self.marked(r.e0, r.e1), "write waits for nothing: {r:?}");
+            assert!(
+                locked || bump_hold || !self.marked(r.e0, r.e1),
+                "write waits for nothing: {r:?}"
+            );
         }
     }
 
@@ -703,22 +847,37 @@ impl Model {
                 self.step(&Op::MapDone { err: false });
             }
             if !self.locals.is_empty() {
-                self.step(&Op::LocalDone { pick: 0, err: false });
+                self.step(&Op::LocalDone {
+                    pick: 0,
+                    err: false,
+                });
             }
             if !self.open_remotes(false).is_empty() {
-                self.step(&Op::RemoteDone { pick: 0, err: false });
+                self.step(&Op::RemoteDone {
+                    pick: 0,
+                    err: false,
+                });
             }
             if let Some((&s, _)) = self.locks.iter().find(|(_, l)| l.nio == 0) {
                 let all: Vec<u64> = self.locks.keys().copied().collect();
                 let i = all.iter().position(|&x| x == s).unwrap();
-                self.step(&Op::SyncRelease { pick: i, clear: false });
+                self.step(&Op::SyncRelease {
+                    pick: i,
+                    clear: false,
+                });
             }
         }
         for r in self.reqs.values() {
-            assert!(r.acked.is_some() && r.released, "request never finished: {r:?}");
+            assert!(
+                r.acked.is_some() && r.released,
+                "request never finished: {r:?}"
+            );
         }
         let st = self.core.stats();
-        assert_eq!((st.q_local, st.q_send, st.q_recv, st.q_held, st.sync_locks), (0, 0, 0, 0, 0));
+        assert_eq!(
+            (st.q_local, st.q_send, st.q_recv, st.q_held, st.sync_locks),
+            (0, 0, 0, 0, 0)
+        );
     }
 }
 
@@ -743,17 +902,37 @@ proptest! {
 
 fn locals(evs: &[Ev]) -> Vec<LocalIo> {
     evs.iter()
-        .filter_map(|e| if let Ev::Local(io) = e { Some(*io) } else { None })
+        .filter_map(|e| {
+            if let Ev::Local(io) = e {
+                Some(*io)
+            } else {
+                None
+            }
+        })
         .collect()
 }
 
 fn maps(evs: &[Ev]) -> Vec<Vec<u8>> {
-    evs.iter().filter_map(|e| if let Ev::Map(m) = e { Some(m.clone()) } else { None }).collect()
+    evs.iter()
+        .filter_map(|e| {
+            if let Ev::Map(m) = e {
+                Some(m.clone())
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 fn completes(evs: &[Ev]) -> Vec<(u64, i32)> {
     evs.iter()
-        .filter_map(|e| if let Ev::Complete(c, err) = e { Some((*c, *err)) } else { None })
+        .filter_map(|e| {
+            if let Ev::Complete(c, err) = e {
+                Some((*c, *err))
+            } else {
+                None
+            }
+        })
         .collect()
 }
 
@@ -769,17 +948,26 @@ fn one_map_write_releases_every_waiting_write() {
     let s2 = core.submit(Cmd::Write, EXT, 512, 2).unwrap();
     let s3 = core.submit(Cmd::Write, 2 * EXT, 512, 3).unwrap();
     let s4 = core.submit(Cmd::Write, 3 * EXT + 512, 1024, 4).unwrap();
-    assert!(host.take().is_empty(), "they wait; still one map write in flight");
+    assert!(
+        host.take().is_empty(),
+        "they wait; still one map write in flight"
+    );
     assert_eq!(core.stats().q_mapwait, 4);
     core.map_done(0).unwrap();
     let ev = host.take();
-    assert_eq!(locals(&ev).iter().map(|io| io.seq).collect::<Vec<_>>(), vec![s1]);
+    assert_eq!(
+        locals(&ev).iter().map(|io| io.seq).collect::<Vec<_>>(),
+        vec![s1]
+    );
     let next = maps(&ev);
     assert_eq!(next.len(), 1, "one map write for all three waiting writes");
     assert_eq!(next[0][0] & 0x0f, 0x0f);
     core.map_done(0).unwrap();
     let ev = host.take();
-    assert_eq!(locals(&ev).iter().map(|io| io.seq).collect::<Vec<_>>(), vec![s2, s3, s4]);
+    assert_eq!(
+        locals(&ev).iter().map(|io| io.seq).collect::<Vec<_>>(),
+        vec![s2, s3, s4]
+    );
     assert_eq!(core.stats().activemap_updates, 2);
     assert_eq!(core.map(MapKind::Disk)[0] & 0x0f, 0x0f);
 }
@@ -791,13 +979,28 @@ fn memsync_acknowledges_on_received() {
     let seq = core.submit(Cmd::Write, 0, 4096, 9).unwrap();
     core.map_done(0).unwrap();
     let up = core.next_upcall().unwrap();
-    assert_eq!((up.kind, up.seq), (UpcallKind::Write { memsync: true }, seq));
+    assert_eq!(
+        (up.kind, up.seq),
+        (UpcallKind::Write { memsync: true }, seq)
+    );
     host.take();
     core.local_done(seq, 0).unwrap();
-    assert!(completes(&host.take()).is_empty(), "not before the peer received it");
+    assert!(
+        completes(&host.take()).is_empty(),
+        "not before the peer received it"
+    );
     core.remote_received(seq).unwrap();
-    assert_eq!(host.take().iter().filter(|e| matches!(e, Ev::Complete(9, 0))).count(), 1);
-    assert!(bit(&core.map(MapKind::Disk), 0), "extent stays marked until remote done");
+    assert_eq!(
+        host.take()
+            .iter()
+            .filter(|e| matches!(e, Ev::Complete(9, 0)))
+            .count(),
+        1
+    );
+    assert!(
+        bit(&core.map(MapKind::Disk), 0),
+        "extent stays marked until remote done"
+    );
     core.remote_done(seq, 0).unwrap();
     assert!(matches!(host.take()[..], [Ev::Release(9)]));
     assert!(!bit(&core.map(MapKind::Sync), 0));
@@ -811,11 +1014,17 @@ fn async_acknowledges_on_local_and_sends_in_order() {
     core.map_done(0).unwrap();
     let b = core.submit(Cmd::Write, 512, 512, 2).unwrap();
     let c = core.submit(Cmd::Delete, 1024, 512, 3).unwrap();
-    let order: Vec<u64> = std::iter::from_fn(|| core.next_upcall()).map(|u| u.seq).collect();
+    let order: Vec<u64> = std::iter::from_fn(|| core.next_upcall())
+        .map(|u| u.seq)
+        .collect();
     assert_eq!(order, vec![a, b, c]);
     host.take();
     core.local_done(b, 0).unwrap();
-    assert_eq!(completes(&host.take()), vec![(2, 0)], "async acks on local done");
+    assert_eq!(
+        completes(&host.take()),
+        vec![(2, 0)],
+        "async acks on local done"
+    );
     core.local_done(a, 0).unwrap();
     core.local_done(c, 0).unwrap();
     assert_eq!(completes(&host.take()), vec![(1, 0), (3, 0)]);
@@ -834,11 +1043,16 @@ fn extent_stays_dirty_after_remote_error() {
     core.map_done(0).unwrap();
     core.local_done(s, 0).unwrap();
     core.remote_done(s, EIO).unwrap();
-    assert!(completes(&host.take()).contains(&(1, 0)), "the client write succeeded locally");
+    assert!(
+        completes(&host.take()).contains(&(1, 0)),
+        "the client write succeeded locally"
+    );
     assert!(bit(&core.map(MapKind::Sync), 5));
     // Push extent 5 out of the keepdirty list: it must stay on disk.
     for (i, e) in [6u64, 7, 8].iter().enumerate() {
-        let s = core.submit(Cmd::Write, e * EXT, 512, 10 + i as u64).unwrap();
+        let s = core
+            .submit(Cmd::Write, e * EXT, 512, 10 + i as u64)
+            .unwrap();
         if host.take().iter().any(|e| matches!(e, Ev::Map(_))) {
             core.map_done(0).unwrap();
         }
@@ -848,7 +1062,10 @@ fn extent_stays_dirty_after_remote_error() {
     while host.take().iter().any(|e| matches!(e, Ev::Map(_))) {
         core.map_done(0).unwrap();
     }
-    assert!(bit(&core.map(MapKind::Disk), 5), "failed extent cleaned on disk");
+    assert!(
+        bit(&core.map(MapKind::Disk), 5),
+        "failed extent cleaned on disk"
+    );
     assert!(bit(&core.map(MapKind::Sync), 5));
     assert_eq!(core.stats().syncdirty, 1);
 }
@@ -860,7 +1077,10 @@ fn local_failure_with_remote_success_keeps_extent_marked() {
     let s = core.submit(Cmd::Write, 0, 512, 1).unwrap();
     core.map_done(0).unwrap();
     core.local_done(s, EIO).unwrap();
-    assert!(completes(&host.take()).is_empty(), "waits for the remote copy");
+    assert!(
+        completes(&host.take()).is_empty(),
+        "waits for the remote copy"
+    );
     core.remote_done(s, 0).unwrap();
     assert_eq!(completes(&host.take()), vec![(1, 0)]);
     assert!(bit(&core.map(MapKind::Sync), 0) && bit(&core.map(MapKind::Disk), 0));
@@ -894,8 +1114,14 @@ fn keepdirty_evicts_the_least_recently_used_extent() {
     assert_eq!(core.stats().activemap_updates, 3);
     // While extents 0, 3 and 4 are busy the list still holds only two
     // idle ones; when they finish, only the two most recent stay marked.
-    let busy: Vec<u64> =
-        [0u64, 3, 4].iter().enumerate().map(|(i, e)| core.submit(Cmd::Write, e * EXT, 512, 20 + i as u64).unwrap()).collect();
+    let busy: Vec<u64> = [0u64, 3, 4]
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            core.submit(Cmd::Write, e * EXT, 512, 20 + i as u64)
+                .unwrap()
+        })
+        .collect();
     while !maps(&host.take()).is_empty() {
         core.map_done(0).unwrap();
     }
@@ -906,7 +1132,11 @@ fn keepdirty_evicts_the_least_recently_used_extent() {
     while !maps(&host.take()).is_empty() {
         core.map_done(0).unwrap();
     }
-    assert_eq!(core.map(MapKind::Disk)[0], 0b11000, "only extents 3 and 4 kept");
+    assert_eq!(
+        core.map(MapKind::Disk)[0],
+        0b11000,
+        "only extents 3 and 4 kept"
+    );
 }
 
 #[test]
@@ -919,10 +1149,22 @@ fn first_write_of_an_outage_waits_for_the_bump() {
     assert_eq!(core.next_upcall().map(|u| u.kind), Some(UpcallKind::Bump));
     let b = core.submit(Cmd::Write, 512, 512, 2).unwrap();
     assert!(core.next_upcall().is_none(), "one bump per outage");
-    assert!(locals(&host.take()).is_empty(), "held until the bump is persisted");
+    assert!(
+        locals(&host.take()).is_empty(),
+        "held until the bump is persisted"
+    );
     core.bump_done(0).unwrap();
-    assert_eq!(locals(&host.take()).iter().map(|io| io.seq).collect::<Vec<_>>(), vec![a, b]);
-    assert!(core.next_upcall().is_none(), "nothing sent to a missing peer");
+    assert_eq!(
+        locals(&host.take())
+            .iter()
+            .map(|io| io.seq)
+            .collect::<Vec<_>>(),
+        vec![a, b]
+    );
+    assert!(
+        core.next_upcall().is_none(),
+        "nothing sent to a missing peer"
+    );
     core.local_done(a, 0).unwrap();
     core.local_done(b, 0).unwrap();
     assert_eq!(completes(&host.take()), vec![(1, 0), (2, 0)]);
@@ -943,13 +1185,19 @@ fn sync_lock_and_writes_wait_for_each_other() {
     core.map_done(0).unwrap();
     while core.next_upcall().is_some() {}
     let l = core.sync_lock(0, EXT).unwrap();
-    assert!(core.next_upcall().is_none(), "lock waits for the write in flight");
+    assert!(
+        core.next_upcall().is_none(),
+        "lock waits for the write in flight"
+    );
     let w2 = core.submit(Cmd::Write, 1024, 512, 2).unwrap();
     core.local_done(w, 0).unwrap();
     core.remote_done(w, 0).unwrap();
     let up = core.next_upcall().unwrap();
     assert_eq!((up.kind, up.seq), (UpcallKind::SyncLocked, l));
-    assert!(!locals(&host.take()).iter().any(|io| io.seq == w2), "write waits for the lock");
+    assert!(
+        !locals(&host.take()).iter().any(|io| io.seq == w2),
+        "write waits for the lock"
+    );
     let io = core.sync_io(l, Cmd::Read, 0, EXT, 5).unwrap();
     let ev = host.take();
     assert_eq!(locals(&ev)[0].seq, io);
@@ -968,14 +1216,26 @@ fn failed_resync_chunk_leaves_extent_dirty() {
     let mut peer = vec![0u8; core.map_size()];
     peer[0] = 0b1000;
     core.map_merge(&peer).unwrap();
-    assert!(maps(&host.take()).len() == 1, "merged extents are written to disk");
+    assert!(
+        maps(&host.take()).len() == 1,
+        "merged extents are written to disk"
+    );
     core.map_done(0).unwrap();
     let l = core.sync_lock(3 * EXT, EXT).unwrap();
-    assert_eq!(core.next_upcall().map(|u| u.kind), Some(UpcallKind::SyncLocked));
+    assert_eq!(
+        core.next_upcall().map(|u| u.kind),
+        Some(UpcallKind::SyncLocked)
+    );
     let io = core.sync_io(l, Cmd::Write, 3 * EXT, EXT, 0).unwrap();
     core.local_done(io, EIO).unwrap();
-    assert_eq!(core.next_upcall().map(|u| u.kind), Some(UpcallKind::SyncIoDone { error: EIO }));
-    assert_eq!(core.sync_release(l, true), Err(CoreError::Failed("sync_release")));
+    assert_eq!(
+        core.next_upcall().map(|u| u.kind),
+        Some(UpcallKind::SyncIoDone { error: EIO })
+    );
+    assert_eq!(
+        core.sync_release(l, true),
+        Err(CoreError::Failed("sync_release"))
+    );
     assert!(bit(&core.map(MapKind::Sync), 3) && bit(&core.map(MapKind::Disk), 3));
     // A good pass clears it, and the map is rewritten clean.
     let l = core.sync_lock(3 * EXT, EXT).unwrap();
@@ -1001,7 +1261,10 @@ fn link_loss_fails_remote_halves_and_keeps_extents_dirty() {
     assert!(completes(&host.take()).is_empty());
     let ups: Vec<_> = std::iter::from_fn(|| core.next_upcall()).collect();
     assert_eq!(ups.last().map(|u| u.kind), Some(UpcallKind::Bump));
-    assert_eq!(core.remote_done(s, 0), Err(CoreError::UnknownSeq("remote_done", s)));
+    assert_eq!(
+        core.remote_done(s, 0),
+        Err(CoreError::UnknownSeq("remote_done", s))
+    );
     core.bump_done(0).unwrap();
     assert_eq!(completes(&host.take()), vec![(1, 0)]);
     assert!(bit(&core.map(MapKind::Sync), 2) && bit(&core.map(MapKind::Disk), 2));
@@ -1034,13 +1297,147 @@ fn stale_reads_go_to_the_peer() {
 #[test]
 fn rejects_bad_requests_and_busy_close() {
     let (core, _host) = new_core(Mode::FullSync, 4);
-    assert_eq!(core.submit(Cmd::Write, 100, 512, 1), Err(CoreError::Invalid("submit")));
-    assert_eq!(core.submit(Cmd::Write, MEDIA - 512, 1024, 1), Err(CoreError::Invalid("submit")));
-    assert_eq!(core.submit(Cmd::Read, 0, 0, 1), Err(CoreError::Invalid("submit")));
-    assert_eq!(core.submit(Cmd::Flush, 512, 0, 1), Err(CoreError::Invalid("submit")));
+    assert_eq!(
+        core.submit(Cmd::Write, 100, 512, 1),
+        Err(CoreError::Invalid("submit"))
+    );
+    assert_eq!(
+        core.submit(Cmd::Write, MEDIA - 512, 1024, 1),
+        Err(CoreError::Invalid("submit"))
+    );
+    assert_eq!(
+        core.submit(Cmd::Read, 0, 0, 1),
+        Err(CoreError::Invalid("submit"))
+    );
+    assert_eq!(
+        core.submit(Cmd::Flush, 512, 0, 1),
+        Err(CoreError::Invalid("submit"))
+    );
     core.set_link(true);
     let _ = core.submit(Cmd::Write, 0, 512, 1).unwrap();
-    let Err((core, e)) = core.close() else { panic!("closed with a write in flight") };
+    let Err((core, e)) = core.close() else {
+        panic!("closed with a write in flight")
+    };
     assert_eq!(e, CoreError::Busy("close"));
     drop(core);
+}
+
+/// A host that completes everything from inside the callbacks (re-entering
+/// the core), driven by several client threads and an engine thread.
+struct EchoHost {
+    core: std::sync::OnceLock<std::sync::Weak<Core>>,
+    completed: Mutex<BTreeMap<u64, i32>>,
+    released: std::sync::atomic::AtomicU64,
+}
+
+impl EchoHost {
+    fn core(&self) -> Arc<Core> {
+        self.core.get().and_then(|w| w.upgrade()).unwrap()
+    }
+}
+
+impl CoreHost for EchoHost {
+    fn local_io(&self, io: LocalIo) {
+        self.core().local_done(io.seq, 0).unwrap();
+    }
+    fn map_write(&self, _map: &[u8]) {
+        self.core().map_done(0).unwrap();
+    }
+    fn complete(&self, cookie: u64, error: i32) {
+        let prev = self.completed.lock().unwrap().insert(cookie, error);
+        assert!(prev.is_none(), "request {cookie} completed twice");
+    }
+    fn release(&self, _cookie: u64) {
+        self.released
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn callbacks_may_reenter_the_core_from_many_threads() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const THREADS: u64 = 4;
+    const PER: u64 = 500;
+    let host = Arc::new(EchoHost {
+        core: std::sync::OnceLock::new(),
+        completed: Mutex::new(BTreeMap::new()),
+        released: Default::default(),
+    });
+    let core = Arc::new(
+        Core::new(
+            Params {
+                mediasize: MEDIA,
+                extentsize: EXT as u32,
+                sectorsize: SECT as u32,
+                keepdirty: 3,
+                mode: Mode::MemSync,
+            },
+            host.clone(),
+        )
+        .unwrap(),
+    );
+    host.core.set(Arc::downgrade(&core)).ok().unwrap();
+    core.set_link(true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let engine = {
+        let core = core.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || loop {
+            match core.next_upcall() {
+                Some(up) => match up.kind {
+                    UpcallKind::Write { memsync: true } => {
+                        core.remote_received(up.seq).unwrap();
+                        core.remote_done(up.seq, 0).unwrap();
+                    }
+                    UpcallKind::Bump => core.bump_done(0).unwrap(),
+                    _ => core.remote_done(up.seq, 0).unwrap(),
+                },
+                None if stop.load(Ordering::SeqCst) => break,
+                None => std::thread::yield_now(),
+            }
+        })
+    };
+    let clients: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let core = core.clone();
+            std::thread::spawn(move || {
+                for i in 0..PER {
+                    let n = t * PER + i;
+                    let cmd = [Cmd::Write, Cmd::Write, Cmd::Read, Cmd::Delete, Cmd::Flush]
+                        [(n % 5) as usize];
+                    let (off, len) = if cmd == Cmd::Flush {
+                        (0, 0)
+                    } else {
+                        ((n * 7 % 80) * SECT, SECT * (1 + n % 9))
+                    };
+                    core.submit(cmd, off, len, n).unwrap();
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    while core.stats().q_recv + core.stats().q_send + core.stats().q_local > 0 {
+        std::thread::yield_now();
+    }
+    stop.store(true, Ordering::SeqCst);
+    engine.join().unwrap();
+    let done = host.completed.lock().unwrap().clone();
+    assert_eq!(done.len() as u64, THREADS * PER, "every request answered");
+    assert!(done.values().all(|&e| e == 0));
+    assert_eq!(host.released.load(Ordering::SeqCst), THREADS * PER);
+    assert_eq!(
+        core.map(MapKind::Sync),
+        vec![0u8; core.map_size()],
+        "nothing left to sync"
+    );
+    assert_eq!(core.map(MapKind::Disk), core.map(MapKind::Dirty));
+    let st = core.stats();
+    assert_eq!(
+        (st.writes + st.reads + st.deletes + st.flushes),
+        THREADS * PER
+    );
+    let core = Arc::try_unwrap(core).ok().unwrap();
+    assert!(core.close().is_ok());
 }
