@@ -143,8 +143,9 @@ int	hast_core_create(const struct hast_core_params *params,
 
 /*
  * Destroy an idle instance.  Returns HAST_EBUSY (and destroys nothing)
- * while a request, sync lock, sync I/O, map write or queued callback
- * exists; the host must finish or fail them first.
+ * while a request, sync lock, sync I/O, map write, queued upcall or
+ * callback, or an unanswered HAST_UP_BUMP exists; the host and the engine
+ * must finish or fail them first.
  */
 int	hast_core_destroy(struct hast_core *hc);
 
