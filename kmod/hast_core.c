@@ -1327,7 +1327,7 @@ int
 hast_core_map_merge(struct hast_core *hc, const uint8_t *buf, uint32_t size)
 {
 	uint32_t i;
-	uint8_t add;
+	uint8_t add, ondisk;
 
 	if (size < hc->hc_mapsize || buf == NULL)
 		return (HAST_EINVAL);
@@ -1338,7 +1338,11 @@ hast_core_map_merge(struct hast_core *hc, const uint8_t *buf, uint32_t size)
 		if (add == 0)
 			continue;
 		hc->hc_syncmap[i] |= add;
-		if ((add & hc->hc_diskmap[i]) != add)
+		/* Marked on disk and kept by the map write in flight? */
+		ondisk = hc->hc_diskmap[i];
+		if (hc->hc_map_inflight)
+			ondisk &= hc->hc_mapbuf[i];
+		if ((add & ondisk) != add)
 			hc->hc_map_want = 1;
 	}
 	hc_leave(hc);

@@ -19,12 +19,13 @@
  *
  * Life of a regular write (or delete):
  *  1. hast_core_submit() -> seq.  The write waits while
- *     - the link is down and this outage's localcnt bump is not persisted
- *       (the first such write queues HAST_UP_BUMP; hast_core_bump_done()),
  *     - a sync range lock overlapping it is held or waiting,
- *     - one of its extents is not yet marked on disk: a map write is issued
+ *     - one of its extents is not yet marked on disk (or the map write in
+ *       flight is about to clear it): a map write is issued
  *       (hco_map_write) and every write arriving while it is in flight waits
- *       for the next one; hast_core_map_done() releases all of them at once.
+ *       for the next one; hast_core_map_done() releases all of them at once,
+ *     - the link is down and this outage's localcnt bump is not persisted
+ *       (the first such write queues HAST_UP_BUMP; hast_core_bump_done()).
  *  2. The core issues the local half (hco_local_io) and, when the link is
  *     up, queues the remote half (HAST_UP_WRITE/DELETE) for the engine.
  *  3. hast_core_local_done(), hast_core_remote_received() and
@@ -36,12 +37,21 @@
  *                   order of the upcall queue).
  *     A remote failure, a lost link or a write never sent counts as remote
  *     "done" for the rule, and its extents stay dirty in the syncmap and on
- *     disk.  A local failure waits for the remote result; the client sees
- *     success when the remote copy succeeded (the local copy is marked for
- *     repair) and the local error otherwise.
+ *     disk.  A "received" followed by a remote error or a lost link no
+ *     longer counts.  A write whose only good copy is local is answered
+ *     only once the current outage's localcnt bump is persisted (so a
+ *     promoted peer cannot silently win over acknowledged data).  A local
+ *     failure waits for the remote result; the client sees success when the
+ *     remote copy succeeded (the local copy is marked for repair) and the
+ *     local error otherwise.
  *  4. When both halves are finished hco_release tells the host that the
  *     core no longer refers to the request's cookie (data must stay valid
  *     until then: in async mode the engine may still send it after the ack).
+ *
+ * Map writes: the bitmap written is memmap | keepdirty list | syncmap.  It
+ * is written when an extent must become marked, and lazily when an idle
+ * extent leaves it (keepdirty eviction, a finished write outside the list,
+ * a cleared sync range); a write that would change nothing is skipped.
  *
  * Reads go to the local disk unless the local copy is stale (direction
  * HAST_SYNC_FROM_PEER and the extent is in the syncmap) or the local read
@@ -133,8 +143,9 @@ int	hast_core_create(const struct hast_core_params *params,
 
 /*
  * Destroy an idle instance.  Returns HAST_EBUSY (and destroys nothing)
- * while a request, sync lock, sync I/O, map write or queued callback
- * exists; the host must finish or fail them first.
+ * while a request, sync lock, sync I/O, map write, queued upcall or
+ * callback, or an unanswered HAST_UP_BUMP exists; the host and the engine
+ * must finish or fail them first.
  */
 int	hast_core_destroy(struct hast_core *hc);
 
@@ -174,7 +185,9 @@ int	hast_core_remote_done(struct hast_core *hc, uint64_t seq, int32_t error);
  * The map write last handed to hco_map_write finished.  On success the
  * written bitmap becomes the diskmap and every write waiting for it is
  * issued; on error those writes fail with HAST_EIO (nothing was written) and
- * the diskmap keeps its old value.  HAST_EINVAL if no map write is in flight.
+ * the diskmap keeps its old value; writes that arrived later get a new map
+ * write, and nothing else retries.  HAST_EINVAL if no map write is in
+ * flight.
  */
 int	hast_core_map_done(struct hast_core *hc, int32_t error);
 
@@ -204,8 +217,11 @@ int	hast_core_set_mode(struct hast_core *hc, uint32_t mode);
 
 /*
  * Take the oldest upcall: returns 1 and fills *up, or 0 if the queue is
- * empty.  Upcalls of requests leave in submission order (async replication
- * relies on it).  Taking HAST_UP_SYNC_IO_DONE ends that sync I/O.
+ * empty.  Remote requests leave in the order their local halves were
+ * issued, so a request submitted after another was acknowledged is always
+ * behind it (async replication relies on it).  Taking
+ * HAST_UP_SYNC_IO_DONE ends that sync I/O.  The engine must answer every
+ * request upcall (remote_done), and every HAST_UP_BUMP (bump_done).
  */
 int	hast_core_upcall_next(struct hast_core *hc, struct hast_abi_upcall *up);
 
@@ -243,7 +259,8 @@ int	hast_core_map_merge(struct hast_core *hc, const uint8_t *buf,
  * that seq is queued once no regular write overlapping the range is in
  * flight.  From the request on, overlapping regular writes wait until the
  * release.  Lock whole extents: only extents the range covers completely can
- * be cleared.
+ * be cleared.  A lock asked for while the link is down is failed from the
+ * start (its release cannot clear).
  */
 int	hast_core_sync_lock(struct hast_core *hc, uint64_t offset,
 	    uint64_t length, uint64_t *seqp);

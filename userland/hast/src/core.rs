@@ -201,7 +201,8 @@ pub struct Stats {
 
 /// The host side of a core: called without the core's lock held, from
 /// whichever thread is inside the core. Callbacks must not block; they may
-/// call back into the [`Core`].
+/// call back into the [`Core`]. They must not panic: a panic cannot unwind
+/// through the C core and aborts the process.
 pub trait CoreHost: Send + Sync {
     /// Issue this I/O on the local provider.
     fn local_io(&self, io: LocalIo);

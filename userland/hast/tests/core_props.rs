@@ -317,7 +317,7 @@ impl Model {
                 nsect,
             } => {
                 let cmd = match cmd {
-                    0 | 1 | 2 => Cmd::Write,
+                    0..=2 => Cmd::Write,
                     3 | 4 => Cmd::Read,
                     5 | 6 => Cmd::Delete,
                     _ => Cmd::Flush,
@@ -1320,4 +1320,124 @@ fn rejects_bad_requests_and_busy_close() {
     };
     assert_eq!(e, CoreError::Busy("close"));
     drop(core);
+}
+
+/// A host that completes everything from inside the callbacks (re-entering
+/// the core), driven by several client threads and an engine thread.
+struct EchoHost {
+    core: std::sync::OnceLock<std::sync::Weak<Core>>,
+    completed: Mutex<BTreeMap<u64, i32>>,
+    released: std::sync::atomic::AtomicU64,
+}
+
+impl EchoHost {
+    fn core(&self) -> Arc<Core> {
+        self.core.get().and_then(|w| w.upgrade()).unwrap()
+    }
+}
+
+impl CoreHost for EchoHost {
+    fn local_io(&self, io: LocalIo) {
+        self.core().local_done(io.seq, 0).unwrap();
+    }
+    fn map_write(&self, _map: &[u8]) {
+        self.core().map_done(0).unwrap();
+    }
+    fn complete(&self, cookie: u64, error: i32) {
+        let prev = self.completed.lock().unwrap().insert(cookie, error);
+        assert!(prev.is_none(), "request {cookie} completed twice");
+    }
+    fn release(&self, _cookie: u64) {
+        self.released
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn callbacks_may_reenter_the_core_from_many_threads() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const THREADS: u64 = 4;
+    const PER: u64 = 500;
+    let host = Arc::new(EchoHost {
+        core: std::sync::OnceLock::new(),
+        completed: Mutex::new(BTreeMap::new()),
+        released: Default::default(),
+    });
+    let core = Arc::new(
+        Core::new(
+            Params {
+                mediasize: MEDIA,
+                extentsize: EXT as u32,
+                sectorsize: SECT as u32,
+                keepdirty: 3,
+                mode: Mode::MemSync,
+            },
+            host.clone(),
+        )
+        .unwrap(),
+    );
+    host.core.set(Arc::downgrade(&core)).ok().unwrap();
+    core.set_link(true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let engine = {
+        let core = core.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || loop {
+            match core.next_upcall() {
+                Some(up) => match up.kind {
+                    UpcallKind::Write { memsync: true } => {
+                        core.remote_received(up.seq).unwrap();
+                        core.remote_done(up.seq, 0).unwrap();
+                    }
+                    UpcallKind::Bump => core.bump_done(0).unwrap(),
+                    _ => core.remote_done(up.seq, 0).unwrap(),
+                },
+                None if stop.load(Ordering::SeqCst) => break,
+                None => std::thread::yield_now(),
+            }
+        })
+    };
+    let clients: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let core = core.clone();
+            std::thread::spawn(move || {
+                for i in 0..PER {
+                    let n = t * PER + i;
+                    let cmd = [Cmd::Write, Cmd::Write, Cmd::Read, Cmd::Delete, Cmd::Flush]
+                        [(n % 5) as usize];
+                    let (off, len) = if cmd == Cmd::Flush {
+                        (0, 0)
+                    } else {
+                        ((n * 7 % 80) * SECT, SECT * (1 + n % 9))
+                    };
+                    core.submit(cmd, off, len, n).unwrap();
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    while core.stats().q_recv + core.stats().q_send + core.stats().q_local > 0 {
+        std::thread::yield_now();
+    }
+    stop.store(true, Ordering::SeqCst);
+    engine.join().unwrap();
+    let done = host.completed.lock().unwrap().clone();
+    assert_eq!(done.len() as u64, THREADS * PER, "every request answered");
+    assert!(done.values().all(|&e| e == 0));
+    assert_eq!(host.released.load(Ordering::SeqCst), THREADS * PER);
+    assert_eq!(
+        core.map(MapKind::Sync),
+        vec![0u8; core.map_size()],
+        "nothing left to sync"
+    );
+    assert_eq!(core.map(MapKind::Disk), core.map(MapKind::Dirty));
+    let st = core.stats();
+    assert_eq!(
+        (st.writes + st.reads + st.deletes + st.flushes),
+        THREADS * PER
+    );
+    let core = Arc::try_unwrap(core).ok().unwrap();
+    assert!(core.close().is_ok());
 }
