@@ -53,6 +53,13 @@ impl From<Output> for Run {
     }
 }
 
+/// A TCP port on `ip` that nothing listens on right now (bind port 0, read
+/// the port, release it).
+pub fn free_port(ip: &str) -> u16 {
+    let l = std::net::TcpListener::bind((ip, 0)).expect("bind an ephemeral port");
+    l.local_addr().expect("local address").port()
+}
+
 /// Create a sparse file of `size` bytes.
 pub fn sparse_file(path: &Path, size: u64) {
     let f = fs::File::create(path).expect("create provider file");

@@ -16,11 +16,12 @@ const GIB: u64 = 1 << 30;
 /// the hook logging to `dir/hooks.log`.
 fn config_text(dir: &Path, names: &[&str]) -> String {
     let d = dir.display();
+    let (pa, pb) = ports(dir);
     let mut s = format!(
         "# two nodes on one machine\n\
          exec {d}/hook.sh\n\
-         on alpha {{\n\tcontrol uds://{d}/alpha.ctl\n\tpidfile {d}/alpha.pid\n\tlisten tcp4://127.0.0.1:0\n}}\n\
-         on beta {{\n\tcontrol uds://{d}/beta.ctl\n\tpidfile {d}/beta.pid\n\tlisten tcp4://127.0.0.2:0\n}}\n"
+         on alpha {{\n\tcontrol uds://{d}/alpha.ctl\n\tpidfile {d}/alpha.pid\n\tlisten tcp4://127.0.0.1:{pa}\n}}\n\
+         on beta {{\n\tcontrol uds://{d}/beta.ctl\n\tpidfile {d}/beta.pid\n\tlisten tcp4://127.0.0.2:{pb}\n}}\n"
     );
     for n in names {
         s.push_str(&format!(
@@ -30,6 +31,22 @@ fn config_text(dir: &Path, names: &[&str]) -> String {
         ));
     }
     s
+}
+
+/// The replication ports of the two nodes of the test in `dir`: chosen once
+/// and kept in the directory, so every rewrite of the configuration keeps
+/// them.
+fn ports(dir: &Path) -> (u16, u16) {
+    let f = dir.join("ports");
+    if let Ok(t) = fs::read_to_string(&f) {
+        let mut it = t.split_whitespace().filter_map(|p| p.parse().ok());
+        if let (Some(a), Some(b)) = (it.next(), it.next()) {
+            return (a, b);
+        }
+    }
+    let (a, b) = (hast_tests::free_port("127.0.0.1"), hast_tests::free_port("127.0.0.2"));
+    fs::write(&f, format!("{a} {b}")).unwrap();
+    (a, b)
 }
 
 struct Setup {
