@@ -274,8 +274,9 @@ fn verify(header: &Header<'_>, payload: &[u8]) -> Result<(), PayloadErrorKind> {
         return Ok(());
     };
     let want = match algo {
+        Checksum::None => 0,
         Checksum::Crc32 => CRC32_LEN,
-        _ => SHA256_LEN,
+        Checksum::Sha256 => SHA256_LEN,
     };
     if received.len() != want {
         return Err(PayloadErrorKind::HashSize {
