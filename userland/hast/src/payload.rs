@@ -437,6 +437,12 @@ pub mod lzf {
     pub const MAX_LITERAL: usize = 32;
     const MIN_MATCH: usize = 3;
     const HASH_BITS: u32 = 14;
+    /// A literal run of 2^SKIP_SHIFT bytes makes the search step by 2, and
+    /// so on, up to 1 + MAX_SKIP.
+    const SKIP_SHIFT: u32 = 5;
+    const MAX_SKIP: usize = 31;
+    /// Positions at the end of a match that are indexed.
+    const INDEX_TAIL: usize = 4;
 
     /// A malformed LZF stream; `at` is the offset of the offending control
     /// byte in the stream.
@@ -554,7 +560,13 @@ pub mod lzf {
                 .checked_sub(1)
                 .filter(|&c| c < i && i - c <= MAX_DISTANCE && key_at(input, c) == Some(key));
             let Some(c) = found else {
-                i += 1;
+                // The longer the literal run, the less likely a match is
+                // near: step faster through incompressible data.
+                let pending = i - lit_start;
+                if out.len() - base + pending > budget {
+                    return false;
+                }
+                i += 1 + (pending >> SKIP_SHIFT).min(MAX_SKIP);
                 continue;
             };
             let max = (n - i).min(MAX_MATCH);
@@ -568,9 +580,10 @@ pub mod lzf {
             if !emit_match(out, i - c, len, base, budget) {
                 return false;
             }
-            // Index the positions the match covered (cheap, helps runs).
+            // Index the last positions the match covered, so what follows
+            // can refer back into it.
             let end = i + len;
-            let mut p = i + 1;
+            let mut p = (i + 1).max(end.saturating_sub(INDEX_TAIL));
             while p < end && p + MIN_MATCH <= n {
                 if let Some(s) = key_at(input, p).and_then(|k| table.get_mut(hash(k))) {
                     *s = pos_tag(p);
