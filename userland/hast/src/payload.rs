@@ -21,6 +21,11 @@
 //! Unlike the reference, a receiver never trusts a length from the wire: the
 //! decompressed size must equal the request's length, which must not exceed
 //! the negotiated maximum, and nothing is allocated before those checks.
+//! Malformed input is an error, never an abort (the reference asserts on an
+//! `lzf` payload of at most 4 bytes or announcing at most 1024; the latter is
+//! decodable and accepted here). The reference copies the CRC-32 in host
+//! byte order; every FreeBSD host HAST runs on in practice is little-endian,
+//! so it is sent and expected little-endian.
 
 use std::borrow::Cow;
 use std::fmt;
