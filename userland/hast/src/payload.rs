@@ -21,6 +21,11 @@
 //! Unlike the reference, a receiver never trusts a length from the wire: the
 //! decompressed size must equal the request's length, which must not exceed
 //! the negotiated maximum, and nothing is allocated before those checks.
+//! Malformed input is an error, never an abort (the reference asserts on an
+//! `lzf` payload of at most 4 bytes or announcing at most 1024; the latter is
+//! decodable and accepted here). The reference copies the CRC-32 in host
+//! byte order; every FreeBSD host HAST runs on in practice is little-endian,
+//! so it is sent and expected little-endian.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -274,8 +279,9 @@ fn verify(header: &Header<'_>, payload: &[u8]) -> Result<(), PayloadErrorKind> {
         return Ok(());
     };
     let want = match algo {
+        Checksum::None => 0,
         Checksum::Crc32 => CRC32_LEN,
-        _ => SHA256_LEN,
+        Checksum::Sha256 => SHA256_LEN,
     };
     if received.len() != want {
         return Err(PayloadErrorKind::HashSize {
@@ -436,6 +442,12 @@ pub mod lzf {
     pub const MAX_LITERAL: usize = 32;
     const MIN_MATCH: usize = 3;
     const HASH_BITS: u32 = 14;
+    /// A literal run of 2^SKIP_SHIFT bytes makes the search step by 2, and
+    /// so on, up to 1 + MAX_SKIP.
+    const SKIP_SHIFT: u32 = 5;
+    const MAX_SKIP: usize = 31;
+    /// Positions at the end of a match that are indexed.
+    const INDEX_TAIL: usize = 4;
 
     /// A malformed LZF stream; `at` is the offset of the offending control
     /// byte in the stream.
@@ -553,7 +565,13 @@ pub mod lzf {
                 .checked_sub(1)
                 .filter(|&c| c < i && i - c <= MAX_DISTANCE && key_at(input, c) == Some(key));
             let Some(c) = found else {
-                i += 1;
+                // The longer the literal run, the less likely a match is
+                // near: step faster through incompressible data.
+                let pending = i - lit_start;
+                if out.len() - base + pending > budget {
+                    return false;
+                }
+                i += 1 + (pending >> SKIP_SHIFT).min(MAX_SKIP);
                 continue;
             };
             let max = (n - i).min(MAX_MATCH);
@@ -567,9 +585,10 @@ pub mod lzf {
             if !emit_match(out, i - c, len, base, budget) {
                 return false;
             }
-            // Index the positions the match covered (cheap, helps runs).
+            // Index the last positions the match covered, so what follows
+            // can refer back into it.
             let end = i + len;
-            let mut p = i + 1;
+            let mut p = (i + 1).max(end.saturating_sub(INDEX_TAIL));
             while p < end && p + MIN_MATCH <= n {
                 if let Some(s) = key_at(input, p).and_then(|k| table.get_mut(hash(k))) {
                     *s = pos_tag(p);
