@@ -13,7 +13,7 @@ UNAME_S  := $(shell uname -s)
 
 DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
 	python3-libnbd nbdkit fio fuse3 nftables iproute2 mandoc \
-	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc
+	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc liblzf-dev
 PKG_PKGS = rust llvm qemu-tools libnbd fio shellcheck
 
 .PHONY: all build deps test test-rust test-scripts demo install clean

@@ -44,7 +44,10 @@ fn ports(dir: &Path) -> (u16, u16) {
             return (a, b);
         }
     }
-    let (a, b) = (hast_tests::free_port("127.0.0.1"), hast_tests::free_port("127.0.0.2"));
+    let (a, b) = (
+        hast_tests::free_port("127.0.0.1"),
+        hast_tests::free_port("127.0.0.2"),
+    );
     fs::write(&f, format!("{a} {b}")).unwrap();
     (a, b)
 }

@@ -392,7 +392,14 @@ impl Uhost {
         self.sync_submit(lock, Cmd::Write, off, len, SyncBuf::Write(data))
     }
 
-    fn sync_submit(&self, lock: u64, cmd: Cmd, off: u64, len: u64, buf: SyncBuf) -> Result<u64, CoreError> {
+    fn sync_submit(
+        &self,
+        lock: u64,
+        cmd: Cmd,
+        off: u64,
+        len: u64,
+        buf: SyncBuf,
+    ) -> Result<u64, CoreError> {
         let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
         self.inner
             .sync
@@ -488,7 +495,9 @@ impl Backend for Uhost {
         Box::pin(async move {
             let parts = self.pieces(off, u64::from(len));
             if parts.len() == 1 {
-                let data = self.submit_io(Cmd::Read, off, u64::from(len), Op::Read).await?;
+                let data = self
+                    .submit_io(Cmd::Read, off, u64::from(len), Op::Read)
+                    .await?;
                 return data.ok_or_else(|| io::Error::from_raw_os_error(libc::EIO));
             }
             let reads = parts
@@ -505,11 +514,14 @@ impl Backend for Uhost {
     fn write(&self, off: u64, data: Vec<u8>, fua: bool) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(async move {
             let data = Bytes::from(data);
-            let writes = self.pieces(off, data.len() as u64).into_iter().map(|(at, n)| {
-                let start = (at - off) as usize;
-                let piece = data.slice(start..start + n as usize);
-                self.submit_io(Cmd::Write, at, n, Op::Write { data: piece, fua })
-            });
+            let writes = self
+                .pieces(off, data.len() as u64)
+                .into_iter()
+                .map(|(at, n)| {
+                    let start = (at - off) as usize;
+                    let piece = data.slice(start..start + n as usize);
+                    self.submit_io(Cmd::Write, at, n, Op::Write { data: piece, fua })
+                });
             for r in join_all(writes).await {
                 r?;
             }

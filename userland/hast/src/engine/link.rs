@@ -81,7 +81,10 @@ pub struct Progress {
 /// Who waits for a wire seq's reply.
 enum Waiter {
     /// A client request's remote half (the core's seq).
-    Core { read_cookie: Option<u64>, length: u64 },
+    Core {
+        read_cookie: Option<u64>,
+        length: u64,
+    },
     /// A resync request; `read_len` is the length of a read, 0 for a write.
     Sync {
         tx: oneshot::Sender<(i16, Option<Vec<u8>>)>,
@@ -186,13 +189,14 @@ impl Replicator {
         let core = self.uhost.core();
         let cmd = match up.kind {
             UpcallKind::Bump => {
-                let error = match self.persist(|m| {
-                    m.localcnt = m.localcnt.saturating_add(1);
-                    if m.resuid == 0 {
-                        m.resuid = new_resuid();
-                    }
-                })
-                .await
+                let error = match self
+                    .persist(|m| {
+                        m.localcnt = m.localcnt.saturating_add(1);
+                        if m.resuid == 0 {
+                            m.resuid = new_resuid();
+                        }
+                    })
+                    .await
                 {
                     Ok(()) => 0,
                     Err(e) => {
@@ -224,7 +228,11 @@ impl Replicator {
         };
         let session = lock(&self.session).clone();
         let Some(session) = session else {
-            let error = if cmd == Cmd::Read { libc::EIO } else { libc::ENOTCONN };
+            let error = if cmd == Cmd::Read {
+                libc::EIO
+            } else {
+                libc::ENOTCONN
+            };
             let _ = core.remote_done(up.seq, error);
             return;
         };
@@ -381,7 +389,11 @@ impl Replicator {
     }
 
     /// The handshake; on success the two connections and the peer's answer.
-    async fn connect(&self, cfg: &ResourceConfig, remote: &Addr) -> Result<(TcpStream, TcpStream, Geometry), LinkError> {
+    async fn connect(
+        &self,
+        cfg: &ResourceConfig,
+        remote: &Addr,
+    ) -> Result<(TcpStream, TcpStream, Geometry), LinkError> {
         let timeout = Duration::from_secs(u64::from(cfg.timeout.max(1)));
         let limits = Limits {
             max_header: NV_MAX_SIZE,
@@ -409,7 +421,9 @@ impl Replicator {
         };
         let resuid = if virgin {
             let id = new_resuid();
-            self.persist(move |m| m.resuid = id).await.map_err(LinkError::Local)?;
+            self.persist(move |m| m.resuid = id)
+                .await
+                .map_err(LinkError::Local)?;
             id
         } else {
             resuid
@@ -431,9 +445,10 @@ impl Replicator {
             max_header: NV_MAX_SIZE,
             max_payload: mapsize,
         };
-        let (nv, map) = tokio::time::timeout(timeout, proto::read_frame_async(&mut out, map_limits))
-            .await
-            .map_err(|_| LinkError::Timeout(remote.to_string()))??;
+        let (nv, map) =
+            tokio::time::timeout(timeout, proto::read_frame_async(&mut out, map_limits))
+                .await
+                .map_err(|_| LinkError::Timeout(remote.to_string()))??;
         let geo = Geometry::from_nv(&nv)?;
         if u64::try_from(geo.datasize).ok() != Some(ours_size) {
             return Err(LinkError::Mismatch(format!(
@@ -463,7 +478,11 @@ impl Replicator {
     }
 
     /// Run a connected session until it fails.
-    async fn session(self: Arc<Self>, parts: (TcpStream, TcpStream, Geometry), cfg: &ResourceConfig) -> LinkError {
+    async fn session(
+        self: Arc<Self>,
+        parts: (TcpStream, TcpStream, Geometry),
+        cfg: &ResourceConfig,
+    ) -> LinkError {
         let (out, inc, geo) = parts;
         let (tx, rx) = mpsc::unbounded_channel();
         let waiters = Arc::new(Mutex::new(HashMap::new()));
@@ -502,7 +521,13 @@ impl Replicator {
     }
 
     /// Send one resync request and wait for the reply.
-    async fn sync_request(&self, cmd: Cmd, offset: u64, length: u64, data: Option<Bytes>) -> Result<Option<Vec<u8>>, LinkError> {
+    async fn sync_request(
+        &self,
+        cmd: Cmd,
+        offset: u64,
+        length: u64,
+        data: Option<Bytes>,
+    ) -> Result<Option<Vec<u8>>, LinkError> {
         let session = lock(&self.session).clone().ok_or(LinkError::Closed)?;
         let seq = self.sync_seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -532,7 +557,12 @@ impl Replicator {
 
     /// Synchronize one extent range under a sync lock, its chunks in
     /// parallel; the extent is cleared only when every chunk was confirmed.
-    async fn sync_extent(self: Arc<Self>, dir: SyncSrc, off: u64, len: u64) -> Result<u64, LinkError> {
+    async fn sync_extent(
+        self: Arc<Self>,
+        dir: SyncSrc,
+        off: u64,
+        len: u64,
+    ) -> Result<u64, LinkError> {
         let core = self.uhost.core().clone();
         let (tx, rx) = oneshot::channel();
         // Register before asking, so the grant cannot be missed.
@@ -576,7 +606,13 @@ impl Replicator {
         Ok(len)
     }
 
-    async fn sync_chunk(&self, dir: SyncSrc, lock_seq: u64, at: u64, n: u64) -> Result<(), LinkError> {
+    async fn sync_chunk(
+        &self,
+        dir: SyncSrc,
+        lock_seq: u64,
+        at: u64,
+        n: u64,
+    ) -> Result<(), LinkError> {
         match dir {
             SyncSrc::Primary => {
                 let (tx, rx) = oneshot::channel();
@@ -592,16 +628,22 @@ impl Replicator {
                 let error = rx.await.map_err(|_| LinkError::Closed)?;
                 let data = self.uhost.take_sync(cookie);
                 if error != 0 {
-                    return Err(LinkError::Local(format!("local read for resync failed: errno {error}")));
+                    return Err(LinkError::Local(format!(
+                        "local read for resync failed: errno {error}"
+                    )));
                 }
-                let data = data.ok_or_else(|| LinkError::Local("resync read returned no data".into()))?;
-                self.sync_request(Cmd::Write, at, n, Some(Bytes::from(data))).await?;
+                let data =
+                    data.ok_or_else(|| LinkError::Local("resync read returned no data".into()))?;
+                self.sync_request(Cmd::Write, at, n, Some(Bytes::from(data)))
+                    .await?;
             }
             SyncSrc::Secondary => {
                 let data = self
                     .sync_request(Cmd::Read, at, n, None)
                     .await?
-                    .ok_or_else(|| LinkError::Local("peer sent no data for a resync read".into()))?;
+                    .ok_or_else(|| {
+                        LinkError::Local("peer sent no data for a resync read".into())
+                    })?;
                 let (tx, rx) = oneshot::channel();
                 let cookie = {
                     let mut w = lock(&self.io_waiters);
@@ -615,7 +657,9 @@ impl Replicator {
                 let error = rx.await.map_err(|_| LinkError::Closed)?;
                 self.uhost.take_sync(cookie);
                 if error != 0 {
-                    return Err(LinkError::Local(format!("local write for resync failed: errno {error}")));
+                    return Err(LinkError::Local(format!(
+                        "local write for resync failed: errno {error}"
+                    )));
                 }
             }
         }
@@ -648,13 +692,18 @@ impl Replicator {
         *lock(&self.progress.started) = Some(Instant::now());
         if total > 0 {
             self.progress.active.store(true, Ordering::SeqCst);
-            tracing::info!("synchronization started: {total} bytes in {} extents", dirty.len());
+            tracing::info!(
+                "synchronization started: {total} bytes in {} extents",
+                dirty.len()
+            );
             hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncStart);
         }
         let sem = Arc::new(tokio::sync::Semaphore::new(SYNC_EXTENTS_IN_FLIGHT));
         let mut tasks = Vec::new();
         for e in dirty {
-            let Ok(permit) = sem.clone().acquire_owned().await else { break };
+            let Ok(permit) = sem.clone().acquire_owned().await else {
+                break;
+            };
             let me = self.clone();
             let off = e * extentsize;
             let len = extentsize.min(datasize - off);
@@ -776,7 +825,12 @@ async fn recv_loop(
         let data = if reply.error != 0 || expect == 0 {
             None
         } else {
-            match crate::payload::decode(&nv, payload, usize::try_from(expect).unwrap_or(usize::MAX), MAX_IO_BYTES) {
+            match crate::payload::decode(
+                &nv,
+                payload,
+                usize::try_from(expect).unwrap_or(usize::MAX),
+                MAX_IO_BYTES,
+            ) {
                 Ok(d) => Some(d),
                 Err(e) => return LinkError::Payload(e.to_string()),
             }
@@ -801,7 +855,10 @@ async fn recv_loop(
 }
 
 /// End the session when a request stays unanswered past the timeout.
-async fn watchdog(waiters: Arc<Mutex<HashMap<u64, (Waiter, Instant)>>>, timeout: Duration) -> LinkError {
+async fn watchdog(
+    waiters: Arc<Mutex<HashMap<u64, (Waiter, Instant)>>>,
+    timeout: Duration,
+) -> LinkError {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let late = lock(&waiters)

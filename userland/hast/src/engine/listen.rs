@@ -55,7 +55,9 @@ impl Listeners {
                         if target.is_ipv6()
                             && matches!(
                                 e.raw_os_error(),
-                                Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL) | Some(libc::EPROTONOSUPPORT)
+                                Some(libc::EAFNOSUPPORT)
+                                    | Some(libc::EADDRNOTAVAIL)
+                                    | Some(libc::EPROTONOSUPPORT)
                             ) =>
                     {
                         tracing::warn!("not listening on {addr}: {e}");
@@ -69,7 +71,10 @@ impl Listeners {
 
     /// The local addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.0.iter().filter_map(|(_, l)| l.local_addr().ok()).collect()
+        self.0
+            .iter()
+            .filter_map(|(_, l)| l.local_addr().ok())
+            .collect()
     }
 
     /// Accept on every socket; first headers go to `tx`. Returns the tasks.
@@ -133,12 +138,25 @@ async fn first_header(mut stream: TcpStream, peer: SocketAddr, tx: mpsc::Sender<
         max_header: NV_MAX_SIZE,
         max_payload: 0,
     };
-    match tokio::time::timeout(FIRST_HEADER_TIMEOUT, proto::read_frame_async(&mut stream, limits)).await {
+    match tokio::time::timeout(
+        FIRST_HEADER_TIMEOUT,
+        proto::read_frame_async(&mut stream, limits),
+    )
+    .await
+    {
         Ok(Ok((header, _))) => {
             let _ = stream.set_nodelay(true);
-            let _ = tx.send(Incoming { stream, peer, header }).await;
+            let _ = tx
+                .send(Incoming {
+                    stream,
+                    peer,
+                    header,
+                })
+                .await;
         }
         Ok(Err(e)) => tracing::error!("unable to receive the handshake header from {peer}: {e}"),
-        Err(_) => tracing::error!("no handshake header from {peer} within {FIRST_HEADER_TIMEOUT:?}"),
+        Err(_) => {
+            tracing::error!("no handshake header from {peer} within {FIRST_HEADER_TIMEOUT:?}")
+        }
     }
 }

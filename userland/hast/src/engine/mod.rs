@@ -205,7 +205,11 @@ impl Daemon {
                     return;
                 }
             };
-            match self.resources.iter_mut().find(|r| r.name() == attach.resource) {
+            match self
+                .resources
+                .iter_mut()
+                .find(|r| r.name() == attach.resource)
+            {
                 Some(res) if res.accepts_from(peer.ip()) => res.attach(stream, peer, attach),
                 _ => tracing::error!(
                     "client {peer} has no access to resource {:?}",
@@ -221,7 +225,11 @@ impl Daemon {
                 return;
             }
         };
-        let answer = match self.resources.iter_mut().find(|r| r.name() == hello.resource) {
+        let answer = match self
+            .resources
+            .iter_mut()
+            .find(|r| r.name() == hello.resource)
+        {
             None => {
                 tracing::error!("no resource {:?} as requested by {peer}", hello.resource);
                 refuse("Resource not configured.")

@@ -227,7 +227,13 @@ impl Resource {
         use crate::proto::write_frame_async;
         let role = self.role;
         let refusal = match (&mut self.active, role) {
-            (Some(Active { secondary: Some(sec), .. }), Role::Secondary) => {
+            (
+                Some(Active {
+                    secondary: Some(sec),
+                    ..
+                }),
+                Role::Secondary,
+            ) => {
                 if sec.session.is_some() || sec.pending.is_some() {
                     tracing::info!("new connection from {peer} replaces the current one");
                 }
@@ -287,22 +293,25 @@ impl Resource {
         let stats = sec.stats.clone();
         let name = cfg.name.clone();
         let span = tracing::info_span!("resource", name = %name);
-        sec.session = Some(tokio::spawn(tracing::Instrument::instrument(async move {
-            let mut conn1 = conn1;
-            match secondary::answer_attach(&mut conn1, &local, &attach).await {
-                Ok(decision) => {
-                    tracing::info!("[{name}] primary {peer} connected ({decision:?})");
-                    connected.store(true, Ordering::SeqCst);
-                    hooks::run(cfg.exec.as_deref(), &name, &Event::Connect);
-                    let _ = stream.set_nodelay(true);
-                    let why = secondary::serve(conn1, stream, local, stats).await;
-                    connected.store(false, Ordering::SeqCst);
-                    tracing::warn!("[{name}] primary {peer} disconnected: {why}");
-                    hooks::run(cfg.exec.as_deref(), &name, &Event::Disconnect);
+        sec.session = Some(tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let mut conn1 = conn1;
+                match secondary::answer_attach(&mut conn1, &local, &attach).await {
+                    Ok(decision) => {
+                        tracing::info!("[{name}] primary {peer} connected ({decision:?})");
+                        connected.store(true, Ordering::SeqCst);
+                        hooks::run(cfg.exec.as_deref(), &name, &Event::Connect);
+                        let _ = stream.set_nodelay(true);
+                        let why = secondary::serve(conn1, stream, local, stats).await;
+                        connected.store(false, Ordering::SeqCst);
+                        tracing::warn!("[{name}] primary {peer} disconnected: {why}");
+                        hooks::run(cfg.exec.as_deref(), &name, &Event::Disconnect);
+                    }
+                    Err(e) => tracing::error!("[{name}] connection from {peer} refused: {e}"),
                 }
-                Err(e) => tracing::error!("[{name}] connection from {peer} refused: {e}"),
-            }
-        }, span)));
+            },
+            span,
+        )));
     }
 
     /// Take changed replication settings in place (a primary on SIGHUP).
@@ -366,7 +375,11 @@ impl Resource {
             if !sec.connected.load(Ordering::SeqCst) {
                 return;
             }
-            let extentsize = active.md.lock().unwrap_or_else(|p| p.into_inner()).extentsize;
+            let extentsize = active
+                .md
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extentsize;
             nv.add_string(format!("status{no}"), "complete");
             nv.add_u64(format!("dirty{no}"), 0);
             nv.add_u32(format!("extentsize{no}"), extentsize);

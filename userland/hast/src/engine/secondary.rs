@@ -100,7 +100,11 @@ pub async fn answer_attach<W: AsyncWrite + Unpin>(
         Decision::SplitBrain => {
             let (nv, _) = refuse(SPLIT_BRAIN_MSG.to_string());
             proto::write_frame_async(conn_in, &nv, &[]).await?;
-            hooks::run(local.cfg.exec.as_deref(), &local.cfg.name, &Event::SplitBrain);
+            hooks::run(
+                local.cfg.exec.as_deref(),
+                &local.cfg.name,
+                &Event::SplitBrain,
+            );
             return Err(SessionError::Refused("split-brain detected".into()));
         }
         Decision::Adopt { resuid, map } => {
@@ -144,7 +148,9 @@ pub async fn answer_attach<W: AsyncWrite + Unpin>(
             let len = usize::try_from(mapsize).unwrap_or(0);
             tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; len];
-                provider.read_exact_at(&mut buf, METADATA_SIZE).map(|()| buf)
+                provider
+                    .read_exact_at(&mut buf, METADATA_SIZE)
+                    .map(|()| buf)
             })
             .await
             .map_err(|e| SessionError::Local(e.to_string()))?
@@ -254,10 +260,19 @@ where
         max_payload: usize::try_from(MAX_IO).unwrap_or(usize::MAX),
     };
     let (tx, mut rx) = mpsc::channel::<Outgoing>(MAX_INFLIGHT * 2);
+    let (compression, checksum) = (local.cfg.compression, local.cfg.checksum);
     let writer = tokio::spawn(async move {
         while let Some(out) = rx.recv().await {
-            let data = out.data.as_deref().unwrap_or(&[]);
-            if let Err(e) = proto::write_frame_async(&mut conn_out, &out.reply.to_nv(), data).await {
+            let mut nv = out.reply.to_nv();
+            let sent = match &out.data {
+                // Read data goes through the same pipeline as write data.
+                Some(d) => {
+                    let payload = crate::payload::encode(&mut nv, d, compression, checksum);
+                    proto::write_frame_async(&mut conn_out, &nv, &payload).await
+                }
+                None => proto::write_frame_async(&mut conn_out, &nv, &[]).await,
+            };
+            if let Err(e) = sent {
                 return Some(e);
             }
         }
@@ -307,7 +322,12 @@ where
             map_cleared = true;
         }
         let data = if req.cmd == Cmd::Write {
-            match crate::payload::decode(&nv, payload, usize::try_from(req.length).unwrap_or(usize::MAX), MAX_IO_BYTES) {
+            match crate::payload::decode(
+                &nv,
+                payload,
+                usize::try_from(req.length).unwrap_or(usize::MAX),
+                MAX_IO_BYTES,
+            ) {
                 Ok(d) => Some(Bytes::from(d)),
                 Err(e) => {
                     tracing::error!("request seq {}: {e}", req.seq);
@@ -357,7 +377,8 @@ where
             let at = localoff.saturating_add(req.offset);
             let len = req.length;
             let cmd = req.cmd;
-            let io = tokio::task::spawn_blocking(move || execute(&provider, cmd, at, len, data)).await;
+            let io =
+                tokio::task::spawn_blocking(move || execute(&provider, cmd, at, len, data)).await;
             inflight.remove(id);
             let (error, out) = match io {
                 Ok(Ok(out)) => (0, out),
@@ -376,7 +397,12 @@ where
             };
             bump(counter);
             if error != 0 {
-                tracing::error!("request failed: {}({}, {}): errno {error}", cmd.name(), req.offset, len);
+                tracing::error!(
+                    "request failed: {}({}, {}): errno {error}",
+                    cmd.name(),
+                    req.offset,
+                    len
+                );
             }
             let reply = Reply {
                 seq: req.seq,
