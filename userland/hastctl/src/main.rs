@@ -398,9 +398,45 @@ fn print_list(nv: &Nv) -> i32 {
             u64_field(nv, "done_queue_size", no),
             u64_field(nv, "idle_queue_size", no)
         );
+        if let Some(total) = nv.get_u64(&format!("sync_total{no}")) {
+            let _ = writeln!(
+                out,
+                "{}",
+                sync_line(
+                    total,
+                    u64_field(nv, "sync_done", no),
+                    u64_field(nv, "sync_msecs", no)
+                )
+            );
+        }
     }
     print!("{out}");
     ret
+}
+
+/// The resync progress line of `list` (this project's addition): percent
+/// done, rate and estimated time left.
+fn sync_line(total: u64, done: u64, msecs: u64) -> String {
+    let pct = if total == 0 {
+        100.0
+    } else {
+        done as f64 * 100.0 / total as f64
+    };
+    let rate = if msecs == 0 {
+        0
+    } else {
+        (done as u128 * 1000 / u128::from(msecs)) as u64
+    };
+    let eta = if rate == 0 {
+        "unknown".to_string()
+    } else {
+        let s = total.saturating_sub(done) / rate;
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    };
+    format!(
+        "  synchronization: {pct:.1}% done, {done} of {total} bytes, {}B/s, {eta} left",
+        humanize(rate)
+    )
 }
 
 fn print_status(nv: &Nv) -> i32 {
