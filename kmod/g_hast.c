@@ -103,6 +103,7 @@ struct g_hast_io {
 	struct bio		*gio_cbp;	/* local half, until issued */
 	uint64_t		 gio_lseq;	/* seq of the local half */
 	uint64_t		 gio_rseq;	/* seq of a taken peer read */
+	uint64_t		 gio_length;	/* bytes (bio_length at start) */
 	uint32_t		 gio_cmd;	/* HAST_CMD_* */
 	u_int			 gio_flags;	/* GIO_* */
 	u_int			 gio_holds;	/* ioctl threads on bio_data */
@@ -796,6 +797,7 @@ g_hast_start(struct bio *bp)
 	gio->gio_bp = bp;
 	gio->gio_cbp = cbp;
 	gio->gio_cmd = cmd;
+	gio->gio_length = length;
 	error = g_hast_enter(sc, 1);
 	if (error == 0) {
 		/* From here on gio belongs to the core's callbacks. */
@@ -1353,7 +1355,7 @@ g_hast_ctl_upcall(struct hast_abi_upcall *u)
 			up.hu_error = ENOMEM;
 			up.hu_datalen = up.hu_length;
 		} else {
-			KASSERT(up.hu_length == (uint64_t)gio->gio_bp->bio_length,
+			KASSERT(up.hu_length == gio->gio_length,
 			    ("%s: write length changed", __func__));
 			error = copyout(gio->gio_bp->bio_data,
 			    (void *)(uintptr_t)ubuf, (size_t)up.hu_length);
@@ -1390,8 +1392,7 @@ g_hast_remote_done(struct g_hast_softc *sc, struct hast_abi_downcall *d)
 			break;
 	}
 	if (gio != NULL) {
-		if (d->hd_error == 0 &&
-		    d->hd_datalen != (uint64_t)gio->gio_bp->bio_length) {
+		if (d->hd_error == 0 && d->hd_datalen != gio->gio_length) {
 			mtx_unlock(&sc->sc_mtx);
 			return (EINVAL);
 		}
@@ -1407,7 +1408,7 @@ g_hast_remote_done(struct g_hast_softc *sc, struct hast_abi_downcall *d)
 	rc = d->hd_error;
 	if (bp != NULL) {
 		error = copyin((void *)(uintptr_t)d->hd_data, bp->bio_data,
-		    (size_t)bp->bio_length);
+		    (size_t)gio->gio_length);
 		if (error != 0)
 			rc = error;
 		g_hast_unhold(sc, gio, 0);
