@@ -1656,7 +1656,45 @@ g_hast_ctl_stats(struct hast_abi_stats *s)
 }
 
 /*
- * Every struct starts with its uint32_t ABI version, checked first.
+ * The ioctl contract (what the engine's kernel transport relies on).
+ *
+ * Every struct starts with its uint32_t ABI version, checked first
+ * (EPROTONOSUPPORT); every command but STATS needs the device open for
+ * writing (EBADF).  A failing ioctl copies nothing back, so results that
+ * come with data are reported with a 0 return.  Unknown units: ENXIO.
+ *
+ * CREATE    names are bounded and checked (non-empty, [A-Za-z0-9._:+-],
+ *           '/' allowed in hc_local only); the local provider is opened
+ *           exclusively; the core starts with the link down and a localcnt
+ *           bump owed: LOAD the on-disk map before the first write.  Out:
+ *           hc_unit (never reused).
+ * DESTROY   EBUSY while hast/NAME is open.  Otherwise the link goes down,
+ *           the engine's sync locks are released (not cleared), pending
+ *           upcalls are dropped and a pending bump fails; once the local
+ *           I/O in flight has finished the instance goes away.  EBUSY if
+ *           that takes longer than G_HAST_DESTROY_WAIT seconds (the
+ *           instance then stays, with the link down).
+ * UPCALL    sleeps (interruptible) until an upcall exists.  WRITE: the
+ *           payload is copied to hu_data when hu_datalen >= hu_length, and
+ *           hu_datalen says how many bytes; otherwise hu_error = ENOMEM,
+ *           hu_datalen = the size needed, and the same upcall comes again
+ *           on the next call.  A copyout fault fails the remote half (the
+ *           extent stays dirty) and returns EFAULT.  hu_cookie is always 0.
+ *           In async mode a write is acknowledged to its client only once
+ *           its payload has been taken here (or its remote half ended).
+ * DOWNCALL  REMOTE_DONE of a peer READ with hd_error 0 needs hd_datalen ==
+ *           the read's length (else EINVAL, nothing changes) and copies
+ *           hd_data into the client's buffer.  Returns the core's answer
+ *           (ENOENT: that seq has no remote half any more, e.g. after a
+ *           link loss; the engine should ignore it).
+ * RANGE     LOCK -> hr_seq (granted later by a SYNC_LOCKED upcall).  IO
+ *           (at most G_HAST_SYNC_MAXIO bytes) reads into or writes from
+ *           hr_data and returns when the local I/O has finished, with its
+ *           error; hr_ioseq is the seq of the SYNC_IO_DONE upcall that also
+ *           follows and must be taken.  RELEASE with HAST_RANGEF_CLEAR.
+ * MAP       exactly hast_core_map_size() bytes; GET with hm_data 0 only
+ *           reports that size in hm_size.
+ * STATS     hast_core_stats().
  */
 static int
 g_hast_ioctl(struct cdev *dev, u_long cmd, caddr_t data, int fflag,
