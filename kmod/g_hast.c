@@ -160,6 +160,20 @@ struct g_hast_softc {
 	struct bio		*sc_flushbio;
 };
 
+/*
+ * Per open of /dev/hastctl: the units created through it.  When the engine
+ * goes away (its descriptor's last close) their link goes down, so that no
+ * client waits for a remote half nobody will finish.
+ */
+struct g_hast_owned {
+	LIST_ENTRY(g_hast_owned) ow_next;
+	uint64_t		 ow_unit;
+};
+
+struct g_hast_priv {
+	LIST_HEAD(, g_hast_owned) pv_units;	/* g_hast_mtx */
+};
+
 /* What to do with a g_hast_io after dropping sc_mtx. */
 struct g_hast_fin {
 	struct bio		*fin_bp;	/* deliver */
@@ -190,10 +204,12 @@ static struct g_class g_hast_class = {
 	.dumpconf =	g_hast_dumpconf,
 };
 
+static d_open_t g_hast_open;
 static d_ioctl_t g_hast_ioctl;
 
 static struct cdevsw g_hast_cdevsw = {
 	.d_version =	D_VERSION,
+	.d_open =	g_hast_open,
 	.d_ioctl =	g_hast_ioctl,
 	.d_name =	G_HAST_CTL_NAME,
 };
@@ -979,6 +995,65 @@ g_hast_free_softc(struct g_hast_softc *sc)
 	free(sc, M_HAST);
 }
 
+static void
+g_hast_priv_dtor(void *data)
+{
+	struct g_hast_priv *pv;
+	struct g_hast_owned *ow;
+	struct g_hast_softc *sc;
+
+	pv = data;
+	for (;;) {
+		mtx_lock(&g_hast_mtx);
+		ow = LIST_FIRST(&pv->pv_units);
+		if (ow != NULL)
+			LIST_REMOVE(ow, ow_next);
+		mtx_unlock(&g_hast_mtx);
+		if (ow == NULL)
+			break;
+		sc = g_hast_hold(ow->ow_unit);
+		free(ow, M_HAST);
+		if (sc == NULL)
+			continue;	/* destroyed meanwhile */
+		if (g_hast_enter(sc, 0) == 0) {
+			(void)hast_core_link(sc->sc_core, HAST_LINK_DOWN);
+			g_hast_exit(sc);
+		}
+		g_hast_rele(sc);
+	}
+	free(pv, M_HAST);
+}
+
+static int
+g_hast_open(struct cdev *dev, int oflags, int devtype, struct thread *td)
+{
+	struct g_hast_priv *pv;
+	int error;
+
+	pv = malloc(sizeof(*pv), M_HAST, M_WAITOK | M_ZERO);
+	LIST_INIT(&pv->pv_units);
+	error = devfs_set_cdevpriv(pv, g_hast_priv_dtor);
+	if (error != 0)
+		free(pv, M_HAST);
+	return (error);
+}
+
+/* Remember that the current descriptor created unit. */
+static void
+g_hast_own(uint64_t unit)
+{
+	struct g_hast_owned *ow;
+	struct g_hast_priv *pv;
+
+	if (devfs_get_cdevpriv((void **)&pv) != 0)
+		return;
+	ow = malloc(sizeof(*ow), M_HAST, M_WAITOK | M_ZERO);
+	ow->ow_unit = unit;
+	mtx_lock(&g_hast_mtx);
+	LIST_INSERT_HEAD(&pv->pv_units, ow, ow_next);
+	mtx_unlock(&g_hast_mtx);
+}
+
 static int
 g_hast_ctl_create(struct hast_abi_create *c)
 {
@@ -1667,7 +1742,9 @@ g_hast_ctl_stats(struct hast_abi_stats *s)
  *           '/' allowed in hc_local only); the local provider is opened
  *           exclusively; the core starts with the link down and a localcnt
  *           bump owed: LOAD the on-disk map before the first write.  Out:
- *           hc_unit (never reused).
+ *           hc_unit (never reused; also <Unit> in kern.geom.confxml, for
+ *           an engine that restarts).  When the last reference to the
+ *           descriptor that created it is closed, its link goes down.
  * DESTROY   EBUSY while hast/NAME is open.  Otherwise the link goes down,
  *           the engine's sync locks are released (not cleared), pending
  *           upcalls are dropped and a pending bump fails; once the local
@@ -1721,6 +1798,8 @@ g_hast_ioctl(struct cdev *dev, u_long cmd, caddr_t data, int fflag,
 	switch (cmd) {
 	case HAST_IOC_CREATE:
 		error = g_hast_ctl_create((struct hast_abi_create *)data);
+		if (error == 0)
+			g_hast_own(((struct hast_abi_create *)data)->hc_unit);
 		/*
 		 * The new provider is being tasted, which needs this very
 		 * device to answer: do not wait for GEOM to settle on the
