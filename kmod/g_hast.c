@@ -103,7 +103,7 @@ struct g_hast_io {
 	struct bio		*gio_cbp;	/* local half, until issued */
 	uint64_t		 gio_lseq;	/* seq of the local half */
 	uint64_t		 gio_rseq;	/* seq of a taken peer read */
-	uint64_t		 gio_length;	/* bytes (bio_length at start) */
+	uint64_t		 gio_length;	/* bio_length at start */
 	uint32_t		 gio_cmd;	/* HAST_CMD_* */
 	u_int			 gio_flags;	/* GIO_* */
 	u_int			 gio_holds;	/* ioctl threads on bio_data */
@@ -1851,8 +1851,11 @@ g_hast_modevent(module_t mod, int type, void *data)
 		mtx_unlock(&g_hast_mtx);
 		if (error != 0)
 			break;
-		/* Waits for threads inside g_hast_ioctl; none can sleep there
-		 * without an instance, and none is left. */
+		/*
+		 * Waits for threads inside g_hast_ioctl (none can sleep there
+		 * without an instance, and none is left) and runs the close
+		 * destructors of descriptors still open.
+		 */
 		if (g_hast_dev != NULL)
 			destroy_dev(g_hast_dev);
 		g_hast_dev = NULL;
