@@ -5,6 +5,9 @@
 #   make test    install what is needed, then run every test
 #   make demo    set up two nodes on this machine and walk through the main job
 #   make install install binaries, man pages and the sample configuration
+#   make kmod-check SYSDIR=/path/to/freebsd/sys
+#                compile-check the geom_hast kernel module against that tree
+#                (clang, kernel flags, -Werror, plain and INVARIANTS/WITNESS)
 
 CARGO    ?= cargo
 PREFIX   ?= /usr/local
@@ -16,7 +19,7 @@ DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
 	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc liblzf-dev
 PKG_PKGS = rust llvm qemu-tools libnbd fio shellcheck
 
-.PHONY: all build deps test test-rust test-scripts demo install clean
+.PHONY: all build deps test test-rust test-scripts demo install clean kmod-check
 
 all: build
 
@@ -60,6 +63,14 @@ install: build
 	install -m 0444 docs/hast.conf.5 $(DESTDIR)$(PREFIX)/share/man/man5/
 	install -m 0444 docs/hastd.8 docs/hastctl.8 $(DESTDIR)$(PREFIX)/share/man/man8/
 	install -m 0444 docs/hast.conf.sample $(DESTDIR)$(PREFIX)/share/examples/hast/
+
+kmod-check:
+	@if [ -z "$(SYSDIR)" ]; then \
+		echo "make kmod-check: SYSDIR is not set; give a FreeBSD sys/ tree," \
+		    "e.g. make kmod-check SYSDIR=/usr/src/sys" >&2; \
+		exit 2; \
+	fi
+	sh tests/kmod-check.sh $(SYSDIR)
 
 clean:
 	$(CARGO) clean
