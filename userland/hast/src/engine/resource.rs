@@ -166,12 +166,9 @@ impl Resource {
     }
 
     async fn activate(&mut self, role: Role) -> Result<(), RoleError> {
-        let provider = Provider::open(&self.cfg.local, true)?;
-        let mut md = Metadata::read(&provider, &self.cfg.name)?;
+        let provider = Arc::new(Provider::open(&self.cfg.local, true)?);
+        let md = Metadata::read(&provider, &self.cfg.name)?;
         let map = md.read_map(&provider)?;
-        md.prevrole = role;
-        md.write(&provider, self.cfg.metaflush)?;
-        let provider = Arc::new(provider);
         let md = Arc::new(Mutex::new(md));
         let primary = match role {
             Role::Primary => {
@@ -179,6 +176,19 @@ impl Resource {
             }
             _ => None,
         };
+        // The role is recorded only once the resource really has it.
+        let recorded = {
+            let mut m = md.lock().unwrap_or_else(|p| p.into_inner());
+            let mut next = m.clone();
+            next.prevrole = role;
+            next.write(&provider, self.cfg.metaflush).map(|()| *m = next)
+        };
+        if let Err(e) = recorded {
+            if let Some(p) = primary {
+                p.stop().await;
+            }
+            return Err(e.into());
+        }
         tracing::debug!(
             dirty = map.count(),
             "local provider {} opened",
