@@ -181,7 +181,8 @@ impl Resource {
             let mut m = md.lock().unwrap_or_else(|p| p.into_inner());
             let mut next = m.clone();
             next.prevrole = role;
-            next.write(&provider, self.cfg.metaflush).map(|()| *m = next)
+            next.write(&provider, self.cfg.metaflush)
+                .map(|()| *m = next)
         };
         if let Err(e) = recorded {
             if let Some(p) = primary {
