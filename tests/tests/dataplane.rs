@@ -1,0 +1,1284 @@
+//! The primary's data path as a user reaches it: hastd exports a degraded
+//! primary over NBD and real clients (qemu-io, qemu-img, nbdcopy, fio,
+//! python libnbd, nbdfuse + loop + ext4, and a raw socket client) read and
+//! write through it. Every test checks the bytes in the provider file, the
+//! on-disk activemap and metadata, and what `hastctl` reports.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fs;
+use std::io::BufRead;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hast_tests::{
+    bin, have, list_field, list_number, map_bits, nbdwire as w, python, python_spawn, run_timeout,
+    wait_for, ChildGuard, RawNbd, Run, Solo, PYTHON,
+};
+
+const MIB: u64 = 1 << 20;
+/// Time limit of one outside client run.
+const CLIENT_TIME: Duration = Duration::from_secs(120);
+
+/// Pseudo-random bytes (splitmix64), reproducible from `seed`.
+fn rand_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        v.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+fn ok(r: &Run, what: &str) {
+    assert_eq!(
+        r.code, 0,
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        r.code, r.stdout, r.stderr
+    );
+}
+
+fn qemu_io(target: &str, cmds: &[String]) -> Run {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    c.arg(target);
+    run_timeout(&mut c, CLIENT_TIME)
+}
+
+fn python_has_nbd() -> bool {
+    Command::new(PYTHON)
+        .args(["-c", "import nbd"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The extents `[off, off+len)` touches.
+fn extents_of(off: u64, len: u64, es: u64) -> std::ops::RangeInclusive<u64> {
+    off / es..=(off + len - 1) / es
+}
+
+/// The map area `[4096, localoff)` that has exactly the bits of `set`.
+fn expected_map(localoff: u64, set: &BTreeSet<u64>) -> Vec<u8> {
+    let mut m = vec![0u8; (localoff - 4096) as usize];
+    for &n in set {
+        m[(n / 8) as usize] |= 1 << (n % 8);
+    }
+    m
+}
+
+fn set_bits(bits: &[bool]) -> BTreeSet<u64> {
+    bits.iter()
+        .enumerate()
+        .filter(|(_, &b)| b)
+        .map(|(i, _)| i as u64)
+        .collect()
+}
+
+/// One 512-byte sector stamped with its export offset and a tag, the same
+/// layout the Python writers produce: offset (LE u64), tag (LE u64), then
+/// one fill byte.
+fn stamp(off: u64, tag: u64) -> Vec<u8> {
+    let mut s = Vec::with_capacity(512);
+    s.extend_from_slice(&off.to_le_bytes());
+    s.extend_from_slice(&tag.to_le_bytes());
+    s.resize(512, ((off / 512 + tag) % 251) as u8);
+    s
+}
+
+fn stamped(off: u64, len: u64, tag: u64) -> Vec<u8> {
+    (0..len / 512)
+        .flat_map(|i| stamp(off + i * 512, tag))
+        .collect()
+}
+
+/// Python: the same stamp, for the writers.
+const PY_STAMP: &str = r#"
+import struct
+def stamp(off, tag):
+    return struct.pack('<QQ', off, tag) + bytes([((off // 512) + tag) % 251]) * 496
+def stamped(off, length, tag):
+    return b''.join(stamp(off + i, tag) for i in range(0, length, 512))
+"#;
+
+/// A write issued both through the export and to a reference file.
+enum Wr {
+    Pattern(u64, u64, u8),
+    File(u64, u64, PathBuf),
+}
+
+impl Wr {
+    fn cmd(&self) -> String {
+        match self {
+            Wr::Pattern(o, l, p) => format!("write -P {p:#x} {o} {l}"),
+            Wr::File(o, l, f) => format!("write -s {} {o} {l}", f.display()),
+        }
+    }
+    fn range(&self) -> (u64, u64) {
+        match self {
+            Wr::Pattern(o, l, _) | Wr::File(o, l, _) => (*o, *l),
+        }
+    }
+    fn apply(&self, model: &mut [u8], base: u64) {
+        let (o, l) = self.range();
+        let dst = &mut model[(base + o) as usize..(base + o + l) as usize];
+        match self {
+            Wr::Pattern(_, _, p) => dst.fill(*p),
+            Wr::File(_, _, f) => dst.copy_from_slice(&fs::read(f).unwrap()[..l as usize]),
+        }
+    }
+}
+
+/// Several offsets and sizes: crossing extent boundaries (2 MiB extents),
+/// unaligned (qemu does read-modify-write), overlapping, random data from a
+/// file, and the last sector of the export.
+fn write_set(dir: &Path, datasize: u64) -> Vec<Wr> {
+    let rnd = dir.join("random.bin");
+    fs::write(&rnd, rand_bytes(128 << 10, 7)).unwrap();
+    vec![
+        Wr::Pattern(0, 64 << 10, 0x11),
+        Wr::Pattern(3 * MIB / 2, 3 * MIB, 0x33),
+        Wr::Pattern(2 * MIB - 4096, 8192, 0x22),
+        Wr::Pattern(1000, 3000, 0x44),
+        Wr::File(10 * MIB + 512, 128 << 10, rnd),
+        Wr::Pattern(datasize - 512, 512, 0x66),
+        Wr::Pattern(20 * MIB, MIB, 0x77),
+        Wr::Pattern(20 * MIB + 4096, 4096, 0x78),
+    ]
+}
+
+#[test]
+fn qemu_io_patterns_land_at_localoff_and_nowhere_else() {
+    let s = Solo::new(64 * MIB, &[]);
+    let (localoff, datasize, es) = s.geometry();
+    assert_eq!((localoff, datasize, es), (4608, 64 * MIB - 4608, 2 * MIB));
+    let dump_before = s.dump();
+    assert!(dump_before.contains("    localcnt: 0\n"), "{dump_before}");
+    let before = s.image();
+    let writes = write_set(&s.dir, datasize);
+    let mut cmds: Vec<String> = writes.iter().map(Wr::cmd).collect();
+    // Read back what must be there after the overlaps.
+    let mb = MIB;
+    for (p, o, l) in [
+        (0x11, 0, 1000),
+        (0x44, 1000, 3000),
+        (0x11, 4000, (64 << 10) - 4000),
+        (0x33, 3 * mb / 2, mb / 2 - 4096),
+        (0x22, 2 * mb - 4096, 8192),
+        (0x33, 2 * mb + 4096, 5 * mb / 2 - 4096),
+        (0x66, datasize - 512, 512),
+        (0x77, 20 * mb, 4096),
+        (0x78, 20 * mb + 4096, 4096),
+        (0x77, 20 * mb + 8192, mb - 8192),
+        (0x00, 30 * mb, 64 << 10),
+        (0x00, 64 << 10, 3 * mb / 2 - (64 << 10)),
+    ] {
+        cmds.push(format!("read -P {p:#x} {o} {l}"));
+    }
+    let r = qemu_io(&s.uri(), &cmds);
+    ok(&r, "qemu-io on the export");
+    assert!(!r.stdout.contains("failed"), "{}", r.stdout);
+    assert_eq!(
+        r.stdout.matches("wrote ").count(),
+        writes.len(),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(r.stdout.matches("read ").count(), 12, "{}", r.stdout);
+
+    // The provider: data area = model; map = the touched extents; file
+    // size unchanged.
+    let after = s.image();
+    assert_eq!(after.len(), before.len(), "the provider changed size");
+    let mut model = before.clone();
+    let mut touched = BTreeSet::new();
+    for wr in &writes {
+        wr.apply(&mut model, localoff);
+        let (o, l) = wr.range();
+        touched.extend(extents_of(o, l, es));
+    }
+    assert_eq!(
+        touched,
+        [0, 1, 2, 5, 10, 31].into_iter().collect::<BTreeSet<u64>>()
+    );
+    let lo = localoff as usize;
+    if after[lo..] != model[lo..] {
+        let first = (lo..after.len()).find(|&i| after[i] != model[i]).unwrap();
+        panic!(
+            "data area differs from the model first at file offset {first} (export offset {}): got {:#x}, want {:#x}",
+            first - lo,
+            after[first],
+            model[first]
+        );
+    }
+    assert_eq!(
+        after[4096..lo],
+        expected_map(localoff, &touched)[..],
+        "on-disk activemap is not exactly the written extents"
+    );
+    // Metadata: only localcnt changed (bumped once by the first write).
+    assert_eq!(
+        s.dump(),
+        dump_before.replace("    localcnt: 0\n", "    localcnt: 1\n")
+    );
+    let l = s.list();
+    assert_eq!(
+        list_number(&l, "dirty"),
+        Some(touched.len() as u64 * es),
+        "{l}"
+    );
+}
+
+#[test]
+fn qemu_img_compare_with_a_reference_image() {
+    let s = Solo::new(64 * MIB, &[]);
+    let (localoff, datasize, _) = s.geometry();
+    let reference = s.dir.join("ref.img");
+    hast_tests::sparse_file(&reference, datasize);
+    let writes = write_set(&s.dir, datasize);
+    let cmds: Vec<String> = writes.iter().map(Wr::cmd).collect();
+    ok(&qemu_io(&s.uri(), &cmds), "qemu-io on the export");
+    ok(
+        &qemu_io(reference.to_str().unwrap(), &cmds),
+        "qemu-io on the reference",
+    );
+    let compare = || {
+        run_timeout(
+            Command::new("qemu-img")
+                .args(["compare", "-f", "raw", "-F", "raw"])
+                .arg(&reference)
+                .arg(s.uri()),
+            CLIENT_TIME,
+        )
+    };
+    let r = compare();
+    ok(&r, "qemu-img compare");
+    assert!(r.stdout.contains("Images are identical"), "{}", r.stdout);
+
+    // One byte changed in the provider's data area is seen at its export
+    // offset.
+    let x = 20 * MIB + 12345;
+    let f = fs::OpenOptions::new().write(true).open(&s.img).unwrap();
+    f.write_at(&[0x77 ^ 0xff], localoff + x).unwrap();
+    let r = compare();
+    assert_eq!(r.code, 1, "a differing byte not detected: {r:?}");
+    let at: u64 = r
+        .stdout
+        .split("Content mismatch at offset ")
+        .nth(1)
+        .and_then(|t| t.split('!').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no mismatch offset in {:?}", r.stdout));
+    assert!(
+        at <= x && x - at < 512,
+        "mismatch reported at {at}, changed byte at {x}"
+    );
+    f.write_at(&[0x77], localoff + x).unwrap();
+    ok(&compare(), "qemu-img compare after restoring the byte");
+}
+
+#[test]
+fn nbdcopy_in_and_out() {
+    let s = Solo::new(32 * MIB, &[]);
+    let (localoff, datasize, _) = s.geometry();
+    // First the whole export 0xff, then a random source with two holes:
+    // nbdcopy zeroes those (WRITE_ZEROES or TRIM+zero) over the 0xff.
+    let ones = s.dir.join("ones.bin");
+    fs::write(&ones, vec![0xffu8; datasize as usize]).unwrap();
+    let nbdcopy =
+        |a: &str, b: &str| run_timeout(Command::new("nbdcopy").arg(a).arg(b), CLIENT_TIME);
+    ok(
+        &nbdcopy(ones.to_str().unwrap(), &s.uri()),
+        "nbdcopy 0xff in",
+    );
+
+    let src = s.dir.join("src.bin");
+    let data = {
+        let mut d = rand_bytes(datasize as usize, 42);
+        d[(5 * MIB) as usize..(6 * MIB) as usize].fill(0);
+        let tail = datasize as usize - (300 << 10);
+        d[tail..].fill(0);
+        d
+    };
+    {
+        // Leave the zero ranges as real holes in the source file.
+        let f = fs::File::create(&src).unwrap();
+        f.set_len(datasize).unwrap();
+        f.write_at(&data[..(5 * MIB) as usize], 0).unwrap();
+        let tail = datasize as usize - (300 << 10);
+        f.write_at(&data[(6 * MIB) as usize..tail], 6 * MIB)
+            .unwrap();
+    }
+    ok(
+        &nbdcopy(src.to_str().unwrap(), &s.uri()),
+        "nbdcopy file -> export",
+    );
+    let img = s.image();
+    assert!(
+        img[localoff as usize..] == data[..],
+        "provider data area differs from the copied file"
+    );
+    let back = s.dir.join("back.bin");
+    hast_tests::sparse_file(&back, datasize);
+    ok(
+        &nbdcopy(&s.uri(), back.to_str().unwrap()),
+        "nbdcopy export -> file",
+    );
+    assert!(fs::read(&back).unwrap() == data, "copy back differs");
+    let r = run_timeout(Command::new("cmp").arg(&src).arg(&back), CLIENT_TIME);
+    ok(&r, "cmp source and copy");
+}
+
+/// Sum of one column ("total=R,W,...") of fio's `issued rwts` lines.
+fn fio_issued(out: &str) -> (u64, u64) {
+    let mut r = 0;
+    let mut wr = 0;
+    for l in out.lines().filter(|l| l.contains("issued rwts: total=")) {
+        let t = l.split("total=").nth(1).unwrap();
+        let mut it = t.split(|c| c == ',' || c == ' ');
+        r += it.next().unwrap().parse::<u64>().unwrap();
+        wr += it.next().unwrap().parse::<u64>().unwrap();
+    }
+    (r, wr)
+}
+
+#[test]
+fn fio_random_mixed_writes_verify_crc32c() {
+    if !have("fio") {
+        eprintln!("SKIPPED: fio is not installed");
+        return;
+    }
+    let s = Solo::new(64 * MIB, &[]);
+    let r = run_timeout(
+        Command::new("fio")
+            .arg("--name=hast")
+            .arg("--ioengine=nbd")
+            .arg(format!("--uri={}", s.uri()))
+            .args([
+                "--rw=randwrite",
+                "--bssplit=4k/30:8k/20:64k/30:256k/20",
+                "--iodepth=16",
+                "--numjobs=2",
+                "--size=24M",
+                "--offset_increment=24M",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+            ]),
+        CLIENT_TIME,
+    );
+    ok(&r, "fio");
+    assert_eq!(r.stdout.matches("err= 0").count(), 2, "{}", r.stdout);
+    assert!(!r.stdout.contains("verify: bad"), "{}", r.stdout);
+    let (reads, writes) = fio_issued(&r.stdout);
+    assert!(writes > 100 && reads > 100, "{}", r.stdout);
+    // Every NBD request fio sent is counted once by hastd.
+    let l = s.list();
+    assert_eq!(list_number(&l, "writes"), Some(writes), "{l}\n{}", r.stdout);
+    assert_eq!(list_number(&l, "reads"), Some(reads), "{l}\n{}", r.stdout);
+    assert_eq!(
+        list_field(&l, "local errors"),
+        Some("read: 0, write: 0, delete: 0, flush: 0"),
+        "{l}"
+    );
+}
+
+/// Everything the ext4 test sets up, torn down in reverse order even when
+/// the test fails.
+struct StackGuard {
+    nbdfuse: Option<ChildGuard>,
+    fuse_dir: PathBuf,
+    loopdev: Option<String>,
+    mounted: Option<PathBuf>,
+}
+
+impl StackGuard {
+    fn new(fuse_dir: PathBuf) -> StackGuard {
+        StackGuard {
+            nbdfuse: None,
+            fuse_dir,
+            loopdev: None,
+            mounted: None,
+        }
+    }
+
+    /// nbdfuse the export as `fuse_dir/disk`, then a loop device on it.
+    fn attach(&mut self, uri: &str) -> String {
+        fs::create_dir_all(&self.fuse_dir).unwrap();
+        let file = self.fuse_dir.join("disk");
+        let child = Command::new("nbdfuse")
+            .arg(&file)
+            .arg(uri)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nbdfuse");
+        self.nbdfuse = Some(ChildGuard::new(child));
+        assert!(
+            wait_for(Duration::from_secs(10), || file.exists()),
+            "nbdfuse did not expose {}",
+            file.display()
+        );
+        let r = run_timeout(
+            Command::new("losetup").args(["-f", "--show"]).arg(&file),
+            CLIENT_TIME,
+        );
+        ok(&r, "losetup");
+        let dev = r.stdout.trim().to_string();
+        self.loopdev = Some(dev.clone());
+        dev
+    }
+
+    fn mount(&mut self, dev: &str, at: &Path) {
+        fs::create_dir_all(at).unwrap();
+        let r = run_timeout(Command::new("mount").arg(dev).arg(at), CLIENT_TIME);
+        ok(&r, "mount");
+        self.mounted = Some(at.to_path_buf());
+    }
+
+    fn umount(&mut self) {
+        if let Some(m) = self.mounted.take() {
+            let r = run_timeout(Command::new("umount").arg(&m), CLIENT_TIME);
+            if r.code != 0 {
+                let _ = run_timeout(Command::new("umount").arg("-l").arg(&m), CLIENT_TIME);
+                panic!("umount {} failed: {}", m.display(), r.stderr);
+            }
+        }
+    }
+
+    /// Loop device and FUSE mount away, nbdfuse gone.
+    fn detach(&mut self) {
+        self.umount();
+        if let Some(d) = self.loopdev.take() {
+            let _ = run_timeout(Command::new("losetup").arg("-d").arg(&d), CLIENT_TIME);
+        }
+        if let Some(g) = self.nbdfuse.take() {
+            let _ = run_timeout(
+                Command::new("fusermount3").arg("-u").arg(&self.fuse_dir),
+                CLIENT_TIME,
+            );
+            let r = g.wait_timeout(Duration::from_secs(10));
+            assert_ne!(r.code, -2, "nbdfuse did not exit after fusermount3 -u");
+        }
+    }
+}
+
+impl Drop for StackGuard {
+    fn drop(&mut self) {
+        if let Some(m) = self.mounted.take() {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        if let Some(d) = self.loopdev.take() {
+            let _ = Command::new("losetup").arg("-d").arg(&d).status();
+        }
+        if self.nbdfuse.is_some() {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.fuse_dir)
+                .status();
+            self.nbdfuse = None;
+        }
+    }
+}
+
+#[test]
+fn ext4_through_nbdfuse_and_a_loop_device() {
+    for (p, what) in [
+        ("/dev/fuse", "/dev/fuse"),
+        ("/dev/loop-control", "loop devices"),
+    ] {
+        if !Path::new(p).exists() {
+            eprintln!("SKIPPED: {what} not available ({p} missing)");
+            return;
+        }
+    }
+    for t in ["nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "fusermount3"] {
+        if !have(t) {
+            eprintln!("SKIPPED: {t} is not installed");
+            return;
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: losetup and mount need root");
+        return;
+    }
+    let s = Solo::new(64 * MIB, &[]);
+    let mut g = StackGuard::new(s.dir.join("fuse"));
+    let fsdir = s.dir.join("fs");
+    let dev = g.attach(&s.uri());
+    let r = run_timeout(
+        Command::new("mkfs.ext4").args(["-F", "-q"]).arg(&dev),
+        CLIENT_TIME,
+    );
+    ok(&r, "mkfs.ext4");
+    g.mount(&dev, &fsdir);
+    let files: Vec<(PathBuf, Vec<u8>)> = (0..6u64)
+        .map(|i| {
+            let name = if i % 2 == 0 {
+                format!("f{i}")
+            } else {
+                format!("sub/dir/f{i}")
+            };
+            (
+                PathBuf::from(name),
+                rand_bytes((1000 + i * 700_000) as usize, i),
+            )
+        })
+        .collect();
+    for (n, d) in &files {
+        let p = fsdir.join(n);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, d).unwrap();
+    }
+    g.umount();
+    let r = run_timeout(Command::new("e2fsck").arg("-fn").arg(&dev), CLIENT_TIME);
+    ok(&r, "e2fsck -fn");
+    g.detach();
+
+    // Leave primary and come back: the file system comes from the
+    // provider, not from any cache of the first mount.
+    ok(&s.node.hastctl("role", &["init", "r0"]), "role init");
+    s.primary();
+    let dev = g.attach(&s.uri());
+    g.mount(&dev, &fsdir);
+    for (n, d) in &files {
+        let got = fs::read(fsdir.join(n)).unwrap_or_else(|e| panic!("{}: {e}", n.display()));
+        assert!(got == *d, "{} differs after remount", n.display());
+    }
+    g.detach();
+    let l = s.list();
+    assert!(list_number(&l, "dirty").unwrap() > 0, "{l}");
+}
+
+#[test]
+fn kill9_during_fio_leaves_every_changed_extent_marked() {
+    if !have("fio") {
+        eprintln!("SKIPPED: fio is not installed");
+        return;
+    }
+    // 128 KiB extents: 512 of them, so a short run leaves many untouched.
+    let mut s = Solo::new(64 * MIB, &["-e", "128K"]);
+    let (localoff, datasize, es) = s.geometry();
+    assert_eq!(es, 128 << 10);
+    let extents = datasize.div_ceil(es);
+    let before = s.image();
+    assert!(map_bits(&before, extents).iter().all(|b| !b));
+
+    let fio = ChildGuard::new(
+        Command::new("fio")
+            .arg("--name=crash")
+            .arg("--ioengine=nbd")
+            .arg(format!("--uri={}", s.uri()))
+            .args([
+                "--rw=randwrite",
+                "--bsrange=4k-64k",
+                "--iodepth=16",
+                "--time_based",
+                "--runtime=60",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn fio"),
+    );
+    let started = wait_for(Duration::from_secs(30), || {
+        list_number(&s.list(), "writes").unwrap_or(0) >= 300
+    });
+    assert!(started, "fio did not write: {}", s.list());
+    s.node.kill9();
+    let r = fio.wait_timeout(Duration::from_secs(30));
+    assert_ne!(r.code, -2, "fio hung after hastd was killed");
+
+    let after = s.image();
+    assert_eq!(after.len(), before.len());
+    let lo = localoff as usize;
+    let changed: BTreeSet<u64> = (0..extents)
+        .filter(|&n| {
+            let a = lo + (n * es) as usize;
+            let b = (lo + ((n + 1) * es) as usize).min(after.len());
+            after[a..b] != before[a..b]
+        })
+        .collect();
+    let marked = set_bits(&map_bits(&after, extents));
+    assert!(!changed.is_empty(), "fio changed nothing");
+    let unmarked: Vec<u64> = changed.difference(&marked).copied().collect();
+    assert!(
+        unmarked.is_empty(),
+        "extents with new data but clean in the on-disk map: {unmarked:?} ({} changed, {} marked)",
+        changed.len(),
+        marked.len()
+    );
+    assert!(
+        (changed.len() as u64) < extents,
+        "every extent changed; the run was too long to tell anything"
+    );
+    // Bits past the last extent stay clear.
+    let tail = &after[4096 + extents.div_ceil(8) as usize..lo];
+    assert!(
+        tail.iter().all(|&b| b == 0),
+        "map bits beyond the last extent"
+    );
+
+    // Restart: the dirty count comes from the on-disk map.
+    s.node.start();
+    s.primary();
+    let l = s.list();
+    let dirty = list_number(&l, "dirty").unwrap();
+    assert!(dirty >= changed.len() as u64 * es, "{l}");
+    assert_eq!(dirty, marked.len() as u64 * es, "{l}");
+    assert_eq!(list_field(&l, "status"), Some("degraded"), "{l}");
+    // The data survived the crash: what the file holds is what is served.
+    let back = s.dir.join("back.bin");
+    hast_tests::sparse_file(&back, datasize);
+    ok(
+        &run_timeout(Command::new("nbdcopy").arg(s.uri()).arg(&back), CLIENT_TIME),
+        "nbdcopy after restart",
+    );
+    assert!(
+        fs::read(&back).unwrap() == after[lo..],
+        "served data != provider data"
+    );
+}
+
+const PY_COUNTS: &str = r#"
+import nbd, sys
+uri, es = sys.argv[1], int(sys.argv[2])
+h = nbd.NBD()
+h.connect_uri(uri)
+writes = [(0, 4096, 0x21), (8192, 4096, 0x22), (3 * es, 65536, 0x23),
+          (6 * es - 4096, 8192, 0x24), (3 * es + 65536, 512, 0x25)]
+for off, n, p in writes:
+    h.pwrite(bytes([p]) * n, off)
+reads = [(0, 4096, 0x21), (8192, 4096, 0x22), (3 * es, 65536, 0x23),
+         (6 * es - 4096, 8192, 0x24), (3 * es + 65536, 512, 0x25),
+         (20 * es, 4096, 0), (4096, 4096, 0)]
+for off, n, p in reads:
+    got = h.pread(n, off)
+    if got != bytes([p]) * n:
+        sys.exit('read at %d: wrong data' % off)
+h.trim(65536, 10 * es)
+h.trim(4096, 0)
+h.trim(4096, es // 2)
+h.flush()
+h.flush()
+h.shutdown()
+print('done')
+"#;
+
+#[test]
+fn degraded_statistics_count_exactly() {
+    if !python_has_nbd() {
+        eprintln!("SKIPPED: python3 libnbd bindings missing");
+        return;
+    }
+    let s = Solo::new(64 * MIB, &[]);
+    let (localoff, _, es) = s.geometry();
+    let l = s.list();
+    assert_eq!(list_field(&l, "status"), Some("degraded"), "{l}");
+    assert_eq!(list_number(&l, "dirty"), Some(0), "{l}");
+    assert_eq!(s.dump_number("localcnt"), 0);
+
+    let r = python(PY_COUNTS, &[&s.uri(), &es.to_string()], CLIENT_TIME);
+    ok(&r, "python libnbd client");
+    assert_eq!(r.stdout.trim(), "done");
+    let l = s.list();
+    for (f, v) in [("reads", 7), ("writes", 5), ("deletes", 3), ("flushes", 2)] {
+        assert_eq!(list_number(&l, f), Some(v), "{f} in\n{l}");
+    }
+    assert!(list_number(&l, "activemap updates").unwrap() > 0, "{l}");
+    // Written or trimmed: extents 0, 3, 5, 6 and 10.
+    let touched: BTreeSet<u64> = [0, 3, 5, 6, 10].into_iter().collect();
+    assert_eq!(
+        list_number(&l, "dirty"),
+        Some(touched.len() as u64 * es),
+        "{l}"
+    );
+    assert_eq!(list_field(&l, "dirty"), Some("10485760 (10MB)"), "{l}");
+    assert_eq!(list_field(&l, "status"), Some("degraded"), "{l}");
+    assert_eq!(
+        list_field(&l, "local errors"),
+        Some("read: 0, write: 0, delete: 0, flush: 0"),
+        "{l}"
+    );
+    let img = s.image();
+    assert_eq!(
+        img[4096..localoff as usize],
+        expected_map(localoff, &touched)[..],
+        "on-disk map"
+    );
+    assert_eq!(s.dump_number("localcnt"), 1);
+
+    // A second client: counted on top, no second bump.
+    let more = "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nh.pwrite(b'x'*512, int(sys.argv[2]))\nh.shutdown()\n";
+    ok(
+        &python(more, &[&s.uri(), &(12 * es).to_string()], CLIENT_TIME),
+        "second client",
+    );
+    let l = s.list();
+    assert_eq!(list_number(&l, "writes"), Some(6), "{l}");
+    assert_eq!(list_number(&l, "reads"), Some(7), "{l}");
+    assert_eq!(list_number(&l, "dirty"), Some(6 * es), "{l}");
+    assert_eq!(s.dump_number("localcnt"), 1);
+}
+
+/// Assert the connection was closed by the server.
+fn assert_closed(c: &mut RawNbd, what: &str) {
+    assert!(c.closed_by_server(), "{what}: connection still open");
+}
+
+#[test]
+fn bad_nbd_input_is_refused_and_harms_nothing() {
+    let s = Solo::with_name(32 * MIB, &[], Some("disk0"));
+    let (localoff, datasize, es) = s.geometry();
+    assert_eq!(s.export, "disk0");
+
+    // A well-behaved client, connected first and used throughout.
+    let mut good = RawNbd::start(&s.socket).unwrap();
+    let (size, flags) = good.go("disk0").unwrap().expect("GO disk0");
+    assert_eq!(size, datasize);
+    assert_eq!(flags & 2, 0, "export is read-only");
+    let mut model_writes: Vec<(u64, Vec<u8>)> = Vec::new();
+    let good_rw = |good: &mut RawNbd, mw: &mut Vec<(u64, Vec<u8>)>, off: u64, tag: u64| {
+        let cookie = 100 + 2 * mw.len() as u64;
+        let d = stamped(off, 8192, tag);
+        assert_eq!(
+            good.write(cookie, off, &d).unwrap(),
+            0,
+            "good write at {off}"
+        );
+        let got = good
+            .read(cookie + 1, off, 8192)
+            .unwrap()
+            .expect("good read");
+        assert!(got == d, "good client read back other data at {off}");
+        mw.push((off, d));
+    };
+    // Dirty the extents the test will use (0 and 4), so that the map and
+    // metadata are settled before the snapshot.
+    good_rw(&mut good, &mut model_writes, 0, 1);
+    good_rw(&mut good, &mut model_writes, 4 * es, 1);
+    let snapshot = s.image();
+
+    // Garbage instead of client flags.
+    let mut c = RawNbd::connect(&s.socket).unwrap();
+    c.greeting().unwrap();
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_closed(&mut c, "garbage client flags");
+    // Good flags, then an option with a bad magic.
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.send(&[0xde; 16]).unwrap();
+    assert_closed(&mut c, "bad option magic");
+    // Bytes before the greeting was read, then close.
+    let mut c = RawNbd::connect(&s.socket).unwrap();
+    c.send(&rand_bytes(100_000, 3)).unwrap_or(());
+    drop(c);
+
+    // Unknown options are answered with ERR_UNSUP and negotiation goes on;
+    // unknown export names with ERR_UNKNOWN (the resource name is not the
+    // export name when `name` is set).
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.option(99, b"hello").unwrap();
+    let (o, k, _) = c.option_reply().unwrap();
+    assert_eq!((o, k), (99, w::REP_ERR_UNSUP));
+    c.option(w::OPT_STRUCTURED_REPLY, &[]).unwrap();
+    let (o, k, _) = c.option_reply().unwrap();
+    assert_eq!(o, w::OPT_STRUCTURED_REPLY);
+    assert!(
+        k & 0x8000_0000 != 0,
+        "structured replies are not spoken: {k:#x}"
+    );
+    assert_eq!(c.go("nosuch").unwrap(), Err(w::REP_ERR_UNKNOWN));
+    assert_eq!(c.go("r0").unwrap(), Err(w::REP_ERR_UNKNOWN));
+    // GO with data shorter than its own name length field.
+    c.option(w::OPT_GO, &[0, 0, 0, 50, b'd']).unwrap();
+    let (o, k, _) = c.option_reply().unwrap();
+    assert_eq!((o, k), (w::OPT_GO, w::REP_ERR_INVALID));
+    c.option(w::OPT_LIST, &[]).unwrap();
+    let (o, k, d) = c.option_reply().unwrap();
+    assert_eq!((o, k), (w::OPT_LIST, w::REP_SERVER));
+    assert_eq!(&d[4..], b"disk0");
+    assert_eq!(c.option_reply().unwrap().1, w::REP_ACK);
+    // Still usable: enter transmission on the same connection.
+    let (size, _) = c.go("disk0").unwrap().expect("GO after errors");
+    assert_eq!(size, datasize);
+
+    // Transmission: misaligned, out of range, oversized, unknown.
+    let size = datasize;
+    let cases: Vec<(u16, u16, u64, u32, usize, u32, &str)> = vec![
+        (
+            0,
+            w::CMD_READ,
+            1,
+            512,
+            0,
+            w::EINVAL,
+            "misaligned read offset",
+        ),
+        (
+            0,
+            w::CMD_READ,
+            0,
+            100,
+            0,
+            w::EINVAL,
+            "misaligned read length",
+        ),
+        (
+            0,
+            w::CMD_WRITE,
+            512,
+            100,
+            100,
+            w::EINVAL,
+            "misaligned write length",
+        ),
+        (
+            0,
+            w::CMD_WRITE,
+            3,
+            512,
+            512,
+            w::EINVAL,
+            "misaligned write offset",
+        ),
+        (0, w::CMD_READ, size, 512, 0, w::EINVAL, "read past the end"),
+        (
+            0,
+            w::CMD_READ,
+            u64::MAX - 511,
+            512,
+            0,
+            w::EINVAL,
+            "read offset wraps",
+        ),
+        (
+            0,
+            w::CMD_WRITE,
+            size - 512,
+            1024,
+            1024,
+            w::ENOSPC,
+            "write past the end",
+        ),
+        (
+            0,
+            w::CMD_WRITE,
+            u64::MAX - 511,
+            512,
+            512,
+            w::ENOSPC,
+            "write offset wraps",
+        ),
+        (
+            0,
+            w::CMD_TRIM,
+            size - 512,
+            1024,
+            0,
+            w::EINVAL,
+            "trim past the end",
+        ),
+        (0, w::CMD_READ, 0, 64 << 20, 0, w::EINVAL, "read of 64 MiB"),
+        (0, 42, 0, 512, 0, w::EINVAL, "unknown command"),
+        (1 << 9, w::CMD_READ, 0, 512, 0, w::EINVAL, "unknown flag"),
+    ];
+    for (i, (fl, kind, off, len, payload, want, what)) in cases.iter().enumerate() {
+        let cookie = 1000 + i as u64;
+        let pl = vec![0xeeu8; *payload];
+        c.request(*fl, *kind, cookie, *off, *len, &pl).unwrap();
+        let (e, ck) = c
+            .reply()
+            .unwrap_or_else(|e| panic!("{what}: no reply: {e}"));
+        assert_eq!((e, ck), (*want, cookie), "{what}");
+        // The connection still works after the refusal.
+        let r = c
+            .read(5000 + i as u64, 0, 512)
+            .unwrap()
+            .expect("read after refusal");
+        assert!(r == model_writes[0].1[..512], "{what}: data at 0 changed");
+    }
+    // A write too large to skip: refused, then the connection is closed.
+    c.request(0, w::CMD_WRITE, 7, 0, 0x7fff_fe00, &[0xee; 4096])
+        .unwrap();
+    let (e, ck) = c.reply().unwrap();
+    assert_eq!((e, ck), (w::EINVAL, 7), "oversized write");
+    assert_closed(&mut c, "oversized write");
+    // A bad request magic: hard disconnect.
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.go("disk0").unwrap().unwrap();
+    c.send(&[0x11; 28]).unwrap();
+    assert_closed(&mut c, "bad request magic");
+    // EXPORT_NAME of an unknown export: closed.
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.option(w::OPT_EXPORT_NAME, b"nosuch").unwrap();
+    assert_closed(&mut c, "EXPORT_NAME nosuch");
+    // An EXPORT_NAME longer than any name: closed.
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.option_raw(w::OPT_EXPORT_NAME, 0x7fff_ffff, b"disk0")
+        .unwrap();
+    assert_closed(&mut c, "EXPORT_NAME of 2 GiB");
+    // A GO that claims 2 GiB of data, then the client leaves.
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.option_raw(w::OPT_GO, 0x7fff_ffff, &[0; 1000]).unwrap();
+    drop(c);
+
+    // A client that dies in the middle of a write payload.
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.go("disk0").unwrap().unwrap();
+    c.request(0, w::CMD_WRITE, 9, 4 * es, 1 << 20, &[0xaa; 300 << 10])
+        .unwrap();
+    drop(c);
+    // And a libnbd client killed with requests in flight (strict mode off),
+    // writing extent 4, which holds nothing the checks below rely on.
+    let mut killed_region = None;
+    if python_has_nbd() {
+        let script = format!(
+            "{PY_STAMP}\nimport nbd, sys, time\nh = nbd.NBD()\nh.set_strict_mode(0)\nh.connect_uri(sys.argv[1])\nbase = int(sys.argv[2])\nbufs = []\nfor i in range(32):\n    b = nbd.Buffer.from_bytearray(stamped(base + i * 4096, 4096, 9))\n    bufs.append(b)\n    h.aio_pwrite(b, base + i * 4096)\nprint('sent', flush=True)\ntime.sleep(60)\n"
+        );
+        let mut p = python_spawn(&script, &[&s.uri(), &(4 * es + 16384).to_string()]);
+        let out = p.child().stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "sent");
+        // SAFETY: kill(2) on a child we spawned.
+        unsafe { libc::kill(p.id() as i32, libc::SIGKILL) };
+        let _ = p.wait_timeout(Duration::from_secs(10));
+        killed_region = Some((4 * es + 16384, 32 * 4096u64));
+    }
+
+    // Meanwhile the good client still reads and writes correctly.
+    good_rw(&mut good, &mut model_writes, 8192, 2);
+    good_rw(&mut good, &mut model_writes, es - 8192, 3);
+    for (i, (off, d)) in model_writes.iter().enumerate() {
+        let got = good.read(9000 + i as u64, *off, 8192).unwrap().unwrap();
+        if got != *d {
+            // A later write to the same place wins.
+            let last = model_writes.iter().rposition(|(o, _)| o == off).unwrap();
+            assert!(got == model_writes[last].1, "good data at {off} lost");
+        }
+    }
+    assert!(s.node.pid().is_some());
+    let st = s.node.hastctl("status", &["r0"]);
+    assert_eq!(st.code, 0, "{}", st.stderr);
+    assert!(st.stdout.contains("r0\tdegraded primary"), "{}", st.stdout);
+
+    // Nothing but the good client's writes (and the killed client's own
+    // extent) changed anywhere in the file.
+    let after = s.image();
+    assert_eq!(after.len(), snapshot.len(), "provider size changed");
+    let mut model = snapshot.clone();
+    for (off, d) in &model_writes {
+        let a = (localoff + off) as usize;
+        model[a..a + d.len()].copy_from_slice(d);
+    }
+    if let Some((o, l)) = killed_region {
+        // Each sector there is either untouched or the killed client's.
+        for k in (0..l).step_by(512) {
+            let a = (localoff + o + k) as usize;
+            let got = &after[a..a + 512];
+            assert!(
+                got == &model[a..a + 512] || got == stamp(o + k, 9),
+                "torn sector at export offset {}",
+                o + k
+            );
+            model[a..a + 512].copy_from_slice(got);
+        }
+    }
+    assert!(
+        after[..localoff as usize] == model[..localoff as usize],
+        "metadata or map changed"
+    );
+    if after != model {
+        let first = (0..after.len()).find(|&i| after[i] != model[i]).unwrap();
+        panic!(
+            "bad input changed the provider at file offset {first} (export offset {})",
+            first as i64 - localoff as i64
+        );
+    }
+    let l = s.list();
+    assert_eq!(
+        list_field(&l, "local errors"),
+        Some("read: 0, write: 0, delete: 0, flush: 0"),
+        "{l}"
+    );
+}
+
+const PY_WRITER: &str = r#"
+import nbd, sys, json, time
+uri, size, chunk, tag = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+h = nbd.NBD()
+h.connect_uri(uri)
+n = size // chunk
+order = [(i * 7919) % n for i in range(n)]
+QD = 32
+issued = 0
+inflight = {}
+acked = set()
+failed = []
+ready = False
+dead = False
+deadline = time.time() + 60
+while time.time() < deadline:
+    while not dead and len(inflight) < QD:
+        off = order[issued % n] * chunk
+        buf = nbd.Buffer.from_bytearray(stamped(off, chunk, tag))
+        try:
+            c = h.aio_pwrite(buf, off)
+        except nbd.Error:
+            dead = True
+            break
+        inflight[c] = (off, buf)
+        issued += 1
+    if not inflight:
+        break
+    if not dead:
+        try:
+            h.poll(1)
+        except nbd.Error:
+            dead = True
+    for c in list(inflight):
+        try:
+            if h.aio_command_completed(c):
+                acked.add(inflight.pop(c)[0])
+        except nbd.Error as e:
+            failed.append((inflight.pop(c)[0], e.errnum))
+    if dead:
+        break
+    if not ready and len(acked) >= 64:
+        print('ready', flush=True)
+        ready = True
+print(json.dumps({'acked': sorted(acked), 'failed': failed,
+                  'unanswered': len(inflight), 'dead': dead, 'issued': issued}), flush=True)
+"#;
+
+#[test]
+fn role_init_with_writes_in_flight_answers_them_and_keeps_the_data() {
+    if !python_has_nbd() {
+        eprintln!("SKIPPED: python3 libnbd bindings missing");
+        return;
+    }
+    let s = Solo::new(64 * MIB, &[]);
+    let (localoff, datasize, _) = s.geometry();
+    let chunk = 64u64 << 10;
+    let span = datasize / chunk * chunk;
+    let script = format!("{PY_STAMP}\n{PY_WRITER}");
+    let mut p = python_spawn(
+        &script,
+        &[&s.uri(), &span.to_string(), &chunk.to_string(), "5"],
+    );
+    let out = p.child().stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            let _ = tx.send(l);
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+    assert_eq!(first, "ready", "writer did not start");
+
+    // Leave primary while the writer keeps 32 writes in flight.
+    let t = Instant::now();
+    let r = run_timeout(
+        Command::new(bin("hastctl"))
+            .arg("role")
+            .arg("-c")
+            .arg(&s.conf)
+            .args(["--node", "solo", "init", "r0"]),
+        Duration::from_secs(30),
+    );
+    ok(&r, "hastctl role init");
+    assert!(t.elapsed() < Duration::from_secs(20));
+    assert!(
+        !s.socket.exists(),
+        "NBD socket still there after role init returned"
+    );
+    assert!(std::os::unix::net::UnixStream::connect(&s.socket).is_err());
+
+    let result = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("writer result");
+    let rest = p.wait_timeout(Duration::from_secs(10));
+    ok(&rest, "writer");
+    let (acked, failed, unanswered, dead) = parse_writer(&result);
+    assert!(dead, "the connection stayed open after role init: {result}");
+    assert_eq!(
+        unanswered, 0,
+        "writes left unanswered on a closed connection"
+    );
+    // Writes the server never read fail with a disconnection error, never
+    // with an I/O error from the server.
+    for (off, e) in &failed {
+        assert!(
+            ![
+                libc::EIO,
+                libc::EINVAL,
+                libc::ENOSPC,
+                libc::EPERM,
+                libc::ENOMEM
+            ]
+            .contains(e),
+            "write at {off} answered with errno {e}"
+        );
+    }
+    assert!(acked.len() >= 64);
+    eprintln!(
+        "role init: {} writes acknowledged, {} failed with the disconnection",
+        acked.len(),
+        failed.len()
+    );
+    let img = s.image();
+    for &off in &acked {
+        let a = (localoff + off) as usize;
+        assert!(
+            img[a..a + chunk as usize] == stamped(off, chunk, 5)[..],
+            "acknowledged write at {off} is not in the provider"
+        );
+    }
+    assert!(s.dump().contains("    prevrole: init\n"));
+
+    // Primary again: the export is back with the data.
+    s.primary();
+    let back = s.dir.join("back.bin");
+    hast_tests::sparse_file(&back, datasize);
+    ok(
+        &run_timeout(Command::new("nbdcopy").arg(s.uri()).arg(&back), CLIENT_TIME),
+        "nbdcopy after primary again",
+    );
+    let b = fs::read(&back).unwrap();
+    for &off in &acked {
+        assert!(
+            b[off as usize..(off + chunk) as usize] == stamped(off, chunk, 5)[..],
+            "acknowledged write at {off} not served after primary again"
+        );
+    }
+}
+
+type WriterResult = (HashSet<u64>, Vec<(u64, i32)>, u64, bool);
+
+/// Parse the writer's JSON line without a JSON crate: the four fields are
+/// flat lists of numbers, pairs of numbers, a number and a boolean.
+fn parse_writer(s: &str) -> WriterResult {
+    let field = |name: &str| -> &str {
+        let start = s
+            .find(&format!("\"{name}\": "))
+            .unwrap_or_else(|| panic!("{name} in {s}"));
+        &s[start + name.len() + 4..]
+    };
+    let nums = |t: &str| -> Vec<i64> {
+        t.split(|c: char| !(c.is_ascii_digit() || c == '-'))
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse().unwrap())
+            .collect()
+    };
+    let list = |name: &str| -> Vec<i64> {
+        let t = field(name);
+        let end = if t.starts_with("[[") {
+            t.find("]]").map_or(2, |e| e + 2)
+        } else {
+            t.find(']').unwrap() + 1
+        };
+        nums(&t[..end])
+    };
+    let acked = list("acked").into_iter().map(|x| x as u64).collect();
+    let f = list("failed");
+    let failed = f.chunks(2).map(|c| (c[0] as u64, c[1] as i32)).collect();
+    let unanswered = nums(field("unanswered").split(',').next().unwrap())[0] as u64;
+    let dead = field("dead").starts_with("true");
+    (acked, failed, unanswered, dead)
+}
+
+const PY_REGION: &str = r#"
+import nbd, sys
+uri, first, step, count, chunk, tag = sys.argv[1], *map(int, sys.argv[2:])
+h = nbd.NBD()
+h.connect_uri(uri)
+if not h.can_multi_conn():
+    sys.exit('export does not advertise multi-conn')
+QD = 16
+pending = []
+for i in range(count):
+    off = (first + i * step) * chunk
+    b = nbd.Buffer.from_bytearray(stamped(off, chunk, tag))
+    pending.append((h.aio_pwrite(b, off), b))
+    while h.aio_in_flight() >= QD:
+        h.poll(-1)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for c, _ in pending:
+    if not h.aio_command_completed(c):
+        sys.exit('write not completed')
+h.flush()
+h.shutdown()
+print(count)
+"#;
+
+#[test]
+fn multi_conn_clients_write_interleaved_regions() {
+    if !python_has_nbd() {
+        eprintln!("SKIPPED: python3 libnbd bindings missing");
+        return;
+    }
+    let s = Solo::new(64 * MIB, &[]);
+    let (localoff, _, _) = s.geometry();
+    let chunk = 64u64 << 10;
+    let count = 384u64; // per client: 24 MiB each, alternating blocks
+    let script = format!("{PY_STAMP}\n{PY_REGION}");
+    let uri = s.uri();
+    let spawn = |first: u64, tag: u64| {
+        python_spawn(
+            &script,
+            &[
+                &uri,
+                &first.to_string(),
+                "2",
+                &count.to_string(),
+                &chunk.to_string(),
+                &tag.to_string(),
+            ],
+        )
+    };
+    let a = spawn(0, 1);
+    let b = spawn(1, 2);
+    let ra = a.wait_timeout(CLIENT_TIME);
+    let rb = b.wait_timeout(CLIENT_TIME);
+    ok(&ra, "client A");
+    ok(&rb, "client B");
+    let img = s.image();
+    for i in 0..2 * count {
+        let off = i * chunk;
+        let tag = 1 + i % 2;
+        let a = (localoff + off) as usize;
+        assert!(
+            img[a..a + chunk as usize] == stamped(off, chunk, tag)[..],
+            "block {i} (client {tag}) wrong in the provider"
+        );
+    }
+    // A third connection sees both clients' data.
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.go("r0").unwrap().unwrap();
+    for i in [0u64, 1, 2 * count - 2, 2 * count - 1] {
+        let got = c.read(i, i * chunk, chunk as u32).unwrap().unwrap();
+        assert!(
+            got == stamped(i * chunk, chunk, 1 + i % 2),
+            "block {i} read"
+        );
+    }
+    let l = s.list();
+    assert_eq!(list_number(&l, "writes"), Some(2 * count), "{l}");
+    assert_eq!(list_number(&l, "flushes"), Some(2), "{l}");
+}
