@@ -367,6 +367,9 @@ pub struct Solo {
     pub conf: PathBuf,
     pub img: PathBuf,
     pub socket: PathBuf,
+    /// The TCP port of the export when it listens on TCP (`nbd
+    /// tcp://127.0.0.1:PORT`) instead of the Unix socket.
+    pub tcp: Option<u16>,
     /// The export name (the provider name).
     pub export: String,
     pub node: Node,
@@ -381,6 +384,17 @@ impl Solo {
 
     /// As [`Solo::new`] with `name <provname>` in the resource.
     pub fn with_name(size: u64, create_args: &[&str], provname: Option<&str>) -> Solo {
+        Solo::build(size, create_args, provname, None)
+    }
+
+    /// As [`Solo::with_name`], exporting on TCP at 127.0.0.1:`port` when
+    /// `tcp` is given.
+    pub fn build(
+        size: u64,
+        create_args: &[&str],
+        provname: Option<&str>,
+        tcp: Option<u16>,
+    ) -> Solo {
         let tmp = tempfile::Builder::new()
             .prefix("hastdp")
             .tempdir()
@@ -393,11 +407,14 @@ impl Solo {
         let name_stmt = provname
             .map(|p| format!("\tname {p}\n"))
             .unwrap_or_default();
+        let nbd = match tcp {
+            Some(port) => format!("tcp://127.0.0.1:{port}"),
+            None => socket.display().to_string(),
+        };
         let text = format!(
             "on solo {{\n\tcontrol uds://{d}/solo.ctl\n\tpidfile {d}/solo.pid\n}}\n\
-             resource r0 {{\n{name_stmt}\ton solo {{\n\t\tlocal {}\n\t\tremote none\n\t\tnbd {}\n\t}}\n}}\n",
+             resource r0 {{\n{name_stmt}\ton solo {{\n\t\tlocal {}\n\t\tremote none\n\t\tnbd {nbd}\n\t}}\n}}\n",
             img.display(),
-            socket.display()
         );
         let conf = dir.join("hast.conf");
         fs::write(&conf, text).expect("write hast.conf");
@@ -412,6 +429,7 @@ impl Solo {
             conf,
             img,
             socket,
+            tcp,
             export: provname.unwrap_or("r0").to_string(),
             node,
             _tmp: tmp,
@@ -438,25 +456,28 @@ impl Solo {
         );
     }
 
-    /// Wait (10 s at most) until the socket accepts (`true`) or is gone.
+    /// Wait (10 s at most) until the export accepts connections (`true`)
+    /// or is gone (Unix socket file removed, TCP port refusing).
     pub fn wait_socket(&self, present: bool) -> bool {
         let p = self.socket.clone();
-        wait_for(Duration::from_secs(10), || {
-            if present {
-                std::os::unix::net::UnixStream::connect(&p).is_ok()
-            } else {
-                !p.exists()
-            }
+        let tcp = self.tcp;
+        wait_for(Duration::from_secs(10), || match tcp {
+            Some(port) => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() == present,
+            None if present => std::os::unix::net::UnixStream::connect(&p).is_ok(),
+            None => !p.exists(),
         })
     }
 
     /// The export's NBD URI (libnbd / qemu syntax).
     pub fn uri(&self) -> String {
-        format!(
-            "nbd+unix:///{}?socket={}",
-            self.export,
-            self.socket.display()
-        )
+        match self.tcp {
+            Some(port) => format!("nbd://127.0.0.1:{port}/{}", self.export),
+            None => format!(
+                "nbd+unix:///{}?socket={}",
+                self.export,
+                self.socket.display()
+            ),
+        }
     }
 
     /// `hastctl dump r0` output (asserted to succeed).
