@@ -358,6 +358,20 @@ pub fn map_bits(img: &[u8], extents: u64) -> Vec<bool> {
         .collect()
 }
 
+/// Options of [`Solo::build`].
+#[derive(Debug, Default, Clone)]
+pub struct SoloOpts<'a> {
+    /// Extra `hastctl create` arguments (before the resource name).
+    pub create_args: &'a [&'a str],
+    /// `name <provname>` in the resource: the export name.
+    pub provname: Option<&'a str>,
+    /// Export on TCP at 127.0.0.1:port instead of the Unix socket.
+    pub tcp: Option<u16>,
+    /// An existing provider (file or block device) instead of a new sparse
+    /// file.
+    pub local: Option<PathBuf>,
+}
+
 /// One hastd node with one resource `r0` and no peer (`remote none`): the
 /// provider is created with `hastctl create` (extra `create_args`), the
 /// daemon started, and the resource made primary, so its data is exported
@@ -384,26 +398,41 @@ impl Solo {
 
     /// As [`Solo::new`] with `name <provname>` in the resource.
     pub fn with_name(size: u64, create_args: &[&str], provname: Option<&str>) -> Solo {
-        Solo::build(size, create_args, provname, None)
+        Solo::build(
+            size,
+            &SoloOpts {
+                create_args,
+                provname,
+                ..SoloOpts::default()
+            },
+        )
     }
 
-    /// As [`Solo::with_name`], exporting on TCP at 127.0.0.1:`port` when
-    /// `tcp` is given.
-    pub fn build(
-        size: u64,
-        create_args: &[&str],
-        provname: Option<&str>,
-        tcp: Option<u16>,
-    ) -> Solo {
+    /// A primary as `opts` says; `size` is the size of the sparse provider
+    /// file made when `opts.local` is None.
+    pub fn build(size: u64, opts: &SoloOpts) -> Solo {
+        let SoloOpts {
+            create_args,
+            provname,
+            tcp,
+            local,
+        } = opts;
+        let (provname, tcp) = (*provname, *tcp);
         let tmp = tempfile::Builder::new()
             .prefix("hastdp")
             .tempdir()
             .expect("temp dir");
         let dir = tmp.path().to_path_buf();
         let d = dir.display();
-        let img = dir.join("r0.img");
         let socket = dir.join("r0.nbd");
-        sparse_file(&img, size);
+        let img = match local {
+            Some(p) => p.clone(),
+            None => {
+                let img = dir.join("r0.img");
+                sparse_file(&img, size);
+                img
+            }
+        };
         let name_stmt = provname
             .map(|p| format!("\tname {p}\n"))
             .unwrap_or_default();

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use hast_tests::{
     bin, have, list_field, list_number, map_bits, nbdwire as w, python, python_spawn, run_timeout,
-    wait_for, ChildGuard, RawNbd, Run, Solo, PYTHON,
+    wait_for, ChildGuard, RawNbd, Run, Solo, SoloOpts, PYTHON,
 };
 
 const MIB: u64 = 1 << 20;
@@ -1297,7 +1297,14 @@ fn tcp_export_serves_qemu_io_and_nbdinfo() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let s = Solo::build(32 * MIB, &[], Some("tcpdisk"), Some(port));
+    let s = Solo::build(
+        32 * MIB,
+        &SoloOpts {
+            provname: Some("tcpdisk"),
+            tcp: Some(port),
+            ..SoloOpts::default()
+        },
+    );
     let (localoff, datasize, _) = s.geometry();
     assert!(!s.socket.exists(), "a TCP export also made a Unix socket");
     let r = run_timeout(
@@ -1414,4 +1421,100 @@ fn primary_stop_releases_the_export_backend() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// A loop device, detached when dropped.
+struct LoopDev(String);
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn block_device_provider_with_4k_sectors() {
+    // SAFETY: geteuid has no preconditions.
+    if !Path::new("/dev/loop-control").exists() || unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root and loop devices");
+        return;
+    }
+    let back_dir = tempfile::Builder::new()
+        .prefix("hastloop")
+        .tempdir()
+        .unwrap();
+    let back = back_dir.path().join("back.img");
+    hast_tests::sparse_file(&back, 32 * MIB);
+    let r = run_timeout(
+        Command::new("losetup")
+            .args(["-f", "--show", "-b", "4096"])
+            .arg(&back),
+        CLIENT_TIME,
+    );
+    ok(&r, "losetup -b 4096");
+    // Dropped after `s` (declared before it): hastd closes the device first.
+    let dev = LoopDev(r.stdout.trim().to_string());
+    let s = Solo::build(
+        0,
+        &SoloOpts {
+            local: Some(PathBuf::from(&dev.0)),
+            ..SoloOpts::default()
+        },
+    );
+    // Metadata, then one 4096-byte map sector.
+    let (localoff, datasize, es) = s.geometry();
+    assert_eq!(localoff, 8192);
+    assert_eq!(datasize, 32 * MIB - 8192);
+    let r = run_timeout(Command::new("nbdinfo").arg(s.uri()), CLIENT_TIME);
+    ok(&r, "nbdinfo");
+    assert!(
+        r.stdout.contains("block_size_minimum: 4096"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains(&format!("export-size: {datasize}")),
+        "{}",
+        r.stdout
+    );
+
+    // qemu does read-modify-write for requests under the block size.
+    let r = qemu_io(
+        &s.uri(),
+        &[
+            "write -P 0x42 512 512".to_string(),
+            format!("write -P 0x43 {} 4096", 2 * MIB - 2048),
+            "read -P 0 0 512".to_string(),
+            "read -P 0x42 512 512".to_string(),
+            "read -P 0 1024 3072".to_string(),
+            format!("read -P 0x43 {} 4096", 2 * MIB - 2048),
+        ],
+    );
+    ok(&r, "qemu-io on a 4K-sector export");
+    assert!(!r.stdout.contains("failed"), "{}", r.stdout);
+    // A raw request that is not 4096-aligned is refused.
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.go("r0").unwrap().expect("GO");
+    assert_eq!(c.read(1, 512, 512).unwrap(), Err(w::EINVAL));
+    assert_eq!(
+        c.write(2, 4096, &[0x99; 512]).unwrap(),
+        w::EINVAL,
+        "512-byte write on a 4K export"
+    );
+    drop(c);
+
+    let img = s.image();
+    let lo = localoff as usize;
+    let mut want = vec![0u8; 8192];
+    want[512..1024].fill(0x42);
+    assert!(img[lo..lo + 8192] == want[..], "first data block");
+    let x = lo + (2 * MIB - 2048) as usize;
+    assert!(img[x..x + 4096].iter().all(|&b| b == 0x43));
+    assert!(img[x - 1] == 0 && img[x + 4096] == 0);
+    let touched: BTreeSet<u64> = [0, 1].into_iter().collect();
+    assert_eq!(img[4096..lo], expected_map(localoff, &touched)[..]);
+    let l = s.list();
+    assert_eq!(list_number(&l, "dirty"), Some(2 * es), "{l}");
+    assert_eq!(list_number(&l, "writes"), Some(2), "{l}");
+    drop(s);
 }
