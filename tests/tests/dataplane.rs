@@ -127,6 +127,8 @@ def stamped(off, length, tag):
 enum Wr {
     Pattern(u64, u64, u8),
     File(u64, u64, PathBuf),
+    /// `write -z`: NBD_CMD_WRITE_ZEROES.
+    Zero(u64, u64),
 }
 
 impl Wr {
@@ -134,11 +136,12 @@ impl Wr {
         match self {
             Wr::Pattern(o, l, p) => format!("write -P {p:#x} {o} {l}"),
             Wr::File(o, l, f) => format!("write -s {} {o} {l}", f.display()),
+            Wr::Zero(o, l) => format!("write -z {o} {l}"),
         }
     }
     fn range(&self) -> (u64, u64) {
         match self {
-            Wr::Pattern(o, l, _) | Wr::File(o, l, _) => (*o, *l),
+            Wr::Pattern(o, l, _) | Wr::File(o, l, _) | Wr::Zero(o, l) => (*o, *l),
         }
     }
     fn apply(&self, model: &mut [u8], base: u64) {
@@ -147,6 +150,7 @@ impl Wr {
         match self {
             Wr::Pattern(_, _, p) => dst.fill(*p),
             Wr::File(_, _, f) => dst.copy_from_slice(&fs::read(f).unwrap()[..l as usize]),
+            Wr::Zero(..) => dst.fill(0),
         }
     }
 }
@@ -166,6 +170,7 @@ fn write_set(dir: &Path, datasize: u64) -> Vec<Wr> {
         Wr::Pattern(datasize - 512, 512, 0x66),
         Wr::Pattern(20 * MIB, MIB, 0x77),
         Wr::Pattern(20 * MIB + 4096, 4096, 0x78),
+        Wr::Zero(20 * MIB + (64 << 10), 64 << 10),
     ]
 }
 
@@ -191,7 +196,9 @@ fn qemu_io_patterns_land_at_localoff_and_nowhere_else() {
         (0x66, datasize - 512, 512),
         (0x77, 20 * mb, 4096),
         (0x78, 20 * mb + 4096, 4096),
-        (0x77, 20 * mb + 8192, mb - 8192),
+        (0x77, 20 * mb + 8192, (64 << 10) - 8192),
+        (0x00, 20 * mb + (64 << 10), 64 << 10),
+        (0x77, 20 * mb + (128 << 10), mb - (128 << 10)),
         (0x00, 30 * mb, 64 << 10),
         (0x00, 64 << 10, 3 * mb / 2 - (64 << 10)),
     ] {
@@ -206,7 +213,7 @@ fn qemu_io_patterns_land_at_localoff_and_nowhere_else() {
         "{}",
         r.stdout
     );
-    assert_eq!(r.stdout.matches("read ").count(), 12, "{}", r.stdout);
+    assert_eq!(r.stdout.matches("read ").count(), 14, "{}", r.stdout);
 
     // The provider: data area = model; map = the touched extents; file
     // size unchanged.
@@ -750,6 +757,27 @@ fn degraded_statistics_count_exactly() {
     assert_eq!(list_number(&l, "reads"), Some(7), "{l}");
     assert_eq!(list_number(&l, "dirty"), Some(6 * es), "{l}");
     assert_eq!(s.dump_number("localcnt"), 1);
+
+    // Leave primary and come back: the dirty extents come back from the
+    // on-disk map, the counters start again (a new data path, as a new
+    // worker in the reference), and the first write of this primary period
+    // bumps localcnt once more.
+    ok(&s.node.hastctl("role", &["init", "r0"]), "role init");
+    s.primary();
+    let l = s.list();
+    assert_eq!(list_number(&l, "dirty"), Some(6 * es), "{l}");
+    assert_eq!(list_number(&l, "writes"), Some(0), "{l}");
+    assert_eq!(s.dump_number("localcnt"), 1);
+    for off in [0, 13 * es] {
+        ok(
+            &python(more, &[&s.uri(), &off.to_string()], CLIENT_TIME),
+            "client after the role cycle",
+        );
+    }
+    let l = s.list();
+    assert_eq!(list_number(&l, "writes"), Some(2), "{l}");
+    assert_eq!(list_number(&l, "dirty"), Some(7 * es), "{l}");
+    assert_eq!(s.dump_number("localcnt"), 2);
 }
 
 /// Assert the connection was closed by the server.
@@ -1289,6 +1317,8 @@ fn multi_conn_clients_write_interleaved_regions() {
     let l = s.list();
     assert_eq!(list_number(&l, "writes"), Some(2 * count), "{l}");
     assert_eq!(list_number(&l, "flushes"), Some(2), "{l}");
+    // Both clients' first writes raced for the counter bump: one bump.
+    assert_eq!(s.dump_number("localcnt"), 1);
 }
 
 #[test]
@@ -1517,4 +1547,79 @@ fn block_device_provider_with_4k_sectors() {
     assert_eq!(list_number(&l, "dirty"), Some(2 * es), "{l}");
     assert_eq!(list_number(&l, "writes"), Some(2), "{l}");
     drop(s);
+}
+
+#[test]
+fn two_resources_have_separate_exports_data_and_counters() {
+    let tmp = tempfile::Builder::new()
+        .prefix("hastdp2")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
+    let d = dir.display();
+    let mut conf_text =
+        format!("on solo {{\n\tcontrol uds://{d}/solo.ctl\n\tpidfile {d}/solo.pid\n}}\n");
+    for r in ["r0", "r1"] {
+        hast_tests::sparse_file(&dir.join(format!("{r}.img")), 32 * MIB);
+        conf_text.push_str(&format!(
+            "resource {r} {{\n\ton solo {{\n\t\tlocal {d}/{r}.img\n\t\tremote none\n\t\tnbd {d}/{r}.nbd\n\t}}\n}}\n"
+        ));
+    }
+    let conf = dir.join("hast.conf");
+    fs::write(&conf, conf_text).unwrap();
+    let mut node = hast_tests::Node::new(dir, &conf, "solo");
+    ok(&node.hastctl("create", &["r0", "r1"]), "create");
+    node.start();
+    ok(
+        &node.hastctl("role", &["primary", "all"]),
+        "role primary all",
+    );
+    let sock = |r: &str| dir.join(format!("{r}.nbd"));
+    assert!(wait_for(Duration::from_secs(10), || {
+        sock("r0").exists() && sock("r1").exists()
+    }));
+
+    // Each export knows only its own name.
+    let mut c0 = RawNbd::start(&sock("r0")).unwrap();
+    assert_eq!(c0.go("r1").unwrap(), Err(w::REP_ERR_UNKNOWN));
+    c0.go("r0").unwrap().expect("GO r0");
+    let mut c1 = RawNbd::start(&sock("r1")).unwrap();
+    c1.go("r1").unwrap().expect("GO r1");
+    let d0 = stamped(MIB, 8192, 10);
+    let d1 = stamped(MIB, 8192, 11);
+    assert_eq!(c0.write(1, MIB, &d0).unwrap(), 0);
+    assert_eq!(c1.write(1, MIB, &d1).unwrap(), 0);
+    assert_eq!(c1.write(2, 5 * MIB, &d1).unwrap(), 0);
+    assert!(c0.read(3, MIB, 8192).unwrap().unwrap() == d0);
+    assert!(c1.read(3, MIB, 8192).unwrap().unwrap() == d1);
+
+    let list = |r: &str| {
+        let l = node.hastctl("list", &[r]);
+        assert_eq!(l.code, 0, "{}", l.stderr);
+        l.stdout
+    };
+    let (l0, l1) = (list("r0"), list("r1"));
+    assert_eq!(list_number(&l0, "writes"), Some(1), "{l0}");
+    assert_eq!(list_number(&l0, "reads"), Some(1), "{l0}");
+    assert_eq!(list_number(&l0, "dirty"), Some(2 * MIB), "{l0}");
+    assert_eq!(list_number(&l1, "writes"), Some(2), "{l1}");
+    assert_eq!(list_number(&l1, "dirty"), Some(4 * MIB), "{l1}");
+    let img = |r: &str| fs::read(dir.join(format!("{r}.img"))).unwrap();
+    let a = 4608 + MIB as usize;
+    assert!(img("r0")[a..a + 8192] == d0[..]);
+    assert!(img("r1")[a..a + 8192] == d1[..]);
+    let b = 4608 + 5 * MIB as usize;
+    assert!(img("r0")[b..b + 8192].iter().all(|&x| x == 0));
+
+    // r0 leaves primary; r1's client is not disturbed.
+    ok(&node.hastctl("role", &["init", "r0"]), "role init r0");
+    assert!(c0.closed_by_server());
+    assert!(!sock("r0").exists());
+    assert!(sock("r1").exists());
+    assert_eq!(c1.write(4, 9 * MIB, &d1).unwrap(), 0);
+    assert!(c1.read(5, 9 * MIB, 8192).unwrap().unwrap() == d1);
+    let l1 = list("r1");
+    assert_eq!(list_number(&l1, "writes"), Some(3), "{l1}");
+    drop(c1);
+    let _ = node.stop();
 }
