@@ -1623,3 +1623,55 @@ fn two_resources_have_separate_exports_data_and_counters() {
     drop(c1);
     let _ = node.stop();
 }
+
+/// Make `s` init, then hold its NBD socket path with a live listener of our
+/// own and ask for primary again: the export cannot start.
+fn primary_with_socket_taken(s: &Solo) -> (Run, std::os::unix::net::UnixListener) {
+    ok(&s.node.hastctl("role", &["init", "r0"]), "role init");
+    assert!(s.dump().contains("    prevrole: init\n"));
+    let squatter = std::os::unix::net::UnixListener::bind(&s.socket).unwrap();
+    (s.node.hastctl("role", &["primary", "r0"]), squatter)
+}
+
+#[test]
+fn role_primary_refuses_a_socket_another_server_listens_on() {
+    let s = Solo::new(32 * MIB, &[]);
+    let before = s.image();
+    let (r, squatter) = primary_with_socket_taken(&s);
+    assert_eq!(r.code, 71, "{r:?}");
+    assert!(
+        r.stderr.contains(&s.socket.display().to_string()),
+        "{}",
+        r.stderr
+    );
+    let st = s.node.hastctl("status", &["r0"]);
+    assert!(st.stdout.contains("r0\t-        init"), "{}", st.stdout);
+    // The other server's socket is left alone and still reaches it.
+    squatter.set_nonblocking(true).unwrap();
+    let _c = std::os::unix::net::UnixStream::connect(&s.socket).unwrap();
+    assert!(squatter.accept().is_ok(), "our listener lost its socket");
+    // Nothing but (at most) the metadata block changed.
+    let after = s.image();
+    assert!(after[4096..] == before[4096..], "data or map changed");
+    // Once the socket is free, primary works.
+    drop(squatter);
+    fs::remove_file(&s.socket).unwrap();
+    s.primary();
+}
+
+/// Product bug (engine/resource.rs, `Resource::activate`): `prevrole` is
+/// written to the metadata before the data path starts, and not put back
+/// when `Primary::start` fails, so a resource that never became primary
+/// (it is in init, `hastctl status` says so) reads `prevrole: primary` in
+/// `hastctl dump` and after a restart.
+#[test]
+fn failed_role_primary_does_not_record_prevrole_primary() {
+    let s = Solo::new(32 * MIB, &[]);
+    let (r, _squatter) = primary_with_socket_taken(&s);
+    assert_eq!(r.code, 71, "{r:?}");
+    let d = s.dump();
+    assert!(
+        d.contains("    prevrole: init\n"),
+        "role is init but the metadata says otherwise:\n{d}"
+    );
+}
