@@ -1675,3 +1675,53 @@ fn failed_role_primary_does_not_record_prevrole_primary() {
         "role is init but the metadata says otherwise:\n{d}"
     );
 }
+
+#[test]
+fn sighup_keeps_an_unchanged_export_and_moves_a_changed_one() {
+    let s = Solo::new(32 * MIB, &[]);
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.go("r0").unwrap().expect("GO");
+    let d = stamped(0, 4096, 1);
+    assert_eq!(c.write(1, 0, &d).unwrap(), 0);
+
+    // Same configuration: the client keeps its connection.
+    let roles_before = s.node.log_text().matches("role changed").count();
+    s.node.signal(libc::SIGHUP);
+    assert!(wait_for(Duration::from_secs(5), || s
+        .node
+        .log_text()
+        .contains("configuration reloaded successfully")));
+    assert_eq!(
+        s.node.log_text().matches("role changed").count(),
+        roles_before,
+        "an unchanged resource was restarted"
+    );
+    assert_eq!(c.write(2, 4096, &d).unwrap(), 0, "write after SIGHUP");
+    assert!(c.read(3, 0, 4096).unwrap().unwrap() == d);
+    let l = s.list();
+    assert_eq!(list_number(&l, "writes"), Some(2), "{l}");
+
+    // The `nbd` address changes: the export moves; the data stays.
+    let moved = s.dir.join("moved.nbd");
+    let text = fs::read_to_string(&s.conf).unwrap().replace(
+        &format!("nbd {}", s.socket.display()),
+        &format!("nbd {}", moved.display()),
+    );
+    fs::write(&s.conf, text).unwrap();
+    s.node.signal(libc::SIGHUP);
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&moved).is_ok()
+        }),
+        "export did not move:\n{}",
+        s.node.log_text()
+    );
+    assert!(wait_for(Duration::from_secs(5), || !s.socket.exists()));
+    assert!(c.closed_by_server(), "old client kept on the old export");
+    let mut c = RawNbd::start(&moved).unwrap();
+    c.go("r0").unwrap().expect("GO on the moved export");
+    assert!(c.read(4, 0, 4096).unwrap().unwrap() == d);
+    assert!(c.read(5, 4096, 4096).unwrap().unwrap() == d);
+    let st = s.node.hastctl("status", &["r0"]);
+    assert!(st.stdout.contains("r0\tdegraded primary"), "{}", st.stdout);
+}
