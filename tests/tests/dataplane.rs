@@ -1725,3 +1725,49 @@ fn sighup_keeps_an_unchanged_export_and_moves_a_changed_one() {
     let st = s.node.hastctl("status", &["r0"]);
     assert!(st.stdout.contains("r0\tdegraded primary"), "{}", st.stdout);
 }
+
+#[test]
+fn small_extents_spread_the_map_over_several_sectors() {
+    // 4 KiB extents on 64 MiB: 16383 extents, a 2 KiB map (4 sectors).
+    let s = Solo::new(64 * MIB, &["-e", "4K"]);
+    let (localoff, datasize, es) = s.geometry();
+    assert_eq!((localoff, es), (4096 + 2048, 4096));
+    let extents = datasize.div_ceil(es);
+    let last = extents - 1;
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.go("r0").unwrap().expect("GO");
+    let writes: Vec<(u64, u64)> = vec![
+        (0, 512),
+        (4095 * es, 512),
+        (4096 * es - 512, 1024), // extents 4095 and 4096: map bytes 511, 512
+        (8191 * es + 1024, 3 * es), // 8191..=8194
+        (12000 * es, es),
+        (datasize - 512, 512),
+    ];
+    let mut touched = BTreeSet::new();
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        let d = stamped(off, len, 3);
+        assert_eq!(c.write(i as u64, off, &d).unwrap(), 0, "write at {off}");
+        touched.extend(extents_of(off, len, es));
+    }
+    assert!(touched.contains(&last));
+    let img = s.image();
+    assert_eq!(
+        img[4096..localoff as usize],
+        expected_map(localoff, &touched)[..],
+        "map bits"
+    );
+    for &(off, len) in &writes {
+        let a = (localoff + off) as usize;
+        assert!(
+            img[a..a + len as usize] == stamped(off, len, 3)[..],
+            "data at {off}"
+        );
+    }
+    let l = s.list();
+    assert_eq!(
+        list_number(&l, "dirty"),
+        Some(touched.len() as u64 * es),
+        "{l}"
+    );
+}
