@@ -1771,3 +1771,55 @@ fn small_extents_spread_the_map_over_several_sectors() {
         "{l}"
     );
 }
+
+#[test]
+fn mediasize_smaller_than_the_provider_keeps_the_tail_untouched() {
+    // The provider is 48 MiB; HAST uses the first 32 MiB (`create -m`).
+    let tmp = tempfile::Builder::new()
+        .prefix("hastdpm")
+        .tempdir()
+        .unwrap();
+    let file = tmp.path().join("big.img");
+    hast_tests::sparse_file(&file, 48 * MIB);
+    let tail: Vec<u8> = rand_bytes((16 * MIB) as usize, 99);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .write_at(&tail, 32 * MIB)
+        .unwrap();
+    let s = Solo::build(
+        0,
+        &SoloOpts {
+            create_args: &["-m", "32M"],
+            local: Some(file.clone()),
+            ..SoloOpts::default()
+        },
+    );
+    let (localoff, datasize, _) = s.geometry();
+    assert_eq!(localoff + datasize, 32 * MIB);
+    let r = run_timeout(
+        Command::new("nbdinfo").arg("--size").arg(s.uri()),
+        CLIENT_TIME,
+    );
+    ok(&r, "nbdinfo --size");
+    assert_eq!(r.stdout.trim(), datasize.to_string());
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.go("r0").unwrap().expect("GO");
+    let end = datasize - 512;
+    assert_eq!(c.write(1, end, &stamped(end, 512, 4)).unwrap(), 0);
+    assert_eq!(c.write(2, datasize, &[1; 512]).unwrap(), w::ENOSPC);
+    assert_eq!(c.write(3, end, &[1; 1024]).unwrap(), w::ENOSPC);
+    assert_eq!(c.read(4, datasize, 512).unwrap(), Err(w::EINVAL));
+    c.request(0, w::CMD_TRIM, 5, end, 1024, &[]).unwrap();
+    assert_eq!(c.reply().unwrap(), (w::EINVAL, 5));
+    assert!(c.read(6, end, 512).unwrap().unwrap() == stamped(end, 512, 4));
+    let img = s.image();
+    assert_eq!(img.len() as u64, 48 * MIB);
+    assert!(
+        img[(32 * MIB) as usize..] == tail[..],
+        "bytes past the HAST mediasize changed"
+    );
+    let a = (localoff + end) as usize;
+    assert!(img[a..a + 512] == stamped(end, 512, 4)[..]);
+}
