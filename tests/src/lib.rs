@@ -512,14 +512,26 @@ impl Solo {
     /// `hastctl dump r0` output (asserted to succeed).
     pub fn dump(&self) -> String {
         let r = self.node.hastctl("dump", &["r0"]);
-        assert_eq!(r.code, 0, "dump failed: {}", r.stderr);
+        assert_eq!(
+            r.code,
+            0,
+            "dump failed: {}\nhastd log:\n{}",
+            r.stderr,
+            self.node.log_text()
+        );
         r.stdout
     }
 
     /// `hastctl list r0` output (asserted to succeed).
     pub fn list(&self) -> String {
         let r = self.node.hastctl("list", &["r0"]);
-        assert_eq!(r.code, 0, "list failed: {}", r.stderr);
+        assert_eq!(
+            r.code,
+            0,
+            "list failed: {}\nhastd log:\n{}",
+            r.stderr,
+            self.node.log_text()
+        );
         r.stdout
     }
 

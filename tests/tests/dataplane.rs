@@ -1435,14 +1435,14 @@ fn role_cycles_with_connected_clients_stop_the_export_cleanly() {
 #[test]
 fn primary_stop_releases_the_export_backend() {
     let s = Solo::new(32 * MIB, &[]);
-    for round in 0..16u64 {
+    for round in 0..32u64 {
         if round > 0 {
             s.primary();
         }
         cycle_with_clients(&s, round);
     }
     let log = s.node.log_text();
-    assert_eq!(log.matches("NBD export at").count(), 16, "{log}");
+    assert_eq!(log.matches("NBD export at").count(), 32, "{log}");
     assert!(
         !log.contains("still referenced"),
         "the export's backend outlived Primary::stop (Uhost::close skipped):\n{}",
@@ -1822,4 +1822,110 @@ fn mediasize_smaller_than_the_provider_keeps_the_tail_untouched() {
     );
     let a = (localoff + end) as usize;
     assert!(img[a..a + 512] == stamped(end, 512, 4)[..]);
+}
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs {
+    path: PathBuf,
+    /// Removed after the unmount (fields drop after `Drop::drop`).
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let d = tempfile::Builder::new().prefix("hastfs").tempdir().ok()?;
+        let p = d.path().join("mnt");
+        fs::create_dir(&p).ok()?;
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&p)
+            .status()
+            .ok()?;
+        st.success().then_some(Tmpfs { path: p, _dir: d })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+#[test]
+fn local_write_errors_reach_the_client_and_the_counters() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: mounting a tmpfs needs root");
+        return;
+    }
+    // A 64 MiB sparse provider on an 8 MiB tmpfs: writes fail with ENOSPC
+    // once the space is used up.
+    let Some(fsys) = Tmpfs::mount("8m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs");
+        return;
+    };
+    let img = fsys.path.join("r0.img");
+    hast_tests::sparse_file(&img, 64 * MIB);
+    let s = Solo::build(
+        0,
+        &SoloOpts {
+            local: Some(img),
+            ..SoloOpts::default()
+        },
+    );
+    let (localoff, _, es) = s.geometry();
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.go("r0").unwrap().expect("GO");
+    let mut good = Vec::new();
+    let mut failed = 0u64;
+    let mut touched = BTreeSet::new();
+    for i in 0..12u64 {
+        let off = i * 5 * MIB;
+        let e = c.write(i, off, &stamped(off, MIB, 6)).unwrap();
+        touched.extend(extents_of(off, MIB, es));
+        match e {
+            0 => good.push(off),
+            w::ENOSPC => failed += 1,
+            e => panic!("write at {off}: NBD error {e}, not ENOSPC"),
+        }
+    }
+    assert!(
+        !good.is_empty() && failed > 0,
+        "{} ok, {failed} failed",
+        good.len()
+    );
+    // Space already allocated can still be rewritten.
+    assert_eq!(c.write(20, 0, &stamped(0, 4096, 7)).unwrap(), 0);
+    for &off in &good[1..] {
+        assert!(c.read(21, off, MIB as u32).unwrap().unwrap() == stamped(off, MIB, 6));
+    }
+    assert!(c.read(22, 0, 4096).unwrap().unwrap() == stamped(0, 4096, 7));
+    let l = s.list();
+    assert_eq!(list_number(&l, "writes"), Some(13), "{l}");
+    assert_eq!(
+        list_field(&l, "local errors"),
+        Some(format!("read: 0, write: {failed}, delete: 0, flush: 0").as_str()),
+        "{l}"
+    );
+    // A failed write leaves its extent dirty too.
+    assert_eq!(
+        list_number(&l, "dirty"),
+        Some(touched.len() as u64 * es),
+        "{l}"
+    );
+    let img = s.image();
+    assert_eq!(
+        img[4096..localoff as usize],
+        expected_map(localoff, &touched)[..]
+    );
+    let st = s.node.hastctl("status", &["r0"]);
+    assert!(
+        st.stdout.contains("r0\tdegraded primary"),
+        "{}{}\n{}",
+        st.stdout,
+        st.stderr,
+        s.node.log_text()
+    );
+    drop(c);
+    drop(s);
 }
