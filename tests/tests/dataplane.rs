@@ -780,6 +780,22 @@ fn degraded_statistics_count_exactly() {
     assert_eq!(s.dump_number("localcnt"), 2);
 }
 
+/// Python: 32 writes queued (strict mode off), then wait to be killed.
+const PY_KILLED: &str = r#"
+import nbd, sys, time
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri(sys.argv[1])
+base = int(sys.argv[2])
+bufs = []
+for i in range(32):
+    b = nbd.Buffer.from_bytearray(stamped(base + i * 4096, 4096, 9))
+    bufs.append(b)
+    h.aio_pwrite(b, base + i * 4096)
+print('sent', flush=True)
+time.sleep(60)
+"#;
+
 /// Assert the connection was closed by the server.
 fn assert_closed(c: &mut RawNbd, what: &str) {
     assert!(c.closed_by_server(), "{what}: connection still open");
@@ -863,83 +879,22 @@ fn bad_nbd_input_is_refused_and_harms_nothing() {
 
     // Transmission: misaligned, out of range, oversized, unknown.
     let size = datasize;
+    use w::{CMD_READ as RD, CMD_TRIM as TR, CMD_WRITE as WR, EINVAL as INVAL, ENOSPC as NOSPC};
+    let top = u64::MAX - 511;
+    // (flags, command, offset, length, payload bytes sent, error, what)
     let cases: Vec<(u16, u16, u64, u32, usize, u32, &str)> = vec![
-        (
-            0,
-            w::CMD_READ,
-            1,
-            512,
-            0,
-            w::EINVAL,
-            "misaligned read offset",
-        ),
-        (
-            0,
-            w::CMD_READ,
-            0,
-            100,
-            0,
-            w::EINVAL,
-            "misaligned read length",
-        ),
-        (
-            0,
-            w::CMD_WRITE,
-            512,
-            100,
-            100,
-            w::EINVAL,
-            "misaligned write length",
-        ),
-        (
-            0,
-            w::CMD_WRITE,
-            3,
-            512,
-            512,
-            w::EINVAL,
-            "misaligned write offset",
-        ),
-        (0, w::CMD_READ, size, 512, 0, w::EINVAL, "read past the end"),
-        (
-            0,
-            w::CMD_READ,
-            u64::MAX - 511,
-            512,
-            0,
-            w::EINVAL,
-            "read offset wraps",
-        ),
-        (
-            0,
-            w::CMD_WRITE,
-            size - 512,
-            1024,
-            1024,
-            w::ENOSPC,
-            "write past the end",
-        ),
-        (
-            0,
-            w::CMD_WRITE,
-            u64::MAX - 511,
-            512,
-            512,
-            w::ENOSPC,
-            "write offset wraps",
-        ),
-        (
-            0,
-            w::CMD_TRIM,
-            size - 512,
-            1024,
-            0,
-            w::EINVAL,
-            "trim past the end",
-        ),
-        (0, w::CMD_READ, 0, 64 << 20, 0, w::EINVAL, "read of 64 MiB"),
-        (0, 42, 0, 512, 0, w::EINVAL, "unknown command"),
-        (1 << 9, w::CMD_READ, 0, 512, 0, w::EINVAL, "unknown flag"),
+        (0, RD, 1, 512, 0, INVAL, "misaligned read offset"),
+        (0, RD, 0, 100, 0, INVAL, "misaligned read length"),
+        (0, WR, 512, 100, 100, INVAL, "misaligned write length"),
+        (0, WR, 3, 512, 512, INVAL, "misaligned write offset"),
+        (0, RD, size, 512, 0, INVAL, "read past the end"),
+        (0, RD, top, 512, 0, INVAL, "read offset wraps"),
+        (0, WR, size - 512, 1024, 1024, NOSPC, "write past the end"),
+        (0, WR, top, 512, 512, NOSPC, "write offset wraps"),
+        (0, TR, size - 512, 1024, 0, INVAL, "trim past the end"),
+        (0, RD, 0, 64 << 20, 0, INVAL, "read of 64 MiB"),
+        (0, 42, 0, 512, 0, INVAL, "unknown command"),
+        (1 << 9, RD, 0, 512, 0, INVAL, "unknown flag"),
     ];
     for (i, (fl, kind, off, len, payload, want, what)) in cases.iter().enumerate() {
         let cookie = 1000 + i as u64;
@@ -991,9 +946,7 @@ fn bad_nbd_input_is_refused_and_harms_nothing() {
     // writing extent 4, which holds nothing the checks below rely on.
     let mut killed_region = None;
     if python_has_nbd() {
-        let script = format!(
-            "{PY_STAMP}\nimport nbd, sys, time\nh = nbd.NBD()\nh.set_strict_mode(0)\nh.connect_uri(sys.argv[1])\nbase = int(sys.argv[2])\nbufs = []\nfor i in range(32):\n    b = nbd.Buffer.from_bytearray(stamped(base + i * 4096, 4096, 9))\n    bufs.append(b)\n    h.aio_pwrite(b, base + i * 4096)\nprint('sent', flush=True)\ntime.sleep(60)\n"
-        );
+        let script = format!("{PY_STAMP}\n{PY_KILLED}");
         let mut p = python_spawn(&script, &[&s.uri(), &(4 * es + 16384).to_string()]);
         let out = p.child().stdout.take().unwrap();
         let mut line = String::new();
@@ -1018,7 +971,11 @@ fn bad_nbd_input_is_refused_and_harms_nothing() {
             assert!(got == model_writes[last].1, "good data at {off} lost");
         }
     }
-    assert!(s.node.pid().is_some());
+    // And a client connecting now is served.
+    let mut late = RawNbd::start(&s.socket).unwrap();
+    late.go("disk0").unwrap().expect("GO after the bad clients");
+    assert!(late.read(1, 0, 8192).unwrap().unwrap() == model_writes[0].1);
+    drop(late);
     let st = s.node.hastctl("status", &["r0"]);
     assert_eq!(st.code, 0, "{}", st.stderr);
     assert!(st.stdout.contains("r0\tdegraded primary"), "{}", st.stdout);
