@@ -380,6 +380,8 @@ fn fio_random_mixed_writes_verify_crc32c() {
     let s = Solo::new(64 * MIB, &[]);
     let r = run_timeout(
         Command::new("fio")
+            // fio leaves verify state files in its working directory.
+            .current_dir(&s.dir)
             .arg("--name=hast")
             .arg("--ioengine=nbd")
             .arg(format!("--uri={}", s.uri()))
@@ -598,6 +600,7 @@ fn kill9_during_fio_leaves_every_changed_extent_marked() {
 
     let fio = ChildGuard::new(
         Command::new("fio")
+            .current_dir(&s.dir)
             .arg("--name=crash")
             .arg("--ioengine=nbd")
             .arg(format!("--uri={}", s.uri()))
