@@ -1889,3 +1889,52 @@ fn local_write_errors_reach_the_client_and_the_counters() {
     drop(c);
     drop(s);
 }
+
+/// Product bug (nbd/server.rs `Server::shutdown` and the connection drain;
+/// engine/control_server.rs): leaving primary waits without any limit for
+/// every reply to be written, so a client that has asked for data and
+/// stops reading (a hung VM, a stopped process, a hostile peer) blocks
+/// `hastctl role init` for as long as it stays connected, and the control
+/// socket answers nothing meanwhile (`hastctl status` hangs too): a
+/// failover script cannot demote this node.
+#[test]
+fn a_client_that_stops_reading_does_not_block_role_init() {
+    let s = Solo::new(96 * MIB, &[]);
+    // 64 MiB of read replies asked for, none read: the reply writer blocks
+    // on the full socket.
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.go("r0").unwrap().expect("GO");
+    for i in 0..64u64 {
+        c.request(0, w::CMD_READ, i, i * MIB, MIB as u32, &[])
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let hastctl = |args: &[&str]| {
+        let mut cmd = Command::new(bin("hastctl"));
+        cmd.arg(args[0])
+            .arg("-c")
+            .arg(&s.conf)
+            .args(["--node", "solo"])
+            .args(&args[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    let role = ChildGuard::new(hastctl(&["role", "init", "r0"]).spawn().unwrap());
+    std::thread::sleep(Duration::from_secs(1));
+    let st = run_timeout(&mut hastctl(&["status"]), Duration::from_secs(5));
+    let role = role.wait_timeout(Duration::from_secs(20));
+    // Only now let the client go (unblocking hastd if it was stuck).
+    drop(c);
+    assert_ne!(
+        st.code, -2,
+        "hastctl status hung while role init drained a stuck client"
+    );
+    assert_ne!(
+        role.code, -2,
+        "hastctl role init hung on a client that does not read its replies"
+    );
+    ok(&role, "role init");
+    assert!(!s.socket.exists());
+}
