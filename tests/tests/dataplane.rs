@@ -1890,6 +1890,19 @@ fn local_write_errors_reach_the_client_and_the_counters() {
     drop(s);
 }
 
+/// A client that asks for 64 MiB of reads and reads none of the replies:
+/// hastd's reply writer for it blocks on the full socket.
+fn stuck_client(s: &Solo) -> RawNbd {
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.go("r0").unwrap().expect("GO");
+    for i in 0..64u64 {
+        c.request(0, w::CMD_READ, i, i * MIB, MIB as u32, &[])
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    c
+}
+
 /// Product bug (nbd/server.rs `Server::shutdown` and the connection drain;
 /// engine/control_server.rs): leaving primary waits without any limit for
 /// every reply to be written, so a client that has asked for data and
@@ -1900,15 +1913,7 @@ fn local_write_errors_reach_the_client_and_the_counters() {
 #[test]
 fn a_client_that_stops_reading_does_not_block_role_init() {
     let s = Solo::new(96 * MIB, &[]);
-    // 64 MiB of read replies asked for, none read: the reply writer blocks
-    // on the full socket.
-    let mut c = RawNbd::start(&s.socket).unwrap();
-    c.go("r0").unwrap().expect("GO");
-    for i in 0..64u64 {
-        c.request(0, w::CMD_READ, i, i * MIB, MIB as u32, &[])
-            .unwrap();
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    let c = stuck_client(&s);
     let hastctl = |args: &[&str]| {
         let mut cmd = Command::new(bin("hastctl"));
         cmd.arg(args[0])
@@ -1936,5 +1941,19 @@ fn a_client_that_stops_reading_does_not_block_role_init() {
         "hastctl role init hung on a client that does not read its replies"
     );
     ok(&role, "role init");
+    assert!(!s.socket.exists());
+}
+
+/// Same bug on the way out: SIGTERM drains the export without a limit
+/// (engine/mod.rs `Daemon::run` -> `Resource::shutdown`), so hastd does not
+/// exit while a client that stopped reading is connected.
+#[test]
+fn sigterm_exits_despite_a_client_that_stops_reading() {
+    let mut s = Solo::new(96 * MIB, &[]);
+    let c = stuck_client(&s);
+    let st = s.node.stop();
+    drop(c);
+    let st = st.expect("hastd did not exit within 10 s of SIGTERM");
+    assert!(st.success(), "{st:?}");
     assert!(!s.socket.exists());
 }
