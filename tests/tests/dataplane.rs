@@ -412,7 +412,12 @@ fn fio_random_mixed_writes_verify_crc32c() {
         Some("read: 0, write: 0, delete: 0, flush: 0"),
         "{l}"
     );
+    // Nothing left in any queue once the client is gone.
+    assert_eq!(list_field(&l, "queues"), Some(IDLE_QUEUES), "{l}");
 }
+
+/// The `queues` line of an idle primary.
+const IDLE_QUEUES: &str = "local: 0, send: 0, recv: 0, done: 0, idle: 0";
 
 /// Everything the ext4 test sets up, torn down in reverse order even when
 /// the test fails.
@@ -727,6 +732,7 @@ fn degraded_statistics_count_exactly() {
         assert_eq!(list_number(&l, f), Some(v), "{f} in\n{l}");
     }
     assert!(list_number(&l, "activemap updates").unwrap() > 0, "{l}");
+    assert_eq!(list_field(&l, "queues"), Some(IDLE_QUEUES), "{l}");
     // Written or trimmed: extents 0, 3, 5, 6 and 10.
     let touched: BTreeSet<u64> = [0, 3, 5, 6, 10].into_iter().collect();
     assert_eq!(
@@ -1867,6 +1873,7 @@ fn local_write_errors_reach_the_client_and_the_counters() {
         Some(format!("read: 0, write: {failed}, delete: 0, flush: 0").as_str()),
         "{l}"
     );
+    assert_eq!(list_field(&l, "queues"), Some(IDLE_QUEUES), "{l}");
     // A failed write leaves its extent dirty too.
     assert_eq!(
         list_number(&l, "dirty"),
@@ -1956,4 +1963,29 @@ fn sigterm_exits_despite_a_client_that_stops_reading() {
     let st = st.expect("hastd did not exit within 10 s of SIGTERM");
     assert!(st.success(), "{st:?}");
     assert!(!s.socket.exists());
+}
+
+#[test]
+fn a_secondary_exports_nothing() {
+    let s = Solo::new(32 * MIB, &[]);
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.go("r0").unwrap().expect("GO");
+    // primary -> secondary: the export and its clients go.
+    ok(
+        &s.node.hastctl("role", &["secondary", "r0"]),
+        "role secondary",
+    );
+    assert!(c.closed_by_server(), "client kept by a secondary");
+    assert!(!s.socket.exists(), "a secondary left the NBD socket");
+    assert!(std::os::unix::net::UnixStream::connect(&s.socket).is_err());
+    // init -> secondary: none appears.
+    ok(&s.node.hastctl("role", &["init", "r0"]), "role init");
+    ok(
+        &s.node.hastctl("role", &["secondary", "r0"]),
+        "role secondary",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!s.socket.exists(), "a secondary created the NBD socket");
+    let st = s.node.hastctl("status", &["r0"]);
+    assert!(st.stdout.contains("secondary"), "{}", st.stdout);
 }
