@@ -1103,6 +1103,17 @@ fn role_init_with_writes_in_flight_answers_them_and_keeps_the_data() {
         "writes are not being answered"
     );
 
+    // The queues show the writes in flight.
+    let l = s.list();
+    let local: u64 = list_field(&l, "queues")
+        .and_then(|q| q.strip_prefix("local: "))
+        .and_then(|q| q.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no local queue in\n{l}"));
+    assert!(
+        local > 0,
+        "writes in flight but the local queue is empty:\n{l}"
+    );
     // Leave primary while the client keeps the window full.
     let t0 = Instant::now();
     let r = run_timeout(
