@@ -595,10 +595,11 @@ fn kill9_during_fio_leaves_every_changed_extent_marked() {
         eprintln!("SKIPPED: fio is not installed");
         return;
     }
-    // 128 KiB extents: 512 of them, so a short run leaves many untouched.
-    let mut s = Solo::new(64 * MIB, &["-e", "128K"]);
+    // 16 KiB extents: 4096 of them, so a short run leaves many untouched
+    // and the kill lands among many first writes to clean extents.
+    let mut s = Solo::new(64 * MIB, &["-e", "16K"]);
     let (localoff, datasize, es) = s.geometry();
-    assert_eq!(es, 128 << 10);
+    assert_eq!(es, 16 << 10);
     let extents = datasize.div_ceil(es);
     let before = s.image();
     assert!(map_bits(&before, extents).iter().all(|b| !b));
