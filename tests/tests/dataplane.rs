@@ -508,13 +508,21 @@ impl Drop for StackGuard {
         if let Some(d) = self.loopdev.take() {
             let _ = Command::new("losetup").arg("-d").arg(&d).status();
         }
-        if self.nbdfuse.is_some() {
+        if let Some(g) = self.nbdfuse.take() {
+            // nbdfuse first (it may still be mounting), then whatever
+            // mount it left.
+            drop(g);
             let _ = Command::new("fusermount3")
                 .arg("-u")
                 .arg("-z")
                 .arg(&self.fuse_dir)
+                .stderr(Stdio::null())
                 .status();
-            self.nbdfuse = None;
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.fuse_dir)
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
