@@ -2009,3 +2009,58 @@ fn a_secondary_exports_nothing() {
     let st = s.node.hastctl("status", &["r0"]);
     assert!(st.stdout.contains("secondary"), "{}", st.stdout);
 }
+
+#[test]
+fn disc_after_writes_answers_them_all_before_closing() {
+    let s = Solo::new(32 * MIB, &[]);
+    let (localoff, _, _) = s.geometry();
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.go("r0").unwrap().expect("GO");
+    // FUA makes each write slow enough to be outstanding at the DISC.
+    let n = 64u64;
+    for i in 0..n {
+        let off = i * 64 * 1024;
+        c.request(
+            w::FLAG_FUA,
+            w::CMD_WRITE,
+            i,
+            off,
+            65536,
+            &stamped(off, 65536, 8),
+        )
+        .unwrap();
+    }
+    c.request(0, w::CMD_DISC, n, 0, 0, &[]).unwrap();
+    let mut seen = BTreeSet::new();
+    for _ in 0..n {
+        let (e, cookie) = c.reply().expect("a reply for every write sent before DISC");
+        assert_eq!(e, 0, "write {cookie}");
+        assert!(cookie < n && seen.insert(cookie), "cookie {cookie}");
+    }
+    assert!(c.closed_by_server(), "connection open after DISC");
+    let img = s.image();
+    for i in 0..n {
+        let off = i * 64 * 1024;
+        let a = (localoff + off) as usize;
+        assert!(img[a..a + 65536] == stamped(off, 65536, 8)[..], "write {i}");
+    }
+}
+
+#[test]
+fn a_client_that_stops_reading_does_not_stall_the_others() {
+    let s = Solo::new(96 * MIB, &[]);
+    let stuck = stuck_client(&s);
+    let t = Instant::now();
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    c.go("r0").unwrap().expect("GO");
+    for i in 0..64u64 {
+        let off = 80 * MIB + i * 65536;
+        let d = stamped(off, 65536, 12);
+        assert_eq!(c.write(2 * i, off, &d).unwrap(), 0);
+        assert!(c.read(2 * i + 1, off, 65536).unwrap().unwrap() == d);
+    }
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    let l = s.list();
+    assert!(list_number(&l, "writes").unwrap() >= 64, "{l}");
+    drop(stuck);
+}
