@@ -2064,3 +2064,46 @@ fn a_client_that_stops_reading_does_not_stall_the_others() {
     assert!(list_number(&l, "writes").unwrap() >= 64, "{l}");
     drop(stuck);
 }
+
+#[test]
+fn a_1tib_sparse_provider_maps_offsets_past_4gib() {
+    let s = Solo::new(1 << 40, &[]);
+    let (localoff, datasize, es) = s.geometry();
+    // 524288 extents: a 64 KiB map.
+    assert_eq!(localoff, 4096 + 65536);
+    let mut c = RawNbd::start(&s.socket).unwrap();
+    let (size, _) = c.go("r0").unwrap().expect("GO");
+    assert_eq!(size, datasize);
+    let writes: Vec<(u64, u64)> = vec![
+        ((1 << 32) - 512, 1024), // crosses 4 GiB: extents 2047 and 2048
+        (5 * (1 << 30) + 512, 4096),
+        (datasize / 2, 8192),
+        (datasize - 4096, 4096),
+    ];
+    let mut touched = BTreeSet::new();
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        let d = stamped(off, len, 13);
+        assert_eq!(c.write(i as u64, off, &d).unwrap(), 0, "write at {off}");
+        assert!(c.read(i as u64, off, len as u32).unwrap().unwrap() == d);
+        touched.extend(extents_of(off, len, es));
+    }
+    let f = fs::File::open(&s.img).unwrap();
+    for &(off, len) in &writes {
+        let mut got = vec![0u8; len as usize];
+        f.read_exact_at(&mut got, localoff + off).unwrap();
+        assert!(got == stamped(off, len, 13), "data at {off}");
+        let mut before = [0u8; 512];
+        f.read_exact_at(&mut before, localoff + off - 512).unwrap();
+        assert_eq!(before, [0u8; 512], "bytes before {off}");
+    }
+    let mut map = vec![0u8; (localoff - 4096) as usize];
+    f.read_exact_at(&mut map, 4096).unwrap();
+    assert!(map == expected_map(localoff, &touched), "map bits");
+    let l = s.list();
+    assert_eq!(
+        list_number(&l, "dirty"),
+        Some(touched.len() as u64 * es),
+        "{l}"
+    );
+    assert_eq!(fs::metadata(&s.img).unwrap().len(), 1 << 40);
+}
