@@ -134,6 +134,26 @@ pub enum PartitionKind {
     Drop,
 }
 
+/// What a TCP connection attempt between two nodes met ([`Cluster::probe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reach {
+    /// Something listens there and accepted.
+    Connected,
+    /// The peer answered with a reset: reachable, nothing listening.
+    Refused,
+    /// No answer within the timeout (packets dropped).
+    TimedOut,
+    /// Any other error (e.g. "network is unreachable" with the link down).
+    Failed(String),
+}
+
+impl Reach {
+    /// Whether the peer's host answered at all.
+    pub fn reachable(&self) -> bool {
+        matches!(self, Reach::Connected | Reach::Refused)
+    }
+}
+
 /// Result of a command: exit code (-1 when killed by a signal) and output.
 #[derive(Debug, Clone)]
 pub struct Output {
@@ -374,12 +394,7 @@ impl ClusterBuilder {
         if c.mode == Mode::Netns {
             c.setup_netns()?;
         }
-        for node in &c.nodes {
-            write_hook(
-                &c.dir.join(format!("hook-{}.sh", node.name)),
-                &node.hook_log,
-            )?;
-        }
+        write_hook(&c.dir)?;
         for r in &c.resources {
             for &i in &r.nodes {
                 let path = c.provider_path_idx(i, &r.name);
@@ -716,6 +731,7 @@ impl Cluster {
         let _ = writeln!(s, "checksum {}", b.checksum);
         let _ = writeln!(s, "compression {}", b.compression);
         let _ = writeln!(s, "timeout {}", b.timeout);
+        let _ = writeln!(s, "exec {d}/hook.sh");
         for (i, n) in self.nodes.iter().enumerate() {
             let _ = writeln!(s, "on {} {{", n.name);
             let _ = writeln!(s, "\tcontrol uds://{}", n.ctl.display());
@@ -754,8 +770,18 @@ impl Cluster {
                 );
                 let _ = writeln!(s, "\t\tsource tcp4://{}", self.addr_idx(i, peer));
                 let _ = writeln!(s, "\t\tnbd {d}/{}-{}.nbd", n.name, r.name);
-                let _ = writeln!(s, "\t\texec {d}/hook-{}.sh", n.name);
                 let _ = writeln!(s, "\t}}");
+            }
+            // The reference refuses a resource without an `on` block for
+            // this host, so every other node gets one that is never used:
+            // no peer, a provider file that does not exist.
+            for (i, n) in self.nodes.iter().enumerate() {
+                if !r.nodes.contains(&i) {
+                    let _ = writeln!(s, "\ton {} {{", n.name);
+                    let _ = writeln!(s, "\t\tlocal {d}/{}-{}.unused", n.name, r.name);
+                    let _ = writeln!(s, "\t\tremote none");
+                    let _ = writeln!(s, "\t}}");
+                }
             }
             let _ = writeln!(s, "}}");
         }
@@ -1328,6 +1354,43 @@ impl Cluster {
         Ok(())
     }
 
+    /// Try a TCP connection from `from` (its namespace, its address) to
+    /// `to`'s replication address and port, to see what a partition does.
+    pub fn probe(&self, from: &str, to: &str, timeout: Duration) -> Result<Reach> {
+        let a = self.idx(from)?;
+        let b = self.idx(to)?;
+        let target = std::net::SocketAddr::from((self.addr_idx(b, a), self.nodes[b].port));
+        let ns = self.nodes[a].netns.clone();
+        let handle = std::thread::spawn(move || -> io::Result<Reach> {
+            if let Some(ns) = ns {
+                let f = fs::File::open(format!("/run/netns/{ns}"))?;
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns(2) on an open namespace file; it moves only
+                // this short-lived thread into the namespace.
+                if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(
+                match std::net::TcpStream::connect_timeout(&target, timeout) {
+                    Ok(_) => Reach::Connected,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Reach::Refused,
+                    Err(e)
+                        if e.kind() == io::ErrorKind::TimedOut
+                            || e.kind() == io::ErrorKind::WouldBlock =>
+                    {
+                        Reach::TimedOut
+                    }
+                    Err(e) => Reach::Failed(e.to_string()),
+                },
+            )
+        });
+        match handle.join() {
+            Ok(r) => r.map_err(io_err(format!("probe from {from} to {to} ({target})"))),
+            Err(_) => Err(HarnessError::Setup("probe thread panicked".into())),
+        }
+    }
+
     /// Kill every daemon, delete the nft tables and namespaces (and with
     /// them the veth links). Called by Drop; safe to call twice.
     pub fn teardown(&mut self) {
@@ -1361,10 +1424,16 @@ fn free_port(addr: Ipv4Addr) -> Result<u16> {
     Ok(port)
 }
 
-fn write_hook(path: &Path, log: &Path) -> Result<()> {
-    let text = format!("#!/bin/sh\necho \"$@\" >> '{}'\n", log.display());
-    fs::write(path, text).map_err(io_err(format!("write hook {}", path.display())))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+/// The `exec` hook: hastd runs it with the environment it got, so
+/// `HASTT_NODE` (set by `start`) says which node's log to append to.
+fn write_hook(dir: &Path) -> Result<()> {
+    let path = dir.join("hook.sh");
+    let text = format!(
+        "#!/bin/sh\necho \"$@\" >> '{}/hooks-'\"${{HASTT_NODE:-unknown}}\".log\n",
+        dir.display()
+    );
+    fs::write(&path, text).map_err(io_err(format!("write hook {}", path.display())))?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
         .map_err(io_err(format!("chmod hook {}", path.display())))
 }
 
