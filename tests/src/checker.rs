@@ -596,7 +596,7 @@ impl Workload {
     pub fn run(&self, client: &mut NbdClient) -> Result<History> {
         let o = &self.opts;
         let bs = o.block_size;
-        if bs < MIN_BLOCK as u32 || bs % 8 != 0 {
+        if bs < MIN_BLOCK as u32 || bs & 7 != 0 {
             return Err(CheckError::Options(format!(
                 "block size {bs} must be a multiple of 8 and at least {MIN_BLOCK}"
             )));
@@ -920,6 +920,27 @@ impl History {
         buf
     }
 
+    /// Write, for every block with an acknowledged write, the last
+    /// acknowledged version into the existing file `path` (byte 0 = the
+    /// export's byte 0): the image the export must equal when nothing else
+    /// wrote to it, e.g. for `qemu-img compare`.
+    pub fn write_reference(&self, path: &Path) -> Result<()> {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_err(format!("open {}", path.display())))?;
+        let mut last: BTreeMap<u64, &WriteRecord> = BTreeMap::new();
+        for w in self.writes.iter().filter(|w| w.outcome == Outcome::Acked) {
+            last.insert(w.block, w);
+        }
+        for (block, w) in last {
+            let off = block.saturating_mul(u64::from(self.block_size));
+            f.write_all_at(&self.block_bytes(w), off)
+                .map_err(io_err(format!("write {} at {off}", path.display())))?;
+        }
+        Ok(())
+    }
+
     /// Verify by reading through an NBD export.
     pub fn verify_export(&self, client: &mut NbdClient) -> Result<Report> {
         self.verify_with(|off, len| client.read_at(off, len))
@@ -1192,7 +1213,7 @@ impl History {
                 _ => return Err(bad(1, "unknown key")),
             }
         }
-        if h.block_size < MIN_BLOCK as u32 || h.block_size % 8 != 0 {
+        if h.block_size < MIN_BLOCK as u32 || h.block_size & 7 != 0 {
             return Err(bad(1, "bad block size"));
         }
         for (i, line) in lines.enumerate() {

@@ -7,6 +7,14 @@
 //! logs, NBD URIs and the providers' data areas. Everything it starts is
 //! removed when the [`Cluster`] is dropped, even when a test panics; leftovers
 //! of runs that crashed (named `hastt-<pid>-...`) are swept on startup.
+//! With `HASTT_KEEP` set in the environment, the temporary directory of a
+//! cluster dropped during a panic is kept and its path printed.
+//!
+//! Partitions need root in both modes (veth links and nft rules); without
+//! root only loopback mode is available and `partition` returns
+//! [`HarnessError::NeedRoot`]. The NBD sockets live in the temporary
+//! directory, so they are reachable from this namespace whichever namespace
+//! hastd runs in.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -1411,6 +1419,13 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.teardown();
+        if std::thread::panicking() && std::env::var_os("HASTT_KEEP").is_some() {
+            let dir = self.keep_dir();
+            eprintln!(
+                "HASTT_KEEP: kept {} (logs, hast.conf, providers)",
+                dir.display()
+            );
+        }
     }
 }
 

@@ -460,3 +460,129 @@ fn three_nodes_get_one_link_per_pair() {
         c.heal_all().unwrap();
     }
 }
+
+/// Many QD8 runs on one export (ignored by default: `cargo test -p
+/// hast-tests --test harness -- --ignored stress`); every write must be
+/// acknowledged and read back.
+#[test]
+#[ignore]
+fn stress_qd8_writes_all_acknowledged() {
+    let mut c = two_nodes(Mode::Loopback);
+    c.start_all().unwrap();
+    c.role("alpha", "r0", "primary").unwrap();
+    let uri = c.nbd_uri("alpha", "r0").unwrap();
+    for round in 0..30u64 {
+        let h = Workload::new(opts(8, round * 256, 256, 2000))
+            .run_uri(&uri)
+            .unwrap();
+        assert_eq!(
+            h.acked(),
+            2000,
+            "round {round}: {h}\nalpha log:\n{}",
+            log_tail(&c, "alpha")
+        );
+        let r = verify_export(&c, "alpha", &h);
+        assert!(r.passed(), "round {round}: {r}");
+    }
+}
+
+/// Data areas: byte comparison of two nodes finds the first block only one
+/// of them holds, and `qemu-img compare` of the primary's data area (through
+/// the harness's json: spec with localoff) equals a reference image rebuilt
+/// from the history, while the secondary's (never written) does not.
+#[test]
+fn data_areas_compare_and_qemu_img() {
+    let mut c = two_nodes(Mode::Loopback);
+    c.start_all().unwrap();
+    c.role("alpha", "r0", "primary").unwrap();
+    let h = Workload::new(opts(8, 16, 256, 500))
+        .run_uri(&c.nbd_uri("alpha", "r0").unwrap())
+        .unwrap();
+    assert_eq!(h.acked(), 500, "{h}");
+    let first = h.writes.iter().map(|w| w.block).min().unwrap();
+    assert_eq!(
+        c.compare_data("r0", "alpha", "beta").unwrap(),
+        Some(first * 4096)
+    );
+    assert_eq!(c.compare_data("r0", "alpha", "alpha").unwrap(), None);
+
+    let area = c.data_area("alpha", "r0").unwrap();
+    let reference = c.dir().join("reference.img");
+    std::fs::File::create(&reference)
+        .unwrap()
+        .set_len(area.size)
+        .unwrap();
+    h.write_reference(&reference).unwrap();
+    assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
+    assert!(!c.qemu_img_compare("beta", "r0", &reference).unwrap());
+    let spec = c.qemu_image_spec("alpha", "r0").unwrap();
+    assert!(
+        spec.contains(&format!("\"offset\":{}", area.offset)),
+        "{spec}"
+    );
+}
+
+fn stampcheck(args: &[&str]) -> (i32, String, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_stampcheck"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// The CLI writes, saves the history, verifies through the export and the
+/// provider file (exit 0, PASS), and exits 1 with MISSING once an
+/// acknowledged block is replaced by an older stamp.
+#[test]
+fn stampcheck_cli() {
+    let mut c = two_nodes(Mode::Loopback);
+    c.start_all().unwrap();
+    c.role("alpha", "r0", "primary").unwrap();
+    let uri = c.nbd_uri("alpha", "r0").unwrap();
+    let hist = c.dir().join("history.txt");
+    let hs = hist.to_str().unwrap();
+    let (code, out, err) = stampcheck(&[
+        "write",
+        &uri,
+        "--history",
+        hs,
+        "--qd",
+        "4",
+        "--count",
+        "400",
+        "--blocks",
+        "32",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("400 acknowledged"), "{out}");
+    let (code, out, err) = stampcheck(&["verify", "--history", hs, &uri]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("PASS"), "{out}");
+    let area = c.data_area("alpha", "r0").unwrap();
+    let (path, off) = (area.path.to_str().unwrap(), area.offset.to_string());
+    let (code, out, _) = stampcheck(&["verify", "--history", hs, "--file", path, "--offset", &off]);
+    assert_eq!(code, 0, "{out}");
+
+    let h = History::load(&hist).unwrap();
+    assert_eq!(h.acked(), 400);
+    let w = h.writes.iter().rev().find(|w| w.version >= 2).unwrap();
+    let older = h
+        .writes
+        .iter()
+        .find(|o| o.block == w.block && o.version == w.version - 1)
+        .unwrap();
+    write_at(
+        &area.path,
+        area.offset + w.block * 4096,
+        &h.block_bytes(older),
+    );
+    let (code, out, _) = stampcheck(&["verify", "--history", hs, &uri]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("FAIL") && out.contains("MISSING"), "{out}");
+    let (code, _, err) = stampcheck(&["verify", "--history", "/nonexistent", &uri]);
+    assert_eq!(code, 2, "{err}");
+}
