@@ -998,7 +998,7 @@ impl History {
         let end = self.first_block.saturating_add(self.blocks);
         while b < end {
             let n = per_chunk.min(end - b);
-            let data = read(b * bs, (n * bs) as usize)?;
+            let data = read(b.saturating_mul(bs), (n * bs) as usize)?;
             for (k, blk) in data.chunks(bs as usize).enumerate() {
                 let block = b + k as u64;
                 r.blocks_checked += 1;
