@@ -955,11 +955,14 @@ impl History {
             let mut got = 0;
             while got < len {
                 let n = f
-                    .read_at(&mut buf[got..], offset + off + got as u64)
+                    .read_at(
+                        &mut buf[got..],
+                        offset.saturating_add(off).saturating_add(got as u64),
+                    )
                     .map_err(io_err(format!(
                         "read {} at {}",
                         path.display(),
-                        offset + off
+                        offset.saturating_add(off)
                     )))?;
                 if n == 0 {
                     break; // past the end reads as zeros

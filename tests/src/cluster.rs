@@ -1553,8 +1553,8 @@ pub fn compare_areas(a: &DataArea, b: &DataArea) -> Result<Option<u64>> {
     let mut off = 0u64;
     while off < size {
         let len = usize::try_from((size - off).min(CHUNK as u64)).unwrap_or(CHUNK);
-        let x = read_at(&a.path, a.offset + off, len)?;
-        let y = read_at(&b.path, b.offset + off, len)?;
+        let x = read_at(&a.path, a.offset.saturating_add(off), len)?;
+        let y = read_at(&b.path, b.offset.saturating_add(off), len)?;
         if x != y {
             let pos = x.iter().zip(y.iter()).position(|(p, q)| p != q);
             let pos = pos.unwrap_or(x.len().min(y.len()));
