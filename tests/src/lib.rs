@@ -3,6 +3,9 @@
 //! socket, pidfile and file-backed provider in a temporary directory.
 //! Everything started is stopped when the harness is dropped.
 
+pub mod checker;
+pub mod cluster;
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
