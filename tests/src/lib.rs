@@ -451,8 +451,9 @@ impl Solo {
             None => socket.display().to_string(),
         };
         let text = format!(
-            "on solo {{\n\tcontrol uds://{d}/solo.ctl\n\tpidfile {d}/solo.pid\n}}\n\
+            "on solo {{\n\tcontrol uds://{d}/solo.ctl\n\tpidfile {d}/solo.pid\n\tlisten tcp4://127.0.0.1:{}\n}}\n\
              resource r0 {{\n{name_stmt}\ton solo {{\n\t\tlocal {}\n\t\tremote none\n\t\tnbd {nbd}\n\t}}\n}}\n",
+            free_port("127.0.0.1"),
             img.display(),
         );
         let conf = dir.join("hast.conf");

@@ -1544,7 +1544,10 @@ fn two_resources_have_separate_exports_data_and_counters() {
     let dir = tmp.path();
     let d = dir.display();
     let mut conf_text =
-        format!("on solo {{\n\tcontrol uds://{d}/solo.ctl\n\tpidfile {d}/solo.pid\n}}\n");
+        format!(
+            "on solo {{\n\tcontrol uds://{d}/solo.ctl\n\tpidfile {d}/solo.pid\n\tlisten tcp4://127.0.0.1:{}\n}}\n",
+            hast_tests::free_port("127.0.0.1")
+        );
     for r in ["r0", "r1"] {
         hast_tests::sparse_file(&dir.join(format!("{r}.img")), 32 * MIB);
         conf_text.push_str(&format!(

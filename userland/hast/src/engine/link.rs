@@ -190,12 +190,7 @@ impl Replicator {
         let cmd = match up.kind {
             UpcallKind::Bump => {
                 let error = match self
-                    .persist(|m| {
-                        m.localcnt = m.localcnt.saturating_add(1);
-                        if m.resuid == 0 {
-                            m.resuid = new_resuid();
-                        }
-                    })
+                    .persist(|m| m.localcnt = m.localcnt.saturating_add(1))
                     .await
                 {
                     Ok(()) => 0,

@@ -181,6 +181,14 @@ impl Primary {
         upcalls.abort();
         let _ = upcalls.await;
         drop(replicator);
+        // The server's last tasks release their handle on the export just
+        // after they report stopped.
+        for _ in 0..200 {
+            if Arc::strong_count(&uhost) == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         if let Some(path) = socket {
             let _ = std::fs::remove_file(path);
         }

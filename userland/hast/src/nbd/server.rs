@@ -786,15 +786,26 @@ async fn transmission<R, W>(
     };
     debug!(%peer, export = %name, %reason, "NBD connection draining");
     // The writer ends once every task has sent its reply (each holds a
-    // sender clone), then closes the socket.
+    // sender clone), then closes the socket. A client that does not read
+    // its replies cannot hold the server (or a role change) forever: after
+    // DRAIN_LIMIT its connection is closed with the replies unsent.
     drop(tx);
-    match writer.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!(%peer, error = %e, "NBD reply writer failed"),
-        Err(e) => warn!(%peer, error = %e, "NBD reply writer task failed"),
+    let mut writer = writer;
+    match tokio::time::timeout(DRAIN_LIMIT, &mut writer).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => debug!(%peer, error = %e, "NBD reply writer failed"),
+        Ok(Err(e)) => warn!(%peer, error = %e, "NBD reply writer task failed"),
+        Err(_) => {
+            writer.abort();
+            warn!(%peer, export = %name, "NBD client did not read its replies for {DRAIN_LIMIT:?}; connection closed");
+        }
     }
     info!(%peer, export = %name, %reason, "NBD client disconnected");
 }
+
+/// How long a closing connection may take to hand its last replies to a
+/// client.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn run(b: &dyn Backend, op: Op, data: Vec<u8>) -> io::Result<Option<Vec<u8>>> {
     match op {
