@@ -581,6 +581,23 @@ pub struct StatusLine {
 }
 
 impl Cluster {
+    /// The directory of `node`'s fail points (see hast::failpoint).
+    pub fn failpoint_dir(&self, node: &str) -> PathBuf {
+        self.dir.join("failpoints").join(node)
+    }
+
+    /// Arm (`on`) or disarm fail point `name` of `node`.
+    pub fn failpoint(&self, node: &str, name: &str, on: bool) {
+        let dir = self.failpoint_dir(node);
+        let path = dir.join(name);
+        if on {
+            let _ = fs::create_dir_all(&dir);
+            fs::write(&path, b"").expect("arm a fail point");
+        } else {
+            let _ = fs::remove_file(&path);
+        }
+    }
+
     /// Shorthand: `ClusterBuilder::new(mode)`.
     pub fn builder(mode: Mode) -> ClusterBuilder {
         ClusterBuilder::new(mode)
@@ -867,6 +884,7 @@ impl Cluster {
             .arg("--node")
             .arg(&n.name)
             .env("HASTT_NODE", &n.name)
+            .env("HAST_FAILPOINTS", self.failpoint_dir(node))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);

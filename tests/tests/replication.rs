@@ -3,7 +3,8 @@
 //! checked against the writer's reference at every step, acknowledged
 //! writes surviving a kill -9 of the primary (fullsync, memsync), write
 //! order in async mode, a partition healed with a resync of only what
-//! changed, split-brain refused and recovered, and hostile peers.
+//! changed, split-brain refused and recovered, a write error on the
+//! secondary's disk repaired by the next resync, and hostile peers.
 
 use std::time::Duration;
 
@@ -268,4 +269,162 @@ fn split_brain_is_refused_and_recovered() {
     })
     .unwrap();
     same_data(&c);
+}
+
+#[test]
+fn secondary_write_error_leaves_the_extent_dirty_until_resync_repairs_it() {
+    let mut c = cluster("fullsync", 32 * MIB);
+    connected(&mut c);
+    let reference = c.dir().join("reference.img");
+    std::fs::File::create(&reference)
+        .unwrap()
+        .set_len(c.data_area("alpha", "r0").unwrap().size)
+        .unwrap();
+    c.failpoint("beta", hast::failpoint::SECONDARY_WRITE, true);
+    qemu_write(&c, "alpha", &reference, 0x6c, 6 * MIB, MIB);
+    // The client's write succeeded locally; the extent failed on the peer
+    // and stays dirty while the nodes stay connected.
+    let s = c.list_res("alpha", "r0").unwrap();
+    assert_eq!(s.dirty, 2 * MIB, "the failed extent must stay dirty");
+    assert_eq!(s.status.as_deref(), Some("complete"));
+    assert!(c.list_res("beta", "r0").unwrap().stats.local_errors[1] > 0);
+    assert_ne!(c.compare_data("r0", "alpha", "beta").unwrap(), None);
+    // Repaired disk, next connection: the resync copies the extent.
+    c.failpoint("beta", hast::failpoint::SECONDARY_WRITE, false);
+    c.role("beta", "r0", "init").unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    c.wait_list("alpha", "r0", T, |s| {
+        s.status.as_deref() == Some("complete") && s.dirty == 0
+    })
+    .unwrap();
+    same_data(&c);
+    assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
+}
+
+/// A TCP connection to `to` from source address `from` (loopback aliases).
+fn connect_from(from: &str, to: std::net::SocketAddr) -> std::net::TcpStream {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    let src: std::net::SocketAddrV4 = format!("{from}:0").parse().unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn::from(src)).unwrap();
+    let std::net::SocketAddr::V4(dst) = to else {
+        panic!("IPv4 only")
+    };
+    connect(fd.as_raw_fd(), &SockaddrIn::from(dst)).unwrap();
+    let s = std::net::TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Send `bytes`, then read until the peer closes: what it answered.
+fn exchange(mut s: std::net::TcpStream, bytes: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let _ = s.write_all(bytes);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+#[test]
+fn hostile_peers_are_refused_and_harm_nothing() {
+    use hast::nv::Nv;
+    let mut c = Cluster::builder(Mode::Loopback)
+        .resource("r0", 32 * MIB)
+        .replication("fullsync")
+        .timeout(5)
+        .build()
+        .unwrap();
+    c.start_all().unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    let beta_ip = c.addr("beta", "alpha").unwrap();
+    let beta: std::net::SocketAddr = format!("{beta_ip}:{}", c.port("beta").unwrap())
+        .parse()
+        .unwrap();
+    let alpha_ip = c.addr("alpha", "beta").unwrap().to_string();
+    let beta_img = c.provider_path("beta", "r0").unwrap();
+    let before = std::fs::read(&beta_img).unwrap();
+    let frame = |nv: &Nv| hast::proto::encode_frame(nv, &[]).unwrap();
+    let mut hello = Nv::new();
+    hello.add_string("resource", "r0").add_u8("version", 2);
+
+    // Not the resource's remote: closed without an answer.
+    assert!(exchange(connect_from("127.0.0.9", beta), &frame(&hello)).is_empty());
+    // From the right address: garbage, a wrong version byte, an absurd size.
+    assert!(exchange(connect_from(&alpha_ip, beta), b"GET / HTTP/1.0\r\n\r\n").is_empty());
+    assert!(exchange(connect_from(&alpha_ip, beta), &[9, 4, 0, 0, 0, 0, 0, 0, 0]).is_empty());
+    assert!(exchange(connect_from(&alpha_ip, beta), &[2, 0xff, 0xff, 0xff, 0x7f]).is_empty());
+    // An unknown resource is answered with an error message.
+    let mut other = Nv::new();
+    other.add_string("resource", "nosuch").add_u8("version", 2);
+    let reply = exchange(connect_from(&alpha_ip, beta), &frame(&other));
+    let (nv, _) = hast::proto::read_frame(&mut &reply[..], hast::proto::Limits::CONTROL).unwrap();
+    assert_eq!(nv.get_string("errmsg"), Some("Resource not configured."));
+    // A second connection with a token nobody handed out.
+    let mut attach = Nv::new();
+    attach
+        .add_string("resource", "r0")
+        .add_u8_array("token", vec![7u8; 16])
+        .add_u64("resuid", 1)
+        .add_u64("localcnt", 0)
+        .add_u64("remotecnt", 0);
+    assert!(exchange(connect_from(&alpha_ip, beta), &frame(&attach)).is_empty());
+    // A real first step, then a wrong token on the second connection.
+    let s1 = connect_from(&alpha_ip, beta);
+    {
+        use std::io::Write;
+        let mut w = &s1;
+        w.write_all(&frame(&hello)).unwrap();
+    }
+    let (welcome, _) = hast::proto::read_frame(&mut &s1, hast::proto::Limits::CONTROL).unwrap();
+    assert_eq!(welcome.get_u8_array("token").map(<[u8]>::len), Some(16));
+    assert!(exchange(connect_from(&alpha_ip, beta), &frame(&attach)).is_empty());
+    drop(s1);
+
+    let log = c.log("beta").unwrap();
+    for line in [
+        "isn't known",
+        "unable to receive the handshake header",
+        "no resource \"nosuch\"",
+        "doesn't match",
+    ] {
+        assert!(log.contains(line), "beta's log lacks {line:?}:\n{log}");
+    }
+    assert!(c.running("beta"));
+    assert_eq!(
+        std::fs::read(&beta_img).unwrap(),
+        before,
+        "a hostile peer changed beta's provider"
+    );
+
+    // A provider of another size on beta: the primary refuses it.
+    c.role("beta", "r0", "init").unwrap();
+    c.hastctl_ok("beta", &["create", "-m", "16M", "r0"])
+        .unwrap();
+    let before = std::fs::read(&beta_img).unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    c.role("alpha", "r0", "primary").unwrap();
+    c.wait_for("alpha refuses the size mismatch", T, |c| {
+        c.log("alpha")
+            .unwrap_or_default()
+            .contains("data size differs")
+    })
+    .unwrap();
+    assert_eq!(
+        c.list_res("alpha", "r0").unwrap().status.as_deref(),
+        Some("degraded")
+    );
+    assert!(c.running("alpha") && c.running("beta"));
+    let after = std::fs::read(&beta_img).unwrap();
+    assert_eq!(
+        after[4096..],
+        before[4096..],
+        "the refused peer's map or data changed"
+    );
 }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod engine;
+pub mod failpoint;
 pub mod handshake;
 pub mod hooks;
 pub mod metadata;

@@ -453,6 +453,9 @@ fn execute(
         }
         Cmd::Write => {
             let data = data.ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+            if let Some(e) = crate::failpoint::check(crate::failpoint::SECONDARY_WRITE) {
+                return Err(e);
+            }
             f.write_all_at(&data, at)?;
             Ok(None)
         }

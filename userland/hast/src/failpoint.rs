@@ -1,0 +1,25 @@
+//! Fail points for the fault tests: compiled in only with the `failpoints`
+//! feature (which only the test crate enables). With it, hastd checks for a
+//! file named after the point in the directory given by the environment
+//! variable `HAST_FAILPOINTS`; while the file exists, the point fails with
+//! EIO. Without the feature every point is a no-op.
+
+/// The secondary's write of replicated data to its local provider.
+pub const SECONDARY_WRITE: &str = "secondary-write";
+
+/// The error the point `name` injects now, if it is armed.
+#[cfg(feature = "failpoints")]
+pub fn check(name: &str) -> Option<std::io::Error> {
+    let dir = std::env::var_os("HAST_FAILPOINTS")?;
+    std::path::Path::new(&dir)
+        .join(name)
+        .exists()
+        .then(|| std::io::Error::from_raw_os_error(libc::EIO))
+}
+
+/// Fail points are compiled out of this build.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn check(_name: &str) -> Option<std::io::Error> {
+    None
+}
