@@ -428,3 +428,40 @@ fn hostile_peers_are_refused_and_harm_nothing() {
         "the refused peer's map or data changed"
     );
 }
+
+#[test]
+fn stale_primary_pulls_the_newer_data_from_its_secondary() {
+    let mut c = cluster("memsync", 64 * MIB);
+    connected(&mut c);
+    let reference = c.dir().join("reference.img");
+    std::fs::File::create(&reference)
+        .unwrap()
+        .set_len(c.data_area("alpha", "r0").unwrap().size)
+        .unwrap();
+    qemu_write(&c, "alpha", &reference, 0x10, 0, 4 * MIB);
+    c.wait_list("alpha", "r0", T, |s| s.dirty == 0).unwrap();
+    // beta takes over alone and writes; then alpha is made primary again:
+    // its copy is the stale one (secondary localcnt > primary remotecnt).
+    c.role("alpha", "r0", "init").unwrap();
+    c.role("beta", "r0", "primary").unwrap();
+    qemu_write(&c, "beta", &reference, 0x20, 2 * MIB, 20 * MIB);
+    c.role("beta", "r0", "secondary").unwrap();
+    c.role("alpha", "r0", "primary").unwrap();
+    // Reads right away are correct: stale extents come from the peer until
+    // they are resynchronized.
+    assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
+    c.wait_list("alpha", "r0", T, |s| {
+        s.status.as_deref() == Some("complete") && s.dirty == 0
+    })
+    .unwrap();
+    let log = c.log("alpha").unwrap();
+    assert!(log.contains("synchronization complete"), "{log}");
+    let d = c.dump("alpha", "r0").unwrap();
+    assert_eq!(
+        (d.localcnt, d.remotecnt),
+        (0, 1),
+        "counters taken from the secondary"
+    );
+    same_data(&c);
+    assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
+}

@@ -133,6 +133,10 @@ pub struct Replicator {
     max_io: AtomicU64,
     pub progress: Progress,
     connected: AtomicBool,
+    /// Turns true once the first connection attempt is over (connected, with
+    /// the sync direction known, or failed): only then may clients be
+    /// served, so a stale local copy is never read.
+    first_attempt: watch::Sender<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -158,7 +162,14 @@ impl Replicator {
             max_io: AtomicU64::new(u64::from(crate::handshake::DEFAULT_MAXIO)),
             progress: Progress::default(),
             connected: AtomicBool::new(false),
+            first_attempt: watch::channel(false).0,
         })
+    }
+
+    /// Wait until the first connection attempt is over (see `first_attempt`).
+    pub async fn first_attempt_done(&self) {
+        let mut rx = self.first_attempt.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
     }
 
     /// Whether a session with the peer is established.
@@ -287,6 +298,7 @@ impl Replicator {
             let cfg = self.cfg();
             let Some(remote) = cfg.remote_addr.clone() else {
                 // `remote none`: stay degraded.
+                self.first_attempt.send_replace(true);
                 let _ = stop.changed().await;
                 return;
             };
@@ -305,6 +317,7 @@ impl Replicator {
                     }
                 }
                 Err(e) => {
+                    self.first_attempt.send_replace(true);
                     let msg = e.to_string();
                     if msg.contains(SPLIT_BRAIN_MSG) && !split_brain_reported {
                         tracing::error!("split-brain detected with {remote}; both nodes refuse to synchronize (see hastctl(8) for the recovery)");
@@ -495,6 +508,7 @@ impl Replicator {
         });
         self.uhost.set_link(true);
         self.connected.store(true, Ordering::SeqCst);
+        self.first_attempt.send_replace(true);
         tracing::info!("connected to {}", cfg.remote);
         hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::Connect);
         let timeout = Duration::from_secs(u64::from(cfg.timeout.max(1)));

@@ -80,6 +80,17 @@ impl Primary {
         let uhost = Arc::new(Uhost::new(&cfg.local, &geo, map)?);
         let replicator = Replicator::new(uhost.clone(), md, provider, cfg.clone());
         let upcalls = tokio::spawn(replicator.clone().upcalls());
+        // Connect before serving, as the reference does: if the peer holds
+        // newer data, reads must go to it from the first request on.
+        let (stop_link, stop_rx) = tokio::sync::watch::channel(false);
+        let link = tokio::spawn(replicator.clone().run(stop_rx));
+        let wait = std::time::Duration::from_secs(u64::from(cfg.timeout.max(1)) + 1);
+        if tokio::time::timeout(wait, replicator.first_attempt_done())
+            .await
+            .is_err()
+        {
+            tracing::warn!("no answer from {} yet; serving without it", cfg.remote);
+        }
         let addr = cfg.nbd_addr();
         let export_err = |source| PrimaryError::Export {
             addr: addr.to_string(),
@@ -124,8 +135,6 @@ impl Primary {
         match started.await {
             Ok((server, socket)) => {
                 tracing::info!("exporting {} over NBD at {addr}", cfg.provname);
-                let (stop_link, stop_rx) = tokio::sync::watch::channel(false);
-                let link = tokio::spawn(replicator.clone().run(stop_rx));
                 Ok(Primary {
                     uhost,
                     server,
@@ -138,6 +147,8 @@ impl Primary {
                 })
             }
             Err(e) => {
+                let _ = stop_link.send(true);
+                let _ = link.await;
                 upcalls.abort();
                 Err(e)
             }
