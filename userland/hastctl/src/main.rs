@@ -468,3 +468,40 @@ fn print_status(nv: &Nv) -> i32 {
     print!("{out}");
     ret
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synchronization_line() {
+        assert_eq!(
+            sync_line(100 << 20, 25 << 20, 2000),
+            "  synchronization: 25.0% done, 26214400 of 104857600 bytes, 13MB/s, 0:00:06 left"
+        );
+        assert_eq!(
+            sync_line(1 << 20, 0, 0),
+            "  synchronization: 0.0% done, 0 of 1048576 bytes, 0B/s, unknown left"
+        );
+    }
+
+    #[test]
+    fn status_and_list_formats() {
+        let mut nv = Nv::new();
+        nv.add_string("resource0", "data")
+            .add_string("role0", "primary")
+            .add_string("provname0", "data")
+            .add_string("localpath0", "/dev/ada0p3")
+            .add_u32("extentsize0", 2 << 20)
+            .add_u32("keepdirty0", 64)
+            .add_string("remoteaddr0", "10.0.0.2")
+            .add_string("replication0", "fullsync")
+            .add_string("status0", "complete")
+            .add_i32("workerpid0", 1234)
+            .add_u64("dirty0", 4 << 20)
+            .add_string("resource1", "gone")
+            .add_i16("error1", 1);
+        assert_eq!(print_status(&nv), 1);
+        assert_eq!(print_list(&nv), 1);
+    }
+}
