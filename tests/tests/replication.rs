@@ -65,6 +65,18 @@ fn qemu_write(
     }
 }
 
+/// `qemu-img compare` of `node`'s NBD export (what clients read) with
+/// `reference`.
+fn export_matches(c: &Cluster, node: &str, reference: &std::path::Path) -> bool {
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(c.nbd_uri(node, "r0").unwrap())
+        .arg(reference)
+        .output()
+        .expect("run qemu-img compare");
+    out.status.code() == Some(0)
+}
+
 fn same_data(c: &Cluster) {
     assert_eq!(
         c.compare_data("r0", "alpha", "beta").unwrap(),
@@ -446,10 +458,12 @@ fn stale_primary_pulls_the_newer_data_from_its_secondary() {
     c.role("beta", "r0", "primary").unwrap();
     qemu_write(&c, "beta", &reference, 0x20, 2 * MIB, 20 * MIB);
     c.role("beta", "r0", "secondary").unwrap();
-    c.role("alpha", "r0", "primary").unwrap();
-    // Reads right away are correct: stale extents come from the peer until
-    // they are resynchronized.
-    assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
+    // alpha is stale: safe promotion refuses it unless forced.
+    c.hastctl_ok("alpha", &["role", "--force", "primary", "r0"])
+        .unwrap();
+    // Reads through the export right away are correct: stale extents come
+    // from the peer until they are resynchronized.
+    assert!(export_matches(&c, "alpha", &reference));
     c.wait_list("alpha", "r0", T, |s| {
         s.status.as_deref() == Some("complete") && s.dirty == 0
     })
@@ -464,4 +478,68 @@ fn stale_primary_pulls_the_newer_data_from_its_secondary() {
     );
     same_data(&c);
     assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
+}
+
+#[test]
+fn safe_promotion_refuses_while_the_peer_is_primary() {
+    let mut c = cluster("fullsync", 32 * MIB);
+    connected(&mut c);
+    c.role("beta", "r0", "init").unwrap();
+    let r = c.hastctl("beta", &["role", "primary", "r0"]).unwrap();
+    assert_eq!(
+        r.code, 75,
+        "promotion next to a live primary must fail: {r:?}"
+    );
+    assert!(r.stderr.contains("is primary"), "{}", r.stderr);
+    assert_eq!(c.list_res("beta", "r0").unwrap().role, "init");
+    assert!(!c
+        .hook_lines("beta")
+        .unwrap()
+        .iter()
+        .any(|l| l == "role r0 init primary"));
+    // The administrator may insist.
+    c.hastctl_ok("beta", &["role", "--force", "primary", "r0"])
+        .unwrap();
+    assert_eq!(c.list_res("beta", "r0").unwrap().role, "primary");
+}
+
+#[test]
+fn safe_promotion_refuses_a_node_whose_peer_is_newer() {
+    let mut c = cluster("fullsync", 32 * MIB);
+    connected(&mut c);
+    let scratch = c.dir().join("scratch.img");
+    std::fs::File::create(&scratch)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    // beta takes over and writes alone; then it stops being primary.
+    c.role("alpha", "r0", "init").unwrap();
+    c.role("beta", "r0", "primary").unwrap();
+    qemu_write(&c, "beta", &scratch, 0x42, 0, MIB);
+    c.role("beta", "r0", "init").unwrap();
+    // alpha's copy is older than beta's: refused.
+    let r = c.hastctl("alpha", &["role", "primary", "r0"]).unwrap();
+    assert_eq!(r.code, 75, "{r:?}");
+    assert!(r.stderr.contains("holds newer data"), "{}", r.stderr);
+    assert_eq!(c.list_res("alpha", "r0").unwrap().role, "init");
+    // beta itself may be promoted (its data is the newest).
+    c.role("beta", "r0", "primary").unwrap();
+    c.role("beta", "r0", "init").unwrap();
+    c.hastctl_ok("alpha", &["role", "--force", "primary", "r0"])
+        .unwrap();
+    assert_eq!(c.list_res("alpha", "r0").unwrap().role, "primary");
+}
+
+#[test]
+fn safe_promotion_allows_a_node_whose_peer_is_down() {
+    let mut c = cluster("fullsync", 32 * MIB);
+    connected(&mut c);
+    c.kill9("alpha").unwrap();
+    // beta was in sync; its peer is gone: promotion goes ahead.
+    c.role("beta", "r0", "primary").unwrap();
+    assert_eq!(c.list_res("beta", "r0").unwrap().role, "primary");
+    assert!(c
+        .log("beta")
+        .unwrap()
+        .contains("peer before promotion: Unreachable"));
 }

@@ -145,10 +145,14 @@ pub fn request(addr: &Addr, req: &Nv) -> Result<Nv, ControlError> {
 }
 
 /// Build a SETROLE request for `resources` (`["all"]` for every resource).
-pub fn setrole_request(role: crate::role::Role, resources: &[String]) -> Nv {
+/// `force` (an extension the reference ignores) skips safe promotion.
+pub fn setrole_request(role: crate::role::Role, resources: &[String], force: bool) -> Nv {
     let mut nv = Nv::new();
     nv.add_u8("cmd", HASTCTL_CMD_SETROLE);
     nv.add_u8("role", role.to_u8());
+    if force {
+        nv.add_u8("force", 1);
+    }
     for (i, r) in resources.iter().enumerate() {
         nv.add_string(format!("resource{i}"), r.as_str());
     }

@@ -58,6 +58,9 @@ enum Cmd {
     Role {
         #[command(flatten)]
         common: Common,
+        /// Become primary even when the peer is primary or holds newer data.
+        #[arg(long)]
+        force: bool,
         #[arg(value_name = "init|primary|secondary", value_parser = role_arg)]
         role: Role,
         #[arg(required = true, value_name = "all|name")]
@@ -150,8 +153,10 @@ fn main() -> ExitCode {
             ..
         } => create(&cfg, names, *mediasize, *extentsize, *keepdirty),
         Cmd::Dump { names, .. } => dump(&cfg, names),
-        Cmd::Role { role, names, .. } => {
-            let req = control::setrole_request(*role, names);
+        Cmd::Role {
+            role, names, force, ..
+        } => {
+            let req = control::setrole_request(*role, names, *force);
             talk(&cfg, &req).map_or_else(|c| c, |nv| print_setrole(&nv, *role))
         }
         Cmd::List { names, .. } => {

@@ -7,6 +7,7 @@ pub mod control_server;
 pub mod link;
 pub mod listen;
 pub mod primary;
+pub mod probe;
 pub mod reload;
 pub mod resource;
 pub mod secondary;
@@ -27,6 +28,17 @@ use crate::role::Role;
 use control_server::{ControlListener, Request};
 use listen::{Incoming, Listeners};
 use resource::Resource;
+
+/// Safe promotion: ask the peer, refuse if it is primary or newer.
+async fn safe_to_promote(res: &Resource) -> Result<(), probe::Refusal> {
+    let Ok(ours) = res.probe_counters() else {
+        // Metadata unreadable: set_role reports that.
+        return Ok(());
+    };
+    let peer = probe::probe(res.config()).await;
+    tracing::info!("[{}] peer before promotion: {peer:?}", res.name());
+    probe::decide(&peer, ours, &res.config().remote)
+}
 
 /// How the daemon was started.
 #[derive(Debug, Clone)]
@@ -218,6 +230,19 @@ impl Daemon {
             }
             return;
         }
+        if header.get_u8("probe") == Some(1) {
+            let name = header.get_string("resource").unwrap_or("");
+            let answer = match self.resources.iter().find(|r| r.name() == name) {
+                Some(res) if res.accepts_from(peer.ip()) => match res.probe_counters() {
+                    Ok(c) => probe::answer(res.role(), c),
+                    Err(e) => refuse(&format!("Cannot read metadata: {e}")).to_nv(),
+                },
+                _ => refuse("Resource not configured.").to_nv(),
+            };
+            tracing::info!("promotion probe from {peer} for {name:?} answered");
+            let _ = crate::proto::write_frame_async(&mut stream, &answer, &[]).await;
+            return;
+        }
         let hello = match Hello::from_nv(&header) {
             Ok(h) => h,
             Err(e) => {
@@ -276,6 +301,8 @@ impl Daemon {
                 return Some(out);
             }
         };
+        // Extension: `force` skips the safe-promotion check.
+        let force = req.get_u8("force") == Some(1);
         let names: Vec<String> = if first == "all" {
             self.resources
                 .iter()
@@ -297,6 +324,14 @@ impl Daemon {
             match role {
                 Some(new) => {
                     out.add_string(format!("role{no}"), res.role().as_str());
+                    if new == Role::Primary && res.role() != Role::Primary && !force {
+                        if let Err(refusal) = safe_to_promote(res).await {
+                            tracing::error!("[{name}] refusing to become primary: {refusal}");
+                            out.add_i16(format!("error{no}"), crate::sysexits::EX_TEMPFAIL as i16);
+                            out.add_string(format!("errmsg{no}"), refusal.to_string());
+                            continue;
+                        }
+                    }
                     if let Err(e) = res.set_role(new).await {
                         out.add_i16(format!("error{no}"), e.code());
                         out.add_string(format!("errmsg{no}"), e.to_string());

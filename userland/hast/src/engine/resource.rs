@@ -222,6 +222,23 @@ impl Resource {
         }
     }
 
+    /// This node's role and counters for a peer's promotion probe (from the
+    /// metadata in memory, or read from the provider when in init).
+    pub fn probe_counters(&self) -> Result<crate::splitbrain::Counters, RoleError> {
+        let md = match &self.active {
+            Some(a) => a.md.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            None => {
+                let p = Provider::open(&self.cfg.local, false)?;
+                Metadata::read(&p, &self.cfg.name)?
+            }
+        };
+        Ok(crate::splitbrain::Counters {
+            resuid: md.resuid,
+            localcnt: md.localcnt,
+            remotecnt: md.remotecnt,
+        })
+    }
+
     /// Whether `ip` is this resource's `remote` (the access check of an
     /// incoming replication connection).
     pub fn accepts_from(&self, ip: std::net::IpAddr) -> bool {

@@ -1,0 +1,231 @@
+//! Safe promotion: before a resource becomes primary, ask the peer what it
+//! is. A hello carrying the extension field `probe` is answered by a node
+//! of this project with its role and counters, without side effects; a
+//! FreeBSD hastd ignores the field and answers as to any hello, which still
+//! tells when it is primary. Promotion is refused when the peer is primary
+//! or holds newer data; an unreachable peer does not stop it.
+
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::addr::Addr;
+use crate::config::ResourceConfig;
+use crate::handshake::Hello;
+use crate::nv::{Nv, NV_MAX_SIZE};
+use crate::proto::{self, Limits, HAST_PROTO_VERSION};
+use crate::role::Role;
+use crate::splitbrain::{self, Counters, Decision, SyncSrc};
+
+/// Longest wait for the peer's answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the peer said about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerState {
+    /// Nothing answered (down, unreachable, or `remote none`).
+    Unreachable(String),
+    /// The peer is primary for the resource.
+    Primary,
+    /// A node of this project answered with its role and counters.
+    Known { role: Role, counters: Counters },
+    /// A peer that does not know the probe answered a plain hello (it is
+    /// secondary, or refused for another reason).
+    Unknown(String),
+}
+
+/// Why promotion is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the peer {0} is primary for this resource; demote it first (or force: hastctl role --force primary)")]
+    PeerPrimary(String),
+    #[error("the peer {peer} holds newer data (peer localcnt {peer_local} > our remotecnt {our_remote}); promote the peer instead (or force: hastctl role --force primary)")]
+    PeerNewer {
+        peer: String,
+        peer_local: u64,
+        our_remote: u64,
+    },
+    #[error("this node and the peer {0} both hold changes the other lacks (split-brain); recover first (see hastctl(8)) or force: hastctl role --force primary")]
+    SplitBrain(String),
+}
+
+/// The answer of this node to a probe for a resource (role and counters).
+pub fn answer(role: Role, counters: Counters) -> Nv {
+    let mut nv = Nv::new();
+    nv.add_u8("probe", 1)
+        .add_string("role", role.as_str())
+        .add_u64("resuid", counters.resuid)
+        .add_u64("localcnt", counters.localcnt)
+        .add_u64("remotecnt", counters.remotecnt);
+    nv
+}
+
+fn parse(nv: &Nv) -> PeerState {
+    if nv.get_u8("probe") == Some(1) {
+        let role = nv
+            .get_string("role")
+            .and_then(|r| r.parse::<Role>().ok())
+            .unwrap_or(Role::Undef);
+        if role == Role::Primary {
+            return PeerState::Primary;
+        }
+        let get = |n| nv.get_u64(n).unwrap_or(0);
+        return PeerState::Known {
+            role,
+            counters: Counters {
+                resuid: get("resuid"),
+                localcnt: get("localcnt"),
+                remotecnt: get("remotecnt"),
+            },
+        };
+    }
+    match nv.get_string("errmsg") {
+        // The reference's refusal when it is primary itself.
+        Some(m) if nv.get("wait").is_some() || m.contains("acts as primary") => PeerState::Primary,
+        Some(m) => PeerState::Unknown(m.to_string()),
+        None => PeerState::Unknown("peer accepted a plain hello (secondary)".into()),
+    }
+}
+
+async fn connect(cfg: &ResourceConfig, remote: &Addr) -> Result<TcpStream, String> {
+    let targets = remote.socket_addrs().map_err(|e| e.to_string())?;
+    let mut last = "address resolves to nothing".to_string();
+    for target in targets {
+        let sock = if target.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(|e| e.to_string())?;
+        if let Some(src) = &cfg.source {
+            if let Some(b) = src
+                .socket_addrs()
+                .ok()
+                .and_then(|v| v.into_iter().find(|a| a.is_ipv4() == target.is_ipv4()))
+            {
+                sock.bind(b).map_err(|e| e.to_string())?;
+            }
+        }
+        match tokio::time::timeout(PROBE_TIMEOUT, sock.connect(target)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "connection timed out".into(),
+        }
+    }
+    Err(last)
+}
+
+/// Ask the peer of `cfg` what it is.
+pub async fn probe(cfg: &ResourceConfig) -> PeerState {
+    let Some(remote) = &cfg.remote_addr else {
+        return PeerState::Unreachable("remote none".into());
+    };
+    let mut s = match connect(cfg, remote).await {
+        Ok(s) => s,
+        Err(e) => return PeerState::Unreachable(e),
+    };
+    let mut hello = Hello {
+        resource: cfg.name.clone(),
+        version: HAST_PROTO_VERSION,
+    }
+    .to_nv();
+    hello.add_u8("probe", 1);
+    let limits = Limits {
+        max_header: NV_MAX_SIZE,
+        max_payload: 0,
+    };
+    let exchange = async {
+        proto::write_frame_async(&mut s, &hello, &[]).await?;
+        proto::read_frame_async(&mut s, limits).await
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, exchange).await {
+        Ok(Ok((nv, _))) => parse(&nv),
+        Ok(Err(e)) => PeerState::Unreachable(e.to_string()),
+        Err(_) => PeerState::Unreachable("no answer".into()),
+    }
+}
+
+/// Whether this node (counters `ours`) may become primary given the peer.
+pub fn decide(peer: &PeerState, ours: Counters, remote: &str) -> Result<(), Refusal> {
+    match peer {
+        PeerState::Primary => Err(Refusal::PeerPrimary(remote.to_string())),
+        PeerState::Known { counters, .. } => {
+            // As if the peer were our secondary: who would be out of date?
+            match splitbrain::decide(*counters, ours, false) {
+                Decision::Sync {
+                    src: SyncSrc::Secondary,
+                    unexpected: false,
+                    ..
+                } => Err(Refusal::PeerNewer {
+                    peer: remote.to_string(),
+                    peer_local: counters.localcnt,
+                    our_remote: ours.remotecnt,
+                }),
+                Decision::SplitBrain => Err(Refusal::SplitBrain(remote.to_string())),
+                _ => Ok(()),
+            }
+        }
+        PeerState::Unreachable(_) | PeerState::Unknown(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(l: u64, r: u64) -> Counters {
+        Counters {
+            resuid: 5,
+            localcnt: l,
+            remotecnt: r,
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let known = |counters| PeerState::Known {
+            role: Role::Init,
+            counters,
+        };
+        assert!(matches!(
+            decide(&PeerState::Primary, c(0, 0), "p"),
+            Err(Refusal::PeerPrimary(_))
+        ));
+        // Peer wrote alone after we were in sync: it is newer.
+        assert!(matches!(
+            decide(&known(c(1, 0)), c(0, 0), "p"),
+            Err(Refusal::PeerNewer { .. })
+        ));
+        // We wrote alone: we are newer.
+        assert_eq!(decide(&known(c(0, 0)), c(1, 0), "p"), Ok(()));
+        // In sync.
+        assert_eq!(decide(&known(c(0, 1)), c(1, 0), "p"), Ok(()));
+        // Both wrote.
+        assert!(matches!(
+            decide(&known(c(1, 0)), c(1, 0), "p"),
+            Err(Refusal::SplitBrain(_))
+        ));
+        assert_eq!(
+            decide(&PeerState::Unreachable("down".into()), c(0, 0), "p"),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn answers_parse() {
+        assert_eq!(
+            parse(&answer(Role::Secondary, c(2, 3))),
+            PeerState::Known {
+                role: Role::Secondary,
+                counters: c(2, 3)
+            }
+        );
+        assert_eq!(parse(&answer(Role::Primary, c(0, 0))), PeerState::Primary);
+        let mut nv = Nv::new();
+        nv.add_string(
+            "errmsg",
+            "Remote node acts as primary for the resource and not as secondary.",
+        );
+        assert_eq!(parse(&nv), PeerState::Primary);
+    }
+}
