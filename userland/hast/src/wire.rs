@@ -151,10 +151,10 @@ impl Request {
             }));
         }
         let sector = u64::from(limits.sectorsize.max(1));
-        if req.offset % sector != 0 {
+        if !req.offset.is_multiple_of(sector) {
             return Err(fail(RequestError::Misaligned(req.offset)));
         }
-        if req.length % sector != 0 {
+        if !req.length.is_multiple_of(sector) {
             return Err(fail(RequestError::MisalignedLength(req.length)));
         }
         match req.offset.checked_add(req.length) {

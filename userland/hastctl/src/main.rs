@@ -432,11 +432,9 @@ fn sync_line(total: u64, done: u64, msecs: u64) -> String {
     } else {
         (done as u128 * 1000 / u128::from(msecs)) as u64
     };
-    let eta = if rate == 0 {
-        "unknown".to_string()
-    } else {
-        let s = total.saturating_sub(done) / rate;
-        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    let eta = match total.saturating_sub(done).checked_div(rate) {
+        None => "unknown".to_string(),
+        Some(s) => format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60),
     };
     format!(
         "  synchronization: {pct:.1}% done, {done} of {total} bytes, {}B/s, {eta} left",
