@@ -176,6 +176,27 @@ impl FileBackend {
         })
     }
 
+    /// Read `len` bytes at export offset `off` on the calling thread (for a
+    /// caller already on a blocking thread).
+    pub fn read_now(&self, off: u64, len: u32) -> io::Result<Vec<u8>> {
+        let at = self.place(off, u64::from(len))?;
+        let mut buf = vec![0u8; len as usize];
+        self.file.read_exact_at(&mut buf, at)?;
+        Ok(buf)
+    }
+
+    /// Write `data` at export offset `off` on the calling thread (durably
+    /// when `fua`).
+    pub fn write_now(&self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.writable()?;
+        let at = self.place(off, data.len() as u64)?;
+        if fua {
+            write_durable(&self.file, data, at)
+        } else {
+            self.file.write_all_at(data, at)
+        }
+    }
+
     /// Absolute provider offset of an export range, refusing anything that
     /// is not wholly inside the export.
     fn place(&self, off: u64, len: u64) -> io::Result<u64> {
