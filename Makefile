@@ -4,6 +4,7 @@
 #   make         build hastd and hastctl (release)
 #   make test    install what is needed, then run every test
 #   make demo    set up two nodes on this machine and walk through the main job
+#   make bench   NBD export of a primary vs qemu-nbd with fio, as ratios (BENCHMARKS.md)
 #   make install install binaries, man pages and the sample configuration
 
 CARGO    ?= cargo
@@ -16,7 +17,7 @@ DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
 	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc
 PKG_PKGS = rust llvm qemu-tools libnbd fio shellcheck
 
-.PHONY: all build deps test test-rust test-scripts demo install clean
+.PHONY: all build deps test test-rust test-scripts demo bench install clean
 
 all: build
 
@@ -53,6 +54,10 @@ test-scripts:
 demo: deps
 	$(CARGO) build --workspace
 	sh tests/demo.sh
+
+bench: deps
+	$(CARGO) build --release --workspace
+	sh tests/bench/nbd.sh
 
 install: build
 	install -d $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/man/man8 $(DESTDIR)$(PREFIX)/share/examples/hast

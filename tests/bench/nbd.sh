@@ -1,0 +1,299 @@
+#!/bin/sh
+# make bench: the NBD export of a hastd primary without a peer (remote none)
+# against qemu-nbd serving a copy of the same provider file, with fio's nbd
+# engine as the client of both. Every workload runs BENCH_ROUNDS times per
+# server, the servers alternating (ABBA order), and the table reports the
+# median of each side and the ratio hast / qemu-nbd. A ratio below
+# BENCH_TARGET prints BELOW but does not fail the script: it is a
+# measurement. Anything that fails to run (a server, fio) exits non-zero.
+#
+# Environment (all optional):
+#   HAST_BIN         directory of hastd, hastctl (default target/release)
+#   BENCH_SIZE_MB    provider size in MiB (default 1024)
+#   BENCH_RUNTIME    seconds measured per run (default 10)
+#   BENCH_RAMP       seconds of ramp before measuring (default 2)
+#   BENCH_ROUNDS     runs per server and workload (default 3)
+#   BENCH_TARGET     ratio a workload must reach (default 0.9)
+#   BENCH_WORKLOADS  subset of: seqwrite randwrite32 randwrite1 randread32
+#   BENCH_SERVERS    servers besides qemu: hast (default), nbd_serve (the
+#                    example binary: the NBD server and file backend of this
+#                    project without the core; needs target/release/examples)
+#   BENCH_OUT        keep fio's JSON output and the server logs here
+#   BENCH_DIR        where the provider files live (default $TMPDIR or /tmp)
+set -eu
+
+top=$(cd "$(dirname "$0")/../.." && pwd)
+bin=${HAST_BIN:-$top/target/release}
+size_mb=${BENCH_SIZE_MB:-1024}
+runtime=${BENCH_RUNTIME:-10}
+ramp=${BENCH_RAMP:-2}
+rounds=${BENCH_ROUNDS:-3}
+target=${BENCH_TARGET:-0.9}
+workloads=${BENCH_WORKLOADS:-seqwrite randwrite32 randwrite1 randread32}
+servers="${BENCH_SERVERS:-hast} qemu"
+name=bench
+
+for tool in fio qemu-nbd nbdinfo python3; do
+	command -v "$tool" >/dev/null 2>&1 || {
+		echo "bench: $tool is not installed (make deps installs it)" >&2
+		exit 1
+	}
+done
+for b in hastd hastctl; do
+	[ -x "$bin/$b" ] || {
+		echo "bench: $bin/$b not found; build with cargo build --release --workspace" >&2
+		exit 1
+	}
+done
+case " $servers " in
+*" nbd_serve "*)
+	[ -x "$bin/examples/nbd_serve" ] || {
+		echo "bench: $bin/examples/nbd_serve not found; build with cargo build --release --example nbd_serve" >&2
+		exit 1
+	}
+	;;
+esac
+
+work=$(mktemp -d "${BENCH_DIR:-${TMPDIR:-/tmp}}/hast-bench.XXXXXX")
+pids=""
+
+cleanup() {
+	status=$?
+	trap - EXIT INT TERM
+	for p in $pids; do
+		kill "$p" 2>/dev/null || true
+	done
+	for p in $pids; do
+		wait "$p" 2>/dev/null || true
+	done
+	if [ -n "${BENCH_OUT:-}" ]; then
+		mkdir -p "$BENCH_OUT"
+		cp "$work"/*.json "$work"/*.log "$work/hast.conf" "$BENCH_OUT"/ 2>/dev/null || true
+	fi
+	rm -rf "$work"
+	exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+die() {
+	echo "bench: $*" >&2
+	exit 1
+}
+
+# Wait until path $1 is a socket; $2 is the pid of the process that makes it,
+# $3 its log.
+wait_socket() {
+	i=0
+	while [ ! -S "$1" ]; do
+		kill -0 "$2" 2>/dev/null || { cat "$3" >&2; die "server for $1 exited"; }
+		i=$((i + 1))
+		[ $i -lt 400 ] || { cat "$3" >&2; die "no socket at $1 after 20 s"; }
+		sleep 0.05
+	done
+}
+
+# --- The providers --------------------------------------------------------
+# One file, written in full (not sparse) so that neither server pays for
+# block allocation; hastctl create puts the metadata and activemap at its
+# start; the copies for the other servers are byte-identical files.
+echo "bench: preparing a ${size_mb} MiB provider in $work"
+dd if=/dev/zero of="$work/hast.img" bs=1M count="$size_mb" conv=fsync status=none
+
+cat >"$work/hast.conf" <<CONF
+on bench {
+	control uds://$work/hast.ctl
+	pidfile $work/hast.pid
+}
+resource $name {
+	on bench {
+		local $work/hast.img
+		remote none
+		nbd $work/hast.nbd
+	}
+}
+CONF
+
+ctl() {
+	"$bin/hastctl" "$@" -c "$work/hast.conf" --node bench
+}
+
+ctl create "$name" >"$work/create.log" 2>&1 || { cat "$work/create.log" >&2; die "hastctl create failed"; }
+ctl dump "$name" >"$work/dump.log" 2>&1 || { cat "$work/dump.log" >&2; die "hastctl dump failed"; }
+localoff=$(sed -n 's/^ *localoff: *\([0-9]*\).*/\1/p' "$work/dump.log")
+datasize=$(sed -n 's/^ *datasize: *\([0-9]*\).*/\1/p' "$work/dump.log")
+[ -n "$localoff" ] && [ -n "$datasize" ] || { cat "$work/dump.log" >&2; die "no localoff/datasize in hastctl dump"; }
+for s in $servers; do
+	[ "$s" = hast ] || cp --sparse=never "$work/hast.img" "$work/$s.img"
+done
+sync
+
+# --- The servers ----------------------------------------------------------
+start_hast() {
+	"$bin/hastd" -F -c "$work/hast.conf" --node bench 2>"$work/hastd.log" &
+	hastd_pid=$!
+	pids="$pids $hastd_pid"
+	wait_socket "$work/hast.ctl" "$hastd_pid" "$work/hastd.log"
+	ctl role primary "$name" >>"$work/hastd.log" 2>&1 || { cat "$work/hastd.log" >&2; die "hastctl role primary failed"; }
+	wait_socket "$work/hast.nbd" "$hastd_pid" "$work/hastd.log"
+}
+
+# qemu-nbd as hastd does its I/O: buffered pread/pwrite on a thread pool
+# (--cache=writeback --aio=threads, both the defaults, written out), a flush
+# is fdatasync; raw format; the data area after hastd's metadata and map
+# (--offset) so both export the same bytes and the same size.
+start_qemu() {
+	qemu-nbd -f raw --offset="$localoff" --cache=writeback --aio=threads \
+		--discard=ignore --detect-zeroes=off -t -e 8 -x "$name" \
+		-k "$work/qemu.nbd" "$work/qemu.img" 2>"$work/qemu-nbd.log" &
+	pids="$pids $!"
+	wait_socket "$work/qemu.nbd" $! "$work/qemu-nbd.log"
+}
+
+start_nbd_serve() {
+	"$bin/examples/nbd_serve" --file "$work/nbd_serve.img" --export "$name" \
+		--unix "$work/nbd_serve.nbd" --offset "$localoff" --size "$datasize" \
+		>"$work/nbd_serve.log" 2>&1 &
+	pids="$pids $!"
+	wait_socket "$work/nbd_serve.nbd" $! "$work/nbd_serve.log"
+}
+
+uri() {
+	echo "nbd+unix:///$name?socket=$work/$1.nbd"
+}
+
+for s in $servers; do
+	case $s in
+	hast) start_hast ;;
+	qemu) start_qemu ;;
+	nbd_serve) start_nbd_serve ;;
+	*) die "unknown server $s" ;;
+	esac
+	got=$(nbdinfo --size "$(uri "$s")") || die "nbdinfo cannot reach $s"
+	[ "$got" = "$datasize" ] || die "$s exports $got bytes, hast's data area is $datasize"
+done
+
+check_alive() {
+	for p in $pids; do
+		kill -0 "$p" 2>/dev/null || die "a server (pid $p) died; logs in BENCH_OUT if set"
+	done
+}
+
+# fio_run SERVER LABEL OUTPUT fio-options...
+fio_run() {
+	s=$1
+	out=$2
+	shift 2
+	sync
+	fio --ioengine=nbd --uri="$(uri "$s")" --output-format=json \
+		--output="$out" "$@" >"$out.log" 2>&1 || { cat "$out.log" >&2; die "fio failed against $s"; }
+	check_alive
+}
+
+# --- Warm-up: one sequential pass over the whole export -------------------
+# Untimed for the table: in degraded mode the first write into each extent
+# makes hastd write and flush the activemap before the data, once per extent
+# for the life of the outage. The pass dirties every extent (and puts both
+# copies in the same page-cache state); its throughput is reported apart.
+echo "bench: warm-up pass (1M sequential writes over the whole export, once per server)"
+for s in $servers; do
+	fio_run "$s" "$work/warm-$s.json" --name=warm --rw=write --bs=1M --iodepth=16 --size=100%
+done
+
+# --- The measured workloads -----------------------------------------------
+wl_opts() {
+	case $1 in
+	seqwrite) echo "--rw=write --bs=1M --iodepth=16" ;;
+	randwrite32) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+	randwrite1) echo "--rw=randwrite --bs=4k --iodepth=1" ;;
+	randread32) echo "--rw=randread --bs=4k --iodepth=32" ;;
+	*) die "unknown workload $1" ;;
+	esac
+}
+
+for wl in $workloads; do
+	opts=$(wl_opts "$wl")
+	r=1
+	while [ $r -le "$rounds" ]; do
+		# ABBA: odd rounds in the listed order, even rounds reversed.
+		order=$servers
+		if [ $((r % 2)) -eq 0 ]; then
+			order=$(printf '%s\n' $servers | sed '1!G;h;$!d')
+		fi
+		for s in $order; do
+			echo "bench: $wl round $r/$rounds: $s"
+			# shellcheck disable=SC2086
+			fio_run "$s" "$work/$wl-$s-$r.json" --name="$wl" $opts \
+				--time_based --runtime="$runtime" --ramp_time="$ramp"
+		done
+		r=$((r + 1))
+	done
+done
+
+if [ -n "${BENCH_OUT:-}" ]; then
+	ctl status >"$work/status.log" 2>&1 || true
+fi
+
+# --- The table ------------------------------------------------------------
+python3 - "$work" "$target" "$rounds" "$servers" "$workloads" <<'PY'
+import json
+import statistics
+import sys
+
+work, target, rounds, servers, workloads = sys.argv[1:6]
+target = float(target)
+rounds = int(rounds)
+servers = servers.split()
+others = [s for s in servers if s != "qemu"]
+label = {"hast": "hast", "qemu": "qemu-nbd", "nbd_serve": "nbd_serve"}
+desc = {
+    "warm": ("1M seq write QD16, first pass", "MiB/s"),
+    "seqwrite": ("1M seq write QD16", "MiB/s"),
+    "randwrite32": ("4k rand write QD32", "IOPS"),
+    "randwrite1": ("4k rand write QD1", "IOPS"),
+    "randread32": ("4k rand read QD32", "IOPS"),
+}
+
+
+def measure(path, unit):
+    with open(path) as f:
+        job = json.load(f)["jobs"][0]
+    if job.get("error"):
+        sys.exit(f"bench: fio reported error {job['error']} in {path}")
+    side = job["read"] if job["read"]["io_bytes"] else job["write"]
+    return side["bw_bytes"] / 1048576 if unit == "MiB/s" else side["iops"]
+
+
+rows = []
+failed = False
+for wl in ["warm"] + workloads.split():
+    what, unit = desc[wl]
+    med = {}
+    runs = {}
+    for s in servers:
+        if wl == "warm":
+            vals = [measure(f"{work}/warm-{s}.json", unit)]
+        else:
+            vals = [measure(f"{work}/{wl}-{s}-{r}.json", unit) for r in range(1, rounds + 1)]
+        runs[s] = vals
+        med[s] = statistics.median(vals)
+    for o in others:
+        ratio = med[o] / med["qemu"] if med["qemu"] else 0.0
+        verdict = "-" if wl == "warm" else ("PASS" if ratio >= target else "BELOW")
+        rows.append((what, unit, label[o], med[o], med["qemu"], ratio, verdict, runs[o], runs["qemu"]))
+
+print()
+print(f"median of {rounds} alternating runs per server; target ratio {target}")
+hdr = f"{'workload':<31} {'unit':<6} {'server':<10} {'server':>10} {'qemu-nbd':>10} {'ratio':>6}  verdict"
+print(hdr)
+print("-" * len(hdr))
+for what, unit, srv, a, b, ratio, verdict, ra, rb in rows:
+    print(f"{what:<31} {unit:<6} {srv:<10} {a:>10.1f} {b:>10.1f} {ratio:>6.2f}  {verdict}")
+print()
+print("all runs (server | qemu-nbd):")
+for what, unit, srv, a, b, ratio, verdict, ra, rb in rows:
+    fa = " ".join(f"{v:.0f}" for v in ra)
+    fb = " ".join(f"{v:.0f}" for v in rb)
+    print(f"  {what:<31} {srv:<10} {fa} | {fb}")
+PY
