@@ -201,6 +201,17 @@ for s in $servers; do
 	fio_run "$s" "$work/warm-$s.json" --name=warm --rw=write --bs=1M --iodepth=16 --size=100%
 done
 
+# hastd's dirty bytes and activemap writes so far (hastctl list).
+map_state() {
+	ctl list "$name" >"$work/list.log" 2>&1 || { cat "$work/list.log" >&2; die "hastctl list failed"; }
+	dirty=$(sed -n 's/^ *dirty: *\([0-9]*\).*/\1/p' "$work/list.log")
+	updates=$(sed -n 's/^ *activemap updates: *\([0-9]*\).*/\1/p' "$work/list.log")
+	echo "bench: hastd $1: dirty $dirty of $datasize bytes, $updates activemap writes"
+}
+case " $servers " in
+*" hast "*) map_state "after the warm-up" ;;
+esac
+
 # --- The measured workloads -----------------------------------------------
 wl_opts() {
 	case $1 in
@@ -231,9 +242,9 @@ for wl in $workloads; do
 	done
 done
 
-if [ -n "${BENCH_OUT:-}" ]; then
-	ctl status >"$work/status.log" 2>&1 || true
-fi
+case " $servers " in
+*" hast "*) map_state "at the end" ;;
+esac
 
 # --- The table ------------------------------------------------------------
 python3 - "$work" "$target" "$rounds" "$servers" "$workloads" <<'PY'
