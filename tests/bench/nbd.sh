@@ -56,10 +56,12 @@ esac
 
 work=$(mktemp -d "${BENCH_DIR:-${TMPDIR:-/tmp}}/hast-bench.XXXXXX")
 pids=""
+fpid=""
 
 cleanup() {
 	status=$?
 	trap - EXIT INT TERM
+	[ -z "$fpid" ] || kill "$fpid" 2>/dev/null || true
 	for p in $pids; do
 		kill "$p" 2>/dev/null || true
 	done
@@ -130,10 +132,17 @@ done
 sync
 
 # --- The servers ----------------------------------------------------------
+# The servers run through symlinks with their own names: on a shared machine
+# other test suites' clean-ups (pkill hastd, killall qemu-nbd) must not end
+# them in the middle of a measurement. Same binaries.
+ln -s "$bin/hastd" "$work/hast-primary"
+ln -s "$(command -v qemu-nbd)" "$work/qemu-baseline"
+
 start_hast() {
-	"$bin/hastd" -F -c "$work/hast.conf" --node bench 2>"$work/hastd.log" &
+	"$work/hast-primary" -F -c "$work/hast.conf" --node bench 2>"$work/hastd.log" &
 	hastd_pid=$!
 	pids="$pids $hastd_pid"
+	echo "$hastd_pid" >"$work/hast.pid-of-server"
 	wait_socket "$work/hast.ctl" "$hastd_pid" "$work/hastd.log"
 	ctl role primary "$name" >>"$work/hastd.log" 2>&1 || { cat "$work/hastd.log" >&2; die "hastctl role primary failed"; }
 	wait_socket "$work/hast.nbd" "$hastd_pid" "$work/hastd.log"
@@ -144,10 +153,11 @@ start_hast() {
 # is fdatasync; raw format; the data area after hastd's metadata and map
 # (--offset) so both export the same bytes and the same size.
 start_qemu() {
-	qemu-nbd -f raw --offset="$localoff" --cache=writeback --aio=threads \
+	"$work/qemu-baseline" -f raw --offset="$localoff" --cache=writeback --aio=threads \
 		--discard=ignore --detect-zeroes=off -t -e 8 -x "$name" \
 		-k "$work/qemu.nbd" "$work/qemu.img" 2>"$work/qemu-nbd.log" &
 	pids="$pids $!"
+	echo $! >"$work/qemu.pid-of-server"
 	wait_socket "$work/qemu.nbd" $! "$work/qemu-nbd.log"
 }
 
@@ -156,6 +166,7 @@ start_nbd_serve() {
 		--unix "$work/nbd_serve.nbd" --offset "$localoff" --size "$datasize" \
 		>"$work/nbd_serve.log" 2>&1 &
 	pids="$pids $!"
+	echo $! >"$work/nbd_serve.pid-of-server"
 	wait_socket "$work/nbd_serve.nbd" $! "$work/nbd_serve.log"
 }
 
@@ -175,19 +186,44 @@ for s in $servers; do
 done
 
 check_alive() {
-	for p in $pids; do
-		kill -0 "$p" 2>/dev/null || die "a server (pid $p) died; logs in BENCH_OUT if set"
+	for s in $servers; do
+		p=$(cat "$work/$s.pid-of-server")
+		kill -0 "$p" 2>/dev/null || {
+			st=0
+			wait "$p" 2>/dev/null || st=$?
+			tail -n 20 "$work/$s"*.log >&2
+			die "server $s (pid $p) died (wait status $st)"
+		}
 	done
 }
 
-# fio_run SERVER LABEL OUTPUT fio-options...
+# CPU time (user + system, all threads, in clock ticks) of process $1.
+cpu_ticks() {
+	sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+}
+
+# fio_run SERVER OUTPUT RAMP fio-options...: run fio against SERVER; unless
+# RAMP (seconds of fio's ramp_time) is "-", also write the server's CPU
+# ticks spent after the ramp to OUTPUT.cpu, to compare CPU time per request.
 fio_run() {
 	s=$1
 	out=$2
-	shift 2
+	ramp_s=$3
+	shift 3
+	spid=$(cat "$work/$s.pid-of-server")
 	sync
 	fio --ioengine=nbd --uri="$(uri "$s")" --output-format=json \
-		--output="$out" "$@" >"$out.log" 2>&1 || { cat "$out.log" >&2; die "fio failed against $s"; }
+		--output="$out" "$@" >"$out.log" 2>&1 &
+	fpid=$!
+	if [ "$ramp_s" != - ]; then
+		sleep "$ramp_s"
+		t0=$(cpu_ticks "$spid")
+	fi
+	wait "$fpid" || { cat "$out.log" >&2; die "fio failed against $s"; }
+	fpid=""
+	if [ "$ramp_s" != - ]; then
+		echo $(($(cpu_ticks "$spid") - t0)) >"$out.cpu"
+	fi
 	check_alive
 }
 
@@ -198,7 +234,7 @@ fio_run() {
 # copies in the same page-cache state); its throughput is reported apart.
 echo "bench: warm-up pass (1M sequential writes over the whole export, once per server)"
 for s in $servers; do
-	fio_run "$s" "$work/warm-$s.json" --name=warm --rw=write --bs=1M --iodepth=16 --size=100%
+	fio_run "$s" "$work/warm-$s.json" - --name=warm --rw=write --bs=1M --iodepth=16 --size=100%
 done
 
 # hastd's dirty bytes and activemap writes so far (hastctl list).
@@ -235,7 +271,7 @@ for wl in $workloads; do
 		for s in $order; do
 			echo "bench: $wl round $r/$rounds: $s"
 			# shellcheck disable=SC2086
-			fio_run "$s" "$work/$wl-$s-$r.json" --name="$wl" $opts \
+			fio_run "$s" "$work/$wl-$s-$r.json" "$ramp" --name="$wl" $opts \
 				--time_based --runtime="$runtime" --ramp_time="$ramp"
 		done
 		r=$((r + 1))
@@ -247,12 +283,13 @@ case " $servers " in
 esac
 
 # --- The table ------------------------------------------------------------
-python3 - "$work" "$target" "$rounds" "$servers" "$workloads" <<'PY'
+python3 - "$work" "$target" "$rounds" "$servers" "$workloads" "$(getconf CLK_TCK)" <<'PY'
 import json
 import statistics
 import sys
 
-work, target, rounds, servers, workloads = sys.argv[1:6]
+work, target, rounds, servers, workloads, clk_tck = sys.argv[1:7]
+clk_tck = int(clk_tck)
 target = float(target)
 rounds = int(rounds)
 servers = servers.split()
@@ -274,6 +311,27 @@ def measure(path, unit):
         sys.exit(f"bench: fio reported error {job['error']} in {path}")
     side = job["read"] if job["read"]["io_bytes"] else job["write"]
     return side["bw_bytes"] / 1048576 if unit == "MiB/s" else side["iops"]
+
+
+def latency(path):
+    """Mean latency of a request in microseconds."""
+    with open(path) as f:
+        job = json.load(f)["jobs"][0]
+    side = job["read"] if job["read"]["io_bytes"] else job["write"]
+    return side["lat_ns"]["mean"] / 1000
+
+
+def cpu_per_io(path):
+    """Server CPU microseconds per request after the ramp, or None."""
+    try:
+        with open(path + ".cpu") as f:
+            ticks = int(f.read())
+        with open(path) as f:
+            job = json.load(f)["jobs"][0]
+    except (OSError, ValueError):
+        return None
+    ios = job["read"]["total_ios"] + job["write"]["total_ios"]
+    return ticks * 1e6 / clk_tck / ios if ios else None
 
 
 rows = []
@@ -301,6 +359,18 @@ print(hdr)
 print("-" * len(hdr))
 for what, unit, srv, a, b, ratio, verdict, ra, rb in rows:
     print(f"{what:<31} {unit:<6} {srv:<10} {a:>10.1f} {b:>10.1f} {ratio:>6.2f}  {verdict}")
+print()
+print("per request, medians: mean latency seen by fio / server CPU time after the ramp")
+print("(user+system, all threads), in microseconds:")
+for wl in workloads.split():
+    cells = []
+    for s in servers:
+        paths = [f"{work}/{wl}-{s}-{r}.json" for r in range(1, rounds + 1)]
+        lat = statistics.median(latency(p) for p in paths)
+        cpu = [v for v in (cpu_per_io(p) for p in paths) if v is not None]
+        cpu_s = f"{statistics.median(cpu):.1f}" if cpu else "?"
+        cells.append(f"{label[s]} {lat:.0f} / {cpu_s}")
+    print(f"  {desc[wl][0]:<31} " + ", ".join(cells))
 print()
 print("all runs (server | qemu-nbd):")
 for what, unit, srv, a, b, ratio, verdict, ra, rb in rows:
