@@ -4,6 +4,7 @@
 #   make         build hastd and hastctl (release)
 #   make test    install what is needed, then run every test
 #   make demo    set up two nodes on this machine and walk through the main job
+#   make bench   NBD export of a primary vs qemu-nbd with fio, as ratios (BENCHMARKS.md)
 #   make install install binaries, man pages and the sample configuration
 #   make kmod-check SYSDIR=/path/to/freebsd/sys
 #                compile-check the geom_hast kernel module against that tree
@@ -19,7 +20,7 @@ DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
 	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc liblzf-dev
 PKG_PKGS = rust llvm qemu-tools libnbd fio shellcheck
 
-.PHONY: all build deps test test-rust test-scripts demo install clean kmod-check
+.PHONY: all build deps test test-rust test-scripts demo bench install clean kmod-check
 
 all: build
 
@@ -57,6 +58,10 @@ test-scripts:
 demo: deps
 	$(CARGO) build --workspace
 	sh tests/demo.sh
+
+bench: deps
+	$(CARGO) build --release -p hastd -p hastctl -p hast --examples
+	sh tests/bench/nbd.sh
 
 install: build
 	install -d $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/man/man8 $(DESTDIR)$(PREFIX)/share/examples/hast
