@@ -824,3 +824,429 @@ impl KernelDevice {
         Ok(decode_stats(&s))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> CreateSpec {
+        CreateSpec {
+            name: "shared".into(),
+            local: "/dev/ada0p3".into(),
+            params: Params {
+                mediasize: 1 << 30,
+                extentsize: 2 << 20,
+                sectorsize: 512,
+                keepdirty: 64,
+                mode: Mode::MemSync,
+            },
+            localoff: 8192 + 4096,
+            mapoff: 4096,
+            metaflush: true,
+        }
+    }
+
+    fn name_bytes(field: &[c_char; NAME_LEN]) -> Vec<u8> {
+        field.iter().map(|&c| c as u8).collect()
+    }
+
+    #[test]
+    fn structs_match_hast_sys_and_fit_an_ioctl() {
+        let expect = [
+            (Ioctl::Create, 184),
+            (Ioctl::Destroy, 184),
+            (Ioctl::Upcall, 72),
+            (Ioctl::Downcall, 48),
+            (Ioctl::Range, 64),
+            (Ioctl::Map, 32),
+            (Ioctl::Stats, 192),
+        ];
+        for (op, size) in expect {
+            assert_eq!(op.arg_size(), size, "{op}");
+            assert_eq!(op.arg_size() % 8, 0, "{op}");
+            // IOCPARM_MAX: a larger struct would not fit _IOWR's length.
+            assert!(op.arg_size() < 8192, "{op}");
+        }
+        assert_eq!(size_of::<sys::hast_abi_create>(), 184);
+        assert_eq!(sys::HAST_ABI_VERSION, 1);
+        assert_eq!(NAME_LEN, 64);
+    }
+
+    /// The table here against the header the kernel module compiles:
+    /// bindgen drops the function-like HAST_IOC_* macros, so read them.
+    #[test]
+    fn ioctl_table_matches_ffi_header() {
+        let header = include_str!("../../../ffi/hast_abi.h");
+        let norm: String = header.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(norm.contains("#define HAST_IOC_GROUP 'H'"));
+        for (op, ty) in [
+            (Ioctl::Create, "hast_abi_create"),
+            (Ioctl::Destroy, "hast_abi_create"),
+            (Ioctl::Upcall, "hast_abi_upcall"),
+            (Ioctl::Downcall, "hast_abi_downcall"),
+            (Ioctl::Range, "hast_abi_range"),
+            (Ioctl::Map, "hast_abi_map"),
+            (Ioctl::Stats, "hast_abi_stats"),
+        ] {
+            let line = format!(
+                "#define {} _IOWR(HAST_IOC_GROUP, {}, struct {ty})",
+                op.name(),
+                op.number()
+            );
+            assert!(norm.contains(&line), "ffi/hast_abi.h lacks `{line}`");
+        }
+    }
+
+    #[test]
+    fn every_struct_starts_with_the_abi_version() {
+        // The kernel reads the first uint32_t of every argument as the
+        // version before anything else.
+        assert_eq!(std::mem::offset_of!(sys::hast_abi_create, hc_version), 0);
+        assert_eq!(std::mem::offset_of!(sys::hast_abi_upcall, hu_version), 0);
+        assert_eq!(std::mem::offset_of!(sys::hast_abi_downcall, hd_version), 0);
+        assert_eq!(std::mem::offset_of!(sys::hast_abi_range, hr_version), 0);
+        assert_eq!(std::mem::offset_of!(sys::hast_abi_map, hm_version), 0);
+        assert_eq!(std::mem::offset_of!(sys::hast_abi_stats, hs_version), 0);
+        let c = create_arg(&spec()).unwrap();
+        assert_eq!(c.hc_version, sys::HAST_ABI_VERSION);
+    }
+
+    #[test]
+    fn freebsd_request_numbers_match_the_hand_computed_encoding() {
+        // _IOWR('H', 1, struct hast_abi_create) by hand: IOC_INOUT
+        // 0xc0000000 | 184 (0xb8) << 16 | 'H' (0x48) << 8 | 1.
+        assert_eq!(Ioctl::Create.freebsd_request(), 0xc0b8_4801);
+        let table = [
+            (Ioctl::Create, 0xc0b8_4801u32),
+            (Ioctl::Destroy, 0xc0b8_4802),
+            (Ioctl::Upcall, 0xc048_4803),
+            (Ioctl::Downcall, 0xc030_4804),
+            (Ioctl::Range, 0xc040_4805),
+            (Ioctl::Map, 0xc020_4806),
+            (Ioctl::Stats, 0xc0c0_4807),
+        ];
+        for (op, code) in table {
+            assert_eq!(op.freebsd_request(), code, "{op}");
+        }
+        // The 13-bit length field: a longer struct would wrap.
+        assert_eq!(freebsd_iowr(b'H', 1, 8192), 0xc000_4801);
+    }
+
+    #[test]
+    fn request_numbers_are_distinct() {
+        let mut codes: Vec<u64> = Ioctl::ALL.iter().map(|op| op.request()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), 7);
+        for op in Ioctl::ALL {
+            assert_eq!(op.request() & 0xff, u64::from(op.number()), "{op}");
+            assert_eq!((op.request() >> 8) & 0xff, u64::from(b'H'), "{op}");
+        }
+    }
+
+    /// nix's platform encoding (what the FreeBSD build passes to ioctl(2))
+    /// against the FreeBSD encoding computed here: on FreeBSD they are the
+    /// same thing; on x86_64 and aarch64 Linux, _IOWR happens to produce
+    /// the same bits for structs under 8 KiB, which checks the arithmetic.
+    #[test]
+    #[cfg(any(
+        target_os = "freebsd",
+        all(
+            target_os = "linux",
+            any(target_arch = "x86_64", target_arch = "aarch64")
+        )
+    ))]
+    fn nix_encoding_agrees_with_the_freebsd_one() {
+        for op in Ioctl::ALL {
+            assert_eq!(op.request(), u64::from(op.freebsd_request()), "{op}");
+        }
+    }
+
+    #[test]
+    fn names_are_bounded_and_checked_like_the_kernel_does() {
+        let longest = "a".repeat(NAME_LEN - 1);
+        let f = encode_name("resource name", &longest, false).unwrap();
+        assert_eq!(&name_bytes(&f)[..NAME_LEN - 1], longest.as_bytes());
+        assert_eq!(name_bytes(&f)[NAME_LEN - 1], 0, "always terminated");
+
+        let too_long = "a".repeat(NAME_LEN);
+        let e = encode_name("resource name", &too_long, false).unwrap_err();
+        assert!(matches!(e, KdevError::Name { reason, .. } if reason.contains("too long")));
+        assert!(e.to_string().contains("at most 63 bytes"), "{e}");
+
+        assert!(encode_name("resource name", "", false).is_err());
+        assert!(encode_name("resource name", "a b", false).is_err());
+        assert!(encode_name("resource name", "dé", false).is_err());
+        assert!(encode_name("resource name", "a\0b", false).is_err());
+        assert!(encode_name("resource name", "a/b", false).is_err());
+        let f = encode_name("local provider", "gpt/disk-0:1+x_y.z", true).unwrap();
+        assert_eq!(&name_bytes(&f)[..19], b"gpt/disk-0:1+x_y.z\0");
+        assert!(name_bytes(&f)[19..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn create_arg_carries_the_spec() {
+        let c = create_arg(&spec()).unwrap();
+        assert_eq!(&name_bytes(&c.hc_name)[..7], b"shared\0");
+        // "/dev/" is dropped: GEOM names providers without it.
+        assert_eq!(&name_bytes(&c.hc_local)[..7], b"ada0p3\0");
+        assert_eq!(c.hc_mode, sys::HAST_REPL_MEMSYNC);
+        assert_eq!(c.hc_mediasize, 1 << 30);
+        assert_eq!(c.hc_extentsize, 2 << 20);
+        assert_eq!(c.hc_sectorsize, 512);
+        assert_eq!(c.hc_keepdirty, 64);
+        assert_eq!(c.hc_localoff, 12288);
+        assert_eq!(c.hc_mapoff, 4096);
+        assert_eq!(c.hc_flags, sys::HAST_CREATEF_METAFLUSH);
+        assert_eq!(c.hc_unit, 0);
+
+        let mut s = spec();
+        s.metaflush = false;
+        s.params.mode = Mode::Async;
+        let c = create_arg(&s).unwrap();
+        assert_eq!(c.hc_flags, 0);
+        assert_eq!(c.hc_mode, sys::HAST_REPL_ASYNC);
+
+        s.name = "x".repeat(64);
+        assert!(matches!(
+            create_arg(&s),
+            Err(KdevError::Name {
+                field: "resource name",
+                ..
+            })
+        ));
+        s.name = "ok".into();
+        s.local = format!("/dev/{}", "d".repeat(63));
+        assert!(create_arg(&s).is_ok(), "63 bytes once /dev/ is dropped");
+        s.local = "/dev/my disk".into();
+        assert!(matches!(
+            create_arg(&s),
+            Err(KdevError::Name {
+                field: "local provider",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn upcalls_decode_and_refuse_what_they_do_not_know() {
+        let mut up = sys::hast_abi_upcall {
+            hu_version: sys::HAST_ABI_VERSION,
+            hu_kind: sys::HAST_UP_WRITE,
+            hu_seq: 7,
+            hu_offset: 4096,
+            hu_length: 8192,
+            hu_flags: sys::HAST_UPF_MEMSYNC,
+            ..Default::default()
+        };
+        let u = decode_upcall(&up).unwrap();
+        assert_eq!(u.kind, UpcallKind::Write { memsync: true });
+        assert_eq!((u.seq, u.offset, u.length), (7, 4096, 8192));
+
+        up.hu_kind = sys::HAST_UP_SYNC_IO_DONE;
+        up.hu_error = 5;
+        assert_eq!(
+            decode_upcall(&up).unwrap().kind,
+            UpcallKind::SyncIoDone { error: 5 }
+        );
+        for (raw, kind) in [
+            (sys::HAST_UP_READ, UpcallKind::Read),
+            (sys::HAST_UP_DELETE, UpcallKind::Delete),
+            (sys::HAST_UP_FLUSH, UpcallKind::Flush),
+            (sys::HAST_UP_BUMP, UpcallKind::Bump),
+            (sys::HAST_UP_SYNC_LOCKED, UpcallKind::SyncLocked),
+        ] {
+            up.hu_kind = raw;
+            assert_eq!(decode_upcall(&up).unwrap().kind, kind);
+        }
+
+        up.hu_kind = 99;
+        let e = decode_upcall(&up).unwrap_err();
+        assert!(e.to_string().contains("unknown upcall kind 99"), "{e}");
+        up.hu_kind = sys::HAST_UP_READ;
+        up.hu_version = 2;
+        let e = decode_upcall(&up).unwrap_err();
+        assert!(matches!(
+            e,
+            KdevError::Protocol {
+                op: Ioctl::Upcall,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn stats_fields_land_where_they_belong() {
+        let st = sys::hast_abi_stats {
+            hs_version: sys::HAST_ABI_VERSION,
+            hs_reads: 1,
+            hs_writes: 2,
+            hs_deletes: 3,
+            hs_flushes: 4,
+            hs_activemap_updates: 5,
+            hs_read_errors: 6,
+            hs_write_errors: 7,
+            hs_delete_errors: 8,
+            hs_flush_errors: 9,
+            hs_q_local: 10,
+            hs_q_send: 11,
+            hs_q_recv: 12,
+            hs_q_done: 13,
+            hs_q_held: 14,
+            hs_q_mapwait: 15,
+            hs_dirty: 16,
+            hs_syncdirty: 17,
+            hs_keepdirty: 18,
+            hs_sync_locks: 19,
+            hs_oldest_ns: 20,
+            hs_link: sys::HAST_LINK_UP,
+            ..Default::default()
+        };
+        let s = decode_stats(&st);
+        let got = [
+            s.reads,
+            s.writes,
+            s.deletes,
+            s.flushes,
+            s.activemap_updates,
+            s.read_errors,
+            s.write_errors,
+            s.delete_errors,
+            s.flush_errors,
+            s.q_local,
+            s.q_send,
+            s.q_recv,
+            s.q_done,
+            s.q_held,
+            s.q_mapwait,
+            s.dirty,
+            s.syncdirty,
+            s.keepdirty,
+            s.sync_locks,
+            s.oldest_ns,
+        ];
+        assert_eq!(got.to_vec(), (1..=20).collect::<Vec<u64>>());
+        assert!(s.link_up);
+    }
+
+    #[test]
+    fn opening_a_missing_device_names_it_and_the_errno() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hastctl");
+        let e = KernelDevice::open_path(&path).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::ENOENT));
+        let msg = e.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("geom_hast"), "{msg}");
+    }
+
+    /// Arguments are checked before any ioctl, on every OS.
+    #[test]
+    fn bad_arguments_are_refused_before_the_kernel_sees_them() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let dev = KernelDevice::open_path(file.path()).unwrap();
+        let u = Unit(1);
+        let e = dev.remote_done(u, 3, -1, &[]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KdevError::Invalid {
+                    op: Ioctl::Downcall,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = dev.bump_done(u, -5).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KdevError::Invalid {
+                    op: Ioctl::Downcall,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = dev.sync_read(u, 1, 0, &mut []).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KdevError::Invalid {
+                    op: Ioctl::Range,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let big = vec![0u8; SYNC_MAX_IO + 1];
+        let e = dev.sync_write(u, 1, 0, &big).unwrap_err();
+        assert!(e.to_string().contains("1048577 bytes"), "{e}");
+        let mut s = spec();
+        s.name = "bad name".into();
+        assert!(matches!(dev.create(&s), Err(KdevError::Name { .. })));
+    }
+
+    #[test]
+    #[cfg(not(target_os = "freebsd"))]
+    fn every_call_says_the_transport_is_freebsd_only() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let dev = KernelDevice::open_path(file.path()).unwrap();
+        assert_eq!(dev.path(), file.path());
+        let u = Unit(1);
+        let mut buf = Vec::new();
+        let mut rbuf = [0u8; 512];
+        let results: Vec<(Ioctl, KdevError)> = vec![
+            (Ioctl::Create, dev.create(&spec()).unwrap_err()),
+            (Ioctl::Destroy, dev.destroy(u).unwrap_err()),
+            (Ioctl::Upcall, dev.next_upcall(u, &mut buf).unwrap_err()),
+            (
+                Ioctl::Downcall,
+                dev.remote_done(u, 1, 0, &rbuf).unwrap_err(),
+            ),
+            (Ioctl::Downcall, dev.remote_received(u, 1).unwrap_err()),
+            (Ioctl::Downcall, dev.bump_done(u, 0).unwrap_err()),
+            (Ioctl::Downcall, dev.set_link(u, true).unwrap_err()),
+            (
+                Ioctl::Downcall,
+                dev.set_sync_dir(u, SyncDir::ToPeer).unwrap_err(),
+            ),
+            (Ioctl::Downcall, dev.set_mode(u, Mode::Async).unwrap_err()),
+            (Ioctl::Range, dev.sync_lock(u, 0, 4096).unwrap_err()),
+            (Ioctl::Range, dev.sync_read(u, 1, 0, &mut rbuf).unwrap_err()),
+            (Ioctl::Range, dev.sync_write(u, 1, 0, &rbuf).unwrap_err()),
+            (Ioctl::Range, dev.sync_release(u, 1, true).unwrap_err()),
+            (Ioctl::Map, dev.map_size(u).unwrap_err()),
+            (Ioctl::Map, dev.map(u, MapKind::Sync).unwrap_err()),
+            (Ioctl::Map, dev.map_load(u, &rbuf).unwrap_err()),
+            (Ioctl::Map, dev.map_merge(u, &rbuf).unwrap_err()),
+            (Ioctl::Stats, dev.stats(u).unwrap_err()),
+        ];
+        for (want, e) in results {
+            assert!(
+                matches!(e, KdevError::Unsupported { op } if op == want),
+                "{e:?}"
+            );
+            let msg = e.to_string();
+            assert!(msg.contains("only available on FreeBSD"), "{msg}");
+            assert!(msg.contains(want.name()), "{msg}");
+        }
+        assert!(buf.is_empty());
+        // The file was not touched.
+        assert_eq!(std::fs::metadata(file.path()).unwrap().len(), 0);
+    }
+
+    /// On FreeBSD: a regular file is not the control device; the kernel
+    /// answers ENOTTY and the error names the ioctl and the path.
+    #[test]
+    #[cfg(target_os = "freebsd")]
+    fn a_regular_file_is_not_the_control_device() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let dev = KernelDevice::open_path(file.path()).unwrap();
+        let e = dev.stats(Unit(1)).unwrap_err();
+        assert_eq!(e.errno(), Some(Errno::ENOTTY));
+        let msg = e.to_string();
+        assert!(msg.contains("HAST_IOC_STATS"), "{msg}");
+        assert!(msg.contains(&file.path().display().to_string()), "{msg}");
+    }
+}
