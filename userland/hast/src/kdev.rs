@@ -433,6 +433,12 @@ impl Arg for DestroyArg {
 /// An open `/dev/hastctl`: the engine's side of every kernel instance it
 /// created through it. Closing the last reference to the descriptor takes
 /// the link of those instances down (the kernel's rule).
+///
+/// Every method is one blocking ioctl and takes `&self`: share the device
+/// between threads (it is `Send + Sync`), with one thread per instance
+/// parked in [`KernelDevice::next_upcall`] (run it on a blocking thread,
+/// e.g. `tokio::task::spawn_blocking`) while others send downcalls. That
+/// call returns ENXIO once the instance is destroyed, EINTR on a signal.
 #[derive(Debug)]
 pub struct KernelDevice {
     fd: OwnedFd,
