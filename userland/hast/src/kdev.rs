@@ -446,6 +446,13 @@ pub struct KernelDevice {
 }
 
 impl KernelDevice {
+    /// Whether this transport can be used with the control device at
+    /// `path`: on FreeBSD when it exists (geom_hast is loaded), never on
+    /// other systems. The engine picks the kernel host or uhost with it.
+    pub fn available(path: impl AsRef<Path>) -> bool {
+        cfg!(target_os = "freebsd") && path.as_ref().exists()
+    }
+
     /// Open [`DEFAULT_PATH`] for reading and writing.
     pub fn open() -> Result<KernelDevice, KdevError> {
         KernelDevice::open_path(DEFAULT_PATH)
@@ -1199,6 +1206,7 @@ mod tests {
         let file = tempfile::NamedTempFile::new().unwrap();
         let dev = KernelDevice::open_path(file.path()).unwrap();
         assert_eq!(dev.path(), file.path());
+        assert!(!KernelDevice::available(file.path()));
         let u = Unit(1);
         let mut buf = Vec::new();
         let mut rbuf = [0u8; 512];
@@ -1249,6 +1257,8 @@ mod tests {
     fn a_regular_file_is_not_the_control_device() {
         let file = tempfile::NamedTempFile::new().unwrap();
         let dev = KernelDevice::open_path(file.path()).unwrap();
+        assert!(KernelDevice::available(file.path()));
+        assert!(!KernelDevice::available(file.path().join("nothing")));
         let e = dev.stats(Unit(1)).unwrap_err();
         assert_eq!(e.errno(), Some(Errno::ENOTTY));
         let msg = e.to_string();
