@@ -16,6 +16,7 @@ pub mod engine;
 pub mod failpoint;
 pub mod handshake;
 pub mod hooks;
+pub mod kdev;
 pub mod metadata;
 pub mod nbd;
 pub mod nv;
