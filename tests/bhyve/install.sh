@@ -2,9 +2,9 @@
 # install.sh: put this build of hast into both VMs.
 #
 # Copies the source tree (without target/) to /root/hast in each VM, builds
-# hastd and hastctl there (cargo; installed with pkg when missing, which
-# with llvm for bindgen; needs the VMs to reach a pkg mirror, see README.md), builds the kernel
-# module with make -C kmod (needs the VM's kernel sources in /usr/src/sys:
+# hastd and hastctl there (cargo and llvm, for bindgen, are installed with
+# pkg when missing, which needs the VMs to reach a pkg mirror: README.md),
+# builds the kernel module with make -C kmod (needs the VM's kernel sources in /usr/src/sys:
 # when missing they are copied from $HAST_SRC_SYS on the host, which must be
 # the sources of the VM's release), installs binaries, module, man pages and
 # rc.d scripts, and loads geom_hast.
