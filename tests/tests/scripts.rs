@@ -193,10 +193,9 @@ fn configuration_errors_exit_78() {
     assert_eq!(role(&c, "alpha"), "init");
 }
 
-/// Needs the safe promotion of hastctl (another branch): a node must not
-/// be promoted while its peer is reachable and primary.
+/// Safe promotion: a node must not be promoted while its peer is reachable
+/// and primary.
 #[test]
-#[ignore = "needs hastctl's safe promotion; un-ignore once it is merged"]
 fn promotion_is_refused_while_the_peer_is_primary() {
     let c = cluster();
     c.role("alpha", "r0", "secondary").unwrap();
