@@ -60,7 +60,8 @@ demo: deps
 	sh tests/demo.sh
 
 bench: deps
-	$(CARGO) build --release -p hastd -p hastctl -p hast --examples
+	$(CARGO) build --release -p hastd -p hastctl
+	$(CARGO) build --release -p hast --examples
 	sh tests/bench/nbd.sh
 
 install: build
