@@ -1101,3 +1101,56 @@ fn main() -> ExitCode {
         ExitCode::SUCCESS
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_numbers_of_a_fio_report() {
+        let out = "note: both iodepth >= 1 and synchronous I/O engine are selected\n{\n  \"fio version\" : \"fio-3.33\",\n  \"jobs\" : [\n    {\n      \"jobname\" : \"bench\",\n      \"write\" : {\n        \"io_bytes\" : 10485760,\n        \"bw_bytes\" : 1048576000,\n        \"iops\" : 1000.5,\n        \"clat_ns\" : {\n          \"mean\" : 15000.0,\n          \"percentile\" : {\n            \"99.000000\" : 2.5e4\n          }\n        }\n      },\n      \"usr_cpu\" : 10.0,\n      \"sys_cpu\" : 5.5,\n      \"flag\" : true, \"none\" : null, \"list\" : [1, \"a\\\"b\", []]\n    }\n  ]\n}\n";
+        let j = JsonParser::parse(out).unwrap();
+        let Some(Json::Arr(jobs)) = j.get("jobs") else {
+            panic!("no jobs")
+        };
+        let job = &jobs[0];
+        assert_eq!(
+            job.path(&["write", "bw_bytes"]).and_then(Json::num),
+            Some(1048576000.0)
+        );
+        assert_eq!(
+            job.path(&["write", "clat_ns", "percentile", "99.000000"])
+                .and_then(Json::num),
+            Some(25000.0)
+        );
+        assert_eq!(job.get("sys_cpu").and_then(Json::num), Some(5.5));
+        assert!(JsonParser::parse("{\"a\": [1, 2").is_err());
+        assert!(JsonParser::parse("no json here").is_err());
+    }
+
+    #[test]
+    fn times_a_resync_from_the_log() {
+        let log = "2026-11-21T23:59:59.750000Z  INFO connected to tcp4://10.77.1.2:1234\n\
+                   2026-11-21T23:59:59.900000Z  INFO synchronization started: 536870912 bytes in 256 extents\n\
+                   2026-11-22T00:00:00.400000Z  INFO synchronization complete: 536870912 bytes synchronized\n";
+        let (bytes, secs) = sync_times(log).unwrap();
+        assert_eq!(bytes, 536870912);
+        assert!((secs - 0.5).abs() < 1e-6, "{secs}");
+        assert_eq!(
+            sync_times("2026-11-21T10:00:00Z  INFO synchronization started: 1 bytes"),
+            None
+        );
+    }
+
+    #[test]
+    fn sizes_and_medians() {
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size("99999999999999G"), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
+}
