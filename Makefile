@@ -62,7 +62,9 @@ demo: deps
 bench: deps
 	$(CARGO) build --release -p hastd -p hastctl
 	$(CARGO) build --release -p hast --examples
+	$(CARGO) build --release -p hast-tests --bin replbench
 	sh tests/bench/nbd.sh
+	sh tests/bench/replication.sh
 
 install: build
 	install -d $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(PREFIX)/share/man/man4 $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/man/man8 $(DESTDIR)$(PREFIX)/share/examples/hast
