@@ -438,7 +438,12 @@ fn second_daemon_on_the_same_pidfile_exits_75() {
     // Same pidfile, different control socket: refused because of the pidfile.
     let mut second = alpha.spawn_hastd(&["-P", alpha.pidfile.to_str().unwrap()]);
     let st = second.wait().unwrap();
-    assert_eq!(st.code(), Some(75));
+    assert_eq!(
+        st.code(),
+        Some(75),
+        "second hastd: {st:?}; log:\n{}",
+        alpha.log_text()
+    );
     assert!(
         alpha.log_text().contains(&format!("pid {pid}")),
         "{}",

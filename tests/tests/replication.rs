@@ -150,12 +150,18 @@ fn seeds_story_failover_and_back() {
     assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
 }
 
-fn acked_writes_survive_kill(mode: &str) {
+/// Connect a `mode` pair, run the stamped-block workload at `queue_depth`
+/// against alpha, kill -9 alpha under it, and return the cluster and the
+/// workload's history.
+fn kill_primary_under_load(
+    mode: &str,
+    queue_depth: usize,
+) -> (Cluster, hast_tests::checker::History) {
     let mut c = cluster(mode, 32 * MIB);
     connected(&mut c);
     let uri = c.nbd_uri("alpha", "r0").unwrap();
     let w = Workload::new(WorkloadOptions {
-        queue_depth: 16,
+        queue_depth,
         max_writes: None,
         duration: Some(Duration::from_secs(20)),
         reply_timeout: Duration::from_secs(5),
@@ -167,6 +173,11 @@ fn acked_writes_survive_kill(mode: &str) {
     c.kill9("alpha").unwrap();
     stop.stop();
     let history = writer.join().unwrap().unwrap();
+    (c, history)
+}
+
+fn acked_writes_survive_kill(mode: &str) {
+    let (c, history) = kill_primary_under_load(mode, 16);
     assert!(
         history.acked() > 100,
         "too few acknowledged writes to mean anything: {}",
@@ -193,22 +204,7 @@ fn memsync_acknowledged_writes_survive_primary_kill() {
 
 #[test]
 fn async_keeps_write_order() {
-    let mut c = cluster("async", 32 * MIB);
-    connected(&mut c);
-    let uri = c.nbd_uri("alpha", "r0").unwrap();
-    let w = Workload::new(WorkloadOptions {
-        queue_depth: 1,
-        max_writes: None,
-        duration: Some(Duration::from_secs(20)),
-        reply_timeout: Duration::from_secs(5),
-        ..WorkloadOptions::default()
-    });
-    let stop = w.stop_handle();
-    let writer = std::thread::spawn(move || w.run_uri(&uri));
-    std::thread::sleep(Duration::from_millis(1500));
-    c.kill9("alpha").unwrap();
-    stop.stop();
-    let history = writer.join().unwrap().unwrap();
+    let (c, history) = kill_primary_under_load("async", 1);
     let area = c.data_area("beta", "r0").unwrap();
     let report = history.verify_file(&area.path, area.offset).unwrap();
     let prefix = report

@@ -241,10 +241,14 @@ impl CoreHost for Inner {
         let Some(me) = self.me.upgrade() else { return };
         let map = map.to_vec();
         self.rt.spawn_blocking(move || {
-            let mut r = me.map_file.write_all_at(&map, METADATA_SIZE);
-            if r.is_ok() && me.metaflush {
-                r = me.map_file.sync_data();
-            }
+            // With metaflush the map sectors must be durable before the data
+            // writes they cover: make this write durable (RWF_DSYNC) rather
+            // than flushing every dirty page of the provider.
+            let r = if me.metaflush {
+                crate::nbd::file::write_durable(&me.map_file, &map, METADATA_SIZE)
+            } else {
+                me.map_file.write_all_at(&map, METADATA_SIZE)
+            };
             let error = match &r {
                 Ok(()) => 0,
                 Err(e) => {

@@ -276,7 +276,7 @@ fn write_zero_bytes(file: &File, at: u64, len: u64) -> io::Result<()> {
 /// Writes `data` at `at` and makes it durable: `pwritev2(RWF_DSYNC)`
 /// syncs just this range (an fdatasync would flush every dirty page of the
 /// provider); kernels without it get a write and an fdatasync.
-fn write_durable(f: &File, data: &[u8], at: u64) -> io::Result<()> {
+pub fn write_durable(f: &File, data: &[u8], at: u64) -> io::Result<()> {
     let mut done: usize = 0;
     while let Some(rest) = data.get(done..).filter(|r| !r.is_empty()) {
         let pos = at
