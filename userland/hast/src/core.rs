@@ -199,6 +199,35 @@ pub struct Stats {
     pub link_up: bool,
 }
 
+impl From<&sys::hast_abi_stats> for Stats {
+    /// The ABI's statistics struct (from the in-process core or the kernel).
+    fn from(st: &sys::hast_abi_stats) -> Stats {
+        Stats {
+            reads: st.hs_reads,
+            writes: st.hs_writes,
+            deletes: st.hs_deletes,
+            flushes: st.hs_flushes,
+            activemap_updates: st.hs_activemap_updates,
+            read_errors: st.hs_read_errors,
+            write_errors: st.hs_write_errors,
+            delete_errors: st.hs_delete_errors,
+            flush_errors: st.hs_flush_errors,
+            q_local: st.hs_q_local,
+            q_send: st.hs_q_send,
+            q_recv: st.hs_q_recv,
+            q_done: st.hs_q_done,
+            q_held: st.hs_q_held,
+            q_mapwait: st.hs_q_mapwait,
+            dirty: st.hs_dirty,
+            syncdirty: st.hs_syncdirty,
+            keepdirty: st.hs_keepdirty,
+            sync_locks: st.hs_sync_locks,
+            oldest_ns: st.hs_oldest_ns,
+            link_up: st.hs_link == sys::HAST_LINK_UP,
+        }
+    }
+}
+
 /// The host side of a core: called without the core's lock held, from
 /// whichever thread is inside the core. Callbacks must not block; they may
 /// call back into the [`Core`]. They must not panic: a panic cannot unwind
@@ -514,29 +543,7 @@ impl Core {
         let mut st = sys::hast_abi_stats::default();
         // SAFETY: live instance, valid out pointer.
         unsafe { sys::hast_core_stats(self.p(), &mut st) };
-        Stats {
-            reads: st.hs_reads,
-            writes: st.hs_writes,
-            deletes: st.hs_deletes,
-            flushes: st.hs_flushes,
-            activemap_updates: st.hs_activemap_updates,
-            read_errors: st.hs_read_errors,
-            write_errors: st.hs_write_errors,
-            delete_errors: st.hs_delete_errors,
-            flush_errors: st.hs_flush_errors,
-            q_local: st.hs_q_local,
-            q_send: st.hs_q_send,
-            q_recv: st.hs_q_recv,
-            q_done: st.hs_q_done,
-            q_held: st.hs_q_held,
-            q_mapwait: st.hs_q_mapwait,
-            dirty: st.hs_dirty,
-            syncdirty: st.hs_syncdirty,
-            keepdirty: st.hs_keepdirty,
-            sync_locks: st.hs_sync_locks,
-            oldest_ns: st.hs_oldest_ns,
-            link_up: st.hs_link == sys::HAST_LINK_UP,
-        }
+        Stats::from(&st)
     }
 
     /// Destroy an idle instance; gives the core back if it is still busy.

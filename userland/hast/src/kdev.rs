@@ -343,29 +343,7 @@ pub fn decode_upcall(up: &sys::hast_abi_upcall) -> Result<Upcall, KdevError> {
 
 /// Convert the kernel's counters.
 pub fn decode_stats(st: &sys::hast_abi_stats) -> Stats {
-    Stats {
-        reads: st.hs_reads,
-        writes: st.hs_writes,
-        deletes: st.hs_deletes,
-        flushes: st.hs_flushes,
-        activemap_updates: st.hs_activemap_updates,
-        read_errors: st.hs_read_errors,
-        write_errors: st.hs_write_errors,
-        delete_errors: st.hs_delete_errors,
-        flush_errors: st.hs_flush_errors,
-        q_local: st.hs_q_local,
-        q_send: st.hs_q_send,
-        q_recv: st.hs_q_recv,
-        q_done: st.hs_q_done,
-        q_held: st.hs_q_held,
-        q_mapwait: st.hs_q_mapwait,
-        dirty: st.hs_dirty,
-        syncdirty: st.hs_syncdirty,
-        keepdirty: st.hs_keepdirty,
-        sync_locks: st.hs_sync_locks,
-        oldest_ns: st.hs_oldest_ns,
-        link_up: st.hs_link == sys::HAST_LINK_UP,
-    }
+    Stats::from(st)
 }
 
 /// A user address as the ABI carries it.
