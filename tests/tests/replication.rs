@@ -39,6 +39,17 @@ fn connected(c: &mut Cluster) {
     });
 }
 
+/// An empty (sparse) reference image as large as the data area: the
+/// writer's record of what the device must hold.
+fn reference_image(c: &Cluster) -> std::path::PathBuf {
+    let reference = c.dir().join("reference.img");
+    std::fs::File::create(&reference)
+        .unwrap()
+        .set_len(c.data_area("alpha", "r0").unwrap().size)
+        .unwrap();
+    reference
+}
+
 /// Write `pattern` at `offset` through `node`'s export and into `reference`.
 fn qemu_write(
     c: &Cluster,
@@ -89,11 +100,7 @@ fn same_data(c: &Cluster) {
 fn seeds_story_failover_and_back() {
     let mut c = cluster("fullsync", 64 * MIB);
     connected(&mut c);
-    let reference = c.dir().join("reference.img");
-    std::fs::File::create(&reference)
-        .unwrap()
-        .set_len(c.data_area("alpha", "r0").unwrap().size)
-        .unwrap();
+    let reference = reference_image(&c);
     qemu_write(&c, "alpha", &reference, 0x11, 0, 8 * MIB);
     qemu_write(&c, "alpha", &reference, 0x22, 40 * MIB, 3 * MIB);
     assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
@@ -223,11 +230,7 @@ fn partition_then_heal_resyncs_only_dirty_extents() {
     let mut c = cluster("fullsync", 64 * MIB);
     connected(&mut c);
     c.partition("alpha", "beta").unwrap();
-    let reference = c.dir().join("reference.img");
-    std::fs::File::create(&reference)
-        .unwrap()
-        .set_len(c.data_area("alpha", "r0").unwrap().size)
-        .unwrap();
+    let reference = reference_image(&c);
     qemu_write(&c, "alpha", &reference, 0x5a, 30 * MIB, 2 * MIB);
     let s = c
         .wait_list("alpha", "r0", T, |s| {
@@ -283,11 +286,7 @@ fn split_brain_is_refused_and_recovered() {
 fn secondary_write_error_leaves_the_extent_dirty_until_resync_repairs_it() {
     let mut c = cluster("fullsync", 32 * MIB);
     connected(&mut c);
-    let reference = c.dir().join("reference.img");
-    std::fs::File::create(&reference)
-        .unwrap()
-        .set_len(c.data_area("alpha", "r0").unwrap().size)
-        .unwrap();
+    let reference = reference_image(&c);
     c.failpoint("beta", hast::failpoint::SECONDARY_WRITE, true);
     qemu_write(&c, "alpha", &reference, 0x6c, 6 * MIB, MIB);
     // The client's write succeeded locally; the extent failed on the peer
@@ -441,11 +440,7 @@ fn hostile_peers_are_refused_and_harm_nothing() {
 fn stale_primary_pulls_the_newer_data_from_its_secondary() {
     let mut c = cluster("memsync", 64 * MIB);
     connected(&mut c);
-    let reference = c.dir().join("reference.img");
-    std::fs::File::create(&reference)
-        .unwrap()
-        .set_len(c.data_area("alpha", "r0").unwrap().size)
-        .unwrap();
+    let reference = reference_image(&c);
     qemu_write(&c, "alpha", &reference, 0x10, 0, 4 * MIB);
     c.wait_list("alpha", "r0", T, |s| s.dirty == 0).unwrap();
     // beta takes over alone and writes; then alpha is made primary again:
