@@ -356,46 +356,6 @@ impl Replicator {
         hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::Disconnect);
     }
 
-    async fn dial(cfg: &ResourceConfig, remote: &Addr) -> Result<TcpStream, LinkError> {
-        let timeout = Duration::from_secs(u64::from(cfg.timeout.max(1)));
-        let err = |source| LinkError::Connect {
-            addr: remote.to_string(),
-            source,
-        };
-        let AddrKind::Tcp { .. } = &remote.kind else {
-            return Err(err(std::io::Error::other("remote is not a TCP address")));
-        };
-        let targets = remote.socket_addrs().map_err(err)?;
-        let mut last = std::io::Error::other("remote resolves to nothing");
-        for target in targets {
-            let sock = if target.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()
-            } else {
-                tokio::net::TcpSocket::new_v6()
-            }
-            .map_err(err)?;
-            if let Some(src) = &cfg.source {
-                let bind = src
-                    .socket_addrs()
-                    .map_err(err)?
-                    .into_iter()
-                    .find(|a| a.is_ipv4() == target.is_ipv4());
-                if let Some(b) = bind {
-                    sock.bind(b).map_err(err)?;
-                }
-            }
-            match tokio::time::timeout(timeout, sock.connect(target)).await {
-                Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
-                    return Ok(s);
-                }
-                Ok(Err(e)) => last = e,
-                Err(_) => return Err(LinkError::Timeout(remote.to_string())),
-            }
-        }
-        Err(err(last))
-    }
-
     /// The handshake; on success the two connections and the peer's answer.
     async fn connect(
         &self,
@@ -407,7 +367,7 @@ impl Replicator {
             max_header: NV_MAX_SIZE,
             max_payload: 0,
         };
-        let mut out = Self::dial(cfg, remote).await?;
+        let mut out = dial(cfg, remote, timeout).await?;
         let hello = Hello {
             resource: cfg.name.clone(),
             version: HAST_PROTO_VERSION,
@@ -422,7 +382,7 @@ impl Replicator {
                 return Err(crate::handshake::HandshakeError::Refused(errmsg).into())
             }
         };
-        let mut inc = Self::dial(cfg, remote).await?;
+        let mut inc = dial(cfg, remote, timeout).await?;
         let (virgin, resuid, localcnt, remotecnt) = {
             let m = lock(&self.md).clone();
             (m.resuid == 0, m.resuid, m.localcnt, m.remotecnt)
@@ -878,4 +838,49 @@ async fn watchdog(
             return LinkError::Unanswered(seq);
         }
     }
+}
+
+/// Connect to the peer `remote`, bound to the resource's `source` when it
+/// has one, within `timeout` per address tried.
+pub(super) async fn dial(
+    cfg: &ResourceConfig,
+    remote: &Addr,
+    timeout: Duration,
+) -> Result<TcpStream, LinkError> {
+    let err = |source| LinkError::Connect {
+        addr: remote.to_string(),
+        source,
+    };
+    let AddrKind::Tcp { .. } = &remote.kind else {
+        return Err(err(std::io::Error::other("remote is not a TCP address")));
+    };
+    let targets = remote.socket_addrs().map_err(err)?;
+    let mut last = std::io::Error::other("remote resolves to nothing");
+    for target in targets {
+        let sock = if target.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(err)?;
+        if let Some(src) = &cfg.source {
+            let bind = src
+                .socket_addrs()
+                .map_err(err)?
+                .into_iter()
+                .find(|a| a.is_ipv4() == target.is_ipv4());
+            if let Some(b) = bind {
+                sock.bind(b).map_err(err)?;
+            }
+        }
+        match tokio::time::timeout(timeout, sock.connect(target)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => return Err(LinkError::Timeout(remote.to_string())),
+        }
+    }
+    Err(err(last))
 }

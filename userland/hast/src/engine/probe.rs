@@ -7,9 +7,6 @@
 
 use std::time::Duration;
 
-use tokio::net::TcpStream;
-
-use crate::addr::Addr;
 use crate::config::ResourceConfig;
 use crate::handshake::Hello;
 use crate::nv::{Nv, NV_MAX_SIZE};
@@ -87,42 +84,14 @@ fn parse(nv: &Nv) -> PeerState {
     }
 }
 
-async fn connect(cfg: &ResourceConfig, remote: &Addr) -> Result<TcpStream, String> {
-    let targets = remote.socket_addrs().map_err(|e| e.to_string())?;
-    let mut last = "address resolves to nothing".to_string();
-    for target in targets {
-        let sock = if target.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()
-        } else {
-            tokio::net::TcpSocket::new_v6()
-        }
-        .map_err(|e| e.to_string())?;
-        if let Some(src) = &cfg.source {
-            if let Some(b) = src
-                .socket_addrs()
-                .ok()
-                .and_then(|v| v.into_iter().find(|a| a.is_ipv4() == target.is_ipv4()))
-            {
-                sock.bind(b).map_err(|e| e.to_string())?;
-            }
-        }
-        match tokio::time::timeout(PROBE_TIMEOUT, sock.connect(target)).await {
-            Ok(Ok(s)) => return Ok(s),
-            Ok(Err(e)) => last = e.to_string(),
-            Err(_) => last = "connection timed out".into(),
-        }
-    }
-    Err(last)
-}
-
 /// Ask the peer of `cfg` what it is.
 pub async fn probe(cfg: &ResourceConfig) -> PeerState {
     let Some(remote) = &cfg.remote_addr else {
         return PeerState::Unreachable("remote none".into());
     };
-    let mut s = match connect(cfg, remote).await {
+    let mut s = match super::link::dial(cfg, remote, PROBE_TIMEOUT).await {
         Ok(s) => s,
-        Err(e) => return PeerState::Unreachable(e),
+        Err(e) => return PeerState::Unreachable(e.to_string()),
     };
     let mut hello = Hello {
         resource: cfg.name.clone(),
