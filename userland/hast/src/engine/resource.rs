@@ -5,7 +5,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::activemap::DiskMap;
 use crate::config::ResourceConfig;
 use crate::hooks::{self, Event};
 use crate::metadata::{Metadata, MetadataError};
@@ -47,8 +46,7 @@ impl RoleError {
     }
 }
 
-/// Counters reported by `hastctl list` for a resource without a data path
-/// (a secondary: its counters come with replication).
+/// Counters reported by `hastctl list`.
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
     pub read: u64,
@@ -66,8 +64,6 @@ pub struct Stats {
 struct Active {
     provider: Arc<Provider>,
     md: Arc<Mutex<Metadata>>,
-    map: DiskMap,
-    stats: Stats,
     primary: Option<Primary>,
     secondary: Option<SecondaryState>,
 }
@@ -199,8 +195,6 @@ impl Resource {
         self.active = Some(Active {
             provider,
             md,
-            map,
-            stats: Stats::default(),
             primary,
             secondary,
         });
@@ -397,54 +391,34 @@ impl Resource {
             format!("workerpid{no}"),
             i32::try_from(std::process::id()).unwrap_or(0),
         );
-        if let Some(sec) = &active.secondary {
+        let extentsize = active
+            .md
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extentsize;
+        let (status, dirty, keepdirty, s, queues) = if let Some(sec) = &active.secondary {
             // Like the reference, a secondary reports status only while its
             // primary is connected, and no dirty count.
             if !sec.connected.load(Ordering::SeqCst) {
                 return;
             }
-            let extentsize = active
-                .md
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extentsize;
-            nv.add_string(format!("status{no}"), "complete");
-            nv.add_u64(format!("dirty{no}"), 0);
-            nv.add_u32(format!("extentsize{no}"), extentsize);
-            nv.add_u32(format!("keepdirty{no}"), 0);
             let st = &sec.stats;
             let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-            for (name, v) in [
-                ("stat_read", get(&st.read)),
-                ("stat_write", get(&st.write)),
-                ("stat_delete", get(&st.delete)),
-                ("stat_flush", get(&st.flush)),
-                ("stat_activemap_update", 0),
-                ("stat_read_error", get(&st.read_error)),
-                ("stat_write_error", get(&st.write_error)),
-                ("stat_delete_error", get(&st.delete_error)),
-                ("stat_flush_error", get(&st.flush_error)),
-                ("idle_queue_size", 0),
-                ("local_queue_size", 0),
-                ("send_queue_size", 0),
-                ("recv_queue_size", 0),
-                ("done_queue_size", 0),
-            ] {
-                nv.add_u64(format!("{name}{no}"), v);
-            }
-            return;
-        }
-        let (extentsize, keepdirty) = {
-            let md = active.md.lock().unwrap_or_else(|p| p.into_inner());
-            (md.extentsize, md.keepdirty)
-        };
-        let mut s = active.stats.clone();
-        let mut dirty = active.map.count();
-        let mut status = "degraded";
-        let mut queues = [0u64; 5];
-        if let Some(primary) = &active.primary {
+            let s = Stats {
+                read: get(&st.read),
+                write: get(&st.write),
+                delete: get(&st.delete),
+                flush: get(&st.flush),
+                activemap_update: 0,
+                read_error: get(&st.read_error),
+                write_error: get(&st.write_error),
+                delete_error: get(&st.delete_error),
+                flush_error: get(&st.flush_error),
+            };
+            ("complete", 0, 0, s, [0u64; 5])
+        } else if let Some(primary) = &active.primary {
             let c = primary.stats();
-            s = Stats {
+            let s = Stats {
                 read: c.reads,
                 write: c.writes,
                 delete: c.deletes,
@@ -455,10 +429,11 @@ impl Resource {
                 delete_error: c.delete_errors,
                 flush_error: c.flush_errors,
             };
-            dirty = c.dirty;
-            if primary.replicator().is_connected() {
-                status = "complete";
-            }
+            let status = if primary.replicator().is_connected() {
+                "complete"
+            } else {
+                "degraded"
+            };
             let p = &primary.replicator().progress;
             if p.active.load(Ordering::SeqCst) {
                 let total = p.total.load(Ordering::Relaxed);
@@ -472,9 +447,17 @@ impl Resource {
                 nv.add_u64(format!("sync_done{no}"), done);
                 nv.add_u64(format!("sync_msecs{no}"), (secs * 1000.0) as u64);
             }
+            let keepdirty = active
+                .md
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keepdirty;
             // idle: requests are not pooled, so there is no idle queue.
-            queues = [0, c.q_local + c.q_held, c.q_send, c.q_recv, c.q_done];
-        }
+            let queues = [0, c.q_local + c.q_held, c.q_send, c.q_recv, c.q_done];
+            (status, c.dirty, keepdirty, s, queues)
+        } else {
+            return;
+        };
         nv.add_string(format!("status{no}"), status);
         nv.add_u64(
             format!("dirty{no}"),
