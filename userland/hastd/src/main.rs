@@ -100,6 +100,13 @@ fn main() -> ExitCode {
             return exit(e.exit_code());
         }
     };
+    // In the foreground the pid is final now: record it before anything
+    // (the control socket) can make the daemon look started.
+    if cli.foreground {
+        if let Err(e) = pidfile.write() {
+            eprintln!("hastd: {e}");
+        }
+    }
     let control = match ControlListener::bind(&cfg.control) {
         Ok(c) => c,
         Err(e) => {
@@ -126,8 +133,10 @@ fn main() -> ExitCode {
         log_to_stderr(cli.debug);
         tracing::warn!("unable to log to syslog: {e}");
     }
-    if let Err(e) = pidfile.write() {
-        tracing::warn!("{e}");
+    if !cli.foreground {
+        if let Err(e) = pidfile.write() {
+            tracing::warn!("{e}");
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
