@@ -20,7 +20,7 @@ DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
 	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc liblzf-dev
 PKG_PKGS = rust llvm qemu-tools libnbd fio shellcheck
 
-.PHONY: all build deps test test-rust test-scripts demo bench install clean kmod-check
+.PHONY: all build deps test test-rust test-scripts test-freebsd-check demo bench install clean kmod-check
 
 all: build
 
@@ -46,7 +46,25 @@ else
 endif
 	@command -v $(CARGO) >/dev/null || { echo "make deps: cargo not found; install Rust (rustup) first" >&2; exit 1; }
 
-test: deps test-scripts test-rust
+test: deps test-scripts test-freebsd-check test-rust
+
+# Type-check the FreeBSD build (kernel transport, cfg'd file I/O) from any
+# host: needs the x86_64-unknown-freebsd target of rustup.
+FREEBSD_TARGET = x86_64-unknown-freebsd
+test-freebsd-check:
+ifeq ($(UNAME_S),FreeBSD)
+	@echo "test-freebsd-check: native FreeBSD build, nothing to cross-check"
+else
+	@if ! rustup target list --installed 2>/dev/null | grep -qx $(FREEBSD_TARGET); then \
+		timeout 120 rustup target add $(FREEBSD_TARGET) >/dev/null 2>&1 || true; \
+	fi; \
+	if rustup target list --installed 2>/dev/null | grep -qx $(FREEBSD_TARGET); then \
+		echo "$(CARGO) check --target $(FREEBSD_TARGET) -p hast -p hastd -p hastctl --all-targets"; \
+		$(CARGO) check --target $(FREEBSD_TARGET) -p hast -p hastd -p hastctl --all-targets; \
+	else \
+		echo "test-freebsd-check: SKIPPED: rustup target $(FREEBSD_TARGET) is not installed and could not be added"; \
+	fi
+endif
 
 test-rust:
 	$(CARGO) build --workspace --all-targets

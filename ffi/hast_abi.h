@@ -25,7 +25,7 @@
 #endif
 
 /* Bumped on every incompatible change of a struct or command below. */
-#define	HAST_ABI_VERSION	1
+#define	HAST_ABI_VERSION	2
 
 /* Roles, as on the control socket (HAST_ROLE_* of hastd). */
 #define	HAST_ABI_ROLE_INIT	1
@@ -128,10 +128,16 @@ struct hast_abi_range {
 	uint64_t	hr_data;	/* ioctl: user buffer of hr_length bytes */
 };
 
-/* Bitmap transfer: fetch (HAST_MAP_*), load at start, merge the peer's. */
+/*
+ * Bitmap transfer: fetch (HAST_MAP_*), load at start, merge the peer's.
+ * METADATA writes hm_size bytes (whole sectors, ending at or before the
+ * activemap) at offset 0 of the local provider and flushes: the engine
+ * cannot write the disk the module holds open exclusively.
+ */
 #define	HAST_MAPOP_GET		1
 #define	HAST_MAPOP_LOAD		2
 #define	HAST_MAPOP_MERGE	3
+#define	HAST_MAPOP_METADATA	4	/* write the metadata block, flush */
 
 struct hast_abi_map {
 	uint32_t	hm_version;	/* HAST_ABI_VERSION */

@@ -120,6 +120,13 @@ struct g_hast_sio {
 	int			 sio_done;
 };
 
+/* A metadata write or flush from an ioctl thread (HAST_MAPOP_METADATA). */
+struct g_hast_mio {
+	struct g_hast_softc	*mio_sc;
+	int			 mio_error;
+	int			 mio_done;
+};
+
 /* A sync range lock the engine holds; released on destroy. */
 struct g_hast_lk {
 	LIST_ENTRY(g_hast_lk)	 lk_next;
@@ -557,6 +564,95 @@ g_hast_sio_finish(struct g_hast_softc *sc, struct g_hast_sio *sio, int error)
 	sio->sio_done = 1;
 	wakeup(sio);
 	mtx_unlock(&sc->sc_mtx);
+}
+
+static void
+g_hast_mio_done(struct bio *bp)
+{
+	struct g_hast_mio *mio;
+	struct g_hast_softc *sc;
+	int error;
+
+	mio = bp->bio_caller1;
+	sc = mio->mio_sc;
+	error = g_hast_bio_error(bp);
+	g_hast_issued_done(sc);
+	mtx_lock(&sc->sc_mtx);
+	mio->mio_error = error;
+	mio->mio_done = 1;
+	wakeup(mio);
+	mtx_unlock(&sc->sc_mtx);
+}
+
+/*
+ * One bio on the local provider outside the core, from an ioctl thread
+ * (never the I/O path): wait for it like bwait(9).
+ */
+static int
+g_hast_wait_bio(struct g_hast_softc *sc, int cmd, off_t offset, void *data,
+    off_t length)
+{
+	struct g_hast_mio mio;
+	struct bio *bp;
+	int error;
+
+	mio.mio_sc = sc;
+	mio.mio_error = 0;
+	mio.mio_done = 0;
+	bp = g_alloc_bio();
+	bp->bio_cmd = cmd;
+	bp->bio_offset = offset;
+	bp->bio_length = length;
+	bp->bio_data = data;
+	bp->bio_done = g_hast_mio_done;
+	bp->bio_caller1 = &mio;
+	error = g_hast_issue(sc, bp);
+	if (error == 0) {
+		mtx_lock(&sc->sc_mtx);
+		while (!mio.mio_done)
+			msleep(&mio, &sc->sc_mtx, PRIBIO, "hastmeta", 0);
+		mtx_unlock(&sc->sc_mtx);
+		error = mio.mio_error;
+	}
+	g_destroy_bio(bp);
+	return (error);
+}
+
+/*
+ * HAST_MAPOP_METADATA: the engine's metadata block at offset 0, then a
+ * flush, so that a counter it records is on stable storage when it
+ * returns.  Whole sectors, ending at or before the activemap.
+ */
+static int
+g_hast_metadata_write(struct g_hast_softc *sc, struct hast_abi_map *m)
+{
+	struct g_consumer *cp;
+	uint8_t *buf;
+	u_int secsize;
+	int error;
+
+	mtx_lock(&sc->sc_mtx);
+	cp = sc->sc_consumer;
+	secsize = cp != NULL ? cp->provider->sectorsize : 0;
+	mtx_unlock(&sc->sc_mtx);
+	if (secsize == 0)
+		return (ENXIO);
+	if (m->hm_size == 0 || m->hm_size % secsize != 0 ||
+	    (off_t)m->hm_size > sc->sc_mapoff)
+		return (EINVAL);
+	buf = malloc(m->hm_size, M_HAST, M_WAITOK);
+	error = copyin((void *)(uintptr_t)m->hm_data, buf, m->hm_size);
+	if (error == 0)
+		error = g_hast_wait_bio(sc, BIO_WRITE, 0, buf,
+		    (off_t)m->hm_size);
+	if (error == 0) {
+		error = g_hast_wait_bio(sc, BIO_FLUSH, 0, NULL, 0);
+		/* A disk without a write cache has nothing to flush. */
+		if (error == EOPNOTSUPP)
+			error = 0;
+	}
+	free(buf, M_HAST);
+	return (error);
 }
 
 static void
@@ -1664,11 +1760,20 @@ g_hast_ctl_map(struct hast_abi_map *m)
 	int error;
 
 	if (m->hm_op != HAST_MAPOP_GET && m->hm_op != HAST_MAPOP_LOAD &&
-	    m->hm_op != HAST_MAPOP_MERGE)
+	    m->hm_op != HAST_MAPOP_MERGE && m->hm_op != HAST_MAPOP_METADATA)
 		return (EINVAL);
 	sc = g_hast_hold(m->hm_unit);
 	if (sc == NULL)
 		return (ENXIO);
+	if (m->hm_op == HAST_MAPOP_METADATA) {
+		error = g_hast_enter(sc, 0);
+		if (error == 0) {
+			error = g_hast_metadata_write(sc, m);
+			g_hast_exit(sc);
+		}
+		g_hast_rele(sc);
+		return (error);
+	}
 	size = sc->sc_mapsize;
 	if (m->hm_op == HAST_MAPOP_GET && m->hm_data == 0) {
 		m->hm_size = size;
@@ -1770,7 +1875,10 @@ g_hast_ctl_stats(struct hast_abi_stats *s)
  *           error; hr_ioseq is the seq of the SYNC_IO_DONE upcall that also
  *           follows and must be taken.  RELEASE with HAST_RANGEF_CLEAR.
  * MAP       exactly hast_core_map_size() bytes; GET with hm_data 0 only
- *           reports that size in hm_size.
+ *           reports that size in hm_size.  METADATA writes hm_size bytes
+ *           (whole sectors, at most hc_mapoff) at offset 0 of the local
+ *           provider, flushes, and returns when both finished (EINVAL for
+ *           a bad size, ENXIO once the local provider is gone).
  * STATS     hast_core_stats().
  */
 static int

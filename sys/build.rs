@@ -44,7 +44,17 @@ fn main() {
     build.compile("hast_core");
     println!("cargo:rustc-link-lib=pthread");
 
+    // Cross-checking for another OS (cargo check --target
+    // x86_64-unknown-freebsd) has no sysroot: clang's own stdint.h is
+    // enough for the headers, and the ioctl numbers come from kdev.rs.
+    let cross = env::var("TARGET").ok() != env::var("HOST").ok();
+    let cross_args: &[&str] = if cross {
+        &["-ffreestanding", "-DHAST_ABI_NO_IOCTL"]
+    } else {
+        &[]
+    };
     let bindings = bindgen::Builder::default()
+        .clang_args(cross_args)
         .header(ffi.join("hast_abi.h").to_string_lossy())
         .header(kmod.join("hast_core.h").to_string_lossy())
         .clang_arg(format!("-I{}", ffi.display()))

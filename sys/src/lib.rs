@@ -17,7 +17,7 @@ mod tests {
 
     #[test]
     fn abi_version_is_exported() {
-        assert_eq!(HAST_ABI_VERSION, 1);
+        assert_eq!(HAST_ABI_VERSION, 2);
         assert_eq!(HAST_ABI_ROLE_PRIMARY, 2);
         assert_eq!(HAST_CMD_WRITE, 2);
         assert_eq!(HAST_REPL_MEMSYNC, 1);

@@ -438,9 +438,59 @@ fn hostile_peers_are_refused_and_harm_nothing() {
 
 #[test]
 fn stale_primary_pulls_the_newer_data_from_its_secondary() {
+    stale_primary_pulls(false);
+}
+
+/// The same story with the engine splitting every request for the peer
+/// into 64 KiB pieces (the kernel host's path): multi-MiB writes replicated
+/// in pieces, peer reads reassembled from pieces, resync in pieces.
+#[test]
+fn requests_larger_than_the_peer_accepts_go_in_pieces() {
+    stale_primary_pulls(true);
+}
+
+fn stale_primary_pulls(split: bool) {
     let mut c = cluster("memsync", 64 * MIB);
+    if split {
+        c.failpoint("alpha", hast::failpoint::ENGINE_SPLIT, true);
+    }
     connected(&mut c);
     let reference = reference_image(&c);
+    if split {
+        // One 4 MiB client write of distinct bytes goes to the peer as 64
+        // pieces, each of them its own part of the buffer.
+        let src = c.dir().join("random.bin");
+        let data: Vec<u8> = (0..4 * MIB).map(|i| (i * 7 + i / 4099) as u8).collect();
+        std::fs::write(&src, &data).unwrap();
+        let cmd = format!("write -s {} 8M 4M", src.display());
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "raw", &c.nbd_uri("alpha", "r0").unwrap(), "-c", &cmd])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&reference)
+            .unwrap()
+            .write_all_at(&data, 8 * MIB)
+            .unwrap();
+        let log = c.log("alpha").unwrap();
+        assert!(
+            log.contains("split by the engine in 65536-byte pieces"),
+            "{log}"
+        );
+        assert!(
+            log.contains("of 4194304 bytes goes to the peer in 64 pieces"),
+            "{log}"
+        );
+        c.wait_list("alpha", "r0", T, |s| s.dirty == 0).unwrap();
+        same_data(&c);
+    }
     qemu_write(&c, "alpha", &reference, 0x10, 0, 4 * MIB);
     c.wait_list("alpha", "r0", T, |s| s.dirty == 0).unwrap();
     // beta takes over alone and writes; then alpha is made primary again:

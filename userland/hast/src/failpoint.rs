@@ -7,6 +7,16 @@
 /// The secondary's write of replicated data to its local provider.
 pub const SECONDARY_WRITE: &str = "secondary-write";
 
+/// Not a failure: while armed when a session starts, the primary's engine
+/// splits client requests for the peer itself, in pieces of
+/// [`ENGINE_SPLIT_SIZE`] bytes, instead of its userland host splitting them
+/// first. The kernel host relies on this path (it passes requests up to
+/// MAXPHYS); the tests exercise it on Linux through this point.
+pub const ENGINE_SPLIT: &str = "engine-split";
+
+/// The piece size of [`ENGINE_SPLIT`].
+pub const ENGINE_SPLIT_SIZE: u64 = 64 * 1024;
+
 /// The error the point `name` injects now, if it is armed.
 #[cfg(feature = "failpoints")]
 pub fn check(name: &str) -> Option<std::io::Error> {

@@ -804,6 +804,27 @@ impl KernelDevice {
         .map(drop)
     }
 
+    /// Write the metadata block (`block`: whole sectors, ending before the
+    /// activemap) at offset 0 of the local provider and flush it; returns
+    /// once it is on stable storage. The engine's only way to record its
+    /// counters while the module holds the disk open exclusively.
+    pub fn write_metadata(&self, unit: Unit, block: &[u8]) -> Result<(), KdevError> {
+        if block.is_empty() {
+            return Err(KdevError::Invalid {
+                op: Ioctl::Map,
+                what: "an empty metadata block".into(),
+            });
+        }
+        self.map_call(
+            unit,
+            sys::HAST_MAPOP_METADATA,
+            0,
+            block.as_ptr().cast_mut(),
+            block.len(),
+        )
+        .map(drop)
+    }
+
     /// Counters and queue sizes.
     pub fn stats(&self, unit: Unit) -> Result<Stats, KdevError> {
         let mut s = sys::hast_abi_stats {
@@ -859,7 +880,7 @@ mod tests {
             assert!(op.arg_size() < 8192, "{op}");
         }
         assert_eq!(size_of::<sys::hast_abi_create>(), 184);
-        assert_eq!(sys::HAST_ABI_VERSION, 1);
+        assert_eq!(sys::HAST_ABI_VERSION, 2);
         assert_eq!(NAME_LEN, 64);
     }
 
@@ -1055,7 +1076,7 @@ mod tests {
         let e = decode_upcall(&up).unwrap_err();
         assert!(e.to_string().contains("unknown upcall kind 99"), "{e}");
         up.hu_kind = sys::HAST_UP_READ;
-        up.hu_version = 2;
+        up.hu_version = sys::HAST_ABI_VERSION + 1;
         let e = decode_upcall(&up).unwrap_err();
         assert!(matches!(
             e,
@@ -1173,6 +1194,11 @@ mod tests {
         let big = vec![0u8; SYNC_MAX_IO + 1];
         let e = dev.sync_write(u, 1, 0, &big).unwrap_err();
         assert!(e.to_string().contains("1048577 bytes"), "{e}");
+        let e = dev.write_metadata(u, &[]).unwrap_err();
+        assert!(
+            matches!(e, KdevError::Invalid { op: Ioctl::Map, .. }),
+            "{e:?}"
+        );
         let mut s = spec();
         s.name = "bad name".into();
         assert!(matches!(dev.create(&s), Err(KdevError::Name { .. })));
@@ -1212,6 +1238,7 @@ mod tests {
             (Ioctl::Map, dev.map(u, MapKind::Sync).unwrap_err()),
             (Ioctl::Map, dev.map_load(u, &rbuf).unwrap_err()),
             (Ioctl::Map, dev.map_merge(u, &rbuf).unwrap_err()),
+            (Ioctl::Map, dev.write_metadata(u, &rbuf).unwrap_err()),
             (Ioctl::Stats, dev.stats(u).unwrap_err()),
         ];
         for (want, e) in results {

@@ -5,6 +5,9 @@
 //! - bottom: [`sysexits`], [`size`], [`role`], [`nv`], [`proto`], [`addr`],
 //!   [`config`], [`provider`], [`activemap`], [`metadata`];
 //! - then the control protocol ([`control`]), [`hooks`], [`pidfile`];
+//! - the fast-path core ([`core`]) and its hosts ([`uhost`] with the NBD
+//!   server [`nbd`], the kernel transport [`kdev`]), behind the engine's
+//!   [`dataplane`] interface;
 //! - then the daemon's engine ([`engine`]); the binaries sit on top.
 
 pub mod activemap;
@@ -12,6 +15,7 @@ pub mod addr;
 pub mod config;
 pub mod control;
 pub mod core;
+pub mod dataplane;
 pub mod engine;
 pub mod failpoint;
 pub mod handshake;

@@ -18,15 +18,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::addr::{Addr, AddrKind};
 use crate::config::{Checksum, Compression, ResourceConfig};
-use crate::core::{SyncDir, UpcallKind};
+use crate::core::{MapKind, SyncDir, Upcall, UpcallKind};
+use crate::dataplane::{Dataplane, DataplaneError, HostUpcall};
 use crate::handshake::{Attach, Geometry, Hello, Welcome};
 use crate::hooks::{self, Event};
 use crate::metadata::Metadata;
 use crate::nv::NV_MAX_SIZE;
 use crate::proto::{self, Limits, HAST_PROTO_VERSION};
-use crate::provider::Provider;
 use crate::splitbrain::{SyncSrc, SPLIT_BRAIN_MSG};
-use crate::uhost::Uhost;
 use crate::wire::{Cmd, Reply, Request};
 
 use super::secondary::{MAX_IO, MAX_IO_BYTES};
@@ -78,12 +77,26 @@ pub struct Progress {
     pub started: Mutex<Option<Instant>>,
 }
 
+/// A client request sent to the peer in pieces (it was larger than the
+/// peer accepts): answered once every piece is.
+struct Joint {
+    up: Upcall,
+    remaining: usize,
+    error: i32,
+    /// A read's bytes, filled piece by piece.
+    data: Vec<u8>,
+}
+
 /// Who waits for a wire seq's reply.
 enum Waiter {
-    /// A client request's remote half (the core's seq).
-    Core {
-        read_cookie: Option<u64>,
+    /// A client request's remote half (the wire seq is the core's seq).
+    Core { up: Upcall },
+    /// A piece of a split client request: `length` bytes at `at` within it.
+    Piece {
+        joint: Arc<Mutex<Joint>>,
+        at: usize,
         length: u64,
+        read: bool,
     },
     /// A resync request; `read_len` is the length of a read, 0 for a write.
     Sync {
@@ -96,9 +109,9 @@ impl Waiter {
     /// Bytes of data the reply carries when it succeeds (reads only).
     fn data_length(&self) -> u64 {
         match self {
-            Waiter::Core {
-                read_cookie: Some(_),
-                length,
+            Waiter::Core { up } if up.kind == UpcallKind::Read => up.length,
+            Waiter::Piece {
+                length, read: true, ..
             } => *length,
             Waiter::Sync { read_len, .. } => *read_len,
             _ => 0,
@@ -121,13 +134,11 @@ struct Session {
 
 /// The replication state of one primary resource.
 pub struct Replicator {
-    uhost: Arc<Uhost>,
+    dp: Arc<dyn Dataplane>,
     md: Arc<Mutex<Metadata>>,
-    provider: Arc<Provider>,
     cfg: Mutex<ResourceConfig>,
     session: Mutex<Option<Session>>,
-    lock_waiters: Mutex<HashMap<u64, oneshot::Sender<()>>>,
-    io_waiters: Mutex<HashMap<u64, oneshot::Sender<i32>>>,
+    /// Wire seqs of resync requests and pieces of split requests.
     sync_seq: AtomicU64,
     /// The largest request the connected peer accepts.
     max_io: AtomicU64,
@@ -145,19 +156,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Replicator {
     pub fn new(
-        uhost: Arc<Uhost>,
+        dp: Arc<dyn Dataplane>,
         md: Arc<Mutex<Metadata>>,
-        provider: Arc<Provider>,
         cfg: ResourceConfig,
     ) -> Arc<Replicator> {
         Arc::new(Replicator {
-            uhost,
+            dp,
             md,
-            provider,
             cfg: Mutex::new(cfg),
             session: Mutex::new(None),
-            lock_waiters: Mutex::new(HashMap::new()),
-            io_waiters: Mutex::new(HashMap::new()),
             sync_seq: AtomicU64::new(SYNC_SEQ_BASE),
             max_io: AtomicU64::new(u64::from(crate::handshake::DEFAULT_MAXIO)),
             progress: Progress::default(),
@@ -186,18 +193,17 @@ impl Replicator {
         lock(&self.cfg).clone()
     }
 
-    /// Answer the core's upcalls until the task is aborted.
+    /// Answer the core's upcalls until the host is gone or the task is
+    /// aborted.
     pub async fn upcalls(self: Arc<Self>) {
-        loop {
-            while let Some(up) = self.uhost.core().next_upcall() {
-                self.upcall(up).await;
-            }
-            self.uhost.upcalls_ready().await;
+        while let Some(h) = self.dp.next_upcall().await {
+            self.upcall(h).await;
         }
     }
 
-    async fn upcall(&self, up: crate::core::Upcall) {
-        let core = self.uhost.core();
+    async fn upcall(&self, h: HostUpcall) {
+        let HostUpcall { up, data } = h;
+        let dp = &self.dp;
         let cmd = match up.kind {
             UpcallKind::Bump => {
                 let error = match self
@@ -210,23 +216,11 @@ impl Replicator {
                         libc::EIO
                     }
                 };
-                if let Err(e) = core.bump_done(error) {
-                    tracing::warn!("bump answer refused: {e}");
-                }
+                dp.bump_done(error);
                 return;
             }
-            UpcallKind::SyncLocked => {
-                if let Some(tx) = lock(&self.lock_waiters).remove(&up.seq) {
-                    let _ = tx.send(());
-                }
-                return;
-            }
-            UpcallKind::SyncIoDone { error } => {
-                if let Some(tx) = lock(&self.io_waiters).remove(&up.cookie) {
-                    let _ = tx.send(error);
-                }
-                return;
-            }
+            // The hosts answer these themselves.
+            UpcallKind::SyncLocked | UpcallKind::SyncIoDone { .. } => return,
             UpcallKind::Read => Cmd::Read,
             UpcallKind::Write { .. } => Cmd::Write,
             UpcallKind::Delete => Cmd::Delete,
@@ -239,24 +233,20 @@ impl Replicator {
             } else {
                 libc::ENOTCONN
             };
-            let _ = core.remote_done(up.seq, error);
+            dp.remote_done(&up, error, None);
             return;
         };
-        let data = match up.kind {
-            UpcallKind::Write { .. } => self.uhost.write_data(up.cookie, up.length),
-            _ => None,
-        };
-        if cmd == Cmd::Write && data.is_none() {
-            let _ = core.remote_done(up.seq, libc::EIO);
+        if cmd == Cmd::Write && data.as_ref().is_none_or(|d| d.len() as u64 != up.length) {
+            dp.remote_done(&up, libc::EIO, None);
             return;
         }
         let memsync = matches!(up.kind, UpcallKind::Write { memsync: true });
-        let read_cookie = (cmd == Cmd::Read).then_some(up.cookie);
-        let waiter = Waiter::Core {
-            read_cookie,
-            length: up.length,
-        };
-        lock(&session.waiters).insert(up.seq, (waiter, Instant::now()));
+        let max = self.max_io.load(Ordering::SeqCst).max(1);
+        if cmd != Cmd::Flush && up.length > max {
+            self.send_pieces(&session, cmd, up, data, max);
+            return;
+        }
+        lock(&session.waiters).insert(up.seq, (Waiter::Core { up }, Instant::now()));
         let req = Request {
             cmd,
             seq: up.seq,
@@ -266,24 +256,103 @@ impl Replicator {
         };
         if session.tx.send(Outgoing { req, data }).is_err() {
             lock(&session.waiters).remove(&up.seq);
-            let _ = core.remote_done(up.seq, libc::ENOTCONN);
+            dp.remote_done(&up, libc::ENOTCONN, None);
         }
     }
 
-    /// Change the metadata with `f` and write it (flushed).
-    async fn persist(&self, f: impl FnOnce(&mut Metadata) + Send + 'static) -> Result<(), String> {
+    /// Send a request larger than the peer accepts as pieces it accepts
+    /// (the kernel host passes requests up to MAXPHYS); the core hears of
+    /// it once, when the last piece is answered.
+    fn send_pieces(&self, session: &Session, cmd: Cmd, up: Upcall, data: Option<Bytes>, max: u64) {
+        let read = cmd == Cmd::Read;
+        let mut pieces = Vec::new();
+        let mut at = 0u64;
+        while at < up.length {
+            let n = max.min(up.length - at);
+            pieces.push((at, n));
+            at += n;
+        }
+        tracing::debug!(
+            "{} seq {} of {} bytes goes to the peer in {} pieces",
+            cmd.name(),
+            up.seq,
+            up.length,
+            pieces.len()
+        );
+        let joint = Arc::new(Mutex::new(Joint {
+            up,
+            remaining: pieces.len(),
+            error: 0,
+            data: if read {
+                vec![0u8; usize::try_from(up.length).unwrap_or(0)]
+            } else {
+                Vec::new()
+            },
+        }));
+        for (at, n) in pieces {
+            let seq = self.sync_seq.fetch_add(1, Ordering::Relaxed);
+            let Ok(start) = usize::try_from(at) else {
+                return;
+            };
+            let end = start.saturating_add(usize::try_from(n).unwrap_or(usize::MAX));
+            // A write's data is exactly its length (checked by the caller).
+            let piece = data.as_ref().map(|d| {
+                d.get(start..end)
+                    .map_or_else(Bytes::new, |p| d.slice_ref(p))
+            });
+            let waiter = Waiter::Piece {
+                joint: joint.clone(),
+                at: start,
+                length: n,
+                read,
+            };
+            lock(&session.waiters).insert(seq, (waiter, Instant::now()));
+            let req = Request {
+                cmd,
+                seq,
+                offset: up.offset + at,
+                length: n,
+                memsync: matches!(up.kind, UpcallKind::Write { memsync: true }),
+            };
+            if session.tx.send(Outgoing { req, data: piece }).is_err() {
+                // The session is gone: the link loss fails the request.
+                lock(&session.waiters).remove(&seq);
+                return;
+            }
+        }
+    }
+
+    /// Change the metadata with `f` and write it through the host that
+    /// owns the disk, holding the metadata lock throughout, so that two
+    /// updates (a counter and the role, say) never undo each other.
+    pub async fn record(
+        &self,
+        f: impl FnOnce(&mut Metadata) + Send + 'static,
+        flush: bool,
+    ) -> Result<(), DataplaneError> {
         let md = self.md.clone();
-        let provider = self.provider.clone();
+        let dp = self.dp.clone();
         tokio::task::spawn_blocking(move || {
             let mut m = lock(&md);
             let mut next = m.clone();
             f(&mut next);
-            next.write(&provider, true).map_err(|e| e.to_string())?;
+            dp.write_metadata(&next, flush)?;
+            tracing::debug!(
+                localcnt = next.localcnt,
+                remotecnt = next.remotecnt,
+                prevrole = %next.prevrole,
+                "metadata recorded"
+            );
             *m = next;
             Ok(())
         })
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|_| DataplaneError::Closed)?
+    }
+
+    /// [`Replicator::record`], flushed, for the counters.
+    async fn persist(&self, f: impl FnOnce(&mut Metadata) + Send + 'static) -> Result<(), String> {
+        self.record(f, true).await.map_err(|e| e.to_string())
     }
 
     /// Connect, serve, reconnect, until `stop` turns true.
@@ -348,10 +417,9 @@ impl Replicator {
             lock(&session.waiters).clear();
         }
         self.connected.store(false, Ordering::SeqCst);
-        self.uhost.set_link(false);
-        // Resync waiters learn the session is gone from their dropped senders.
-        lock(&self.lock_waiters).clear();
-        lock(&self.io_waiters).clear();
+        self.dp.set_link(false);
+        // Resync tasks waiting for a range learn the session is gone.
+        self.dp.sync_cancel();
         tracing::warn!("disconnected from {}: {why}", cfg.remote);
         hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::Disconnect);
     }
@@ -407,8 +475,9 @@ impl Replicator {
         proto::write_frame_async(&mut inc, &attach.to_nv(), &[]).await?;
         let (ours_size, ours_extent, mapsize) = {
             let m = lock(&self.md);
-            (m.datasize, m.extentsize, self.uhost.core().map_size())
+            (m.datasize, m.extentsize, self.dp.map_size())
         };
+        let mapsize = mapsize.map_err(|e| LinkError::Local(e.to_string()))?;
         let map_limits = Limits {
             max_header: NV_MAX_SIZE,
             max_payload: mapsize,
@@ -437,8 +506,7 @@ impl Replicator {
                 .map_err(LinkError::Local)?;
         }
         if !map.is_empty() {
-            self.uhost
-                .core()
+            self.dp
                 .map_merge(&map)
                 .map_err(|e| LinkError::Local(e.to_string()))?;
         }
@@ -458,22 +526,28 @@ impl Replicator {
             tx: tx.clone(),
             waiters: waiters.clone(),
         });
-        let core = self.uhost.core().clone();
         let maxio = u64::from(geo.maxio.unwrap_or(crate::handshake::DEFAULT_MAXIO)).min(MAX_IO);
-        self.uhost.set_max_request(maxio);
-        self.max_io.store(maxio, Ordering::SeqCst);
-        core.set_sync_dir(match geo.syncsrc {
+        if crate::failpoint::check(crate::failpoint::ENGINE_SPLIT).is_some() {
+            self.dp.set_max_request(u64::MAX);
+            let piece = crate::failpoint::ENGINE_SPLIT_SIZE.min(maxio);
+            self.max_io.store(piece, Ordering::SeqCst);
+            tracing::info!("fail point: requests split by the engine in {piece}-byte pieces");
+        } else {
+            self.dp.set_max_request(maxio);
+            self.max_io.store(maxio, Ordering::SeqCst);
+        }
+        self.dp.set_sync_dir(match geo.syncsrc {
             SyncSrc::Primary => SyncDir::ToPeer,
             SyncSrc::Secondary => SyncDir::FromPeer,
         });
-        self.uhost.set_link(true);
+        self.dp.set_link(true);
         self.connected.store(true, Ordering::SeqCst);
         self.first_attempt.send_replace(true);
         tracing::info!("connected to {}", cfg.remote);
         hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::Connect);
         let timeout = Duration::from_secs(u64::from(cfg.timeout.max(1)));
         let sender = tokio::spawn(send_loop(out, rx, cfg.compression, cfg.checksum));
-        let receiver = tokio::spawn(recv_loop(inc, waiters.clone(), self.uhost.clone()));
+        let receiver = tokio::spawn(recv_loop(inc, waiters.clone(), self.dp.clone()));
         let watchdog = tokio::spawn(watchdog(waiters, timeout));
         let sync = tokio::spawn(self.clone().resync(geo, cfg.clone()));
         let result = tokio::select! {
@@ -532,21 +606,11 @@ impl Replicator {
         off: u64,
         len: u64,
     ) -> Result<u64, LinkError> {
-        let core = self.uhost.core().clone();
-        let (tx, rx) = oneshot::channel();
-        // Register before asking, so the grant cannot be missed.
-        let lock_seq = {
-            let mut w = lock(&self.lock_waiters);
-            let seq = core
-                .sync_lock(off, len)
-                .map_err(|e| LinkError::Local(e.to_string()))?;
-            w.insert(seq, tx);
-            seq
+        let lock_seq = match self.dp.sync_lock(off, len).await {
+            Ok(seq) => seq,
+            Err(DataplaneError::Closed) => return Err(LinkError::Closed),
+            Err(e) => return Err(LinkError::Local(e.to_string())),
         };
-        if rx.await.is_err() {
-            let _ = core.sync_release(lock_seq, false);
-            return Err(LinkError::Closed);
-        }
         let mut chunks = Vec::new();
         let mut at = off;
         let max = self.max_io.load(Ordering::SeqCst).max(1);
@@ -567,7 +631,7 @@ impl Replicator {
                 first_error.get_or_insert(e);
             }
         }
-        let released = core.sync_release(lock_seq, first_error.is_none());
+        let released = self.dp.sync_release(lock_seq, first_error.is_none());
         if let Some(e) = first_error {
             return Err(e);
         }
@@ -584,25 +648,11 @@ impl Replicator {
     ) -> Result<(), LinkError> {
         match dir {
             SyncSrc::Primary => {
-                let (tx, rx) = oneshot::channel();
-                let cookie = {
-                    let mut w = lock(&self.io_waiters);
-                    let cookie = self
-                        .uhost
-                        .sync_read(lock_seq, at, n)
-                        .map_err(|e| LinkError::Local(e.to_string()))?;
-                    w.insert(cookie, tx);
-                    cookie
-                };
-                let error = rx.await.map_err(|_| LinkError::Closed)?;
-                let data = self.uhost.take_sync(cookie);
-                if error != 0 {
-                    return Err(LinkError::Local(format!(
-                        "local read for resync failed: errno {error}"
-                    )));
-                }
-                let data =
-                    data.ok_or_else(|| LinkError::Local("resync read returned no data".into()))?;
+                let data = self
+                    .dp
+                    .sync_read(lock_seq, at, n)
+                    .await
+                    .map_err(|e| LinkError::Local(e.to_string()))?;
                 self.sync_request(Cmd::Write, at, n, Some(Bytes::from(data)))
                     .await?;
             }
@@ -613,23 +663,10 @@ impl Replicator {
                     .ok_or_else(|| {
                         LinkError::Local("peer sent no data for a resync read".into())
                     })?;
-                let (tx, rx) = oneshot::channel();
-                let cookie = {
-                    let mut w = lock(&self.io_waiters);
-                    let cookie = self
-                        .uhost
-                        .sync_write(lock_seq, at, Bytes::from(data))
-                        .map_err(|e| LinkError::Local(e.to_string()))?;
-                    w.insert(cookie, tx);
-                    cookie
-                };
-                let error = rx.await.map_err(|_| LinkError::Closed)?;
-                self.uhost.take_sync(cookie);
-                if error != 0 {
-                    return Err(LinkError::Local(format!(
-                        "local write for resync failed: errno {error}"
-                    )));
-                }
+                self.dp
+                    .sync_write(lock_seq, at, Bytes::from(data))
+                    .await
+                    .map_err(|e| LinkError::Local(e.to_string()))?;
             }
         }
         self.progress.done.fetch_add(n, Ordering::Relaxed);
@@ -639,14 +676,20 @@ impl Replicator {
     /// Walk the sync map and synchronize every dirty extent; on completion
     /// take the secondary's counters, as the reference does.
     async fn resync(self: Arc<Self>, geo: Geometry, cfg: ResourceConfig) {
-        let core = self.uhost.core().clone();
         let (extentsize, datasize) = {
             let m = lock(&self.md);
-            (u64::from(m.extentsize), m.datasize)
+            (u64::from(m.extentsize).max(1), m.datasize)
         };
-        let map = core.map(crate::core::MapKind::Sync);
+        let map = match self.dp.map(MapKind::Sync) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!("resync: unable to read the sync map: {e}");
+                return;
+            }
+        };
         tracing::debug!(syncdir = ?geo.syncsrc, "resync: scanning the sync map");
-        let dirty: Vec<u64> = (0..u64::from(core.extents()))
+        let extents = datasize.div_ceil(extentsize);
+        let dirty: Vec<u64> = (0..extents)
             .filter(|&e| {
                 map.get(usize::try_from(e / 8).unwrap_or(usize::MAX))
                     .is_some_and(|b| b & (1 << (e % 8)) != 0)
@@ -694,7 +737,8 @@ impl Replicator {
                 Err(_) => failed = true,
             }
         }
-        if failed || core.stats().syncdirty != 0 {
+        let left = self.dp.stats().map_or(u64::MAX, |s| s.syncdirty);
+        if failed || left != 0 {
             // Left dirty: retried on the next connection.
             return;
         }
@@ -709,7 +753,7 @@ impl Replicator {
             tracing::error!("unable to record the synchronized counters: {e}");
             return;
         }
-        core.set_sync_dir(SyncDir::None);
+        self.dp.set_sync_dir(SyncDir::None);
         self.progress.active.store(false, Ordering::SeqCst);
         if synced > 0 {
             tracing::info!("synchronization complete: {synced} bytes synchronized");
@@ -767,7 +811,7 @@ async fn send_loop(
 async fn recv_loop(
     mut inc: TcpStream,
     waiters: Arc<Mutex<HashMap<u64, (Waiter, Instant)>>>,
-    uhost: Arc<Uhost>,
+    dp: Arc<dyn Dataplane>,
 ) -> LinkError {
     let limits = Limits {
         max_header: NV_MAX_SIZE,
@@ -781,9 +825,8 @@ async fn recv_loop(
         let Some(reply) = Reply::from_nv(&nv) else {
             return LinkError::Local("reply without seq".into());
         };
-        let core = uhost.core();
         if reply.received {
-            let _ = core.remote_received(reply.seq);
+            dp.remote_received(reply.seq);
             continue;
         }
         let Some((waiter, _)) = lock(&waiters).remove(&reply.seq) else {
@@ -805,16 +848,32 @@ async fn recv_loop(
             }
         };
         match waiter {
-            Waiter::Core { read_cookie, .. } => {
+            Waiter::Core { up } => dp.remote_done(&up, i32::from(reply.error), data),
+            Waiter::Piece {
+                joint, at, read, ..
+            } => {
+                let mut j = lock(&joint);
                 let mut error = i32::from(reply.error);
-                if let Some(cookie) = read_cookie {
-                    match data {
-                        Some(d) if error == 0 => uhost.set_read_data(cookie, d),
-                        _ if error == 0 => error = libc::EIO,
-                        _ => {}
+                if read && error == 0 {
+                    let placed = data.and_then(|d| {
+                        let end = at.checked_add(d.len())?;
+                        j.data.get_mut(at..end)?.copy_from_slice(&d);
+                        Some(())
+                    });
+                    if placed.is_none() {
+                        error = libc::EIO;
                     }
                 }
-                let _ = core.remote_done(reply.seq, error);
+                if j.error == 0 {
+                    j.error = error;
+                }
+                j.remaining = j.remaining.saturating_sub(1);
+                if j.remaining == 0 {
+                    let whole = std::mem::take(&mut j.data);
+                    let (up, error) = (j.up, j.error);
+                    drop(j);
+                    dp.remote_done(&up, error, read.then_some(whole));
+                }
             }
             Waiter::Sync { tx, .. } => {
                 let _ = tx.send((reply.error, data));

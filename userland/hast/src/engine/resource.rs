@@ -31,6 +31,9 @@ pub enum RoleError {
     /// The data path (core, NBD export) could not start.
     #[error("{0}")]
     DataPath(#[from] PrimaryError),
+    /// The new role could not be recorded through the kernel host.
+    #[error("recording the role: {0}")]
+    Record(crate::dataplane::DataplaneError),
 }
 
 impl RoleError {
@@ -41,6 +44,7 @@ impl RoleError {
             RoleError::Provider(_) => sysexits::EX_NOINPUT,
             RoleError::Metadata(e) => e.exit_code(),
             RoleError::DataPath(_) => sysexits::EX_OSERR,
+            RoleError::Record(_) => sysexits::EX_IOERR,
         };
         i16::try_from(code).unwrap_or(i16::MAX)
     }
@@ -62,7 +66,9 @@ pub struct Stats {
 
 /// The local side of an active (primary or secondary) resource.
 struct Active {
-    provider: Arc<Provider>,
+    /// hastd's descriptor of the local provider; `None` while the kernel
+    /// module holds it (a primary on the kernel host).
+    provider: Option<Arc<Provider>>,
     md: Arc<Mutex<Metadata>>,
     primary: Option<Primary>,
     secondary: Option<SecondaryState>,
@@ -166,25 +172,43 @@ impl Resource {
         let md = Metadata::read(&provider, &self.cfg.name)?;
         let map = md.read_map(&provider)?;
         let md = Arc::new(Mutex::new(md));
-        let primary = match role {
+        // On the kernel host the module takes the disk: hastd keeps no
+        // descriptor of it.
+        let keep = role != Role::Primary || !Primary::kernel_host();
+        let (primary, provider) = match role {
             Role::Primary => {
-                Some(Primary::start(&self.cfg, provider.clone(), md.clone(), map.as_bytes()).await?)
+                let kept = keep.then(|| provider.clone());
+                let p = Primary::start(&self.cfg, provider, md.clone(), map.as_bytes()).await?;
+                (Some(p), kept)
             }
-            _ => None,
+            _ => (None, Some(provider)),
         };
         // The role is recorded only once the resource really has it.
-        let recorded = {
-            let mut m = md.lock().unwrap_or_else(|p| p.into_inner());
-            let mut next = m.clone();
-            next.prevrole = role;
-            next.write(&provider, self.cfg.metaflush)
-                .map(|()| *m = next)
+        let flush = self.cfg.metaflush;
+        let recorded = match (&primary, &provider) {
+            (Some(p), _) => {
+                p.record(move |m| m.prevrole = role, flush)
+                    .await
+                    .map_err(|e| match e {
+                        crate::dataplane::DataplaneError::Metadata(m) => RoleError::Metadata(m),
+                        other => RoleError::Record(other),
+                    })
+            }
+            (None, Some(prov)) => {
+                let mut m = md.lock().unwrap_or_else(|p| p.into_inner());
+                let mut next = m.clone();
+                next.prevrole = role;
+                next.write(prov, flush)
+                    .map(|()| *m = next)
+                    .map_err(RoleError::from)
+            }
+            (None, None) => Err(RoleError::Record(crate::dataplane::DataplaneError::Closed)),
         };
         if let Err(e) = recorded {
             if let Some(p) = primary {
                 p.stop().await;
             }
-            return Err(e.into());
+            return Err(e);
         }
         tracing::debug!(
             dirty = map.count(),
@@ -289,7 +313,7 @@ impl Resource {
     pub fn attach(&mut self, stream: TcpStream, peer: std::net::SocketAddr, attach: Attach) {
         let cfg = self.cfg.clone();
         let Some(Active {
-            provider,
+            provider: Some(provider),
             md,
             secondary: Some(sec),
             ..
@@ -354,14 +378,23 @@ impl Resource {
 
     fn close(active: Active, next: Role, cfg: &ResourceConfig) {
         {
+            // After a kernel primary the module has let the disk go.
+            let provider = match active.provider {
+                Some(p) => Some(p),
+                None => Provider::open(&cfg.local, true)
+                    .map(Arc::new)
+                    .map_err(|e| tracing::warn!("unable to reopen the local provider: {e}"))
+                    .ok(),
+            };
+            let Some(provider) = provider else { return };
             if next == Role::Init {
                 let mut md = active.md.lock().unwrap_or_else(|p| p.into_inner());
                 md.prevrole = Role::Init;
-                if let Err(e) = md.write(&active.provider, cfg.metaflush) {
+                if let Err(e) = md.write(&provider, cfg.metaflush) {
                     tracing::warn!("unable to record prevrole init: {e}");
                 }
             }
-            if let Err(e) = active.provider.flush() {
+            if let Err(e) = provider.flush() {
                 tracing::warn!("flushing {} failed: {e}", cfg.local.display());
             }
             tracing::debug!("local provider {} closed", cfg.local.display());

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use nix::fcntl::{fallocate, FallocateFlags};
 
 use super::{Backend, BoxFuture, NbdError};
 
@@ -254,8 +253,31 @@ fn off_t(v: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
 }
 
-fn falloc(file: &File, flags: FallocateFlags, at: u64, len: u64) -> io::Result<()> {
+/// What `fallocate(2)` is asked to do to a range (size kept).
+#[derive(Clone, Copy)]
+enum Falloc {
+    PunchHole,
+    ZeroRange,
+}
+
+#[cfg(target_os = "linux")]
+fn falloc(file: &File, op: Falloc, at: u64, len: u64) -> io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let flags = FallocateFlags::FALLOC_FL_KEEP_SIZE
+        | match op {
+            Falloc::PunchHole => FallocateFlags::FALLOC_FL_PUNCH_HOLE,
+            Falloc::ZeroRange => FallocateFlags::FALLOC_FL_ZERO_RANGE,
+        };
     fallocate(file, flags, off_t(at)?, off_t(len)?).map_err(io::Error::from)
+}
+
+/// Elsewhere (FreeBSD): no hole punching here; callers fall back to
+/// writing zeros, or keep the data of a discard.
+#[cfg(not(target_os = "linux"))]
+fn falloc(_file: &File, _op: Falloc, at: u64, len: u64) -> io::Result<()> {
+    off_t(at)?;
+    off_t(len)?;
+    Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
 }
 
 fn write_zero_bytes(file: &File, at: u64, len: u64) -> io::Result<()> {
@@ -273,9 +295,18 @@ fn write_zero_bytes(file: &File, at: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Writes `data` at `at` and makes it durable: a write and an fdatasync
+/// where `pwritev2(RWF_DSYNC)` does not exist.
+#[cfg(not(target_os = "linux"))]
+pub fn write_durable(f: &File, data: &[u8], at: u64) -> io::Result<()> {
+    f.write_all_at(data, at)?;
+    f.sync_data()
+}
+
 /// Writes `data` at `at` and makes it durable: `pwritev2(RWF_DSYNC)`
 /// syncs just this range (an fdatasync would flush every dirty page of the
 /// provider); kernels without it get a write and an fdatasync.
+#[cfg(target_os = "linux")]
 pub fn write_durable(f: &File, data: &[u8], at: u64) -> io::Result<()> {
     let mut done: usize = 0;
     while let Some(rest) = data.get(done..).filter(|r| !r.is_empty()) {
@@ -322,12 +353,7 @@ pub fn discard(f: &File, block_device: bool, at: u64, len: u64) -> io::Result<()
             .map(|_| ())
             .map_err(io::Error::from)
     } else {
-        falloc(
-            f,
-            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            at,
-            len,
-        )
+        falloc(f, Falloc::PunchHole, at, len)
     };
     match r {
         Err(e) if !(is_unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL)) => Err(e),
@@ -405,18 +431,15 @@ impl Backend for FileBackend {
         };
         let kind = self.kind;
         self.blocking(move |f| {
-            let keep = FallocateFlags::FALLOC_FL_KEEP_SIZE;
             let fast = match kind {
                 Kind::Regular => {
                     let punched = if no_hole {
                         Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
                     } else {
-                        falloc(f, FallocateFlags::FALLOC_FL_PUNCH_HOLE | keep, at, len)
+                        falloc(f, Falloc::PunchHole, at, len)
                     };
                     match punched {
-                        Err(e) if is_unsupported(&e) => {
-                            falloc(f, FallocateFlags::FALLOC_FL_ZERO_RANGE | keep, at, len)
-                        }
+                        Err(e) if is_unsupported(&e) => falloc(f, Falloc::ZeroRange, at, len),
                         other => other,
                     }
                 }

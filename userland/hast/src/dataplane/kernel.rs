@@ -1,0 +1,323 @@
+//! [`KernelPlane`]: the dataplane of a core inside the geom_hast kernel
+//! module, through `/dev/hastctl` ([`crate::kdev`]). The module serves
+//! `/dev/hast/NAME` itself and holds the local provider open exclusively,
+//! so the metadata block is written through it too. One thread per instance
+//! sleeps in HAST_IOC_UPCALL and hands the upcalls to the engine; every
+//! other call is one ioctl. Portable: on systems without the module every
+//! call fails with [`KdevError::Unsupported`], and [`KernelPlane::create`]
+//! is never reached because the engine picks [`super::UserPlane`] there.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nix::errno::Errno;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{BoxFuture, DataplaneError, HostUpcall};
+use crate::core::{MapKind, Mode, Stats, SyncDir, Upcall, UpcallKind};
+use crate::kdev::{CreateSpec, KdevError, KernelDevice, Unit};
+use crate::metadata::Metadata;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+type Grants = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
+
+/// One `hast/NAME` instance of the kernel module.
+pub struct KernelPlane {
+    dev: Arc<KernelDevice>,
+    unit: Unit,
+    name: String,
+    upcalls: tokio::sync::Mutex<mpsc::UnboundedReceiver<HostUpcall>>,
+    grants: Grants,
+    reader: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl KernelPlane {
+    /// Create `hast/NAME` on the local provider through the control device
+    /// at `path`, load the on-disk activemap into it and start taking its
+    /// upcalls. The engine must have closed its own descriptor of the local
+    /// provider (the module opens it exclusively).
+    pub fn create(path: &Path, spec: &CreateSpec, map: &[u8]) -> Result<KernelPlane, KdevError> {
+        let dev = Arc::new(KernelDevice::open_path(path)?);
+        let unit = dev.create(spec)?;
+        if let Err(e) = dev.map_load(unit, map) {
+            if let Err(d) = dev.destroy(unit) {
+                tracing::error!(
+                    "unable to destroy hast/{} after a failed start: {d}",
+                    spec.name
+                );
+            }
+            return Err(e);
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let grants: Grants = Arc::new(Mutex::new(HashMap::new()));
+        let reader = {
+            let dev = dev.clone();
+            let grants = grants.clone();
+            let name = spec.name.clone();
+            std::thread::Builder::new()
+                .name(format!("hast-up-{}", spec.name))
+                .spawn(move || read_upcalls(&dev, unit, &grants, &tx, &name))
+        };
+        let reader = match reader {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = dev.destroy(unit);
+                return Err(KdevError::Invalid {
+                    op: crate::kdev::Ioctl::Upcall,
+                    what: format!("cannot start the upcall thread: {e}"),
+                });
+            }
+        };
+        tracing::info!("hast/{} created in the kernel (unit {})", spec.name, unit.0);
+        Ok(KernelPlane {
+            dev,
+            unit,
+            name: spec.name.clone(),
+            upcalls: tokio::sync::Mutex::new(rx),
+            grants,
+            reader: Mutex::new(Some(reader)),
+        })
+    }
+
+    /// The instance's unit number.
+    pub fn unit(&self) -> Unit {
+        self.unit
+    }
+
+    /// Destroy the instance: retried while `hast/NAME` is open (EBUSY) for
+    /// up to `wait`; then the upcall thread ends. Blocking.
+    pub fn destroy(&self, wait: Duration) -> Result<(), KdevError> {
+        let start = Instant::now();
+        loop {
+            match self.dev.destroy(self.unit) {
+                Ok(()) => break,
+                Err(e) if e.errno() == Some(Errno::ENXIO) => break,
+                Err(e) if e.errno() == Some(Errno::EBUSY) && start.elapsed() < wait => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(reader) = lock(&self.reader).take() {
+            let _ = reader.join();
+        }
+        tracing::info!("hast/{} destroyed", self.name);
+        Ok(())
+    }
+
+    fn warn(&self, what: &str, r: Result<(), KdevError>) {
+        if let Err(e) = r {
+            tracing::warn!("hast/{}: {what}: {e}", self.name);
+        }
+    }
+}
+
+/// The upcall thread: sleep in HAST_IOC_UPCALL, pass sync-lock grants to
+/// their waiters, everything the engine handles to the channel; ends when
+/// the instance is destroyed or the engine stopped listening.
+fn read_upcalls(
+    dev: &KernelDevice,
+    unit: Unit,
+    grants: &Grants,
+    tx: &mpsc::UnboundedSender<HostUpcall>,
+    name: &str,
+) {
+    let mut buf = Vec::with_capacity(128 * 1024);
+    loop {
+        let up = match dev.next_upcall(unit, &mut buf) {
+            Ok(up) => up,
+            Err(e) if e.errno() == Some(Errno::EINTR) => continue,
+            Err(e) if e.errno() == Some(Errno::ENXIO) => return,
+            Err(e) => {
+                tracing::error!("hast/{name}: no more upcalls: {e}");
+                return;
+            }
+        };
+        let data = match up.kind {
+            UpcallKind::SyncLocked => {
+                if let Some(tx) = lock(grants).remove(&up.seq) {
+                    let _ = tx.send(());
+                }
+                continue;
+            }
+            // The RANGE_IO ioctl already returned this I/O's result.
+            UpcallKind::SyncIoDone { .. } => continue,
+            UpcallKind::Write { .. } => Some(Bytes::copy_from_slice(&buf)),
+            _ => None,
+        };
+        if tx.send(HostUpcall { up, data }).is_err() {
+            return;
+        }
+    }
+}
+
+fn sync_io_error(op: &'static str, offset: u64, length: u64, e: KdevError) -> DataplaneError {
+    match e.errno() {
+        Some(errno) if matches!(e, KdevError::Ioctl { .. }) && errno != Errno::ENXIO => {
+            DataplaneError::SyncIo {
+                op,
+                offset,
+                length,
+                errno: errno as i32,
+            }
+        }
+        _ => DataplaneError::Kernel(e),
+    }
+}
+
+impl super::Dataplane for KernelPlane {
+    fn host(&self) -> &'static str {
+        "kernel"
+    }
+
+    fn next_upcall(&self) -> BoxFuture<'_, Option<HostUpcall>> {
+        Box::pin(async move { self.upcalls.lock().await.recv().await })
+    }
+
+    fn remote_done(&self, up: &Upcall, error: i32, data: Option<Vec<u8>>) {
+        let (error, data) = match (up.kind, error, data) {
+            (UpcallKind::Read, 0, Some(d)) if d.len() as u64 == up.length => (0, d),
+            (UpcallKind::Read, 0, _) => (libc::EIO, Vec::new()),
+            (_, e, _) => (e, Vec::new()),
+        };
+        match self.dev.remote_done(self.unit, up.seq, error, &data) {
+            Err(e) if e.errno() == Some(Errno::ENOENT) => {
+                tracing::debug!("hast/{}: seq {} already finished", self.name, up.seq);
+            }
+            r => self.warn("remote completion", r),
+        }
+    }
+
+    fn remote_received(&self, seq: u64) {
+        match self.dev.remote_received(self.unit, seq) {
+            Err(e) if e.errno() == Some(Errno::ENOENT) => {}
+            r => self.warn("received", r),
+        }
+    }
+
+    fn bump_done(&self, error: i32) {
+        let r = self.dev.bump_done(self.unit, error);
+        self.warn("bump answer", r);
+    }
+
+    fn set_link(&self, up: bool) {
+        let r = self.dev.set_link(self.unit, up);
+        self.warn("link state", r);
+    }
+
+    fn set_max_request(&self, _bytes: u64) {
+        // Requests up to MAXPHYS reach the engine, which splits them for
+        // the peer (see engine::link).
+    }
+
+    fn set_sync_dir(&self, dir: SyncDir) {
+        let r = self.dev.set_sync_dir(self.unit, dir);
+        self.warn("sync direction", r);
+    }
+
+    fn set_mode(&self, mode: Mode) {
+        let r = self.dev.set_mode(self.unit, mode);
+        self.warn("replication mode", r);
+    }
+
+    fn map_size(&self) -> Result<usize, DataplaneError> {
+        Ok(self.dev.map_size(self.unit)?)
+    }
+
+    fn map(&self, kind: MapKind) -> Result<Vec<u8>, DataplaneError> {
+        Ok(self.dev.map(self.unit, kind)?)
+    }
+
+    fn map_merge(&self, map: &[u8]) -> Result<(), DataplaneError> {
+        Ok(self.dev.map_merge(self.unit, map)?)
+    }
+
+    fn sync_lock(&self, offset: u64, length: u64) -> BoxFuture<'_, Result<u64, DataplaneError>> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            // The grant cannot overtake the registration: the upcall thread
+            // takes the same mutex.
+            let seq = {
+                let mut w = lock(&self.grants);
+                let seq = self.dev.sync_lock(self.unit, offset, length)?;
+                w.insert(seq, tx);
+                seq
+            };
+            if rx.await.is_err() {
+                let r = self.dev.sync_release(self.unit, seq, false);
+                self.warn("release of a cancelled sync lock", r);
+                return Err(DataplaneError::Closed);
+            }
+            Ok(seq)
+        })
+    }
+
+    fn sync_read(
+        &self,
+        lock_seq: u64,
+        offset: u64,
+        length: u64,
+    ) -> BoxFuture<'_, Result<Vec<u8>, DataplaneError>> {
+        let dev = self.dev.clone();
+        let unit = self.unit;
+        Box::pin(async move {
+            let len = usize::try_from(length).map_err(|_| DataplaneError::SyncIo {
+                op: "read",
+                offset,
+                length,
+                errno: libc::EINVAL,
+            })?;
+            tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len];
+                dev.sync_read(unit, lock_seq, offset, &mut buf)
+                    .map(|_| buf)
+                    .map_err(|e| sync_io_error("read", offset, length, e))
+            })
+            .await
+            .map_err(|_| DataplaneError::Closed)?
+        })
+    }
+
+    fn sync_write(
+        &self,
+        lock_seq: u64,
+        offset: u64,
+        data: Bytes,
+    ) -> BoxFuture<'_, Result<(), DataplaneError>> {
+        let dev = self.dev.clone();
+        let unit = self.unit;
+        Box::pin(async move {
+            let length = data.len() as u64;
+            tokio::task::spawn_blocking(move || {
+                dev.sync_write(unit, lock_seq, offset, &data)
+                    .map(drop)
+                    .map_err(|e| sync_io_error("write", offset, length, e))
+            })
+            .await
+            .map_err(|_| DataplaneError::Closed)?
+        })
+    }
+
+    fn sync_release(&self, lock_seq: u64, clear: bool) -> Result<(), DataplaneError> {
+        Ok(self.dev.sync_release(self.unit, lock_seq, clear)?)
+    }
+
+    fn sync_cancel(&self) {
+        lock(&self.grants).clear();
+    }
+
+    fn stats(&self) -> Result<Stats, DataplaneError> {
+        Ok(self.dev.stats(self.unit)?)
+    }
+
+    fn write_metadata(&self, md: &Metadata, _flush: bool) -> Result<(), DataplaneError> {
+        // The module always flushes after the metadata block.
+        Ok(self.dev.write_metadata(self.unit, &md.encode()?)?)
+    }
+}

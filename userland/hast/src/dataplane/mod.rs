@@ -1,0 +1,136 @@
+//! The dataplane interface: what the replication engine asks of the host of
+//! the fast-path core, whichever host it is. Upcalls (core -> engine:
+//! replicate this write, serve this read from the peer, persist the counter
+//! bump) come out of [`Dataplane::next_upcall`]; everything else is a
+//! downcall. Two hosts implement it:
+//! - [`UserPlane`]: the core in this process, behind the NBD export
+//!   ([`crate::uhost`]); any OS, the only one on Linux;
+//! - [`KernelPlane`]: the geom_hast kernel module through `/dev/hastctl`
+//!   ([`crate::kdev`]); chosen at run time on FreeBSD when the module is
+//!   loaded.
+//!
+//! The engine never sees sync-lock grants or sync I/O completions: the
+//! hosts resolve them inside [`Dataplane::sync_lock`],
+//! [`Dataplane::sync_read`] and [`Dataplane::sync_write`].
+
+mod kernel;
+mod user;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+
+use crate::core::{CoreError, MapKind, Mode, Stats, SyncDir, Upcall};
+use crate::kdev::KdevError;
+use crate::metadata::{Metadata, MetadataError};
+
+pub use kernel::KernelPlane;
+pub use user::UserPlane;
+
+/// A boxed future, as the trait's async methods return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What went wrong in a downcall.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{0}")]
+    Core(#[from] CoreError),
+    #[error("{0}")]
+    Kernel(#[from] KdevError),
+    #[error("{0}")]
+    Metadata(#[from] MetadataError),
+    #[error("local {op} of {length} bytes at offset {offset} for resync failed: {}", std::io::Error::from_raw_os_error(*errno))]
+    SyncIo {
+        op: &'static str,
+        offset: u64,
+        length: u64,
+        errno: i32,
+    },
+    #[error("the data path stopped (link lost or resource closing)")]
+    Closed,
+}
+
+/// An upcall for the engine, with a write's payload.
+#[derive(Debug, Clone)]
+pub struct HostUpcall {
+    pub up: Upcall,
+    /// The bytes to send the peer for a write (zeros for a write-zeroes);
+    /// `None` for other kinds, or when the request is gone.
+    pub data: Option<Bytes>,
+}
+
+/// The engine's side of the channel to the core's host.
+pub trait Dataplane: Send + Sync {
+    /// Which host this is, for logs ("userland", "kernel").
+    fn host(&self) -> &'static str;
+
+    /// Wait for the next upcall of kind Read, Write, Delete, Flush or Bump.
+    /// `None` once the host is gone.
+    fn next_upcall(&self) -> BoxFuture<'_, Option<HostUpcall>>;
+
+    /// The remote half of `up` finished with `error` (errno, 0: success);
+    /// a successful peer read passes its bytes (exactly its length).
+    fn remote_done(&self, up: &Upcall, error: i32, data: Option<Vec<u8>>);
+
+    /// memsync: the peer received write `seq`.
+    fn remote_received(&self, seq: u64);
+
+    /// The localcnt bump was persisted (0) or not (errno).
+    fn bump_done(&self, error: i32);
+
+    /// Link to the peer up or down.
+    fn set_link(&self, up: bool);
+
+    /// The largest READ/WRITE the peer accepts.
+    fn set_max_request(&self, bytes: u64);
+
+    /// Synchronization direction.
+    fn set_sync_dir(&self, dir: SyncDir);
+
+    /// Replication mode of requests from now on.
+    fn set_mode(&self, mode: Mode);
+
+    /// Bytes of the activemap.
+    fn map_size(&self) -> Result<usize, DataplaneError>;
+
+    /// A copy of one bitmap (bit n of byte n / 8 is extent n).
+    fn map(&self, kind: MapKind) -> Result<Vec<u8>, DataplaneError>;
+
+    /// OR the peer's map into the sync map.
+    fn map_merge(&self, map: &[u8]) -> Result<(), DataplaneError>;
+
+    /// Lock `[offset, offset + length)` for resynchronization; resolves
+    /// with the lock once granted (regular writes to the range drained).
+    /// [`Dataplane::sync_cancel`] makes it fail with `Closed`.
+    fn sync_lock(&self, offset: u64, length: u64) -> BoxFuture<'_, Result<u64, DataplaneError>>;
+
+    /// Read `length` bytes at `offset` locally under granted lock `lock`.
+    fn sync_read(
+        &self,
+        lock: u64,
+        offset: u64,
+        length: u64,
+    ) -> BoxFuture<'_, Result<Vec<u8>, DataplaneError>>;
+
+    /// Write `data` at `offset` locally under granted lock `lock`.
+    fn sync_write(
+        &self,
+        lock: u64,
+        offset: u64,
+        data: Bytes,
+    ) -> BoxFuture<'_, Result<(), DataplaneError>>;
+
+    /// Release `lock`; `clear` marks the extents it covers synchronized.
+    fn sync_release(&self, lock: u64, clear: bool) -> Result<(), DataplaneError>;
+
+    /// The link is gone: fail every sync lock still waiting for its grant.
+    fn sync_cancel(&self);
+
+    /// Counters and queues.
+    fn stats(&self) -> Result<Stats, DataplaneError>;
+
+    /// Write the metadata block (flushed when `flush`). Blocking: call it
+    /// from a blocking thread.
+    fn write_metadata(&self, md: &Metadata, flush: bool) -> Result<(), DataplaneError>;
+}

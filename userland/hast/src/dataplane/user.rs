@@ -1,0 +1,234 @@
+//! [`UserPlane`]: the dataplane of a core running in this process
+//! ([`crate::uhost`]): upcalls straight from the core, the sync-lock grants
+//! and sync I/O completions matched to their waiters here, metadata written
+//! through the engine's own descriptor of the local provider.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::{BoxFuture, DataplaneError, HostUpcall};
+use crate::core::{MapKind, Mode, Stats, SyncDir, Upcall, UpcallKind};
+use crate::metadata::Metadata;
+use crate::provider::Provider;
+use crate::uhost::Uhost;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The in-process host of one primary resource.
+pub struct UserPlane {
+    host: Arc<Uhost>,
+    provider: Arc<Provider>,
+    /// Sync locks asked for, by seq, until granted.
+    grants: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// Sync I/O issued, by cookie, until done (with its errno).
+    ios: Mutex<HashMap<u64, oneshot::Sender<i32>>>,
+}
+
+impl UserPlane {
+    pub fn new(host: Arc<Uhost>, provider: Arc<Provider>) -> UserPlane {
+        UserPlane {
+            host,
+            provider,
+            grants: Mutex::new(HashMap::new()),
+            ios: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The host, for the NBD export.
+    pub fn uhost(&self) -> &Arc<Uhost> {
+        &self.host
+    }
+
+    /// Wait for a sync I/O's completion; its errno.
+    async fn sync_wait(rx: oneshot::Receiver<i32>) -> Result<i32, DataplaneError> {
+        rx.await.map_err(|_| DataplaneError::Closed)
+    }
+}
+
+impl super::Dataplane for UserPlane {
+    fn host(&self) -> &'static str {
+        "userland"
+    }
+
+    fn next_upcall(&self) -> BoxFuture<'_, Option<HostUpcall>> {
+        Box::pin(async move {
+            loop {
+                while let Some(up) = self.host.core().next_upcall() {
+                    match up.kind {
+                        UpcallKind::SyncLocked => {
+                            if let Some(tx) = lock(&self.grants).remove(&up.seq) {
+                                let _ = tx.send(());
+                            }
+                        }
+                        UpcallKind::SyncIoDone { error } => {
+                            if let Some(tx) = lock(&self.ios).remove(&up.cookie) {
+                                let _ = tx.send(error);
+                            }
+                        }
+                        UpcallKind::Write { .. } => {
+                            let data = self.host.write_data(up.cookie, up.length);
+                            return Some(HostUpcall { up, data });
+                        }
+                        _ => return Some(HostUpcall { up, data: None }),
+                    }
+                }
+                self.host.upcalls_ready().await;
+            }
+        })
+    }
+
+    fn remote_done(&self, up: &Upcall, error: i32, data: Option<Vec<u8>>) {
+        let mut error = error;
+        if up.kind == UpcallKind::Read && error == 0 {
+            match data {
+                Some(d) => self.host.set_read_data(up.cookie, d),
+                None => error = libc::EIO,
+            }
+        }
+        if let Err(e) = self.host.core().remote_done(up.seq, error) {
+            tracing::debug!("remote completion of seq {} refused: {e}", up.seq);
+        }
+    }
+
+    fn remote_received(&self, seq: u64) {
+        let _ = self.host.core().remote_received(seq);
+    }
+
+    fn bump_done(&self, error: i32) {
+        if let Err(e) = self.host.core().bump_done(error) {
+            tracing::warn!("bump answer refused: {e}");
+        }
+    }
+
+    fn set_link(&self, up: bool) {
+        self.host.set_link(up);
+    }
+
+    fn set_max_request(&self, bytes: u64) {
+        self.host.set_max_request(bytes);
+    }
+
+    fn set_sync_dir(&self, dir: SyncDir) {
+        self.host.core().set_sync_dir(dir);
+    }
+
+    fn set_mode(&self, mode: Mode) {
+        self.host.core().set_mode(mode);
+    }
+
+    fn map_size(&self) -> Result<usize, DataplaneError> {
+        Ok(self.host.core().map_size())
+    }
+
+    fn map(&self, kind: MapKind) -> Result<Vec<u8>, DataplaneError> {
+        Ok(self.host.core().map(kind))
+    }
+
+    fn map_merge(&self, map: &[u8]) -> Result<(), DataplaneError> {
+        Ok(self.host.core().map_merge(map)?)
+    }
+
+    fn sync_lock(&self, offset: u64, length: u64) -> BoxFuture<'_, Result<u64, DataplaneError>> {
+        Box::pin(async move {
+            let core = self.host.core();
+            let (tx, rx) = oneshot::channel();
+            // Registered before the core can grant it.
+            let seq = {
+                let mut w = lock(&self.grants);
+                let seq = core.sync_lock(offset, length)?;
+                w.insert(seq, tx);
+                seq
+            };
+            if rx.await.is_err() {
+                let _ = core.sync_release(seq, false);
+                return Err(DataplaneError::Closed);
+            }
+            Ok(seq)
+        })
+    }
+
+    fn sync_read(
+        &self,
+        lock_seq: u64,
+        offset: u64,
+        length: u64,
+    ) -> BoxFuture<'_, Result<Vec<u8>, DataplaneError>> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            let cookie = {
+                let mut w = lock(&self.ios);
+                let cookie = self.host.sync_read(lock_seq, offset, length)?;
+                w.insert(cookie, tx);
+                cookie
+            };
+            let waited = Self::sync_wait(rx).await;
+            let data = self.host.take_sync(cookie);
+            match waited? {
+                0 => data.ok_or(DataplaneError::SyncIo {
+                    op: "read",
+                    offset,
+                    length,
+                    errno: libc::EIO,
+                }),
+                errno => Err(DataplaneError::SyncIo {
+                    op: "read",
+                    offset,
+                    length,
+                    errno,
+                }),
+            }
+        })
+    }
+
+    fn sync_write(
+        &self,
+        lock_seq: u64,
+        offset: u64,
+        data: Bytes,
+    ) -> BoxFuture<'_, Result<(), DataplaneError>> {
+        Box::pin(async move {
+            let length = data.len() as u64;
+            let (tx, rx) = oneshot::channel();
+            let cookie = {
+                let mut w = lock(&self.ios);
+                let cookie = self.host.sync_write(lock_seq, offset, data)?;
+                w.insert(cookie, tx);
+                cookie
+            };
+            let waited = Self::sync_wait(rx).await;
+            self.host.take_sync(cookie);
+            match waited? {
+                0 => Ok(()),
+                errno => Err(DataplaneError::SyncIo {
+                    op: "write",
+                    offset,
+                    length,
+                    errno,
+                }),
+            }
+        })
+    }
+
+    fn sync_release(&self, lock_seq: u64, clear: bool) -> Result<(), DataplaneError> {
+        Ok(self.host.core().sync_release(lock_seq, clear)?)
+    }
+
+    fn sync_cancel(&self) {
+        // Sync I/O in flight is left to finish: the disk always answers,
+        // and a lock can only be released once its I/O is done.
+        lock(&self.grants).clear();
+    }
+
+    fn stats(&self) -> Result<Stats, DataplaneError> {
+        Ok(self.host.core().stats())
+    }
+
+    fn write_metadata(&self, md: &Metadata, flush: bool) -> Result<(), DataplaneError> {
+        Ok(md.write(&self.provider, flush)?)
+    }
+}
