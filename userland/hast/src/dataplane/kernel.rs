@@ -7,25 +7,18 @@
 //! call fails with [`KdevError::Unsupported`], and [`KernelPlane::create`]
 //! is never reached because the engine picks [`super::UserPlane`] there.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nix::errno::Errno;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use super::{BoxFuture, DataplaneError, HostUpcall};
+use super::{lock, BoxFuture, DataplaneError, Grants, HostUpcall};
 use crate::core::{MapKind, Mode, Stats, SyncDir, Upcall, UpcallKind};
 use crate::kdev::{CreateSpec, KdevError, KernelDevice, Unit};
 use crate::metadata::Metadata;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-type Grants = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
 
 /// One `hast/NAME` instance of the kernel module.
 pub struct KernelPlane {
@@ -33,7 +26,7 @@ pub struct KernelPlane {
     unit: Unit,
     name: String,
     upcalls: tokio::sync::Mutex<mpsc::UnboundedReceiver<HostUpcall>>,
-    grants: Grants,
+    grants: Arc<Grants>,
     reader: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -55,7 +48,7 @@ impl KernelPlane {
             return Err(e);
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let grants: Grants = Arc::new(Mutex::new(HashMap::new()));
+        let grants = Arc::new(Grants::default());
         let reader = {
             let dev = dev.clone();
             let grants = grants.clone();
@@ -141,9 +134,7 @@ fn read_upcalls(
         };
         let data = match up.kind {
             UpcallKind::SyncLocked => {
-                if let Some(tx) = lock(grants).remove(&up.seq) {
-                    let _ = tx.send(());
-                }
+                grants.grant(up.seq);
                 continue;
             }
             // The RANGE_IO ioctl already returned this I/O's result.
@@ -239,23 +230,13 @@ impl super::Dataplane for KernelPlane {
     }
 
     fn sync_lock(&self, offset: u64, length: u64) -> BoxFuture<'_, Result<u64, DataplaneError>> {
-        Box::pin(async move {
-            let (tx, rx) = oneshot::channel();
-            // The grant cannot overtake the registration: the upcall thread
-            // takes the same mutex.
-            let seq = {
-                let mut w = lock(&self.grants);
-                let seq = self.dev.sync_lock(self.unit, offset, length)?;
-                w.insert(seq, tx);
-                seq
-            };
-            if rx.await.is_err() {
+        Box::pin(self.grants.acquire(
+            move || Ok(self.dev.sync_lock(self.unit, offset, length)?),
+            move |seq| {
                 let r = self.dev.sync_release(self.unit, seq, false);
                 self.warn("release of a cancelled sync lock", r);
-                return Err(DataplaneError::Closed);
-            }
-            Ok(seq)
-        })
+            },
+        ))
     }
 
     fn sync_read(
@@ -309,7 +290,7 @@ impl super::Dataplane for KernelPlane {
     }
 
     fn sync_cancel(&self) {
-        lock(&self.grants).clear();
+        self.grants.cancel();
     }
 
     fn stats(&self) -> Result<Stats, DataplaneError> {

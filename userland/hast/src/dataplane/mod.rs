@@ -16,10 +16,13 @@
 mod kernel;
 mod user;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Mutex;
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
 
 use crate::core::{CoreError, MapKind, Mode, Stats, SyncDir, Upcall};
 use crate::kdev::KdevError;
@@ -133,4 +136,49 @@ pub trait Dataplane: Send + Sync {
     /// Write the metadata block (flushed when `flush`). Blocking: call it
     /// from a blocking thread.
     fn write_metadata(&self, md: &Metadata, flush: bool) -> Result<(), DataplaneError>;
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sync locks asked for and not yet granted, by seq: both hosts announce a
+/// grant as an upcall, on another thread or task than the one that asked.
+#[derive(Default)]
+struct Grants(Mutex<HashMap<u64, oneshot::Sender<()>>>);
+
+impl Grants {
+    /// Ask for a lock with `ask` (its seq), registered before the grant can
+    /// arrive; wait for the grant. Cancelled ([`Grants::cancel`]): the lock
+    /// is given back with `release` and the answer is `Closed`.
+    async fn acquire(
+        &self,
+        ask: impl FnOnce() -> Result<u64, DataplaneError>,
+        release: impl FnOnce(u64),
+    ) -> Result<u64, DataplaneError> {
+        let (tx, rx) = oneshot::channel();
+        let seq = {
+            let mut w = lock(&self.0);
+            let seq = ask()?;
+            w.insert(seq, tx);
+            seq
+        };
+        if rx.await.is_err() {
+            release(seq);
+            return Err(DataplaneError::Closed);
+        }
+        Ok(seq)
+    }
+
+    /// Lock `seq` was granted.
+    fn grant(&self, seq: u64) {
+        if let Some(tx) = lock(&self.0).remove(&seq) {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Fail every lock still waiting.
+    fn cancel(&self) {
+        lock(&self.0).clear();
+    }
 }

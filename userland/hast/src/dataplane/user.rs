@@ -9,22 +9,17 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::{BoxFuture, DataplaneError, HostUpcall};
+use super::{lock, BoxFuture, DataplaneError, Grants, HostUpcall};
 use crate::core::{MapKind, Mode, Stats, SyncDir, Upcall, UpcallKind};
 use crate::metadata::Metadata;
 use crate::provider::Provider;
 use crate::uhost::Uhost;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The in-process host of one primary resource.
 pub struct UserPlane {
     host: Arc<Uhost>,
     provider: Arc<Provider>,
-    /// Sync locks asked for, by seq, until granted.
-    grants: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    grants: Grants,
     /// Sync I/O issued, by cookie, until done (with its errno).
     ios: Mutex<HashMap<u64, oneshot::Sender<i32>>>,
 }
@@ -34,7 +29,7 @@ impl UserPlane {
         UserPlane {
             host,
             provider,
-            grants: Mutex::new(HashMap::new()),
+            grants: Grants::default(),
             ios: Mutex::new(HashMap::new()),
         }
     }
@@ -44,9 +39,33 @@ impl UserPlane {
         &self.host
     }
 
-    /// Wait for a sync I/O's completion; its errno.
-    async fn sync_wait(rx: oneshot::Receiver<i32>) -> Result<i32, DataplaneError> {
-        rx.await.map_err(|_| DataplaneError::Closed)
+    /// Issue a sync I/O with `submit` (its cookie), registered before its
+    /// completion can arrive, and wait for it; the bytes it read, if any.
+    async fn sync_io(
+        &self,
+        op: &'static str,
+        offset: u64,
+        length: u64,
+        submit: impl FnOnce() -> Result<u64, crate::core::CoreError>,
+    ) -> Result<Option<Vec<u8>>, DataplaneError> {
+        let (tx, rx) = oneshot::channel();
+        let cookie = {
+            let mut w = lock(&self.ios);
+            let cookie = submit()?;
+            w.insert(cookie, tx);
+            cookie
+        };
+        let waited = rx.await.map_err(|_| DataplaneError::Closed);
+        let data = self.host.take_sync(cookie);
+        match waited? {
+            0 => Ok(data),
+            errno => Err(DataplaneError::SyncIo {
+                op,
+                offset,
+                length,
+                errno,
+            }),
+        }
     }
 }
 
@@ -60,11 +79,7 @@ impl super::Dataplane for UserPlane {
             loop {
                 while let Some(up) = self.host.core().next_upcall() {
                     match up.kind {
-                        UpcallKind::SyncLocked => {
-                            if let Some(tx) = lock(&self.grants).remove(&up.seq) {
-                                let _ = tx.send(());
-                            }
-                        }
+                        UpcallKind::SyncLocked => self.grants.grant(up.seq),
                         UpcallKind::SyncIoDone { error } => {
                             if let Some(tx) = lock(&self.ios).remove(&up.cookie) {
                                 let _ = tx.send(error);
@@ -134,22 +149,13 @@ impl super::Dataplane for UserPlane {
     }
 
     fn sync_lock(&self, offset: u64, length: u64) -> BoxFuture<'_, Result<u64, DataplaneError>> {
-        Box::pin(async move {
-            let core = self.host.core();
-            let (tx, rx) = oneshot::channel();
-            // Registered before the core can grant it.
-            let seq = {
-                let mut w = lock(&self.grants);
-                let seq = core.sync_lock(offset, length)?;
-                w.insert(seq, tx);
-                seq
-            };
-            if rx.await.is_err() {
+        let core = self.host.core();
+        Box::pin(self.grants.acquire(
+            move || Ok(core.sync_lock(offset, length)?),
+            move |seq| {
                 let _ = core.sync_release(seq, false);
-                return Err(DataplaneError::Closed);
-            }
-            Ok(seq)
-        })
+            },
+        ))
     }
 
     fn sync_read(
@@ -159,29 +165,17 @@ impl super::Dataplane for UserPlane {
         length: u64,
     ) -> BoxFuture<'_, Result<Vec<u8>, DataplaneError>> {
         Box::pin(async move {
-            let (tx, rx) = oneshot::channel();
-            let cookie = {
-                let mut w = lock(&self.ios);
-                let cookie = self.host.sync_read(lock_seq, offset, length)?;
-                w.insert(cookie, tx);
-                cookie
-            };
-            let waited = Self::sync_wait(rx).await;
-            let data = self.host.take_sync(cookie);
-            match waited? {
-                0 => data.ok_or(DataplaneError::SyncIo {
-                    op: "read",
-                    offset,
-                    length,
-                    errno: libc::EIO,
-                }),
-                errno => Err(DataplaneError::SyncIo {
-                    op: "read",
-                    offset,
-                    length,
-                    errno,
-                }),
-            }
+            let data = self
+                .sync_io("read", offset, length, || {
+                    self.host.sync_read(lock_seq, offset, length)
+                })
+                .await?;
+            data.ok_or(DataplaneError::SyncIo {
+                op: "read",
+                offset,
+                length,
+                errno: libc::EIO,
+            })
         })
     }
 
@@ -193,24 +187,11 @@ impl super::Dataplane for UserPlane {
     ) -> BoxFuture<'_, Result<(), DataplaneError>> {
         Box::pin(async move {
             let length = data.len() as u64;
-            let (tx, rx) = oneshot::channel();
-            let cookie = {
-                let mut w = lock(&self.ios);
-                let cookie = self.host.sync_write(lock_seq, offset, data)?;
-                w.insert(cookie, tx);
-                cookie
-            };
-            let waited = Self::sync_wait(rx).await;
-            self.host.take_sync(cookie);
-            match waited? {
-                0 => Ok(()),
-                errno => Err(DataplaneError::SyncIo {
-                    op: "write",
-                    offset,
-                    length,
-                    errno,
-                }),
-            }
+            self.sync_io("write", offset, length, || {
+                self.host.sync_write(lock_seq, offset, data)
+            })
+            .await
+            .map(drop)
         })
     }
 
@@ -221,7 +202,7 @@ impl super::Dataplane for UserPlane {
     fn sync_cancel(&self) {
         // Sync I/O in flight is left to finish: the disk always answers,
         // and a lock can only be released once its I/O is done.
-        lock(&self.grants).clear();
+        self.grants.cancel();
     }
 
     fn stats(&self) -> Result<Stats, DataplaneError> {
