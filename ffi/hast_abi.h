@@ -164,6 +164,9 @@ struct hast_abi_create {
 	uint32_t	hc_sectorsize;
 	uint32_t	hc_flags;	/* HAST_CREATEF_* */
 	uint64_t	hc_unit;	/* out (CREATE), in (DESTROY): instance */
+	uint64_t	hc_map;		/* CREATE: the on-disk activemap, loaded */
+	uint32_t	hc_mapsize;	/* before hast/NAME appears (0: none) */
+	uint32_t	hc_pad0;
 };
 
 #define	HAST_CREATEF_METAFLUSH	0x00000001	/* flush after map writes */

@@ -1161,6 +1161,7 @@ g_hast_ctl_create(struct hast_abi_create *c)
 	struct g_geom *gp;
 	struct hast_core *core;
 	uint64_t end;
+	uint8_t *map;
 	int error;
 
 	sc = malloc(sizeof(*sc), M_HAST, M_WAITOK | M_ZERO);
@@ -1201,6 +1202,22 @@ g_hast_ctl_create(struct hast_abi_create *c)
 	sc->sc_mapsize = hast_core_map_size(core);
 	sc->sc_mapbio = g_alloc_bio();
 	sc->sc_flushbio = g_alloc_bio();
+
+	/* The on-disk map, before any client can reach the provider. */
+	if (c->hc_map != 0) {
+		if (c->hc_mapsize < sc->sc_mapsize) {
+			error = EINVAL;
+			goto fail_core;
+		}
+		map = malloc(sc->sc_mapsize, M_HAST, M_WAITOK);
+		error = copyin((void *)(uintptr_t)c->hc_map, map,
+		    sc->sc_mapsize);
+		if (error == 0)
+			error = hast_core_map_load(core, map, sc->sc_mapsize);
+		free(map, M_HAST);
+		if (error != 0)
+			goto fail_core;
+	}
 
 	/* Reserve the name and a unit; unload waits for g_hast_nunits. */
 	mtx_lock(&g_hast_mtx);
@@ -1846,7 +1863,9 @@ g_hast_ctl_stats(struct hast_abi_stats *s)
  * CREATE    names are bounded and checked (non-empty, [A-Za-z0-9._:+-],
  *           '/' allowed in hc_local only); the local provider is opened
  *           exclusively; the core starts with the link down and a localcnt
- *           bump owed: LOAD the on-disk map before the first write.  Out:
+ *           bump owed.  hc_map (hc_mapsize bytes, at least the map's size)
+ *           is loaded as the on-disk map before hast/NAME appears; without
+ *           it, LOAD the map before the first write.  Out:
  *           hc_unit (never reused; also <Unit> in kern.geom.confxml, for
  *           an engine that restarts).  When the last reference to the
  *           descriptor that created it is closed, its link goes down.

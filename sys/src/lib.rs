@@ -30,7 +30,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<hast_abi_downcall>(), 48);
         assert_eq!(core::mem::size_of::<hast_abi_range>(), 64);
         assert_eq!(core::mem::size_of::<hast_abi_map>(), 32);
-        assert_eq!(core::mem::size_of::<hast_abi_create>(), 184);
+        assert_eq!(core::mem::size_of::<hast_abi_create>(), 200);
         assert_eq!(core::mem::size_of::<hast_abi_stats>(), 192);
     }
 

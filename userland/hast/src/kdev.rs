@@ -224,6 +224,9 @@ pub struct CreateSpec {
     pub mapoff: u64,
     /// Flush the local provider after every activemap write.
     pub metaflush: bool,
+    /// The on-disk activemap, loaded before `hast/NAME` appears (empty:
+    /// none; then [`KernelDevice::map_load`] it before the first write).
+    pub map: Vec<u8>,
 }
 
 fn mode_raw(mode: Mode) -> u32 {
@@ -284,9 +287,14 @@ pub fn encode_name(
     Ok(out)
 }
 
-/// The [`sys::hast_abi_create`] for `spec`, names checked.
+/// The [`sys::hast_abi_create`] for `spec`, names checked. It points at
+/// `spec.map`: keep `spec` alive until the ioctl returned.
 pub fn create_arg(spec: &CreateSpec) -> Result<sys::hast_abi_create, KdevError> {
     let local = spec.local.strip_prefix("/dev/").unwrap_or(&spec.local);
+    let mapsize = u32::try_from(spec.map.len()).map_err(|_| KdevError::Invalid {
+        op: Ioctl::Create,
+        what: format!("an activemap of {} bytes", spec.map.len()),
+    })?;
     Ok(sys::hast_abi_create {
         hc_version: sys::HAST_ABI_VERSION,
         hc_mode: mode_raw(spec.params.mode),
@@ -304,6 +312,13 @@ pub fn create_arg(spec: &CreateSpec) -> Result<sys::hast_abi_create, KdevError> 
             0
         },
         hc_unit: 0,
+        hc_map: if spec.map.is_empty() {
+            0
+        } else {
+            addr(spec.map.as_ptr())
+        },
+        hc_mapsize: mapsize,
+        hc_pad0: 0,
     })
 }
 
@@ -855,6 +870,7 @@ mod tests {
             localoff: 8192 + 4096,
             mapoff: 4096,
             metaflush: true,
+            map: vec![0x81; 64],
         }
     }
 
@@ -865,8 +881,8 @@ mod tests {
     #[test]
     fn structs_match_hast_sys_and_fit_an_ioctl() {
         let expect = [
-            (Ioctl::Create, 184),
-            (Ioctl::Destroy, 184),
+            (Ioctl::Create, 200),
+            (Ioctl::Destroy, 200),
             (Ioctl::Upcall, 72),
             (Ioctl::Downcall, 48),
             (Ioctl::Range, 64),
@@ -879,7 +895,7 @@ mod tests {
             // IOCPARM_MAX: a larger struct would not fit _IOWR's length.
             assert!(op.arg_size() < 8192, "{op}");
         }
-        assert_eq!(size_of::<sys::hast_abi_create>(), 184);
+        assert_eq!(size_of::<sys::hast_abi_create>(), 200);
         assert_eq!(sys::HAST_ABI_VERSION, 2);
         assert_eq!(NAME_LEN, 64);
     }
@@ -926,11 +942,11 @@ mod tests {
     #[test]
     fn freebsd_request_numbers_match_the_hand_computed_encoding() {
         // _IOWR('H', 1, struct hast_abi_create) by hand: IOC_INOUT
-        // 0xc0000000 | 184 (0xb8) << 16 | 'H' (0x48) << 8 | 1.
-        assert_eq!(Ioctl::Create.freebsd_request(), 0xc0b8_4801);
+        // 0xc0000000 | 200 (0xc8) << 16 | 'H' (0x48) << 8 | 1.
+        assert_eq!(Ioctl::Create.freebsd_request(), 0xc0c8_4801);
         let table = [
-            (Ioctl::Create, 0xc0b8_4801u32),
-            (Ioctl::Destroy, 0xc0b8_4802),
+            (Ioctl::Create, 0xc0c8_4801u32),
+            (Ioctl::Destroy, 0xc0c8_4802),
             (Ioctl::Upcall, 0xc048_4803),
             (Ioctl::Downcall, 0xc030_4804),
             (Ioctl::Range, 0xc040_4805),
@@ -998,7 +1014,8 @@ mod tests {
 
     #[test]
     fn create_arg_carries_the_spec() {
-        let c = create_arg(&spec()).unwrap();
+        let s = spec();
+        let c = create_arg(&s).unwrap();
         assert_eq!(&name_bytes(&c.hc_name)[..7], b"shared\0");
         // "/dev/" is dropped: GEOM names providers without it.
         assert_eq!(&name_bytes(&c.hc_local)[..7], b"ada0p3\0");
@@ -1011,6 +1028,14 @@ mod tests {
         assert_eq!(c.hc_mapoff, 4096);
         assert_eq!(c.hc_flags, sys::HAST_CREATEF_METAFLUSH);
         assert_eq!(c.hc_unit, 0);
+        assert_eq!(c.hc_map, s.map.as_ptr() as usize as u64);
+        assert_eq!(c.hc_mapsize, 64);
+        let none = create_arg(&CreateSpec {
+            map: Vec::new(),
+            ..spec()
+        })
+        .unwrap();
+        assert_eq!((none.hc_map, none.hc_mapsize), (0, 0));
 
         let mut s = spec();
         s.metaflush = false;

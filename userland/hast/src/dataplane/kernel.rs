@@ -32,21 +32,13 @@ pub struct KernelPlane {
 
 impl KernelPlane {
     /// Create `hast/NAME` on the local provider through the control device
-    /// at `path`, load the on-disk activemap into it and start taking its
-    /// upcalls. The engine must have closed its own descriptor of the local
-    /// provider (the module opens it exclusively).
-    pub fn create(path: &Path, spec: &CreateSpec, map: &[u8]) -> Result<KernelPlane, KdevError> {
+    /// at `path`, with the on-disk activemap (`spec.map`) loaded before the
+    /// device appears, and start taking its upcalls. The engine must have
+    /// closed its own descriptor of the local provider (the module opens it
+    /// exclusively).
+    pub fn create(path: &Path, spec: &CreateSpec) -> Result<KernelPlane, KdevError> {
         let dev = Arc::new(KernelDevice::open_path(path)?);
         let unit = dev.create(spec)?;
-        if let Err(e) = dev.map_load(unit, map) {
-            if let Err(d) = dev.destroy(unit) {
-                tracing::error!(
-                    "unable to destroy hast/{} after a failed start: {d}",
-                    spec.name
-                );
-            }
-            return Err(e);
-        }
         let (tx, rx) = mpsc::unbounded_channel();
         let grants = Arc::new(Grants::default());
         let reader = {

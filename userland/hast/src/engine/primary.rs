@@ -225,10 +225,10 @@ impl Primary {
             localoff: geo.localoff,
             mapoff: METADATA_SIZE,
             metaflush: geo.metaflush,
+            map: map.to_vec(),
         };
-        let map = map.to_vec();
         let plane = tokio::task::spawn_blocking(move || {
-            KernelPlane::create(std::path::Path::new(crate::kdev::DEFAULT_PATH), &spec, &map)
+            KernelPlane::create(std::path::Path::new(crate::kdev::DEFAULT_PATH), &spec)
         })
         .await
         .map_err(|e| {
