@@ -432,10 +432,33 @@ impl Arg for DestroyArg {
 /// parked in [`KernelDevice::next_upcall`] (run it on a blocking thread,
 /// e.g. `tokio::task::spawn_blocking`) while others send downcalls. That
 /// call returns ENXIO once the instance is destroyed, EINTR on a signal.
-#[derive(Debug)]
 pub struct KernelDevice {
     fd: OwnedFd,
     path: PathBuf,
+    /// Tests only: a userland stand-in for the module answers the ioctls.
+    #[cfg(test)]
+    emu: Option<std::sync::Arc<dyn Emulator>>,
+}
+
+impl std::fmt::Debug for KernelDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelDevice")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Tests only: something that carries out the module's ioctls in this
+/// process (crate::dataplane's emulator, built on the same C core), so the
+/// kernel transport's callers can be exercised on any OS.
+#[cfg(test)]
+pub trait Emulator: Send + Sync {
+    /// Carry out `op` on its argument struct as kmod/g_hast.c does.
+    ///
+    /// # Safety
+    /// `arg` points to the struct `op` carries, and every user address in
+    /// it is valid for the length the struct gives it.
+    unsafe fn ioctl(&self, op: Ioctl, arg: *mut u8) -> Result<(), Errno>;
 }
 
 impl KernelDevice {
@@ -471,7 +494,18 @@ impl KernelDevice {
         Ok(KernelDevice {
             fd,
             path: path.to_owned(),
+            #[cfg(test)]
+            emu: None,
         })
+    }
+
+    /// Tests only: a device whose ioctls `emu` answers.
+    #[cfg(test)]
+    pub fn emulated(emu: std::sync::Arc<dyn Emulator>) -> KernelDevice {
+        let mut dev =
+            KernelDevice::open_with(Path::new("/dev/null"), OFlag::O_RDWR).expect("open /dev/null");
+        dev.emu = Some(emu);
+        dev
     }
 
     /// The path this device was opened at.
@@ -481,6 +515,17 @@ impl KernelDevice {
 
     /// One ioctl; every user address in `arg` must be valid for its length.
     fn ioctl<T: Arg>(&self, arg: &mut T) -> Result<(), KdevError> {
+        #[cfg(test)]
+        if let Some(emu) = &self.emu {
+            // SAFETY: as for the real ioctl below.
+            return unsafe { emu.ioctl(T::OP, (arg as *mut T).cast()) }.map_err(|errno| {
+                KdevError::Ioctl {
+                    op: T::OP,
+                    path: self.path.clone(),
+                    errno,
+                }
+            });
+        }
         #[cfg(target_os = "freebsd")]
         {
             // SAFETY: the descriptor is open; the callers fill `arg` with

@@ -13,6 +13,8 @@
 //! hosts resolve them inside [`Dataplane::sync_lock`],
 //! [`Dataplane::sync_read`] and [`Dataplane::sync_write`].
 
+#[cfg(test)]
+mod emu;
 mod kernel;
 mod user;
 
