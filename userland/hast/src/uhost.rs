@@ -14,6 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
@@ -113,11 +114,18 @@ enum Job {
 /// Most I/O threads one host runs.
 const MAX_IO_THREADS: usize = 32;
 
+/// A thread that started its job less than this long ago is taken to be
+/// on the CPU and soon free for the next job; one busy for longer may be
+/// waiting for the disk, and queued jobs wake another thread instead.
+const FRESH_JOB: Duration = Duration::from_micros(200);
+
 #[derive(Default)]
 struct PoolState {
     jobs: VecDeque<Job>,
     /// Threads started and not yet gone.
     threads: usize,
+    /// Per thread (by start order): since when it runs its current job.
+    busy: Vec<Option<Instant>>,
     /// Threads waiting for work that nobody has woken yet.
     sleeping: usize,
     /// Wake-ups sent and not yet taken by a thread.
@@ -133,12 +141,14 @@ struct PoolShared {
 
 /// The I/O threads of one host: buffered positioned reads and writes of
 /// client requests, fed through one queue. A thread is woken (or started)
-/// only when more jobs wait than threads are awake to take them, so under
-/// load the awake threads go from one job to the next without a futex
-/// wake-up and sleep per request (what a `spawn_blocking` per request
-/// costs), and there are about as many running as there are CPUs to run
-/// them. Jobs that block on the disk leave their jobs queued, which wakes
-/// more threads, up to [`MAX_IO_THREADS`].
+/// only when more jobs wait than awake threads will soon take (idle ones,
+/// and busy ones whose job started under [`FRESH_JOB`] ago), so under load
+/// the awake threads go from one job to the next without a futex wake-up
+/// and sleep per request (what a `spawn_blocking` per request costs), and
+/// about as many run as there are CPUs to run them. Threads whose jobs wait
+/// for the disk stop counting once those jobs are older than
+/// [`FRESH_JOB`], so queued jobs wake more threads, up to
+/// [`MAX_IO_THREADS`].
 struct IoPool {
     shared: Arc<PoolShared>,
 }
@@ -152,8 +162,16 @@ impl IoPool {
     fn push(&self, job: Job, host: &Weak<Inner>) {
         let mut st = Self::lock(&self.shared);
         st.jobs.push_back(job);
-        let awake = st.threads.saturating_sub(st.sleeping);
-        if st.jobs.len() <= awake {
+        let now = Instant::now();
+        let (mut busy, mut fresh) = (0usize, 0usize);
+        for since in st.busy.iter().flatten() {
+            busy += 1;
+            if now.saturating_duration_since(*since) < FRESH_JOB {
+                fresh += 1;
+            }
+        }
+        let idle = st.threads.saturating_sub(st.sleeping).saturating_sub(busy);
+        if st.jobs.len() <= idle + fresh {
             return;
         }
         if st.sleeping > 0 {
@@ -166,12 +184,16 @@ impl IoPool {
         if st.threads >= MAX_IO_THREADS {
             return;
         }
+        let index = st.threads;
         st.threads += 1;
+        if st.busy.len() < st.threads {
+            st.busy.push(None);
+        }
         let shared = Arc::clone(&self.shared);
         let thread_host = host.clone();
         let started = std::thread::Builder::new()
             .name("hast-io".into())
-            .spawn(move || io_thread(&shared, &thread_host));
+            .spawn(move || io_thread(&shared, &thread_host, index));
         if let Err(e) = started {
             st.threads -= 1;
             if st.threads == 0 {
@@ -200,15 +222,22 @@ impl Drop for IoPool {
     }
 }
 
-fn io_thread(shared: &PoolShared, host: &Weak<Inner>) {
+/// I/O thread number `index`: run queued jobs, sleep when there are none.
+fn io_thread(shared: &PoolShared, host: &Weak<Inner>, index: usize) {
     let mut st = IoPool::lock(shared);
     loop {
         if let Some(job) = st.jobs.pop_front() {
+            if let Some(slot) = st.busy.get_mut(index) {
+                *slot = Some(Instant::now());
+            }
             drop(st);
             if let Some(me) = host.upgrade() {
                 me.run_job(job);
             }
             st = IoPool::lock(shared);
+            if let Some(slot) = st.busy.get_mut(index) {
+                *slot = None;
+            }
             continue;
         }
         if st.closed {
