@@ -7,20 +7,21 @@
 //! Upcalls for the engine (replicate, read from the peer, persist the
 //! counter bump) are signalled through [`Uhost::upcalls_ready`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
 
 use crate::core::{Cmd, Core, CoreError, CoreHost, LocalIo, Mode, Params};
 use crate::metadata::METADATA_SIZE;
-use crate::nbd::{Backend, BoxFuture, FileBackend, FileOptions, NbdError};
+use crate::nbd::{Backend, BoxFuture, Done, FileBackend, FileOptions, NbdError};
 
 /// Where a provider's replicated data lives and how it is replicated.
 #[derive(Debug, Clone)]
@@ -68,12 +69,22 @@ enum Op {
 /// The answer to a client request.
 type Answer = Result<Option<Vec<u8>>, i32>;
 
+/// Who waits for a request's answer.
+#[derive(Debug)]
+enum Waiter {
+    /// A task of this module (split or FUA requests, flushes, trims).
+    Task(oneshot::Sender<Answer>),
+    /// The NBD client, answered straight from [`CoreHost::complete`]:
+    /// no task and no wake-up between the core's decision and the reply.
+    Client(Done),
+}
+
 #[derive(Debug)]
 struct Pending {
     op: Op,
     /// Data read locally (or from the peer) for a read.
     read: Option<Vec<u8>>,
-    answer: Option<oneshot::Sender<Answer>>,
+    answer: Option<Waiter>,
 }
 
 /// A resynchronization I/O's buffer.
@@ -83,6 +94,169 @@ enum SyncBuf {
     Read(Option<Vec<u8>>),
     /// Write these bytes.
     Write(Bytes),
+}
+
+/// A client read or write for the I/O threads.
+enum Job {
+    Read {
+        seq: u64,
+        cookie: u64,
+        off: u64,
+        len: u32,
+    },
+    Write {
+        seq: u64,
+        off: u64,
+        data: Bytes,
+    },
+}
+
+/// Most I/O threads one host runs.
+const MAX_IO_THREADS: usize = 32;
+
+/// A thread that started its job less than this long ago is taken to be
+/// on the CPU and soon free for the next job; one busy for longer may be
+/// waiting for the disk, and queued jobs wake another thread instead.
+const FRESH_JOB: Duration = Duration::from_micros(200);
+
+#[derive(Default)]
+struct PoolState {
+    jobs: VecDeque<Job>,
+    /// Threads started and not yet gone.
+    threads: usize,
+    /// Per thread (by start order): since when it runs its current job.
+    busy: Vec<Option<Instant>>,
+    /// Threads waiting for work that nobody has woken yet.
+    sleeping: usize,
+    /// Wake-ups sent and not yet taken by a thread.
+    woken: usize,
+    closed: bool,
+}
+
+#[derive(Default)]
+struct PoolShared {
+    state: Mutex<PoolState>,
+    cv: Condvar,
+}
+
+/// The I/O threads of one host: buffered positioned reads and writes of
+/// client requests, fed through one queue. A thread is woken (or started)
+/// only when more jobs wait than awake threads will soon take (idle ones,
+/// and busy ones whose job started under [`FRESH_JOB`] ago), so under load
+/// the awake threads go from one job to the next without a futex wake-up
+/// and sleep per request (what a `spawn_blocking` per request costs), and
+/// about as many run as there are CPUs to run them. Threads whose jobs wait
+/// for the disk stop counting once those jobs are older than
+/// [`FRESH_JOB`], so queued jobs wake more threads, up to
+/// [`MAX_IO_THREADS`].
+struct IoPool {
+    shared: Arc<PoolShared>,
+}
+
+impl IoPool {
+    fn lock(shared: &PoolShared) -> MutexGuard<'_, PoolState> {
+        shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue a job; `host` is what the threads run it on.
+    fn push(&self, job: Job, host: &Weak<Inner>) {
+        let mut st = Self::lock(&self.shared);
+        st.jobs.push_back(job);
+        let now = Instant::now();
+        let (mut busy, mut fresh) = (0usize, 0usize);
+        for since in st.busy.iter().flatten() {
+            busy += 1;
+            if now.saturating_duration_since(*since) < FRESH_JOB {
+                fresh += 1;
+            }
+        }
+        let idle = st.threads.saturating_sub(st.sleeping).saturating_sub(busy);
+        if st.jobs.len() <= idle + fresh {
+            return;
+        }
+        if st.sleeping > 0 {
+            st.sleeping -= 1;
+            st.woken += 1;
+            drop(st);
+            self.shared.cv.notify_one();
+            return;
+        }
+        if st.threads >= MAX_IO_THREADS {
+            return;
+        }
+        let index = st.threads;
+        st.threads += 1;
+        if st.busy.len() < st.threads {
+            st.busy.push(None);
+        }
+        let shared = Arc::clone(&self.shared);
+        let thread_host = host.clone();
+        let started = std::thread::Builder::new()
+            .name("hast-io".into())
+            .spawn(move || io_thread(&shared, &thread_host, index));
+        if let Err(e) = started {
+            st.threads -= 1;
+            if st.threads == 0 {
+                // Nobody would ever take the queued jobs: fail them.
+                let jobs: Vec<Job> = st.jobs.drain(..).collect();
+                drop(st);
+                tracing::error!("cannot start an I/O thread: {e}");
+                if let Some(me) = host.upgrade() {
+                    for job in jobs {
+                        let seq = match job {
+                            Job::Read { seq, .. } | Job::Write { seq, .. } => seq,
+                        };
+                        me.local_done(seq, libc::EAGAIN);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for IoPool {
+    /// The threads finish the queued jobs and leave.
+    fn drop(&mut self) {
+        Self::lock(&self.shared).closed = true;
+        self.shared.cv.notify_all();
+    }
+}
+
+/// I/O thread number `index`: run queued jobs, sleep when there are none.
+fn io_thread(shared: &PoolShared, host: &Weak<Inner>, index: usize) {
+    let mut st = IoPool::lock(shared);
+    loop {
+        if let Some(job) = st.jobs.pop_front() {
+            if let Some(slot) = st.busy.get_mut(index) {
+                *slot = Some(Instant::now());
+            }
+            drop(st);
+            if let Some(me) = host.upgrade() {
+                me.run_job(job);
+            }
+            st = IoPool::lock(shared);
+            if let Some(slot) = st.busy.get_mut(index) {
+                *slot = None;
+            }
+            continue;
+        }
+        if st.closed {
+            st.threads = st.threads.saturating_sub(1);
+            return;
+        }
+        st.sleeping += 1;
+        loop {
+            st = shared.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            if st.woken > 0 {
+                st.woken -= 1;
+                break;
+            }
+            if st.closed {
+                st.sleeping = st.sleeping.saturating_sub(1);
+                break;
+            }
+        }
+    }
 }
 
 struct Inner {
@@ -103,6 +277,8 @@ struct Inner {
     max_request: AtomicU64,
     size: u64,
     sectorsize: u32,
+    /// Threads for client reads and non-FUA writes.
+    pool: IoPool,
 }
 
 /// One primary provider served through the core.
@@ -131,6 +307,27 @@ impl Inner {
     fn with_pending<T>(&self, cookie: u64, f: impl FnOnce(&mut Pending) -> T) -> Option<T> {
         let mut table = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         table.get_mut(&cookie).map(f)
+    }
+
+    /// Run one client read or write on the calling I/O thread.
+    fn run_job(&self, job: Job) {
+        match job {
+            Job::Read {
+                seq,
+                cookie,
+                off,
+                len,
+            } => {
+                let result = self.local.read_now(off, len).map(|buf| {
+                    self.with_pending(cookie, |p| p.read = Some(buf));
+                });
+                self.local_done(seq, result.as_ref().map_or_else(errno, |()| 0));
+            }
+            Job::Write { seq, off, data } => {
+                let result = self.local.write_now(off, &data, false);
+                self.local_done(seq, result.as_ref().map_or_else(errno, |()| 0));
+            }
+        }
     }
 
     fn local_done(&self, seq: u64, error: i32) {
@@ -202,27 +399,37 @@ impl CoreHost for Inner {
             let _ = core.local_done(io.seq, libc::EINVAL);
             return;
         };
-        let Some(me) = self.me.upgrade() else { return };
-        // Reads and writes go straight to the blocking pool: no extra task
-        // hop on the latency path of every request.
-        match op {
+        // Reads and plain writes go to the I/O threads; a FUA write waits
+        // for the disk, so it gets a blocking-pool thread of its own.
+        let op = match op {
             Op::Read => {
-                self.rt.spawn_blocking(move || {
-                    let result = me.local.read_now(io.offset, len).map(|buf| {
-                        me.with_pending(io.cookie, |p| p.read = Some(buf));
-                    });
-                    me.local_done(io.seq, result.as_ref().map_or_else(errno, |()| 0));
-                });
+                let job = Job::Read {
+                    seq: io.seq,
+                    cookie: io.cookie,
+                    off: io.offset,
+                    len,
+                };
+                self.pool.push(job, &self.me);
                 return;
             }
-            Op::Write { data, fua } => {
-                self.rt.spawn_blocking(move || {
-                    let result = me.local.write_now(io.offset, &data, fua);
-                    me.local_done(io.seq, result.as_ref().map_or_else(errno, |()| 0));
-                });
+            Op::Write { data, fua: false } => {
+                let job = Job::Write {
+                    seq: io.seq,
+                    off: io.offset,
+                    data,
+                };
+                self.pool.push(job, &self.me);
                 return;
             }
-            _ => {}
+            other => other,
+        };
+        let Some(me) = self.me.upgrade() else { return };
+        if let Op::Write { data, .. } = op {
+            self.rt.spawn_blocking(move || {
+                let result = me.local.write_now(io.offset, &data, true);
+                me.local_done(io.seq, result.as_ref().map_or_else(errno, |()| 0));
+            });
+            return;
         }
         self.rt.spawn(async move {
             let result = match op {
@@ -272,8 +479,16 @@ impl CoreHost for Inner {
                 p.answer.take().map(|tx| (tx, read))
             })
         };
-        if let Some((tx, read)) = answer {
-            let _ = tx.send(if error == 0 { Ok(read) } else { Err(error) });
+        match answer {
+            Some((Waiter::Task(tx), read)) => {
+                let _ = tx.send(if error == 0 { Ok(read) } else { Err(error) });
+            }
+            Some((Waiter::Client(done), read)) => done.finish(if error == 0 {
+                Ok(read)
+            } else {
+                Err(io::Error::from_raw_os_error(error))
+            }),
+            None => {}
         }
     }
 
@@ -323,6 +538,9 @@ impl Uhost {
             max_request: AtomicU64::new(DEFAULT_MAX_REQUEST),
             size: geo.datasize,
             sectorsize: geo.sectorsize,
+            pool: IoPool {
+                shared: Arc::new(PoolShared::default()),
+            },
         });
         let core = Arc::new(Core::new(
             Params {
@@ -447,10 +665,10 @@ impl Uhost {
         }
     }
 
-    /// Hand a request to the core and wait for its answer.
-    async fn submit(&self, cmd: Cmd, off: u64, len: u64, op: Op) -> Answer {
+    /// Put a request in the table and hand it to the core; `Err` when the
+    /// core refused it (it is out of the table again then).
+    fn start(&self, cmd: Cmd, off: u64, len: u64, op: Op, answer: Waiter) -> Result<(), i32> {
         let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
         {
             let mut table = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
             table.insert(
@@ -458,7 +676,7 @@ impl Uhost {
                 Pending {
                     op,
                     read: None,
-                    answer: Some(tx),
+                    answer: Some(answer),
                 },
             );
         }
@@ -466,7 +684,47 @@ impl Uhost {
             self.inner.release(cookie);
             return Err(core_errno(&e));
         }
+        Ok(())
+    }
+
+    /// Hand a request to the core and wait for its answer.
+    async fn submit(&self, cmd: Cmd, off: u64, len: u64, op: Op) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        self.start(cmd, off, len, op, Waiter::Task(tx))?;
         rx.await.unwrap_or(Err(libc::EIO))
+    }
+
+    /// Hand a client request that fits in one core request to the core;
+    /// [`CoreHost::complete`] answers the client.
+    fn start_direct(&self, cmd: Cmd, off: u64, len: u64, op: Op, done: Done) {
+        let table = &self.inner.pending;
+        let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
+        table.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            cookie,
+            Pending {
+                op,
+                read: None,
+                answer: Some(Waiter::Client(done)),
+            },
+        );
+        if let Err(e) = self.core.submit(cmd, off, len, cookie) {
+            let refused = table
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&cookie);
+            if let Some(Pending {
+                answer: Some(Waiter::Client(done)),
+                ..
+            }) = refused
+            {
+                done.finish(Err(io::Error::from_raw_os_error(core_errno(&e))));
+            }
+        }
+    }
+
+    /// True when a request of `len` bytes goes to the core in one piece.
+    fn one_piece(&self, len: u64) -> bool {
+        len <= self.inner.max_request.load(Ordering::Relaxed)
     }
 
     async fn submit_io(&self, cmd: Cmd, off: u64, len: u64, op: Op) -> io::Result<Option<Vec<u8>>> {
@@ -503,6 +761,31 @@ impl Uhost {
 impl Backend for Uhost {
     fn size(&self) -> u64 {
         self.inner.size
+    }
+
+    fn start_read(self: Arc<Self>, off: u64, len: u32, done: Done) {
+        if self.one_piece(u64::from(len)) {
+            self.start_direct(Cmd::Read, off, u64::from(len), Op::Read, done);
+        } else {
+            tokio::spawn(async move { done.finish(self.read(off, len).await.map(Some)) });
+        }
+    }
+
+    fn start_write(self: Arc<Self>, off: u64, data: Vec<u8>, fua: bool, done: Done) {
+        let len = data.len() as u64;
+        // A FUA write may need a flush of the peer after it: that waits in
+        // a task.
+        if !fua && self.one_piece(len) {
+            let op = Op::Write {
+                data: Bytes::from(data),
+                fua,
+            };
+            self.start_direct(Cmd::Write, off, len, op, done);
+        } else {
+            tokio::spawn(async move {
+                done.finish(self.write(off, data, fua).await.map(|()| None));
+            });
+        }
     }
 
     fn block_size(&self) -> u32 {

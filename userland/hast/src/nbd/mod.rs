@@ -20,10 +20,11 @@ use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 pub use export::Registry;
 pub use file::{FileBackend, FileOptions};
-pub use server::{Config, Server};
+pub use server::{Config, Done, Server};
 
 /// A boxed, sendable future, the return type of [`Backend`] operations (so
 /// exports of different backend types can sit in one [`Registry`]).
@@ -55,6 +56,22 @@ pub trait Backend: Send + Sync + 'static {
     /// Writes `data` at `off`; with `fua` the data is on stable storage
     /// when the future completes.
     fn write(&self, off: u64, data: Vec<u8>, fua: bool) -> BoxFuture<'_, io::Result<()>>;
+
+    /// Starts a read of `len` bytes at `off` and answers through `done`
+    /// (with exactly `len` bytes) when it finishes. The default runs
+    /// [`Backend::read`] on a task of its own; a backend that finishes
+    /// requests on its own threads can answer from there instead and save
+    /// a task and a wake-up per request.
+    fn start_read(self: Arc<Self>, off: u64, len: u32, done: Done) {
+        tokio::spawn(async move { done.finish(self.read(off, len).await.map(Some)) });
+    }
+
+    /// Starts a write like [`Backend::write`] and answers through `done`
+    /// when it finishes. The default runs [`Backend::write`] on a task of
+    /// its own (see [`Backend::start_read`]).
+    fn start_write(self: Arc<Self>, off: u64, data: Vec<u8>, fua: bool, done: Done) {
+        tokio::spawn(async move { done.finish(self.write(off, data, fua).await.map(|()| None)) });
+    }
 
     /// Makes every completed write durable.
     fn flush(&self) -> BoxFuture<'_, io::Result<()>>;

@@ -619,18 +619,53 @@ struct Reply {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
-/// A request handed to its task. It is always answered: if the task ends
-/// without answering (a panicking backend, a runtime shutting down), the
-/// drop sends `EIO` so the client is not left waiting for the cookie.
-struct Pending {
+/// The answer to one client request, handed to the backend with the
+/// request ([`Backend::start_read`], [`Backend::start_write`]) or to the task
+/// that runs it. It is always answered: if it is dropped unanswered (a
+/// panicking backend, a runtime shutting down), the drop sends `EIO` so the
+/// client is not left waiting for the cookie. Answering queues the reply for
+/// the connection's writer; it never blocks, so a backend may answer from
+/// any thread.
+pub struct Done {
     tx: mpsc::UnboundedSender<Reply>,
     cookie: u64,
+    op: Op,
     permit: Option<OwnedSemaphorePermit>,
 }
 
-impl Pending {
-    fn answer(mut self, error: u32, data: Option<Vec<u8>>) {
-        self.send(error, data);
+impl std::fmt::Debug for Done {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Done")
+            .field("cookie", &self.cookie)
+            .field("op", &self.op)
+            .finish()
+    }
+}
+
+impl Done {
+    /// Answer the request: `Ok(Some(data))` for a read (exactly the length
+    /// asked for), `Ok(None)` for anything else, or the error.
+    pub fn finish(mut self, result: io::Result<Option<Vec<u8>>>) {
+        let result = match (self.op, result) {
+            (Op::Read { len, .. }, Ok(Some(v))) if v.len() != len as usize => {
+                Err(io::Error::other(format!(
+                    "backend returned {} bytes for a {len}-byte read",
+                    v.len()
+                )))
+            }
+            (Op::Read { .. }, Ok(None)) => Err(io::Error::other("backend returned no read data")),
+            (Op::Read { .. }, Ok(data)) => Ok(data),
+            // Only a read's reply carries data.
+            (_, Ok(_)) => Ok(None),
+            (_, Err(e)) => Err(e),
+        };
+        match result {
+            Ok(data) => self.send(0, data),
+            Err(e) => {
+                warn!(op = ?self.op, error = %e, "NBD request failed");
+                self.send(proto::errno_to_nbd(&e), None);
+            }
+        }
     }
 
     fn send(&mut self, error: u32, data: Option<Vec<u8>>) {
@@ -646,7 +681,7 @@ impl Pending {
     }
 }
 
-impl Drop for Pending {
+impl Drop for Done {
     fn drop(&mut self) {
         self.send(proto::EIO, None);
     }
@@ -768,21 +803,20 @@ async fn transmission<R, W>(
                 "client went away inside a write payload"
             );
         }
-        let pending = Pending {
+        let done = Done {
             tx: tx.clone(),
             cookie: req.cookie,
+            op,
             permit: Some(permit),
         };
         let backend = Arc::clone(&backend);
-        tokio::spawn(async move {
-            match run(backend.as_ref(), op, data).await {
-                Ok(data) => pending.answer(0, data),
-                Err(e) => {
-                    warn!(?op, error = %e, "NBD request failed");
-                    pending.answer(proto::errno_to_nbd(&e), None);
-                }
+        match op {
+            Op::Read { off, len } => backend.start_read(off, len, done),
+            Op::Write { off, fua, .. } => backend.start_write(off, data, fua, done),
+            _ => {
+                tokio::spawn(async move { done.finish(run(backend.as_ref(), op, data).await) });
             }
-        });
+        }
     };
     debug!(%peer, export = %name, %reason, "NBD connection draining");
     // The writer ends once every task has sent its reply (each holds a
@@ -809,16 +843,7 @@ const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn run(b: &dyn Backend, op: Op, data: Vec<u8>) -> io::Result<Option<Vec<u8>>> {
     match op {
-        Op::Read { off, len } => {
-            let v = b.read(off, len).await?;
-            if v.len() != len as usize {
-                return Err(io::Error::other(format!(
-                    "backend returned {} bytes for a {len}-byte read",
-                    v.len()
-                )));
-            }
-            Ok(Some(v))
-        }
+        Op::Read { off, len } => b.read(off, len).await.map(Some),
         Op::Write { off, fua, .. } => b.write(off, data, fua).await.map(|_| None),
         Op::Flush => b.flush().await.map(|_| None),
         Op::Trim { off, len, fua } => b.trim(off, len, fua).await.map(|_| None),
