@@ -308,6 +308,36 @@ fn secondary_write_error_leaves_the_extent_dirty_until_resync_repairs_it() {
     assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
 }
 
+/// A failing local read on the primary is served by the secondary: clients
+/// read the right bytes; with the engine splitting requests (the kernel
+/// host's path) the peer's answers are put together from 64 KiB pieces.
+#[test]
+fn reads_the_primary_cannot_do_locally_come_from_the_secondary() {
+    for split in [false, true] {
+        let mut c = cluster("fullsync", 32 * MIB);
+        if split {
+            c.failpoint("alpha", hast::failpoint::ENGINE_SPLIT, true);
+        }
+        connected(&mut c);
+        let reference = reference_image(&c);
+        qemu_write(&c, "alpha", &reference, 0x3c, 3 * MIB, 5 * MIB);
+        c.failpoint("alpha", hast::failpoint::PRIMARY_READ, true);
+        assert!(
+            export_matches(&c, "alpha", &reference),
+            "reads through the peer differ (split: {split})"
+        );
+        let s = c.list_res("alpha", "r0").unwrap();
+        assert!(s.stats.local_errors[0] > 0, "no local read failed: {s:?}");
+        if split {
+            let log = c.log("alpha").unwrap();
+            assert!(log.contains("READ seq"), "{log}");
+            assert!(log.contains("goes to the peer in"), "{log}");
+        }
+        c.failpoint("alpha", hast::failpoint::PRIMARY_READ, false);
+        assert!(export_matches(&c, "alpha", &reference));
+    }
+}
+
 /// A TCP connection to `to` from source address `from` (loopback aliases).
 fn connect_from(from: &str, to: std::net::SocketAddr) -> std::net::TcpStream {
     use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};

@@ -7,6 +7,10 @@
 /// The secondary's write of replicated data to its local provider.
 pub const SECONDARY_WRITE: &str = "secondary-write";
 
+/// The primary's local read of a client request (uhost): the core then
+/// serves the read from the peer.
+pub const PRIMARY_READ: &str = "primary-read";
+
 /// Not a failure: while armed when a session starts, the primary's engine
 /// splits client requests for the peer itself, in pieces of
 /// [`ENGINE_SPLIT_SIZE`] bytes, instead of its userland host splitting them

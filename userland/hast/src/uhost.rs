@@ -318,9 +318,12 @@ impl Inner {
                 off,
                 len,
             } => {
-                let result = self.local.read_now(off, len).map(|buf| {
-                    self.with_pending(cookie, |p| p.read = Some(buf));
-                });
+                let result = match crate::failpoint::check(crate::failpoint::PRIMARY_READ) {
+                    Some(e) => Err(e),
+                    None => self.local.read_now(off, len).map(|buf| {
+                        self.with_pending(cookie, |p| p.read = Some(buf));
+                    }),
+                };
                 self.local_done(seq, result.as_ref().map_or_else(errno, |()| 0));
             }
             Job::Write { seq, off, data } => {
