@@ -17,7 +17,8 @@
 //! HAST_BENCH_SIZE     provider size, bytes or with K/M/G (1G)
 //! HAST_BENCH_RESYNC   bytes written while the secondary is away (512M)
 //! HAST_BENCH_MODES    comma-separated modes (fullsync,memsync,async);
-//!                     `degraded` adds a primary without its peer
+//!                     `degraded` adds a primary without its peer, `resync`
+//!                     times only the resync (fullsync mode runs it too)
 //! HAST_BENCH_KEEPDIRTY  `hastctl create -k` value (the default, 64, if unset)
 //! HAST_BENCH_STRICT   1: exit 1 when a result is BELOW its target
 //! ```
@@ -134,7 +135,10 @@ impl Settings {
                         .filter(|x| !x.is_empty())
                         .collect();
                     m.iter()
-                        .all(|x| ["fullsync", "memsync", "async", "degraded"].contains(&x.as_str()))
+                        .all(|x| {
+                            ["fullsync", "memsync", "async", "degraded", "resync"]
+                                .contains(&x.as_str())
+                        })
                         .then_some(m)
                 },
             )?,
@@ -670,7 +674,7 @@ struct Bench {
 fn build_cluster(s: &Settings, replication: &str) -> Result<Cluster> {
     let mut b = Cluster::builder(Mode::Netns)
         .resource(RES, s.size)
-        .replication(if replication == "degraded" {
+        .replication(if replication == "degraded" || replication == "resync" {
             "fullsync"
         } else {
             replication
@@ -751,7 +755,8 @@ impl Bench {
         let beta = c.pid("beta");
         let qpid = qemu.pid().unwrap_or(0);
 
-        for w in WORKLOADS {
+        let workloads: &[Workload] = if mode == "resync" { &[] } else { &WORKLOADS };
+        for w in workloads {
             let (unit, get): (&'static str, fn(&FioResult) -> f64) = if w.bs == "1M" {
                 ("MiB/s", |r| r.bw)
             } else {
@@ -780,7 +785,7 @@ impl Bench {
                         cpu_seconds(qpid),
                     );
                     let m0 = if is_hast { map_updates(&c) } else { 0 };
-                    let r = fio(if is_hast { &uri } else { &base_uri }, &w, area.size, &s)?;
+                    let r = fio(if is_hast { &uri } else { &base_uri }, w, area.size, &s)?;
                     let secs = (s.seconds + s.ramp) as f64;
                     let d = Diag {
                         alpha_cpu: if is_hast {
@@ -830,7 +835,7 @@ impl Bench {
             self.rows.push(row);
         }
         drop(qemu);
-        if mode == "fullsync" && !degraded {
+        if mode == "fullsync" || mode == "resync" {
             self.resync(&mut c, &base_file, area.offset)?;
         }
         Ok(())
@@ -909,6 +914,14 @@ impl Bench {
             r.status.as_deref() == Some("degraded")
         })?;
         fill(uri, len)?;
+        // What alpha wrote alone goes to its disk before the timing starts:
+        // otherwise the flush that records the counters at the end of the
+        // resync would also write out these pages of the benchmark's own
+        // setup (a real primary's degraded writes were flushed long before).
+        let provider = c.provider_path("alpha", RES)?;
+        fs::File::open(&provider)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(format!("flush {}", provider.display())))?;
         let log_mark = c.log("alpha")?.len();
         c.start("beta")?;
         c.role("beta", RES, "secondary")?;
@@ -920,7 +933,14 @@ impl Bench {
         let start = Instant::now();
         while found.is_none() && start.elapsed() < Duration::from_secs(30) {
             let log = c.log("alpha")?;
-            found = sync_times(log.get(log_mark..).unwrap_or_default());
+            let tail = log.get(log_mark..).unwrap_or_default();
+            found = sync_times(tail);
+            if let Some(line) = found.and(
+                tail.lines()
+                    .find(|l| l.contains("synchronization complete")),
+            ) {
+                eprintln!("replbench: alpha: {}", line.trim());
+            }
             if found.is_none() {
                 std::thread::sleep(Duration::from_millis(50));
             }
