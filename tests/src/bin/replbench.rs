@@ -15,7 +15,9 @@
 //! HAST_BENCH_SECONDS  timed seconds per fio run (10)
 //! HAST_BENCH_RAMP     fio ramp seconds before timing (2)
 //! HAST_BENCH_SIZE     provider size, bytes or with K/M/G (1G)
-//! HAST_BENCH_RESYNC   bytes written while the secondary is away (512M)
+//! HAST_BENCH_RESYNC   bytes written while the secondary is away, at most
+//!                     the data area (1G: the whole of the default provider)
+//! HAST_BENCH_RESYNC_ROUNDS  rounds of the resync and of dd, alternating (5)
 //! HAST_BENCH_MODES    comma-separated modes (fullsync,memsync,async);
 //!                     `degraded` adds a primary without its peer, `resync`
 //!                     times only the resync (fullsync mode runs it too)
@@ -84,6 +86,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError 
 #[derive(Debug, Clone)]
 struct Settings {
     rounds: usize,
+    resync_rounds: usize,
     seconds: u64,
     ramp: u64,
     size: u64,
@@ -121,10 +124,13 @@ impl Settings {
             rounds: setting("HAST_BENCH_ROUNDS", 3, |v| {
                 pos(v).and_then(|n| usize::try_from(n).ok())
             })?,
+            resync_rounds: setting("HAST_BENCH_RESYNC_ROUNDS", 5, |v| {
+                pos(v).and_then(|n| usize::try_from(n).ok())
+            })?,
             seconds: setting("HAST_BENCH_SECONDS", 10, pos)?,
             ramp: setting("HAST_BENCH_RAMP", 2, |v| v.trim().parse().ok())?,
             size: setting("HAST_BENCH_SIZE", 1 << 30, parse_size)?,
-            resync: setting("HAST_BENCH_RESYNC", 512 * MIB, parse_size)?,
+            resync: setting("HAST_BENCH_RESYNC", 1024 * MIB, parse_size)?,
             modes: setting(
                 "HAST_BENCH_MODES",
                 vec!["fullsync".into(), "memsync".into(), "async".into()],
@@ -850,7 +856,11 @@ impl Bench {
         let src = c.provider_path("alpha", RES)?;
         let len = s.resync.min(c.data_area("alpha", RES)?.size);
         let mut row = Row {
-            workload: format!("resync {} MiB (fullsync) vs dd conv=fsync", len / MIB),
+            workload: format!(
+                "resync {} MiB (fullsync, {} rounds) vs dd conv=fsync",
+                len / MIB,
+                s.resync_rounds
+            ),
             hast: Vec::new(),
             base: Vec::new(),
             unit: "MiB/s",
@@ -863,7 +873,7 @@ impl Bench {
             unit: "MiB/s",
             target: None,
         };
-        for round in 0..s.rounds {
+        for round in 0..s.resync_rounds {
             let order = if round % 2 == 0 {
                 [true, false]
             } else {
@@ -923,6 +933,7 @@ impl Bench {
             .and_then(|f| f.sync_all())
             .map_err(io_err(format!("flush {}", provider.display())))?;
         let log_mark = c.log("alpha")?.len();
+        let alpha_cpu = c.pid("alpha").map_or(0.0, cpu_seconds);
         c.start("beta")?;
         c.role("beta", RES, "secondary")?;
         c.wait_list("alpha", RES, SYNC_TIMEOUT, |r| {
@@ -939,7 +950,12 @@ impl Bench {
                 tail.lines()
                     .find(|l| l.contains("synchronization complete")),
             ) {
-                eprintln!("replbench: alpha: {}", line.trim());
+                eprintln!(
+                    "replbench: alpha: {} [CPU over the resync: alpha {:.2} s, beta {:.2} s]",
+                    line.trim(),
+                    c.pid("alpha").map_or(0.0, cpu_seconds) - alpha_cpu,
+                    c.pid("beta").map_or(0.0, cpu_seconds),
+                );
             }
             if found.is_none() {
                 std::thread::sleep(Duration::from_millis(50));
