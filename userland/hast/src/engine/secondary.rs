@@ -587,3 +587,76 @@ fn execute(
         Cmd::Keepalive => Ok(None),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn frame(seq: u64, payload: &[u8]) -> Vec<u8> {
+        let mut nv = crate::nv::Nv::new();
+        nv.add("seq", crate::nv::Value::Uint64(seq));
+        proto::encode_frame(&nv, payload).unwrap()
+    }
+
+    const LIMITS: Limits = Limits {
+        max_header: NV_MAX_SIZE,
+        max_payload: MAX_IO_BYTES,
+    };
+
+    /// Back-to-back requests of every size come out byte for byte, also
+    /// when a reused buffer held a longer payload before.
+    #[tokio::test]
+    async fn requests_read_through_reused_buffers_keep_their_bytes() {
+        let big: Vec<u8> = (0..MAX_IO_BYTES).map(|i| (i % 251) as u8).collect();
+        let mid: Vec<u8> = (0..300 * 1024).map(|i| (i % 13) as u8 + 1).collect();
+        let small = b"four".to_vec();
+        let mut wire = Vec::new();
+        for (seq, p) in [
+            (1, &big),
+            (2, &small),
+            (3, &mid),
+            (4, &Vec::new()),
+            (5, &big),
+        ] {
+            wire.extend_from_slice(&frame(seq, p));
+        }
+        let (mut tx, rx) = tokio::io::duplex(64 * 1024);
+        let writer = tokio::spawn(async move { tx.write_all(&wire).await });
+        let mut r = tokio::io::BufReader::with_capacity(READ_AHEAD, rx);
+        let pool = BufPool::default();
+        for (seq, want) in [
+            (1, &big),
+            (2, &small),
+            (3, &mid),
+            (4, &Vec::new()),
+            (5, &big),
+        ] {
+            let (nv, got) = read_request(&mut r, LIMITS, &pool).await.unwrap();
+            assert_eq!(nv.get_u64("seq"), Some(seq));
+            assert_eq!(&got, want, "payload of request {seq}");
+            pool.give(got);
+        }
+        writer.await.unwrap().unwrap();
+        assert!(matches!(
+            read_request(&mut r, LIMITS, &pool).await,
+            Err(ProtoError::Closed)
+        ));
+    }
+
+    /// A payload cut short by the end of the connection is an error.
+    #[tokio::test]
+    async fn a_truncated_payload_is_refused() {
+        let mut wire = frame(7, &vec![9u8; 512 * 1024]);
+        wire.truncate(wire.len() - 1000);
+        let (mut tx, rx) = tokio::io::duplex(64 * 1024);
+        let writer = tokio::spawn(async move { tx.write_all(&wire).await });
+        let mut r = tokio::io::BufReader::with_capacity(READ_AHEAD, rx);
+        let got = read_request(&mut r, LIMITS, &BufPool::default()).await;
+        assert!(
+            matches!(got, Err(ProtoError::Truncated { got, want, .. }) if got + 1000 == want),
+            "{got:?}"
+        );
+        writer.await.unwrap().unwrap();
+    }
+}
