@@ -593,6 +593,12 @@ impl Replicator {
             .send(Outgoing { req, data })
             .map_err(|_| LinkError::Closed)?;
         let (error, data) = rx.await.map_err(|_| LinkError::Closed)?;
+        if cmd == Cmd::Flush && flush_unsupported(error) {
+            // A provider without a cache flush (the reference answers
+            // EOPNOTSUPP): nothing more to wait for.
+            tracing::debug!("the peer's provider does not support flushes");
+            return Ok(None);
+        }
         if error != 0 {
             return Err(LinkError::Local(format!(
                 "peer failed {}({offset}, {length}): errno {error}",
@@ -796,6 +802,14 @@ impl Replicator {
             hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncDone);
         }
     }
+}
+
+/// The peer answered a flush with EOPNOTSUPP (its own errno value: this
+/// host's, or FreeBSD's 45 from a reference secondary).
+fn flush_unsupported(error: i16) -> bool {
+    const FREEBSD_EOPNOTSUPP: i32 = 45;
+    let e = i32::from(error);
+    e == libc::EOPNOTSUPP || e == FREEBSD_EOPNOTSUPP
 }
 
 fn new_resuid() -> u64 {
