@@ -14,9 +14,13 @@
 #   HAST_BENCH_SECONDS [10]  timed seconds per fio run
 #   HAST_BENCH_RAMP [2]      fio ramp seconds
 #   HAST_BENCH_SIZE [1G]     provider size
-#   HAST_BENCH_RESYNC [512M] bytes the secondary misses before a resync
+#   HAST_BENCH_RESYNC [1G]   bytes the secondary misses before a resync (at
+#                            most the data area); the resync ends with the
+#                            secondary's flush, timed against dd conv=fsync
+#   HAST_BENCH_RESYNC_ROUNDS [5]  resync rounds, hast and dd alternating
 #   HAST_BENCH_MODES [fullsync,memsync,async]  add `degraded` for a primary
-#                            without its peer
+#                            without its peer; `resync` alone times only the
+#                            resync (fullsync runs it after its fio rounds)
 #   HAST_BENCH_KEEPDIRTY     hastctl create -k (default 64)
 #   HAST_BENCH_STRICT [0]    1: exit 1 when a result is below its target
 # Needs root (namespaces, veth); without root it says so and exits 0.
@@ -46,7 +50,8 @@ export HAST_BENCH_ROUNDS="${HAST_BENCH_ROUNDS:-3}"
 export HAST_BENCH_SECONDS="${HAST_BENCH_SECONDS:-10}"
 export HAST_BENCH_RAMP="${HAST_BENCH_RAMP:-2}"
 export HAST_BENCH_SIZE="${HAST_BENCH_SIZE:-1G}"
-export HAST_BENCH_RESYNC="${HAST_BENCH_RESYNC:-512M}"
+export HAST_BENCH_RESYNC="${HAST_BENCH_RESYNC:-1G}"
+export HAST_BENCH_RESYNC_ROUNDS="${HAST_BENCH_RESYNC_ROUNDS:-5}"
 export HAST_BENCH_MODES="${HAST_BENCH_MODES:-fullsync,memsync,async}"
 export HAST_BENCH_STRICT="${HAST_BENCH_STRICT:-0}"
 if [ -n "${HAST_BENCH_KEEPDIRTY:-}" ]; then

@@ -15,9 +15,12 @@
 //! HAST_BENCH_SECONDS  timed seconds per fio run (10)
 //! HAST_BENCH_RAMP     fio ramp seconds before timing (2)
 //! HAST_BENCH_SIZE     provider size, bytes or with K/M/G (1G)
-//! HAST_BENCH_RESYNC   bytes written while the secondary is away (512M)
+//! HAST_BENCH_RESYNC   bytes written while the secondary is away, at most
+//!                     the data area (1G: the whole of the default provider)
+//! HAST_BENCH_RESYNC_ROUNDS  rounds of the resync and of dd, alternating (5)
 //! HAST_BENCH_MODES    comma-separated modes (fullsync,memsync,async);
-//!                     `degraded` adds a primary without its peer
+//!                     `degraded` adds a primary without its peer, `resync`
+//!                     times only the resync (fullsync mode runs it too)
 //! HAST_BENCH_KEEPDIRTY  `hastctl create -k` value (the default, 64, if unset)
 //! HAST_BENCH_STRICT   1: exit 1 when a result is BELOW its target
 //! ```
@@ -83,6 +86,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError 
 #[derive(Debug, Clone)]
 struct Settings {
     rounds: usize,
+    resync_rounds: usize,
     seconds: u64,
     ramp: u64,
     size: u64,
@@ -120,10 +124,13 @@ impl Settings {
             rounds: setting("HAST_BENCH_ROUNDS", 3, |v| {
                 pos(v).and_then(|n| usize::try_from(n).ok())
             })?,
+            resync_rounds: setting("HAST_BENCH_RESYNC_ROUNDS", 5, |v| {
+                pos(v).and_then(|n| usize::try_from(n).ok())
+            })?,
             seconds: setting("HAST_BENCH_SECONDS", 10, pos)?,
             ramp: setting("HAST_BENCH_RAMP", 2, |v| v.trim().parse().ok())?,
             size: setting("HAST_BENCH_SIZE", 1 << 30, parse_size)?,
-            resync: setting("HAST_BENCH_RESYNC", 512 * MIB, parse_size)?,
+            resync: setting("HAST_BENCH_RESYNC", 1024 * MIB, parse_size)?,
             modes: setting(
                 "HAST_BENCH_MODES",
                 vec!["fullsync".into(), "memsync".into(), "async".into()],
@@ -134,7 +141,10 @@ impl Settings {
                         .filter(|x| !x.is_empty())
                         .collect();
                     m.iter()
-                        .all(|x| ["fullsync", "memsync", "async", "degraded"].contains(&x.as_str()))
+                        .all(|x| {
+                            ["fullsync", "memsync", "async", "degraded", "resync"]
+                                .contains(&x.as_str())
+                        })
                         .then_some(m)
                 },
             )?,
@@ -670,7 +680,7 @@ struct Bench {
 fn build_cluster(s: &Settings, replication: &str) -> Result<Cluster> {
     let mut b = Cluster::builder(Mode::Netns)
         .resource(RES, s.size)
-        .replication(if replication == "degraded" {
+        .replication(if replication == "degraded" || replication == "resync" {
             "fullsync"
         } else {
             replication
@@ -751,7 +761,8 @@ impl Bench {
         let beta = c.pid("beta");
         let qpid = qemu.pid().unwrap_or(0);
 
-        for w in WORKLOADS {
+        let workloads: &[Workload] = if mode == "resync" { &[] } else { &WORKLOADS };
+        for w in workloads {
             let (unit, get): (&'static str, fn(&FioResult) -> f64) = if w.bs == "1M" {
                 ("MiB/s", |r| r.bw)
             } else {
@@ -780,7 +791,7 @@ impl Bench {
                         cpu_seconds(qpid),
                     );
                     let m0 = if is_hast { map_updates(&c) } else { 0 };
-                    let r = fio(if is_hast { &uri } else { &base_uri }, &w, area.size, &s)?;
+                    let r = fio(if is_hast { &uri } else { &base_uri }, w, area.size, &s)?;
                     let secs = (s.seconds + s.ramp) as f64;
                     let d = Diag {
                         alpha_cpu: if is_hast {
@@ -830,7 +841,7 @@ impl Bench {
             self.rows.push(row);
         }
         drop(qemu);
-        if mode == "fullsync" && !degraded {
+        if mode == "fullsync" || mode == "resync" {
             self.resync(&mut c, &base_file, area.offset)?;
         }
         Ok(())
@@ -845,7 +856,11 @@ impl Bench {
         let src = c.provider_path("alpha", RES)?;
         let len = s.resync.min(c.data_area("alpha", RES)?.size);
         let mut row = Row {
-            workload: format!("resync {} MiB (fullsync) vs dd conv=fsync", len / MIB),
+            workload: format!(
+                "resync {} MiB (fullsync, {} rounds) vs dd conv=fsync",
+                len / MIB,
+                s.resync_rounds
+            ),
             hast: Vec::new(),
             base: Vec::new(),
             unit: "MiB/s",
@@ -858,7 +873,7 @@ impl Bench {
             unit: "MiB/s",
             target: None,
         };
-        for round in 0..s.rounds {
+        for round in 0..s.resync_rounds {
             let order = if round % 2 == 0 {
                 [true, false]
             } else {
@@ -909,7 +924,16 @@ impl Bench {
             r.status.as_deref() == Some("degraded")
         })?;
         fill(uri, len)?;
+        // What alpha wrote alone goes to its disk before the timing starts:
+        // otherwise the flush that records the counters at the end of the
+        // resync would also write out these pages of the benchmark's own
+        // setup (a real primary's degraded writes were flushed long before).
+        let provider = c.provider_path("alpha", RES)?;
+        fs::File::open(&provider)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(format!("flush {}", provider.display())))?;
         let log_mark = c.log("alpha")?.len();
+        let alpha_cpu = c.pid("alpha").map_or(0.0, cpu_seconds);
         c.start("beta")?;
         c.role("beta", RES, "secondary")?;
         c.wait_list("alpha", RES, SYNC_TIMEOUT, |r| {
@@ -920,7 +944,19 @@ impl Bench {
         let start = Instant::now();
         while found.is_none() && start.elapsed() < Duration::from_secs(30) {
             let log = c.log("alpha")?;
-            found = sync_times(log.get(log_mark..).unwrap_or_default());
+            let tail = log.get(log_mark..).unwrap_or_default();
+            found = sync_times(tail);
+            if let Some(line) = found.and(
+                tail.lines()
+                    .find(|l| l.contains("synchronization complete")),
+            ) {
+                eprintln!(
+                    "replbench: alpha: {} [CPU over the resync: alpha {:.2} s, beta {:.2} s]",
+                    line.trim(),
+                    c.pid("alpha").map_or(0.0, cpu_seconds) - alpha_cpu,
+                    c.pid("beta").map_or(0.0, cpu_seconds),
+                );
+            }
             if found.is_none() {
                 std::thread::sleep(Duration::from_millis(50));
             }

@@ -8,8 +8,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::BufMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::config::ResourceConfig;
@@ -31,6 +31,18 @@ pub const MAX_IO_BYTES: usize = 1 << 20;
 /// The primary sends a keepalive after 10 s idle; silence for twice that
 /// ends the session.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Read-ahead of the request connection: headers of back-to-back small
+/// requests come in with one system call; payloads at least this large are
+/// read straight into their buffer.
+const READ_AHEAD: usize = 64 * 1024;
+/// Payloads of at least this many bytes go into reused buffers: a fresh
+/// buffer this large is fresh memory from the kernel (glibc maps it), so
+/// every page of every request would fault and be cleared first.
+const POOL_MIN: usize = 128 * 1024;
+/// Reused buffers kept between requests (each [`MAX_IO_BYTES`]).
+const POOL_KEEP: usize = 64;
+/// Replies written with one system call at most.
+const REPLY_BATCH: usize = 64;
 
 /// How a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +189,106 @@ struct Outgoing {
     data: Option<Vec<u8>>,
 }
 
+/// Request buffers reused from one request to the next (see [`POOL_MIN`]).
+#[derive(Default)]
+struct BufPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufPool {
+    /// An empty buffer with room for `size` bytes.
+    fn take(&self, size: usize) -> Vec<u8> {
+        if size < POOL_MIN {
+            return Vec::with_capacity(size);
+        }
+        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match reused {
+            Some(mut v) if v.capacity() >= size => {
+                v.clear();
+                v
+            }
+            _ => Vec::with_capacity(size.max(MAX_IO_BYTES)),
+        }
+    }
+
+    /// Keep `v` for a later request (dropped when enough are kept).
+    fn give(&self, mut v: Vec<u8>) {
+        if v.capacity() < MAX_IO_BYTES {
+            return;
+        }
+        v.clear();
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < POOL_KEEP {
+            free.push(v);
+        }
+    }
+}
+
+/// Read one request: its nv and `size` payload bytes (into a reused buffer
+/// when it is large, never zero-filled first).
+async fn read_request<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limits: Limits,
+    pool: &BufPool,
+) -> Result<(crate::nv::Nv, Vec<u8>), ProtoError> {
+    let (nv, size) = proto::read_header_async(r, limits).await?;
+    let mut buf = pool.take(size);
+    while buf.len() < size {
+        let want = size - buf.len();
+        if r.read_buf(&mut (&mut buf).limit(want)).await? == 0 {
+            return Err(ProtoError::Truncated {
+                what: "payload",
+                got: buf.len(),
+                want: size,
+            });
+        }
+    }
+    Ok((nv, buf))
+}
+
+/// Send replies as they come, several per system call when they queue up
+/// (a read's data is written on its own, not copied into the batch).
+async fn write_replies<W: AsyncWrite + Unpin>(
+    conn_out: &mut W,
+    rx: &mut mpsc::Receiver<Outgoing>,
+    pool: &BufPool,
+    compression: crate::config::Compression,
+    checksum: crate::config::Checksum,
+) -> Result<(), ProtoError> {
+    let mut batch: Vec<u8> = Vec::with_capacity(REPLY_BATCH * 64);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(out) = next.take() {
+            let mut nv = out.reply.to_nv();
+            match out.data {
+                Some(d) => {
+                    // Read data goes through the same pipeline as write data.
+                    if !batch.is_empty() {
+                        conn_out.write_all(&batch).await?;
+                        batch.clear();
+                    }
+                    let payload = crate::payload::encode(&mut nv, &d, compression, checksum);
+                    proto::write_frame_async(conn_out, &nv, &payload).await?;
+                    drop(payload);
+                    pool.give(d);
+                }
+                None => batch.extend_from_slice(&proto::encode_frame(&nv, &[])?),
+            }
+            n += 1;
+            if n < REPLY_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            conn_out.write_all(&batch).await?;
+            batch.clear();
+        }
+        conn_out.flush().await?;
+    }
+    Ok(())
+}
+
 /// Ranges of writes (and deletes) in flight, so a later overlapping one
 /// waits for the earlier ones.
 #[derive(Default)]
@@ -237,7 +349,7 @@ fn bump(c: &std::sync::atomic::AtomicU64) {
 /// Apply the primary's requests from `conn_in`, replying on `conn_out`,
 /// until the connection ends or fails.
 pub async fn serve<R, W>(
-    mut conn_in: R,
+    conn_in: R,
     mut conn_out: W,
     local: Local,
     stats: Arc<SecondaryStats>,
@@ -261,23 +373,14 @@ where
     };
     let (tx, mut rx) = mpsc::channel::<Outgoing>(MAX_INFLIGHT * 2);
     let (compression, checksum) = (local.cfg.compression, local.cfg.checksum);
+    let pool = Arc::new(BufPool::default());
+    let writer_pool = pool.clone();
     let writer = tokio::spawn(async move {
-        while let Some(out) = rx.recv().await {
-            let mut nv = out.reply.to_nv();
-            let sent = match &out.data {
-                // Read data goes through the same pipeline as write data.
-                Some(d) => {
-                    let payload = crate::payload::encode(&mut nv, d, compression, checksum);
-                    proto::write_frame_async(&mut conn_out, &nv, &payload).await
-                }
-                None => proto::write_frame_async(&mut conn_out, &nv, &[]).await,
-            };
-            if let Err(e) = sent {
-                return Some(e);
-            }
-        }
-        None
+        write_replies(&mut conn_out, &mut rx, &writer_pool, compression, checksum)
+            .await
+            .err()
     });
+    let mut conn_in = tokio::io::BufReader::with_capacity(READ_AHEAD, conn_in);
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
     let inflight = Arc::new(InFlight::default());
     let mut map_cleared = false;
@@ -285,7 +388,7 @@ where
     let result = loop {
         let frame = tokio::time::timeout(
             IDLE_TIMEOUT,
-            proto::read_frame_async(&mut conn_in, frame_limits),
+            read_request(&mut conn_in, frame_limits, &pool),
         )
         .await;
         let (nv, payload) = match frame {
@@ -328,7 +431,7 @@ where
                 usize::try_from(req.length).unwrap_or(usize::MAX),
                 MAX_IO_BYTES,
             ) {
-                Ok(d) => Some(Bytes::from(d)),
+                Ok(d) => Some(d),
                 Err(e) => {
                     tracing::error!("request seq {}: {e}", req.seq);
                     let reply = Reply {
@@ -368,6 +471,7 @@ where
         let provider = local.provider.clone();
         let inflight = inflight.clone();
         let stats = stats.clone();
+        let pool = pool.clone();
         tokio::spawn(async move {
             // Wait for earlier requests to the same range (a flush waits
             // for nothing: it covers what completed before it).
@@ -377,8 +481,11 @@ where
             let at = localoff.saturating_add(req.offset);
             let len = req.length;
             let cmd = req.cmd;
-            let io =
-                tokio::task::spawn_blocking(move || execute(&provider, cmd, at, len, data)).await;
+            let io_pool = pool.clone();
+            let io = tokio::task::spawn_blocking(move || {
+                execute(&provider, &io_pool, cmd, at, len, data)
+            })
+            .await;
             inflight.remove(id);
             let (error, out) = match io {
                 Ok(Ok(out)) => (0, out),
@@ -436,27 +543,37 @@ async fn clear_map(local: &Local) -> std::io::Result<()> {
 }
 
 /// One request's local I/O, at provider offset `at`.
+/// A write's buffer goes back to `pool`; a read's comes from it.
 fn execute(
     provider: &Provider,
+    pool: &BufPool,
     cmd: Cmd,
     at: u64,
     len: u64,
-    data: Option<Bytes>,
+    data: Option<Vec<u8>>,
 ) -> std::io::Result<Option<Vec<u8>>> {
     use std::os::unix::fs::FileExt;
     let f = provider.file();
     match cmd {
         Cmd::Read => {
-            let mut buf = vec![0u8; usize::try_from(len).map_err(std::io::Error::other)?];
-            f.read_exact_at(&mut buf, at)?;
+            let len = usize::try_from(len).map_err(std::io::Error::other)?;
+            let mut buf = pool.take(len);
+            buf.resize(len, 0);
+            if let Err(e) = f.read_exact_at(&mut buf, at) {
+                pool.give(buf);
+                return Err(e);
+            }
             Ok(Some(buf))
         }
         Cmd::Write => {
             let data = data.ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
             if let Some(e) = crate::failpoint::check(crate::failpoint::SECONDARY_WRITE) {
+                pool.give(data);
                 return Err(e);
             }
-            f.write_all_at(&data, at)?;
+            let written = f.write_all_at(&data, at);
+            pool.give(data);
+            written?;
             Ok(None)
         }
         Cmd::Delete => {
@@ -468,5 +585,78 @@ fn execute(
             Ok(None)
         }
         Cmd::Keepalive => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn frame(seq: u64, payload: &[u8]) -> Vec<u8> {
+        let mut nv = crate::nv::Nv::new();
+        nv.add("seq", crate::nv::Value::Uint64(seq));
+        proto::encode_frame(&nv, payload).unwrap()
+    }
+
+    const LIMITS: Limits = Limits {
+        max_header: NV_MAX_SIZE,
+        max_payload: MAX_IO_BYTES,
+    };
+
+    /// Back-to-back requests of every size come out byte for byte, also
+    /// when a reused buffer held a longer payload before.
+    #[tokio::test]
+    async fn requests_read_through_reused_buffers_keep_their_bytes() {
+        let big: Vec<u8> = (0..MAX_IO_BYTES).map(|i| (i % 251) as u8).collect();
+        let mid: Vec<u8> = (0..300 * 1024).map(|i| (i % 13) as u8 + 1).collect();
+        let small = b"four".to_vec();
+        let mut wire = Vec::new();
+        for (seq, p) in [
+            (1, &big),
+            (2, &small),
+            (3, &mid),
+            (4, &Vec::new()),
+            (5, &big),
+        ] {
+            wire.extend_from_slice(&frame(seq, p));
+        }
+        let (mut tx, rx) = tokio::io::duplex(64 * 1024);
+        let writer = tokio::spawn(async move { tx.write_all(&wire).await });
+        let mut r = tokio::io::BufReader::with_capacity(READ_AHEAD, rx);
+        let pool = BufPool::default();
+        for (seq, want) in [
+            (1, &big),
+            (2, &small),
+            (3, &mid),
+            (4, &Vec::new()),
+            (5, &big),
+        ] {
+            let (nv, got) = read_request(&mut r, LIMITS, &pool).await.unwrap();
+            assert_eq!(nv.get_u64("seq"), Some(seq));
+            assert_eq!(&got, want, "payload of request {seq}");
+            pool.give(got);
+        }
+        writer.await.unwrap().unwrap();
+        assert!(matches!(
+            read_request(&mut r, LIMITS, &pool).await,
+            Err(ProtoError::Closed)
+        ));
+    }
+
+    /// A payload cut short by the end of the connection is an error.
+    #[tokio::test]
+    async fn a_truncated_payload_is_refused() {
+        let mut wire = frame(7, &vec![9u8; 512 * 1024]);
+        wire.truncate(wire.len() - 1000);
+        let (mut tx, rx) = tokio::io::duplex(64 * 1024);
+        let writer = tokio::spawn(async move { tx.write_all(&wire).await });
+        let mut r = tokio::io::BufReader::with_capacity(READ_AHEAD, rx);
+        let got = read_request(&mut r, LIMITS, &BufPool::default()).await;
+        assert!(
+            matches!(got, Err(ProtoError::Truncated { got, want, .. }) if got + 1000 == want),
+            "{got:?}"
+        );
+        writer.await.unwrap().unwrap();
     }
 }
