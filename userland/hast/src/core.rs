@@ -55,8 +55,12 @@ pub enum Cmd {
     Flush,
 }
 
+// The ABI's numbers for these enums (ffi/hast_abi.h), for this wrapper,
+// the kernel transport (crate::kdev) and the tests' module stand-in.
+
 impl Cmd {
-    fn raw(self) -> u32 {
+    /// The ABI's `HAST_CMD_*`.
+    pub fn raw(self) -> u32 {
         match self {
             Cmd::Read => sys::HAST_CMD_READ,
             Cmd::Write => sys::HAST_CMD_WRITE,
@@ -65,7 +69,8 @@ impl Cmd {
         }
     }
 
-    fn from_raw(v: u32) -> Option<Cmd> {
+    /// From the ABI's `HAST_CMD_*`.
+    pub fn from_raw(v: u32) -> Option<Cmd> {
         match v {
             sys::HAST_CMD_READ => Some(Cmd::Read),
             sys::HAST_CMD_WRITE => Some(Cmd::Write),
@@ -88,11 +93,22 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn raw(self) -> u32 {
+    /// The ABI's `HAST_REPL_*`.
+    pub fn raw(self) -> u32 {
         match self {
             Mode::FullSync => sys::HAST_REPL_FULLSYNC,
             Mode::MemSync => sys::HAST_REPL_MEMSYNC,
             Mode::Async => sys::HAST_REPL_ASYNC,
+        }
+    }
+
+    /// From the ABI's `HAST_REPL_*`.
+    pub fn from_raw(v: u32) -> Option<Mode> {
+        match v {
+            sys::HAST_REPL_FULLSYNC => Some(Mode::FullSync),
+            sys::HAST_REPL_MEMSYNC => Some(Mode::MemSync),
+            sys::HAST_REPL_ASYNC => Some(Mode::Async),
+            _ => None,
         }
     }
 }
@@ -107,6 +123,27 @@ pub enum SyncDir {
     FromPeer,
 }
 
+impl SyncDir {
+    /// The ABI's `HAST_SYNC_*`.
+    pub fn raw(self) -> u32 {
+        match self {
+            SyncDir::None => sys::HAST_SYNC_NONE,
+            SyncDir::ToPeer => sys::HAST_SYNC_TO_PEER,
+            SyncDir::FromPeer => sys::HAST_SYNC_FROM_PEER,
+        }
+    }
+
+    /// From the ABI's `HAST_SYNC_*`.
+    pub fn from_raw(v: u32) -> Option<SyncDir> {
+        match v {
+            sys::HAST_SYNC_NONE => Some(SyncDir::None),
+            sys::HAST_SYNC_TO_PEER => Some(SyncDir::ToPeer),
+            sys::HAST_SYNC_FROM_PEER => Some(SyncDir::FromPeer),
+            _ => None,
+        }
+    }
+}
+
 /// Which bitmap [`Core::map`] returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MapKind {
@@ -116,6 +153,27 @@ pub enum MapKind {
     Disk,
     /// What the next map write would write.
     Dirty,
+}
+
+impl MapKind {
+    /// The ABI's `HAST_MAP_*`.
+    pub fn raw(self) -> u32 {
+        match self {
+            MapKind::Sync => sys::HAST_MAP_SYNC,
+            MapKind::Disk => sys::HAST_MAP_DISK,
+            MapKind::Dirty => sys::HAST_MAP_DIRTY,
+        }
+    }
+
+    /// From the ABI's `HAST_MAP_*`.
+    pub fn from_raw(v: u32) -> Option<MapKind> {
+        match v {
+            sys::HAST_MAP_SYNC => Some(MapKind::Sync),
+            sys::HAST_MAP_DISK => Some(MapKind::Disk),
+            sys::HAST_MAP_DIRTY => Some(MapKind::Dirty),
+            _ => None,
+        }
+    }
 }
 
 /// Geometry and policy of one provider.
@@ -171,6 +229,32 @@ pub struct Upcall {
     pub offset: u64,
     pub length: u64,
     pub cookie: u64,
+}
+
+impl Upcall {
+    /// From the ABI's struct (the in-process core's or the kernel's);
+    /// `None` for an unknown `hu_kind`.
+    pub fn from_raw(up: &sys::hast_abi_upcall) -> Option<Upcall> {
+        let kind = match up.hu_kind {
+            sys::HAST_UP_READ => UpcallKind::Read,
+            sys::HAST_UP_WRITE => UpcallKind::Write {
+                memsync: up.hu_flags & sys::HAST_UPF_MEMSYNC != 0,
+            },
+            sys::HAST_UP_DELETE => UpcallKind::Delete,
+            sys::HAST_UP_FLUSH => UpcallKind::Flush,
+            sys::HAST_UP_BUMP => UpcallKind::Bump,
+            sys::HAST_UP_SYNC_LOCKED => UpcallKind::SyncLocked,
+            sys::HAST_UP_SYNC_IO_DONE => UpcallKind::SyncIoDone { error: up.hu_error },
+            _ => return None,
+        };
+        Some(Upcall {
+            kind,
+            seq: up.hu_seq,
+            offset: up.hu_offset,
+            length: up.hu_length,
+            cookie: up.hu_cookie,
+        })
+    }
 }
 
 /// Counters and queue sizes (`hastctl list` statistics and more).
@@ -415,13 +499,8 @@ impl Core {
     }
 
     pub fn set_sync_dir(&self, dir: SyncDir) {
-        let raw = match dir {
-            SyncDir::None => sys::HAST_SYNC_NONE,
-            SyncDir::ToPeer => sys::HAST_SYNC_TO_PEER,
-            SyncDir::FromPeer => sys::HAST_SYNC_FROM_PEER,
-        };
         // SAFETY: live instance; valid value.
-        let _ = unsafe { sys::hast_core_set_syncdir(self.p(), raw) };
+        let _ = unsafe { sys::hast_core_set_syncdir(self.p(), dir.raw()) };
     }
 
     /// Mode for requests submitted from now on.
@@ -437,24 +516,8 @@ impl Core {
         if unsafe { sys::hast_core_upcall_next(self.p(), &mut up) } != 1 {
             return None;
         }
-        let kind = match up.hu_kind {
-            sys::HAST_UP_READ => UpcallKind::Read,
-            sys::HAST_UP_WRITE => UpcallKind::Write {
-                memsync: up.hu_flags & sys::HAST_UPF_MEMSYNC != 0,
-            },
-            sys::HAST_UP_DELETE => UpcallKind::Delete,
-            sys::HAST_UP_FLUSH => UpcallKind::Flush,
-            sys::HAST_UP_BUMP => UpcallKind::Bump,
-            sys::HAST_UP_SYNC_LOCKED => UpcallKind::SyncLocked,
-            _ => UpcallKind::SyncIoDone { error: up.hu_error },
-        };
-        Some(Upcall {
-            kind,
-            seq: up.hu_seq,
-            offset: up.hu_offset,
-            length: up.hu_length,
-            cookie: up.hu_cookie,
-        })
+        // The core queues only the kinds Upcall knows.
+        Upcall::from_raw(&up)
     }
 
     /// Bytes of the on-disk activemap.
@@ -470,11 +533,7 @@ impl Core {
 
     /// A copy of one bitmap (bit n of byte n / 8 is extent n).
     pub fn map(&self, kind: MapKind) -> Vec<u8> {
-        let which = match kind {
-            MapKind::Sync => sys::HAST_MAP_SYNC,
-            MapKind::Disk => sys::HAST_MAP_DISK,
-            MapKind::Dirty => sys::HAST_MAP_DIRTY,
-        };
+        let which = kind.raw();
         let mut buf = vec![0u8; self.mapsize];
         let size = u32::try_from(buf.len()).unwrap_or(u32::MAX);
         // SAFETY: buf has size writable bytes; size >= map size by creation.

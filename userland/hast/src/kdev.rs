@@ -229,30 +229,6 @@ pub struct CreateSpec {
     pub map: Vec<u8>,
 }
 
-fn mode_raw(mode: Mode) -> u32 {
-    match mode {
-        Mode::FullSync => sys::HAST_REPL_FULLSYNC,
-        Mode::MemSync => sys::HAST_REPL_MEMSYNC,
-        Mode::Async => sys::HAST_REPL_ASYNC,
-    }
-}
-
-fn syncdir_raw(dir: SyncDir) -> u32 {
-    match dir {
-        SyncDir::None => sys::HAST_SYNC_NONE,
-        SyncDir::ToPeer => sys::HAST_SYNC_TO_PEER,
-        SyncDir::FromPeer => sys::HAST_SYNC_FROM_PEER,
-    }
-}
-
-fn map_raw(kind: MapKind) -> u32 {
-    match kind {
-        MapKind::Sync => sys::HAST_MAP_SYNC,
-        MapKind::Disk => sys::HAST_MAP_DISK,
-        MapKind::Dirty => sys::HAST_MAP_DIRTY,
-    }
-}
-
 /// A name as the kernel accepts it (g_hast_copyname): non-empty, at most
 /// `NAME_LEN - 1` bytes, `[A-Za-z0-9._:+-]`, `/` only if `slash`. Returns
 /// the NUL-padded field.
@@ -297,7 +273,7 @@ pub fn create_arg(spec: &CreateSpec) -> Result<sys::hast_abi_create, KdevError> 
     })?;
     Ok(sys::hast_abi_create {
         hc_version: sys::HAST_ABI_VERSION,
-        hc_mode: mode_raw(spec.params.mode),
+        hc_mode: spec.params.mode.raw(),
         hc_name: encode_name("resource name", &spec.name, false)?,
         hc_local: encode_name("local provider", local, true)?,
         hc_mediasize: spec.params.mediasize,
@@ -330,29 +306,9 @@ pub fn decode_upcall(up: &sys::hast_abi_upcall) -> Result<Upcall, KdevError> {
             what: format!("ABI version {}", up.hu_version),
         });
     }
-    let kind = match up.hu_kind {
-        sys::HAST_UP_READ => UpcallKind::Read,
-        sys::HAST_UP_WRITE => UpcallKind::Write {
-            memsync: up.hu_flags & sys::HAST_UPF_MEMSYNC != 0,
-        },
-        sys::HAST_UP_DELETE => UpcallKind::Delete,
-        sys::HAST_UP_FLUSH => UpcallKind::Flush,
-        sys::HAST_UP_BUMP => UpcallKind::Bump,
-        sys::HAST_UP_SYNC_LOCKED => UpcallKind::SyncLocked,
-        sys::HAST_UP_SYNC_IO_DONE => UpcallKind::SyncIoDone { error: up.hu_error },
-        other => {
-            return Err(KdevError::Protocol {
-                op: Ioctl::Upcall,
-                what: format!("unknown upcall kind {other}"),
-            });
-        }
-    };
-    Ok(Upcall {
-        kind,
-        seq: up.hu_seq,
-        offset: up.hu_offset,
-        length: up.hu_length,
-        cookie: up.hu_cookie,
+    Upcall::from_raw(up).ok_or_else(|| KdevError::Protocol {
+        op: Ioctl::Upcall,
+        what: format!("unknown upcall kind {}", up.hu_kind),
     })
 }
 
@@ -679,12 +635,12 @@ impl KernelDevice {
 
     /// Synchronization direction.
     pub fn set_sync_dir(&self, unit: Unit, dir: SyncDir) -> Result<(), KdevError> {
-        self.downcall(unit, sys::HAST_DOWN_SYNCDIR, 0, 0, syncdir_raw(dir), &[])
+        self.downcall(unit, sys::HAST_DOWN_SYNCDIR, 0, 0, dir.raw(), &[])
     }
 
     /// Replication mode for requests from now on.
     pub fn set_mode(&self, unit: Unit, mode: Mode) -> Result<(), KdevError> {
-        self.downcall(unit, sys::HAST_DOWN_MODE, 0, 0, mode_raw(mode), &[])
+        self.downcall(unit, sys::HAST_DOWN_MODE, 0, 0, mode.raw(), &[])
     }
 
     fn range(&self, r: &mut sys::hast_abi_range) -> Result<(), KdevError> {
@@ -727,10 +683,8 @@ impl KernelDevice {
             hr_seq: lock,
             hr_offset: offset,
             hr_length: len as u64,
-            hr_cmd: match cmd {
-                Cmd::Write => sys::HAST_CMD_WRITE,
-                _ => sys::HAST_CMD_READ,
-            },
+            // sync_read and sync_write pass only Read or Write.
+            hr_cmd: cmd.raw(),
             hr_data: addr(buf),
             ..Default::default()
         };
@@ -827,7 +781,7 @@ impl KernelDevice {
         let m = self.map_call(
             unit,
             sys::HAST_MAPOP_GET,
-            map_raw(kind),
+            kind.raw(),
             buf.as_mut_ptr(),
             buf.len(),
         )?;

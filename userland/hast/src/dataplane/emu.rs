@@ -196,11 +196,7 @@ impl Emu {
     }
 
     fn create(&self, c: &mut sys::hast_abi_create) -> Result<(), Errno> {
-        let mode = match c.hc_mode {
-            sys::HAST_REPL_FULLSYNC => Mode::FullSync,
-            sys::HAST_REPL_MEMSYNC => Mode::MemSync,
-            _ => Mode::Async,
-        };
+        let mode = Mode::from_raw(c.hc_mode).ok_or(Errno::EINVAL)?;
         let inst = Arc::new(Instance {
             core: OnceLock::new(),
             disk: Mutex::new(vec![0; c.hc_mediasize as usize]),
@@ -312,19 +308,11 @@ impl Emu {
                 Ok(())
             }
             sys::HAST_DOWN_SYNCDIR => {
-                core.set_sync_dir(match d.hd_arg {
-                    sys::HAST_SYNC_TO_PEER => SyncDir::ToPeer,
-                    sys::HAST_SYNC_FROM_PEER => SyncDir::FromPeer,
-                    _ => SyncDir::None,
-                });
+                core.set_sync_dir(SyncDir::from_raw(d.hd_arg).ok_or(Errno::EINVAL)?);
                 Ok(())
             }
             sys::HAST_DOWN_MODE => {
-                core.set_mode(match d.hd_arg {
-                    sys::HAST_REPL_FULLSYNC => Mode::FullSync,
-                    sys::HAST_REPL_MEMSYNC => Mode::MemSync,
-                    _ => Mode::Async,
-                });
+                core.set_mode(Mode::from_raw(d.hd_arg).ok_or(Errno::EINVAL)?);
                 Ok(())
             }
             _ => Err(Errno::EINVAL),
@@ -341,7 +329,8 @@ impl Emu {
             }
             sys::HAST_RANGE_IO => {
                 let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed) + 1;
-                let write = r.hr_cmd == sys::HAST_CMD_WRITE;
+                let cmd = Cmd::from_raw(r.hr_cmd).ok_or(Errno::EINVAL)?;
+                let write = cmd == Cmd::Write;
                 let buf = if write {
                     // SAFETY: the engine's buffer of hr_length bytes.
                     unsafe { user(r.hr_data, r.hr_length) }.to_vec()
@@ -350,7 +339,6 @@ impl Emu {
                 };
                 let inst = &unit.inst;
                 lock(&inst.state).sync_bufs.insert(cookie, buf);
-                let cmd = if write { Cmd::Write } else { Cmd::Read };
                 let ioseq = core
                     .sync_io(r.hr_seq, cmd, r.hr_offset, r.hr_length, cookie)
                     .map_err(errno_of)?;
@@ -387,11 +375,7 @@ impl Emu {
                 Ok(())
             }
             sys::HAST_MAPOP_GET => {
-                let kind = match m.hm_which {
-                    sys::HAST_MAP_SYNC => MapKind::Sync,
-                    sys::HAST_MAP_DISK => MapKind::Disk,
-                    _ => MapKind::Dirty,
-                };
+                let kind = MapKind::from_raw(m.hm_which).ok_or(Errno::EINVAL)?;
                 // SAFETY: the engine's buffer of (at least) the map's size.
                 unsafe { user(m.hm_data, size) }.copy_from_slice(&core.map(kind));
                 Ok(())
