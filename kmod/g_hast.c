@@ -110,21 +110,25 @@ struct g_hast_io {
 	int			 gio_error;	/* the core's answer */
 };
 
+/* An ioctl thread waiting for a bio of its own, like bwait(9). */
+struct g_hast_wait {
+	int			 w_error;
+	int			 w_done;	/* sc_mtx */
+};
+
 /* One resync I/O (HAST_RANGE_IO); lives in the ioctl's thread. */
 struct g_hast_sio {
 	struct g_hast_softc	*sio_sc;
 	struct bio		*sio_bio;
 	void			*sio_buf;	/* hr_length bytes */
 	uint64_t		 sio_seq;
-	int			 sio_error;
-	int			 sio_done;
+	struct g_hast_wait	 sio_wait;
 };
 
 /* A metadata write or flush from an ioctl thread (HAST_MAPOP_METADATA). */
 struct g_hast_mio {
 	struct g_hast_softc	*mio_sc;
-	int			 mio_error;
-	int			 mio_done;
+	struct g_hast_wait	 mio_wait;
 };
 
 /* A sync range lock the engine holds; released on destroy. */
@@ -554,16 +558,37 @@ g_hast_io_done(struct bio *cbp)
 	g_hast_core_local_done(sc, seq, error);
 }
 
+/* The bio an ioctl thread waits for is done (from its bio_done). */
+static void
+g_hast_wait_wakeup(struct g_hast_softc *sc, struct g_hast_wait *w, int error)
+{
+
+	mtx_lock(&sc->sc_mtx);
+	w->w_error = error;
+	w->w_done = 1;
+	wakeup(w);
+	mtx_unlock(&sc->sc_mtx);
+}
+
+/* In the ioctl thread: sleep, not interruptibly, until the bio is done. */
+static int
+g_hast_wait_sleep(struct g_hast_softc *sc, struct g_hast_wait *w,
+    const char *wmesg)
+{
+
+	mtx_lock(&sc->sc_mtx);
+	while (!w->w_done)
+		msleep(w, &sc->sc_mtx, PRIBIO, wmesg, 0);
+	mtx_unlock(&sc->sc_mtx);
+	return (w->w_error);
+}
+
 static void
 g_hast_sio_finish(struct g_hast_softc *sc, struct g_hast_sio *sio, int error)
 {
 
 	g_hast_core_local_done(sc, sio->sio_seq, error);
-	mtx_lock(&sc->sc_mtx);
-	sio->sio_error = error;
-	sio->sio_done = 1;
-	wakeup(sio);
-	mtx_unlock(&sc->sc_mtx);
+	g_hast_wait_wakeup(sc, &sio->sio_wait, error);
 }
 
 static void
@@ -577,11 +602,7 @@ g_hast_mio_done(struct bio *bp)
 	sc = mio->mio_sc;
 	error = g_hast_bio_error(bp);
 	g_hast_issued_done(sc);
-	mtx_lock(&sc->sc_mtx);
-	mio->mio_error = error;
-	mio->mio_done = 1;
-	wakeup(mio);
-	mtx_unlock(&sc->sc_mtx);
+	g_hast_wait_wakeup(sc, &mio->mio_wait, error);
 }
 
 /*
@@ -597,8 +618,8 @@ g_hast_wait_bio(struct g_hast_softc *sc, int cmd, off_t offset, void *data,
 	int error;
 
 	mio.mio_sc = sc;
-	mio.mio_error = 0;
-	mio.mio_done = 0;
+	mio.mio_wait.w_error = 0;
+	mio.mio_wait.w_done = 0;
 	bp = g_alloc_bio();
 	bp->bio_cmd = cmd;
 	bp->bio_offset = offset;
@@ -607,13 +628,8 @@ g_hast_wait_bio(struct g_hast_softc *sc, int cmd, off_t offset, void *data,
 	bp->bio_done = g_hast_mio_done;
 	bp->bio_caller1 = &mio;
 	error = g_hast_issue(sc, bp);
-	if (error == 0) {
-		mtx_lock(&sc->sc_mtx);
-		while (!mio.mio_done)
-			msleep(&mio, &sc->sc_mtx, PRIBIO, "hastmeta", 0);
-		mtx_unlock(&sc->sc_mtx);
-		error = mio.mio_error;
-	}
+	if (error == 0)
+		error = g_hast_wait_sleep(sc, &mio.mio_wait, "hastmeta");
 	g_destroy_bio(bp);
 	return (error);
 }
@@ -1680,12 +1696,8 @@ g_hast_range_io(struct g_hast_softc *sc, struct hast_abi_range *r)
 		    &ioseq);
 		g_hast_exit(sc);
 		if (error == 0) {
-			/* Disk I/O: wait like bwait(9), not interruptibly. */
-			mtx_lock(&sc->sc_mtx);
-			while (!sio->sio_done)
-				msleep(sio, &sc->sc_mtx, PRIBIO, "hastsio", 0);
-			mtx_unlock(&sc->sc_mtx);
-			error = sio->sio_error;
+			error = g_hast_wait_sleep(sc, &sio->sio_wait,
+			    "hastsio");
 			r->hr_ioseq = ioseq;
 		}
 	}
