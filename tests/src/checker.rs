@@ -277,14 +277,10 @@ impl NbdClient {
         h | 1 << 63
     }
 
-    /// Read `len` bytes at `offset`.
-    pub fn read_at(&mut self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let l32 = u32::try_from(len).map_err(|_| CheckError::Options("read too large".into()))?;
-        let h = self.handle();
-        let what = || format!("NBD read of {len} bytes at {offset}");
-        self.send(CMD_READ, 0, h, offset, l32, &[])
-            .map_err(io_err(what()))?;
-        let (rh, err) = self.recv_reply().map_err(io_err(what()))?;
+    /// Take the reply to request `h` (a `kind` at `offset`; `ctx` names it
+    /// in I/O errors): it must be for `h` and carry no error.
+    fn check_reply(&mut self, h: u64, kind: &str, offset: u64, ctx: String) -> Result<()> {
+        let (rh, err) = self.recv_reply().map_err(io_err(ctx))?;
         if rh != h {
             return Err(CheckError::Protocol(format!(
                 "reply handle {rh:#x}, expected {h:#x}"
@@ -292,11 +288,22 @@ impl NbdClient {
         }
         if err != 0 {
             return Err(CheckError::Request {
-                what: "read".into(),
+                what: kind.into(),
                 offset,
                 errno: err,
             });
         }
+        Ok(())
+    }
+
+    /// Read `len` bytes at `offset`.
+    pub fn read_at(&mut self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let l32 = u32::try_from(len).map_err(|_| CheckError::Options("read too large".into()))?;
+        let h = self.handle();
+        let what = || format!("NBD read of {len} bytes at {offset}");
+        self.send(CMD_READ, 0, h, offset, l32, &[])
+            .map_err(io_err(what()))?;
+        self.check_reply(h, "read", offset, what())?;
         let mut buf = vec![0u8; len];
         self.sock.read_exact(&mut buf).map_err(io_err(what()))?;
         Ok(buf)
@@ -308,19 +315,7 @@ impl NbdClient {
         let what = || format!("NBD write of {} bytes at {offset}", data.len());
         self.send_write(h, offset, data, fua)
             .map_err(io_err(what()))?;
-        let (rh, err) = self.recv_reply().map_err(io_err(what()))?;
-        if rh != h {
-            return Err(CheckError::Protocol(format!(
-                "reply handle {rh:#x}, expected {h:#x}"
-            )));
-        }
-        if err != 0 {
-            return Err(CheckError::Request {
-                what: "write".into(),
-                offset,
-                errno: err,
-            });
-        }
+        self.check_reply(h, "write", offset, what())?;
         Ok(())
     }
 
