@@ -136,7 +136,12 @@ fn read_upcalls(
             }
             // The RANGE_IO ioctl already returned this I/O's result.
             UpcallKind::SyncIoDone { .. } => continue,
-            UpcallKind::Write { .. } => Some(Bytes::copy_from_slice(&buf)),
+            // The payload leaves with the upcall; the next call gets a
+            // fresh buffer of the same capacity (an allocation, not a copy).
+            UpcallKind::Write { .. } => {
+                let fresh = Vec::with_capacity(buf.capacity());
+                Some(Bytes::from(std::mem::replace(&mut buf, fresh)))
+            }
             _ => None,
         };
         if tx.send(HostUpcall { up, data }).is_err() {
