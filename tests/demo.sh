@@ -108,6 +108,18 @@ wait_list() {
 	done
 }
 
+# Wait until node $1 shows no resync progress line: dirty can reach 0 a
+# moment before the resync ends (the peer's flush and the counters).
+wait_synced() {
+	wait_list "$1" "dirty: 0 "
+	i=0
+	while "$bin/hastctl" list -c "$work/hast.conf" --node "$1" shared | grep -qF "synchronization:"; do
+		i=$((i + 1))
+		[ $i -lt 600 ] || { echo "timeout waiting for the resync to end on $1"; cat "$work/$1.log"; exit 1; }
+		sleep 0.1
+	done
+}
+
 uri() {
 	echo "nbd+unix:///shared?socket=$work/$1.nbd"
 }
@@ -161,7 +173,7 @@ say "alpha comes back as secondary: only what changed is copied"
 start alpha
 ctl alpha role secondary shared
 wait_list beta "status: complete"
-wait_list beta "dirty: 0 "
+wait_synced beta
 grep -E 'synchronization (started|complete)' "$work/beta.log" | sed 's/^.*INFO /    /'
 ctl alpha dump shared
 

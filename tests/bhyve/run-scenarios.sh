@@ -62,6 +62,22 @@ wait_list() {
 	return 0
 }
 
+# wait_synced VM SECONDS: nothing dirty and no resync progress line (dirty
+# reaches 0 a moment before the resync ends: the peer's flush, the counters).
+wait_synced() {
+	wait_list "$1" "dirty: 0 " "$2" || return 1
+	_n=0
+	while ctl "$1" list data 2>/dev/null | grep -qF "synchronization:"; do
+		_n=$((_n + 1))
+		if [ "$_n" -ge "$2" ]; then
+			log "$1: the resync did not end after $2s"
+			return 1
+		fi
+		sleep 1
+	done
+	return 0
+}
+
 # wait_idle VM: the primary has nothing in flight.
 wait_idle() {
 	wait_list "$1" "queues: local: 0, send: 0, recv: 0, done: 0" 30
@@ -191,7 +207,7 @@ s_resync() {
 	hastd_start "$A" || return 1
 	ctl "$A" role secondary data || return 1
 	wait_list "$B" "status: complete" 60 || return 1
-	wait_list "$B" "dirty: 0 " 120 || return 1
+	wait_synced "$B" 120 || return 1
 	wait_idle "$B" || return 1
 	got1=$(disk_sha "$A" 0)
 	got2=$(disk_sha "$A" 64)
@@ -248,7 +264,7 @@ s_splitbrain() {
 	ctl "$B" create data || return 1
 	ctl "$B" role secondary data || return 1
 	wait_list "$A" "status: complete" 60 || return 1
-	wait_list "$A" "dirty: 0 " 300 || return 1
+	wait_synced "$A" 300 || return 1
 	wait_idle "$A" || return 1
 	got=$(disk_sha "$B" 128)
 	log "$B's disk: $got (written on $A: $p3)"

@@ -569,6 +569,21 @@ pub struct ResourceStatus {
     pub raw: BTreeMap<String, String>,
 }
 
+impl ResourceStatus {
+    /// A resynchronization is running: `list` prints its progress line.
+    /// Dirty can reach 0 before it ends (the peer's flush and the counters
+    /// come after the last extent).
+    pub fn synchronizing(&self) -> bool {
+        self.raw.contains_key("synchronization")
+    }
+
+    /// Connected, nothing dirty and no resynchronization still finishing:
+    /// both data areas hold the same bytes and the counters are recorded.
+    pub fn in_sync(&self) -> bool {
+        self.status.as_deref() == Some("complete") && self.dirty == 0 && !self.synchronizing()
+    }
+}
+
 /// One line of `hastctl status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusLine {
@@ -1887,5 +1902,19 @@ mod tests {
         assert_eq!(r.stats.local_errors, [0, 1, 0, 0]);
         assert_eq!(r.stats.queues[4], 5);
         assert_eq!(r.sourceaddr.as_deref(), Some("tcp4://127.0.0.1"));
+        assert!(!r.synchronizing());
+        assert!(!r.in_sync(), "degraded is not in sync");
+    }
+
+    #[test]
+    fn a_finishing_resync_is_not_in_sync() {
+        let head = "r0:\n  role: primary\n  status: complete\n  dirty: 0 (0B)\n";
+        let sync =
+            "  synchronization: 100.0% done, 4194304 of 4194304 bytes, 4.0MB/s, 0:00:00 left\n";
+        let v = parse_list(&format!("{head}{sync}")).unwrap();
+        assert!(v[0].synchronizing());
+        assert!(!v[0].in_sync());
+        let v = parse_list(head).unwrap();
+        assert!(v[0].in_sync());
     }
 }

@@ -28,15 +28,13 @@ fn connected(c: &mut Cluster) {
     c.start_all().unwrap();
     c.role("beta", "r0", "secondary").unwrap();
     c.role("alpha", "r0", "primary").unwrap();
-    c.wait_list("alpha", "r0", T, |s| {
-        s.status.as_deref() == Some("complete") && s.dirty == 0
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "alpha never connected in sync: {e}\n{}",
-            c.log("alpha").unwrap_or_default()
-        )
-    });
+    c.wait_list("alpha", "r0", T, |s| s.in_sync())
+        .unwrap_or_else(|e| {
+            panic!(
+                "alpha never connected in sync: {e}\n{}",
+                c.log("alpha").unwrap_or_default()
+            )
+        });
 }
 
 /// An empty (sparse) reference image as large as the data area: the
@@ -128,10 +126,7 @@ fn seeds_story_failover_and_back() {
     // The old primary comes back as secondary: only what changed is copied.
     c.restart("alpha").unwrap();
     c.role("alpha", "r0", "secondary").unwrap();
-    c.wait_list("beta", "r0", T, |s| {
-        s.status.as_deref() == Some("complete") && s.dirty == 0
-    })
-    .unwrap();
+    c.wait_list("beta", "r0", T, |s| s.in_sync()).unwrap();
     // What is copied: the 3 extents written on beta while alpha was away,
     // plus the 6 extents alpha's map still marked when it died (its
     // keepdirty extents: 0-3 and 20-21), as the reference does after a
@@ -146,10 +141,7 @@ fn seeds_story_failover_and_back() {
     // Roles swapped back.
     c.role("beta", "r0", "secondary").unwrap();
     c.role("alpha", "r0", "primary").unwrap();
-    c.wait_list("alpha", "r0", T, |s| {
-        s.status.as_deref() == Some("complete") && s.dirty == 0
-    })
-    .unwrap();
+    c.wait_list("alpha", "r0", T, |s| s.in_sync()).unwrap();
     assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
     qemu_write(&c, "alpha", &reference, 0x44, 20 * MIB, MIB);
     c.wait_list("alpha", "r0", T, |s| s.dirty == 0).unwrap();
@@ -239,10 +231,7 @@ fn partition_then_heal_resyncs_only_dirty_extents() {
         .unwrap();
     assert_eq!(s.dirty, 2 * MIB);
     c.heal("alpha", "beta").unwrap();
-    c.wait_list("alpha", "r0", T, |s| {
-        s.status.as_deref() == Some("complete") && s.dirty == 0
-    })
-    .unwrap();
+    c.wait_list("alpha", "r0", T, |s| s.in_sync()).unwrap();
     assert!(c
         .log("alpha")
         .unwrap()
@@ -275,10 +264,7 @@ fn split_brain_is_refused_and_recovered() {
     c.role("beta", "r0", "init").unwrap();
     c.hastctl_ok("beta", &["create", "r0"]).unwrap();
     c.role("beta", "r0", "secondary").unwrap();
-    c.wait_list("alpha", "r0", T, |s| {
-        s.status.as_deref() == Some("complete") && s.dirty == 0
-    })
-    .unwrap();
+    c.wait_list("alpha", "r0", T, |s| s.in_sync()).unwrap();
     same_data(&c);
 }
 
@@ -300,10 +286,7 @@ fn secondary_write_error_leaves_the_extent_dirty_until_resync_repairs_it() {
     c.failpoint("beta", hast::failpoint::SECONDARY_WRITE, false);
     c.role("beta", "r0", "init").unwrap();
     c.role("beta", "r0", "secondary").unwrap();
-    c.wait_list("alpha", "r0", T, |s| {
-        s.status.as_deref() == Some("complete") && s.dirty == 0
-    })
-    .unwrap();
+    c.wait_list("alpha", "r0", T, |s| s.in_sync()).unwrap();
     same_data(&c);
     assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
 }
@@ -535,10 +518,7 @@ fn stale_primary_pulls(split: bool) {
     // Reads through the export right away are correct: stale extents come
     // from the peer until they are resynchronized.
     assert!(export_matches(&c, "alpha", &reference));
-    c.wait_list("alpha", "r0", T, |s| {
-        s.status.as_deref() == Some("complete") && s.dirty == 0
-    })
-    .unwrap();
+    c.wait_list("alpha", "r0", T, |s| s.in_sync()).unwrap();
     let log = c.log("alpha").unwrap();
     assert!(log.contains("synchronization complete"), "{log}");
     let d = c.dump("alpha", "r0").unwrap();

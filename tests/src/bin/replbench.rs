@@ -711,9 +711,7 @@ fn bring_up(c: &mut Cluster, degraded: bool) -> Result<()> {
     c.start_all()?;
     c.role("beta", RES, "secondary")?;
     c.role("alpha", RES, "primary")?;
-    c.wait_list("alpha", RES, SYNC_TIMEOUT, |r| {
-        r.status.as_deref() == Some("complete") && r.dirty == 0
-    })?;
+    c.wait_list("alpha", RES, SYNC_TIMEOUT, |r| r.in_sync())?;
     Ok(())
 }
 
@@ -936,9 +934,7 @@ impl Bench {
         let alpha_cpu = c.pid("alpha").map_or(0.0, cpu_seconds);
         c.start("beta")?;
         c.role("beta", RES, "secondary")?;
-        c.wait_list("alpha", RES, SYNC_TIMEOUT, |r| {
-            r.status.as_deref() == Some("complete") && r.dirty == 0
-        })?;
+        c.wait_list("alpha", RES, SYNC_TIMEOUT, |r| r.in_sync())?;
         // The completion line follows `dirty 0` closely.
         let mut found = None;
         let start = Instant::now();

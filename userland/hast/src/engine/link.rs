@@ -789,7 +789,6 @@ impl Replicator {
             return;
         }
         self.dp.set_sync_dir(SyncDir::None);
-        self.progress.active.store(false, Ordering::SeqCst);
         if synced > 0 {
             let secs = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64());
             tracing::info!(
@@ -801,6 +800,9 @@ impl Replicator {
             );
             hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncDone);
         }
+        // `list` drops its progress line only now: the counters are
+        // recorded and the completion is logged.
+        self.progress.active.store(false, Ordering::SeqCst);
     }
 }
 
