@@ -580,6 +580,12 @@ fn garbage_and_oversized_control_frames_are_dropped() {
     assert!(alpha.running());
     // The daemon's own metadata write happened at role change; nothing since.
     assert_eq!(sha(&img), before);
-    let log = alpha.log_text();
-    assert!(log.contains("unable to receive control header"), "{log}");
+    // Logged once the connection is gone, maybe after the replies above.
+    assert!(
+        wait_for(Duration::from_secs(10), || alpha
+            .log_text()
+            .contains("unable to receive control header")),
+        "{}",
+        alpha.log_text()
+    );
 }
