@@ -1112,16 +1112,22 @@ fn role_init_with_writes_in_flight_answers_them_and_keeps_the_data() {
         "writes are not being answered"
     );
 
-    // The queues show the writes in flight.
-    let l = s.list();
-    let local: u64 = list_field(&l, "queues")
-        .and_then(|q| q.strip_prefix("local: "))
-        .and_then(|q| q.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no local queue in\n{l}"));
+    // The queues show the writes in flight. One sample can fall between
+    // two writes on a loaded machine (the client, not hastd, lagging), so
+    // sample until one shows them.
+    let mut l = String::new();
+    let shown = wait_for(Duration::from_secs(30), || {
+        l = s.list();
+        let local: u64 = list_field(&l, "queues")
+            .and_then(|q| q.strip_prefix("local: "))
+            .and_then(|q| q.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no local queue in\n{l}"));
+        local > 0
+    });
     assert!(
-        local > 0,
-        "writes in flight but the local queue is empty:\n{l}"
+        shown,
+        "writes in flight but the local queue stays empty:\n{l}"
     );
     // Leave primary while the client keeps the window full.
     let t0 = Instant::now();
