@@ -7,6 +7,14 @@
 /// The secondary's write of replicated data to its local provider.
 pub const SECONDARY_WRITE: &str = "secondary-write";
 
+/// Not a failure: while armed, the secondary's write of replicated data
+/// waits [`SECONDARY_SLOW_WRITE_DELAY`] before it goes to the provider (a
+/// slow disk), so a test can stop the session while writes are running.
+pub const SECONDARY_SLOW_WRITE: &str = "secondary-slow-write";
+
+/// The wait of [`SECONDARY_SLOW_WRITE`].
+pub const SECONDARY_SLOW_WRITE_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The primary's local read of a client request (uhost): the core then
 /// serves the read from the peer.
 pub const PRIMARY_READ: &str = "primary-read";

@@ -82,7 +82,12 @@ struct SecondaryState {
     session: Option<tokio::task::JoinHandle<()>>,
     connected: Arc<AtomicBool>,
     stats: Arc<SecondaryStats>,
+    slots: secondary::Slots,
 }
+
+/// How long a new session or a role change waits for the local I/O of the
+/// requests a stopped session had started.
+const SESSION_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl SecondaryState {
     fn stop_session(&mut self) {
@@ -91,6 +96,24 @@ impl SecondaryState {
             s.abort();
         }
         self.connected.store(false, Ordering::SeqCst);
+    }
+
+    /// Stop the session and wait for the I/O it had started.
+    async fn stop_and_drain(&mut self) {
+        self.stop_session();
+        drain(&self.slots).await;
+    }
+}
+
+/// Wait for the requests holding `slots`; a warning if they outlast
+/// [`SESSION_DRAIN`].
+async fn drain(slots: &secondary::Slots) {
+    if !slots.drain(SESSION_DRAIN).await {
+        tracing::warn!(
+            "{} requests of the previous session still wait for the local provider after {} s; going on",
+            slots.busy(),
+            SESSION_DRAIN.as_secs()
+        );
     }
 }
 
@@ -234,7 +257,7 @@ impl Resource {
                 primary.stop().await;
             }
             if let Some(mut sec) = active.secondary.take() {
-                sec.stop_session();
+                sec.stop_and_drain().await;
             }
             Self::close(active, next, &self.cfg);
         }
@@ -337,18 +360,21 @@ impl Resource {
         };
         let connected = sec.connected.clone();
         let stats = sec.stats.clone();
+        let slots = sec.slots.clone();
         let name = cfg.name.clone();
         let span = tracing::info_span!("resource", name = %name);
         sec.session = Some(tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let mut conn1 = conn1;
+                // The session this one replaces may have I/O running.
+                drain(&slots).await;
                 match secondary::answer_attach(&mut conn1, &local, &attach).await {
                     Ok(decision) => {
                         tracing::info!("[{name}] primary {peer} connected ({decision:?})");
                         connected.store(true, Ordering::SeqCst);
                         hooks::run(cfg.exec.as_deref(), &name, &Event::Connect);
                         let _ = stream.set_nodelay(true);
-                        let why = secondary::serve(conn1, stream, local, stats).await;
+                        let why = secondary::serve(conn1, stream, local, stats, slots).await;
                         connected.store(false, Ordering::SeqCst);
                         tracing::warn!("[{name}] primary {peer} disconnected: {why}");
                         hooks::run(cfg.exec.as_deref(), &name, &Event::Disconnect);

@@ -342,6 +342,37 @@ pub struct SecondaryStats {
     pub flush_error: std::sync::atomic::AtomicU64,
 }
 
+/// The request slots of a secondary resource, shared by its successive
+/// sessions. A request keeps its slot until its local I/O is done, even
+/// when its session is stopped, so a new session or a role change first
+/// waits for the requests of the one before: a write of the old primary
+/// never lands after a newer one to the same blocks.
+#[derive(Clone)]
+pub struct Slots(Arc<Semaphore>);
+
+impl Default for Slots {
+    fn default() -> Slots {
+        Slots(Arc::new(Semaphore::new(MAX_INFLIGHT)))
+    }
+}
+
+impl Slots {
+    /// Wait until no request holds a slot, at most `limit`; false when
+    /// some are still running then (a provider that hangs).
+    pub async fn drain(&self, limit: Duration) -> bool {
+        let all = u32::try_from(MAX_INFLIGHT).unwrap_or(u32::MAX);
+        match tokio::time::timeout(limit, self.0.acquire_many(all)).await {
+            Ok(Ok(_all)) => true,
+            Ok(Err(_)) | Err(_) => false,
+        }
+    }
+
+    /// Requests holding a slot now.
+    pub fn busy(&self) -> usize {
+        MAX_INFLIGHT.saturating_sub(self.0.available_permits())
+    }
+}
+
 fn bump(c: &std::sync::atomic::AtomicU64) {
     c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
@@ -353,6 +384,7 @@ pub async fn serve<R, W>(
     mut conn_out: W,
     local: Local,
     stats: Arc<SecondaryStats>,
+    slots: Slots,
 ) -> SessionError
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -381,7 +413,6 @@ where
             .err()
     });
     let mut conn_in = tokio::io::BufReader::with_capacity(READ_AHEAD, conn_in);
-    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
     let inflight = Arc::new(InFlight::default());
     let mut map_cleared = false;
     let mut next_id: u64 = 0;
@@ -448,6 +479,11 @@ where
         } else {
             None
         };
+        // The slot first: a request answered "received" is one whose I/O
+        // runs to the end even if this session is stopped now.
+        let Ok(permit) = slots.0.clone().acquire_owned().await else {
+            break SessionError::Local("request slots closed".into());
+        };
         if req.memsync {
             let reply = Reply {
                 seq: req.seq,
@@ -458,9 +494,6 @@ where
                 break SessionError::Local("reply writer stopped".into());
             }
         }
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            break SessionError::Local("request slots closed".into());
-        };
         next_id += 1;
         let id = next_id;
         let end = req.offset.saturating_add(req.length);
@@ -473,9 +506,13 @@ where
         let stats = stats.clone();
         let pool = pool.clone();
         tokio::spawn(async move {
-            // Wait for earlier requests to the same range (a flush waits
-            // for nothing: it covers what completed before it).
-            if req.cmd != Cmd::Flush {
+            // Wait for earlier requests to the same range; a flush waits
+            // for every earlier request, so it covers each write received
+            // before it (memsync acknowledges a write before it is done),
+            // while later writes do not wait for the flush.
+            if req.cmd == Cmd::Flush {
+                inflight.wait_turn(id, 0, u64::MAX).await;
+            } else {
                 inflight.wait_turn(id, req.offset, end).await;
             }
             let at = localoff.saturating_add(req.offset);
@@ -570,6 +607,9 @@ fn execute(
             if let Some(e) = crate::failpoint::check(crate::failpoint::SECONDARY_WRITE) {
                 pool.give(data);
                 return Err(e);
+            }
+            if crate::failpoint::check(crate::failpoint::SECONDARY_SLOW_WRITE).is_some() {
+                std::thread::sleep(crate::failpoint::SECONDARY_SLOW_WRITE_DELAY);
             }
             let written = f.write_all_at(&data, at);
             pool.give(data);
