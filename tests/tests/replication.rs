@@ -168,7 +168,11 @@ fn kill_primary_under_load(
     });
     let stop = w.stop_handle();
     let writer = std::thread::spawn(move || w.run_uri(&uri));
-    std::thread::sleep(Duration::from_millis(1500));
+    // Kill once well over 100 writes were acknowledged: the primary counts
+    // a write when it starts it and at most `queue_depth` are unanswered.
+    let started = 100 + 2 * queue_depth as u64;
+    c.wait_list("alpha", "r0", T, |s| s.stats.writes > started)
+        .unwrap();
     c.kill9("alpha").unwrap();
     stop.stop();
     let history = writer.join().unwrap().unwrap();
@@ -204,6 +208,8 @@ fn memsync_acknowledged_writes_survive_primary_kill() {
 #[test]
 fn async_keeps_write_order() {
     let (c, history) = kill_primary_under_load("async", 1);
+    // Promotion ends beta's session and waits for the writes it started.
+    c.role("beta", "r0", "primary").unwrap();
     let area = c.data_area("beta", "r0").unwrap();
     let report = history.verify_file(&area.path, area.offset).unwrap();
     let prefix = report
@@ -215,6 +221,74 @@ fn async_keeps_write_order() {
         "the secondary holds writes out of order: {prefix:?}"
     );
     assert!(report.corrupt.is_empty(), "{report:?}");
+}
+
+/// `qemu-io` commands on `node`'s export, with extra options.
+fn qemu_io(c: &Cluster, node: &str, opts: &[&str], cmds: &[&str]) {
+    let uri = c.nbd_uri(node, "r0").unwrap();
+    let mut cmd = std::process::Command::new("qemu-io");
+    cmd.args(["-f", "raw"]).args(opts).arg(&uri);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.output().expect("run qemu-io");
+    assert!(
+        out.status.success(),
+        "qemu-io {cmds:?} on {uri}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// memsync acknowledges a write once the secondary has received it, before
+/// its disk has it. A flush must still cover it, and when the primary dies
+/// with such writes still going to the secondary's (slow) disk, promoting
+/// the secondary waits for them: none lands after a newer write.
+#[test]
+fn memsync_writes_received_are_flushed_and_never_land_late() {
+    let mut c = cluster("memsync", 32 * MIB);
+    connected(&mut c);
+    let (off, len) = (4 * MIB, 64 * 1024);
+    let area = |c: &Cluster, node: &str| c.read_data(node, "r0", off, len as usize).unwrap();
+    c.failpoint("beta", hast::failpoint::SECONDARY_SLOW_WRITE, true);
+
+    // Written and flushed through alpha: on beta's disk when the flush ends.
+    qemu_io(
+        &c,
+        "alpha",
+        &[],
+        &[&format!("write -P 0x51 {off} {len}"), "flush"],
+    );
+    assert!(
+        area(&c, "beta").iter().all(|&b| b == 0x51),
+        "a flush answered before the write it covers reached beta's disk"
+    );
+
+    // Acknowledged (received), no flush (nbdsh sends none; qemu-io would
+    // flush on exit); alpha dies while beta's disk is still busy with it.
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args(["-m", "nbd", "-u", &c.nbd_uri("alpha", "r0").unwrap(), "-c"])
+        .arg(format!("h.pwrite(b'\\x52' * {len}, {off})"))
+        .output()
+        .expect("run nbdsh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.kill9("alpha").unwrap();
+    c.role("beta", "r0", "primary").unwrap();
+    c.failpoint("beta", hast::failpoint::SECONDARY_SLOW_WRITE, false);
+    assert!(
+        area(&c, "beta").iter().all(|&b| b == 0x52),
+        "promoted before the acknowledged write was on disk"
+    );
+    qemu_io(&c, "beta", &[], &[&format!("write -P 0x53 {off} {len}")]);
+    // Longer than the slow write: an old write still running would land now.
+    std::thread::sleep(hast::failpoint::SECONDARY_SLOW_WRITE_DELAY + Duration::from_secs(1));
+    assert!(
+        area(&c, "beta").iter().all(|&b| b == 0x53),
+        "a write of the dead primary landed after the new primary's"
+    );
 }
 
 #[test]
