@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -33,7 +33,14 @@ use std::time::{Duration, Instant};
 pub const PREFIX: &str = "hastt";
 
 /// How long `start` waits for a daemon's control socket.
-const START_TIMEOUT: Duration = Duration::from_secs(15);
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many times a hastd log says the daemon started ("started
+/// successfully", or the reference's "Started successfully").
+fn starts(log: &str) -> usize {
+    log.matches("tarted successfully, running protocol version")
+        .count()
+}
 /// How long `stop` waits after SIGTERM before it sends SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -875,7 +882,8 @@ impl Cluster {
     }
 
     /// Start hastd for `node` (foreground, debug log to `<dir>/<node>.log`)
-    /// and wait until its control socket answers.
+    /// and wait until it logs that it started and its control socket
+    /// accepts.
     pub fn start(&mut self, node: &str) -> Result<()> {
         let i = self.idx(node)?;
         if self.running_idx(i) {
@@ -890,6 +898,7 @@ impl Cluster {
         let log2 = log
             .try_clone()
             .map_err(io_err("duplicate the log descriptor"))?;
+        let starts_before = starts(&self.log(node).unwrap_or_default());
         let hastd = self.bins.get("hastd");
         let mut cmd = self.command_in(i, &hastd);
         cmd.arg("-F")
@@ -910,7 +919,11 @@ impl Cluster {
         self.nodes[i].child = Some(child);
         let start = Instant::now();
         loop {
-            if std::os::unix::net::UnixStream::connect(&ctl).is_ok() {
+            // Up once it says so (signal handlers in place, control socket
+            // served), not merely once the socket accepts.
+            if starts(&self.log(node).unwrap_or_default()) > starts_before
+                && std::os::unix::net::UnixStream::connect(&ctl).is_ok()
+            {
                 return Ok(());
             }
             if !self.running_idx(i) || start.elapsed() > START_TIMEOUT {
@@ -1464,12 +1477,7 @@ impl Drop for Cluster {
 
 /// A free TCP port on `addr` (bound and released at once).
 fn free_port(addr: Ipv4Addr) -> Result<u16> {
-    let l = TcpListener::bind((addr, 0)).map_err(io_err(format!("find a free port on {addr}")))?;
-    let port = l
-        .local_addr()
-        .map_err(io_err("local address of a probe socket"))?
-        .port();
-    Ok(port)
+    crate::try_free_port(addr.into()).map_err(io_err(format!("find a free port on {addr}")))
 }
 
 /// The `exec` hook: hastd runs it with the environment it got, so

@@ -56,11 +56,34 @@ impl From<Output> for Run {
     }
 }
 
-/// A TCP port on `ip` that nothing listens on right now (bind port 0, read
-/// the port, release it).
+/// A TCP port on `ip` that nothing listens on right now, for a daemon to
+/// bind a moment later. It is taken below the kernel's ephemeral range
+/// (32768 and up by default), so no outgoing connection (a hastd dialing its
+/// peer) and no other test's port 0 can get it meanwhile; each test process
+/// starts at its own offset and never hands out a port twice.
+pub fn try_free_port(ip: std::net::IpAddr) -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() % 220) * 100;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(FIRST + (start + n) % SPAN).unwrap_or(u16::MAX);
+        if std::net::TcpListener::bind((ip, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no free port on {ip} in {FIRST}-{}", FIRST + SPAN - 1),
+    ))
+}
+
+/// [`try_free_port`] on `ip`, a literal address.
 pub fn free_port(ip: &str) -> u16 {
-    let l = std::net::TcpListener::bind((ip, 0)).expect("bind an ephemeral port");
-    l.local_addr().expect("local address").port()
+    let ip: std::net::IpAddr = ip.parse().expect("an IP address literal");
+    try_free_port(ip).expect("a free port")
 }
 
 /// Create a sparse file of `size` bytes.
@@ -92,6 +115,10 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// How long [`Node::stop`] waits for hastd to exit after SIGTERM: its
+/// exports drain for up to 5 s, then providers are flushed.
+pub const STOP_LIMIT: Duration = Duration::from_secs(30);
+
 /// One node: a name for `--node`, its control socket and pidfile.
 pub struct Node {
     pub name: String,
@@ -117,13 +144,22 @@ impl Node {
         }
     }
 
-    /// Start hastd in the foreground and wait for its control socket.
+    /// Start hastd in the foreground and wait until it logs that it started
+    /// (signal handlers in place, control socket served).
     pub fn start(&mut self) {
+        let starts = |log: &Path| {
+            fs::read_to_string(log)
+                .unwrap_or_default()
+                .matches("started successfully")
+                .count()
+        };
+        let before = starts(&self.log);
         let child = self.spawn_hastd(&[]);
         self.child = Some(child);
         let ctl = self.control.clone();
-        let up = wait_for(Duration::from_secs(10), || {
-            std::os::unix::net::UnixStream::connect(&ctl).is_ok()
+        let log = self.log.clone();
+        let up = wait_for(Duration::from_secs(30), || {
+            starts(&log) > before && std::os::unix::net::UnixStream::connect(&ctl).is_ok()
         });
         if !up {
             let log = fs::read_to_string(&self.log).unwrap_or_default();
@@ -190,7 +226,8 @@ impl Node {
         }
     }
 
-    /// SIGTERM and wait (10 s at most) for the daemon's exit status.
+    /// SIGTERM and wait ([`STOP_LIMIT`] at most) for the daemon's exit
+    /// status; None (and SIGKILL) when it did not exit.
     pub fn stop(&mut self) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
         // SAFETY: kill(2) on a child we spawned.
@@ -200,7 +237,7 @@ impl Node {
             if let Ok(Some(st)) = child.try_wait() {
                 return Some(st);
             }
-            if start.elapsed() > Duration::from_secs(10) {
+            if start.elapsed() > STOP_LIMIT {
                 let _ = child.kill();
                 let _ = child.wait();
                 return None;

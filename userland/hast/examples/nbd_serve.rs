@@ -81,6 +81,10 @@ async fn serve(args: Args) -> Result<(), String> {
         config.inflight_bytes = config.inflight_bytes.max(m);
     }
     let server = Server::new(registry, config).map_err(|e| e.to_string())?;
+    // Before "listening": a SIGTERM right after it shuts down cleanly.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     if let Some(path) = &args.unix {
         server.listen_unix(path).await.map_err(|e| e.to_string())?;
         println!("listening unix:{}", path.display());
@@ -89,9 +93,6 @@ async fn serve(args: Args) -> Result<(), String> {
         let local = server.listen_tcp(addr).await.map_err(|e| e.to_string())?;
         println!("listening tcp:{local}");
     }
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

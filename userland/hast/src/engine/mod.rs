@@ -111,18 +111,8 @@ impl Daemon {
 
     /// Serve until SIGINT or SIGTERM; returns the process exit code.
     pub async fn run(mut self) -> i32 {
-        let (tx, mut rx) = mpsc::channel::<Request>(64);
-        let (itx, mut irx) = mpsc::channel::<Incoming>(64);
-        if let Some(l) = self.listeners.take() {
-            self.listen_tasks = l.serve(itx.clone());
-        }
-        let mut serving = match self.start_serving(&tx) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("unable to serve the control socket: {e}");
-                return crate::sysexits::EX_OSERR;
-            }
-        };
+        // The handlers first: a SIGTERM sent as soon as the control socket
+        // answers must stop the daemon cleanly, not kill it.
         let signals = (
             signal(SignalKind::hangup()),
             signal(SignalKind::interrupt()),
@@ -132,7 +122,18 @@ impl Daemon {
             (Ok(h), Ok(i), Ok(t)) => (h, i, t),
             _ => {
                 tracing::error!("unable to install signal handlers");
-                serving.stop();
+                return crate::sysexits::EX_OSERR;
+            }
+        };
+        let (tx, mut rx) = mpsc::channel::<Request>(64);
+        let (itx, mut irx) = mpsc::channel::<Incoming>(64);
+        if let Some(l) = self.listeners.take() {
+            self.listen_tasks = l.serve(itx.clone());
+        }
+        let mut serving = match self.start_serving(&tx) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("unable to serve the control socket: {e}");
                 return crate::sysexits::EX_OSERR;
             }
         };
