@@ -87,7 +87,7 @@ fn hook_lines(path: &Path) -> Vec<String> {
 }
 
 fn wait_hook(path: &Path, line: &str) {
-    let ok = wait_for(Duration::from_secs(5), || {
+    let ok = wait_for(Duration::from_secs(30), || {
         hook_lines(path).iter().any(|l| l == line)
     });
     assert!(
@@ -344,7 +344,7 @@ fn sighup_adds_removes_and_restarts_resources() {
     fs::write(&s.conf, config_text(&s.dir, &["r1", "r2"])).unwrap();
     alpha.signal(libc::SIGHUP);
     wait_hook(&s.hooks, "role r0 primary init");
-    let ok = wait_for(Duration::from_secs(5), || {
+    let ok = wait_for(Duration::from_secs(30), || {
         alpha.hastctl("status", &[]).stdout.contains("r2\t")
     });
     assert!(ok, "r2 not added: {}", alpha.log_text());
@@ -379,7 +379,7 @@ fn sighup_adds_removes_and_restarts_resources() {
     // asking; the daemon must not have re-read it in between.)
     fs::write(&s.conf, "resource {\n").unwrap();
     alpha.signal(libc::SIGHUP);
-    let ok = wait_for(Duration::from_secs(5), || {
+    let ok = wait_for(Duration::from_secs(30), || {
         alpha.log_text().contains("not reloaded")
     });
     assert!(ok, "{}", alpha.log_text());

@@ -1140,7 +1140,7 @@ fn role_init_with_writes_in_flight_answers_them_and_keeps_the_data() {
         Duration::from_secs(30),
     );
     ok(&r, "hastctl role init");
-    assert!(t0.elapsed() < Duration::from_secs(20));
+    assert!(t0.elapsed() < Duration::from_secs(30));
     assert!(
         !s.socket.exists(),
         "NBD socket still there after role init returned"
@@ -1315,10 +1315,7 @@ fn multi_conn_clients_write_interleaved_regions() {
 
 #[test]
 fn tcp_export_serves_qemu_io_and_nbdinfo() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = hast_tests::free_port("127.0.0.1");
     let s = Solo::build(
         32 * MIB,
         &SoloOpts {
@@ -1377,7 +1374,7 @@ fn cycle_with_clients(s: &Solo, round: u64) {
     ok(&s.node.hastctl("role", &["init", "r0"]), "role init");
     // Not the 60 s handshake timeout: the idle client is dropped too.
     assert!(
-        t.elapsed() < Duration::from_secs(5),
+        t.elapsed() < Duration::from_secs(30),
         "role init took {:?}",
         t.elapsed()
     );
@@ -1682,7 +1679,7 @@ fn sighup_keeps_an_unchanged_export_and_moves_a_changed_one() {
     // Same configuration: the client keeps its connection.
     let roles_before = s.node.log_text().matches("role changed").count();
     s.node.signal(libc::SIGHUP);
-    assert!(wait_for(Duration::from_secs(5), || s
+    assert!(wait_for(Duration::from_secs(30), || s
         .node
         .log_text()
         .contains("configuration reloaded successfully")));
@@ -1711,7 +1708,7 @@ fn sighup_keeps_an_unchanged_export_and_moves_a_changed_one() {
         "export did not move:\n{}",
         s.node.log_text()
     );
-    assert!(wait_for(Duration::from_secs(5), || !s.socket.exists()));
+    assert!(wait_for(Duration::from_secs(30), || !s.socket.exists()));
     assert!(c.closed_by_server(), "old client kept on the old export");
     let mut c = RawNbd::start(&moved).unwrap();
     c.go("r0").unwrap().expect("GO on the moved export");
@@ -1964,7 +1961,9 @@ fn a_client_that_stops_reading_does_not_block_role_init() {
     };
     let role = ChildGuard::new(hastctl(&["role", "init", "r0"]).spawn().unwrap());
     std::thread::sleep(Duration::from_secs(1));
-    let st = run_timeout(&mut hastctl(&["status"]), Duration::from_secs(5));
+    // Status waits behind role init (one control request at a time), which
+    // takes the 5 s drain limit and the close: hung means far longer.
+    let st = run_timeout(&mut hastctl(&["status"]), Duration::from_secs(15));
     let role = role.wait_timeout(Duration::from_secs(20));
     // Only now let the client go (unblocking hastd if it was stuck).
     drop(c);
@@ -1989,7 +1988,7 @@ fn sigterm_exits_despite_a_client_that_stops_reading() {
     let c = stuck_client(&s);
     let st = s.node.stop();
     drop(c);
-    let st = st.expect("hastd did not exit within 10 s of SIGTERM");
+    let st = st.expect("hastd did not exit within 30 s of SIGTERM");
     assert!(st.success(), "{st:?}");
     assert!(!s.socket.exists());
 }

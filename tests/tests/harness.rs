@@ -385,6 +385,25 @@ fn nft_tables() -> String {
         .unwrap_or_default()
 }
 
+/// A namespace of cluster `id` exists (`<id>-<node>`; `hastt-1-1` is not
+/// `hastt-1-12`'s).
+fn has_netns(id: &str) -> bool {
+    let prefix = format!("{id}-");
+    netns_names().lines().any(|l| {
+        l.split_whitespace()
+            .next()
+            .is_some_and(|n| n.starts_with(&prefix))
+    })
+}
+
+/// Cluster `id`'s nft table exists (`hastt_<pid>_<n>`, the whole name).
+fn has_nft_table(id: &str) -> bool {
+    let table = id.replace('-', "_");
+    nft_tables()
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some(table.as_str()))
+}
+
 /// Build a cluster in `mode`, start it, cut it with nft rules, then drop it
 /// (or panic with it alive); nothing it made may remain.
 fn leaves_nothing(mode: Mode, panic: bool) {
@@ -393,6 +412,10 @@ fn leaves_nothing(mode: Mode, panic: bool) {
         let mut c = two_nodes(mode);
         c.start_all().unwrap();
         c.role("alpha", "r0", "primary").unwrap();
+        // The role hook runs on its own; let it finish before the drop
+        // removes the directory it logs to.
+        c.wait_hook("alpha", "role r0 init primary", Duration::from_secs(30))
+            .unwrap();
         if is_root() {
             c.partition_with("alpha", "beta", PartitionKind::Drop)
                 .unwrap();
@@ -403,10 +426,10 @@ fn leaves_nothing(mode: Mode, panic: bool) {
             c.dir().to_path_buf(),
         );
         if mode == Mode::Netns {
-            assert!(netns_names().contains(c.id()));
+            assert!(has_netns(c.id()), "{}", netns_names());
         }
         if is_root() {
-            assert!(nft_tables().contains(&c.id().replace('-', "_")) || mode == Mode::Netns);
+            assert!(has_nft_table(c.id()) || mode == Mode::Netns);
         }
         if panic {
             panic!("planned panic with the cluster alive");
@@ -415,12 +438,8 @@ fn leaves_nothing(mode: Mode, panic: bool) {
     assert_eq!(res.is_err(), panic);
     let (id, pids, dir) = seen;
     assert!(!id.is_empty());
-    assert!(!netns_names().contains(&id), "{}", netns_names());
-    assert!(
-        !nft_tables().contains(&id.replace('-', "_")),
-        "{}",
-        nft_tables()
-    );
+    assert!(!has_netns(&id), "{}", netns_names());
+    assert!(!has_nft_table(&id), "{}", nft_tables());
     for pid in pids {
         assert!(!pid_alive(pid), "hastd {pid} survived the drop");
     }
@@ -666,7 +685,7 @@ fn kill9_under_load_keeps_acknowledged_writes() {
     let stop = w.stop_handle();
     let u = uri.clone();
     let t = std::thread::spawn(move || w.run_uri(&u).unwrap());
-    std::thread::sleep(Duration::from_millis(300));
+    wait_acked(&c, "alpha", 4);
     stop.stop();
     let h = t.join().unwrap();
     assert_eq!(h.end, End::Stopped, "{h}");
@@ -682,7 +701,7 @@ fn kill9_under_load_keeps_acknowledged_writes() {
         });
         let u = uri.clone();
         let t = std::thread::spawn(move || w.run_uri(&u).unwrap());
-        std::thread::sleep(Duration::from_millis(400));
+        wait_acked(&c, "alpha", qd);
         c.kill9("alpha").unwrap();
         let h = t.join().unwrap();
         assert!(matches!(h.end, End::ConnectionLost(_)), "{h}");
@@ -696,6 +715,14 @@ fn kill9_under_load_keeps_acknowledged_writes() {
             assert!(r.prefix.unwrap().holes.is_empty());
         }
     }
+}
+
+/// Wait until `node`'s primary has started more writes than a workload at
+/// `queue_depth` can have unanswered: at least one was acknowledged.
+fn wait_acked(c: &Cluster, node: &str, queue_depth: usize) {
+    let n = queue_depth as u64;
+    c.wait_list(node, "r0", Duration::from_secs(60), |s| s.stats.writes > n)
+        .unwrap();
 }
 
 /// The Jepsen check across a failover (needs replication; skipped when the
@@ -731,7 +758,7 @@ fn failover_after_kill9_keeps_acknowledged_writes() {
         });
         let uri = c.nbd_uri("alpha", "r0").unwrap();
         let t = std::thread::spawn(move || w.run_uri(&uri).unwrap());
-        std::thread::sleep(Duration::from_millis(700));
+        wait_acked(&c, "alpha", qd);
         c.kill9("alpha").unwrap();
         let h = t.join().unwrap();
         assert!(matches!(h.end, End::ConnectionLost(_)), "{h}");

@@ -4,6 +4,7 @@
 //! standing in for /dev/hast/NAME. The file system steps (fsck, mount,
 //! zpool) need FreeBSD and run in tests/bhyve/ instead.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -165,14 +166,26 @@ fn a_second_run_waits_for_the_lock_and_gives_up_with_75() {
     let c = cluster();
     let conf = write_conf(&c, "alpha", 10);
     let lock = c.dir().join("failover-alpha.lock");
+    // In its own process group, so that killing it ends `sleep` too.
     let mut holder = Command::new("flock")
         .arg(&lock)
-        .args(["sleep", "8"])
+        .args(["sleep", "60"])
+        .process_group(0)
         .spawn()
         .expect("run flock");
-    std::thread::sleep(Duration::from_millis(300));
+    // Only once the holder has the lock (a non-blocking try fails).
+    let held = hast_tests::wait_for(Duration::from_secs(30), || {
+        Command::new("flock")
+            .args(["-n"])
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .is_ok_and(|s| !s.success())
+    });
+    assert!(held, "flock never took {}", lock.display());
     let o = failover(&conf, &["demote"]);
-    let _ = holder.kill();
+    // SAFETY: kill(2) of the process group of a child we spawned.
+    unsafe { libc::kill(-(holder.id() as i32), libc::SIGKILL) };
     let _ = holder.wait();
     let t = text(&o);
     assert_eq!(o.status.code(), Some(75), "{t}");

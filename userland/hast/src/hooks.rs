@@ -127,15 +127,16 @@ mod tests {
                 new: "primary",
             },
         );
-        for _ in 0..200 {
-            if out.exists() {
+        // The hook runs on its own: wait for its whole line.
+        let want = "role disk0 secondary primary\n";
+        let mut got = String::new();
+        for _ in 0..3000 {
+            got = std::fs::read_to_string(&out).unwrap_or_default();
+            if got == want {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        assert_eq!(
-            std::fs::read_to_string(&out).unwrap(),
-            "role disk0 secondary primary\n"
-        );
+        assert_eq!(got, want);
     }
 }

@@ -1553,7 +1553,7 @@ fn backend_errors_and_panics_become_nbd_errors() {
 #[test]
 fn silent_client_is_dropped_after_the_handshake_timeout() {
     let config = Config {
-        handshake_timeout: Some(Duration::from_millis(300)),
+        handshake_timeout: Some(Duration::from_millis(1500)),
         ..Config::default()
     };
     let h = Harness::with_config(&[("r0", MIB)], config);
@@ -1563,12 +1563,12 @@ fn silent_client_is_dropped_after_the_handshake_timeout() {
     assert!(idle.closed(), "silent client kept");
     let waited = t.elapsed();
     assert!(
-        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(10),
         "closed after {waited:?}"
     );
     // The timeout ends with the handshake: a client in transmission stays.
     let (mut c, _, _) = Raw::go(&h.sock, "r0");
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(c.read(1, 0, 512), vec![0u8; 512]);
 }
 
