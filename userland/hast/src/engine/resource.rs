@@ -85,10 +85,6 @@ struct SecondaryState {
     slots: secondary::Slots,
 }
 
-/// How long a new session or a role change waits for the local I/O of the
-/// requests a stopped session had started.
-const SESSION_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
-
 impl SecondaryState {
     fn stop_session(&mut self) {
         self.pending = None;
@@ -101,19 +97,7 @@ impl SecondaryState {
     /// Stop the session and wait for the I/O it had started.
     async fn stop_and_drain(&mut self) {
         self.stop_session();
-        drain(&self.slots).await;
-    }
-}
-
-/// Wait for the requests holding `slots`; a warning if they outlast
-/// [`SESSION_DRAIN`].
-async fn drain(slots: &secondary::Slots) {
-    if !slots.drain(SESSION_DRAIN).await {
-        tracing::warn!(
-            "{} requests of the previous session still wait for the local provider after {} s; going on",
-            slots.busy(),
-            SESSION_DRAIN.as_secs()
-        );
+        self.slots.drain().await;
     }
 }
 
@@ -367,7 +351,7 @@ impl Resource {
             async move {
                 let mut conn1 = conn1;
                 // The session this one replaces may have I/O running.
-                drain(&slots).await;
+                slots.drain().await;
                 match secondary::answer_attach(&mut conn1, &local, &attach).await {
                     Ok(decision) => {
                         tracing::info!("[{name}] primary {peer} connected ({decision:?})");

@@ -356,20 +356,24 @@ impl Default for Slots {
     }
 }
 
-impl Slots {
-    /// Wait until no request holds a slot, at most `limit`; false when
-    /// some are still running then (a provider that hangs).
-    pub async fn drain(&self, limit: Duration) -> bool {
-        let all = u32::try_from(MAX_INFLIGHT).unwrap_or(u32::MAX);
-        match tokio::time::timeout(limit, self.0.acquire_many(all)).await {
-            Ok(Ok(_all)) => true,
-            Ok(Err(_)) | Err(_) => false,
-        }
-    }
+/// How long [`Slots::drain`] waits for the requests of a stopped session.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
-    /// Requests holding a slot now.
-    pub fn busy(&self) -> usize {
-        MAX_INFLIGHT.saturating_sub(self.0.available_permits())
+impl Slots {
+    /// Wait until no request holds a slot; after [`DRAIN_LIMIT`] (a
+    /// provider that hangs) warn and go on.
+    pub async fn drain(&self) {
+        let all = u32::try_from(MAX_INFLIGHT).unwrap_or(u32::MAX);
+        if !matches!(
+            tokio::time::timeout(DRAIN_LIMIT, self.0.acquire_many(all)).await,
+            Ok(Ok(_))
+        ) {
+            tracing::warn!(
+                "{} requests of the previous session still wait for the local provider after {} s; going on",
+                MAX_INFLIGHT.saturating_sub(self.0.available_permits()),
+                DRAIN_LIMIT.as_secs()
+            );
+        }
     }
 }
 
