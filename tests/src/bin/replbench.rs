@@ -162,195 +162,26 @@ impl Settings {
 }
 
 // ---------------------------------------------------------------------------
-// A small JSON reader for fio's output (objects, arrays, numbers, strings)
+// fio's JSON report
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Clone)]
-enum Json {
-    /// A string, `true`, `false` or `null`: not needed by the callers.
-    Other,
-    Num(f64),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
+/// The JSON report in fio's output (notes may come before or after it).
+fn fio_json(text: &str) -> std::result::Result<serde_json::Value, String> {
+    let start = text
+        .find('{')
+        .ok_or_else(|| "no JSON object in the output".to_string())?;
+    serde_json::Deserializer::from_str(text.get(start..).unwrap_or_default())
+        .into_iter()
+        .next()
+        .ok_or_else(|| "no JSON object in the output".to_string())?
+        .map_err(|e| e.to_string())
 }
 
-impl Json {
-    fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Obj(v) => v.iter().find(|(k, _)| k == key).map(|(_, j)| j),
-            _ => None,
-        }
-    }
-
-    fn path(&self, keys: &[&str]) -> Option<&Json> {
-        keys.iter().try_fold(self, |j, k| j.get(k))
-    }
-
-    fn num(&self) -> Option<f64> {
-        match self {
-            Json::Num(n) => Some(*n),
-            _ => None,
-        }
-    }
-}
-
-struct JsonParser<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl JsonParser<'_> {
-    fn parse(text: &str) -> std::result::Result<Json, String> {
-        let start = text
-            .find('{')
-            .ok_or_else(|| "no JSON object in the output".to_string())?;
-        let mut p = JsonParser {
-            b: text.as_bytes().get(start..).unwrap_or_default(),
-            i: 0,
-        };
-        p.value(0)
-    }
-
-    fn peek(&self) -> Option<u8> {
-        self.b.get(self.i).copied()
-    }
-
-    fn ws(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\n' | b'\r' | b'\t')) {
-            self.i += 1;
-        }
-    }
-
-    fn err(&self, what: &str) -> String {
-        format!("{what} at byte {}", self.i)
-    }
-
-    fn expect(&mut self, c: u8) -> std::result::Result<(), String> {
-        self.ws();
-        if self.peek() == Some(c) {
-            self.i += 1;
-            Ok(())
-        } else {
-            Err(self.err(&format!("expected {:?}", c as char)))
-        }
-    }
-
-    fn value(&mut self, depth: usize) -> std::result::Result<Json, String> {
-        if depth > 64 {
-            return Err(self.err("nesting too deep"));
-        }
-        self.ws();
-        match self.peek() {
-            Some(b'{') => {
-                self.i += 1;
-                let mut v = Vec::new();
-                self.ws();
-                if self.peek() == Some(b'}') {
-                    self.i += 1;
-                    return Ok(Json::Obj(v));
-                }
-                loop {
-                    self.ws();
-                    let k = self.string()?;
-                    self.expect(b':')?;
-                    let val = self.value(depth + 1)?;
-                    v.push((k, val));
-                    self.ws();
-                    match self.peek() {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(Json::Obj(v));
-                        }
-                        _ => return Err(self.err("expected , or }")),
-                    }
-                }
-            }
-            Some(b'[') => {
-                self.i += 1;
-                let mut v = Vec::new();
-                self.ws();
-                if self.peek() == Some(b']') {
-                    self.i += 1;
-                    return Ok(Json::Arr(v));
-                }
-                loop {
-                    v.push(self.value(depth + 1)?);
-                    self.ws();
-                    match self.peek() {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(Json::Arr(v));
-                        }
-                        _ => return Err(self.err("expected , or ]")),
-                    }
-                }
-            }
-            Some(b'"') => self.string().map(|_| Json::Other),
-            Some(b't') => self.word("true", Json::Other),
-            Some(b'f') => self.word("false", Json::Other),
-            Some(b'n') => self.word("null", Json::Other),
-            Some(_) => {
-                let start = self.i;
-                while matches!(
-                    self.peek(),
-                    Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
-                ) {
-                    self.i += 1;
-                }
-                let s = std::str::from_utf8(self.b.get(start..self.i).unwrap_or_default())
-                    .map_err(|_| self.err("bad number"))?;
-                s.parse().map(Json::Num).map_err(|_| self.err("bad number"))
-            }
-            None => Err(self.err("unexpected end")),
-        }
-    }
-
-    fn word(&mut self, w: &str, v: Json) -> std::result::Result<Json, String> {
-        if self.b.get(self.i..self.i + w.len()) == Some(w.as_bytes()) {
-            self.i += w.len();
-            Ok(v)
-        } else {
-            Err(self.err("bad literal"))
-        }
-    }
-
-    fn string(&mut self) -> std::result::Result<String, String> {
-        if self.peek() != Some(b'"') {
-            return Err(self.err("expected a string"));
-        }
-        self.i += 1;
-        let mut out = Vec::new();
-        loop {
-            match self.peek() {
-                None => return Err(self.err("unterminated string")),
-                Some(b'"') => {
-                    self.i += 1;
-                    return Ok(String::from_utf8_lossy(&out).into_owned());
-                }
-                Some(b'\\') => {
-                    self.i += 1;
-                    let c = self.peek().ok_or_else(|| self.err("bad escape"))?;
-                    self.i += 1;
-                    match c {
-                        b'n' => out.push(b'\n'),
-                        b't' => out.push(b'\t'),
-                        b'u' => {
-                            // Not needed for the numbers read here.
-                            self.i += 4;
-                            out.push(b'?');
-                        }
-                        other => out.push(other),
-                    }
-                }
-                Some(c) => {
-                    out.push(c);
-                    self.i += 1;
-                }
-            }
-        }
-    }
+/// The number at `keys` under `v`.
+fn json_num(v: &serde_json::Value, keys: &[&str]) -> Option<f64> {
+    keys.iter()
+        .try_fold(v, |v, k| v.get(k))
+        .and_then(serde_json::Value::as_f64)
 }
 
 // ---------------------------------------------------------------------------
@@ -427,13 +258,11 @@ fn run_cmd(cmd: &mut Command) -> Result<String> {
 
 fn fio(uri: &str, w: &Workload, size: u64, s: &Settings) -> Result<FioResult> {
     let out = run_cmd(Command::new("fio").args(fio_args(uri, w, size, s)))?;
-    let j = JsonParser::parse(&out).map_err(BenchError::FioOutput)?;
-    let job = match j.get("jobs") {
-        Some(Json::Arr(v)) => v.first(),
-        _ => None,
-    }
-    .ok_or_else(|| BenchError::FioOutput("no jobs[0]".into()))?;
-    let num = |keys: &[&str]| job.path(keys).and_then(Json::num);
+    let j = fio_json(&out).map_err(BenchError::FioOutput)?;
+    let job = j
+        .pointer("/jobs/0")
+        .ok_or_else(|| BenchError::FioOutput("no jobs[0]".into()))?;
+    let num = |keys: &[&str]| json_num(job, keys);
     let need = |keys: &[&str]| {
         num(keys).ok_or_else(|| BenchError::FioOutput(format!("no {}", keys.join("."))))
     };
@@ -1141,23 +970,17 @@ mod tests {
     #[test]
     fn reads_the_numbers_of_a_fio_report() {
         let out = "note: both iodepth >= 1 and synchronous I/O engine are selected\n{\n  \"fio version\" : \"fio-3.33\",\n  \"jobs\" : [\n    {\n      \"jobname\" : \"bench\",\n      \"write\" : {\n        \"io_bytes\" : 10485760,\n        \"bw_bytes\" : 1048576000,\n        \"iops\" : 1000.5,\n        \"clat_ns\" : {\n          \"mean\" : 15000.0,\n          \"percentile\" : {\n            \"99.000000\" : 2.5e4\n          }\n        }\n      },\n      \"usr_cpu\" : 10.0,\n      \"sys_cpu\" : 5.5,\n      \"flag\" : true, \"none\" : null, \"list\" : [1, \"a\\\"b\", []]\n    }\n  ]\n}\n";
-        let j = JsonParser::parse(out).unwrap();
-        let Some(Json::Arr(jobs)) = j.get("jobs") else {
-            panic!("no jobs")
-        };
-        let job = &jobs[0];
+        let j = fio_json(out).unwrap();
+        let job = j.pointer("/jobs/0").expect("jobs[0]");
+        assert_eq!(json_num(job, &["write", "bw_bytes"]), Some(1048576000.0));
         assert_eq!(
-            job.path(&["write", "bw_bytes"]).and_then(Json::num),
-            Some(1048576000.0)
-        );
-        assert_eq!(
-            job.path(&["write", "clat_ns", "percentile", "99.000000"])
-                .and_then(Json::num),
+            json_num(job, &["write", "clat_ns", "percentile", "99.000000"]),
             Some(25000.0)
         );
-        assert_eq!(job.get("sys_cpu").and_then(Json::num), Some(5.5));
-        assert!(JsonParser::parse("{\"a\": [1, 2").is_err());
-        assert!(JsonParser::parse("no json here").is_err());
+        assert_eq!(json_num(job, &["sys_cpu"]), Some(5.5));
+        assert!(fio_json("{\"a\": [1, 2").is_err());
+        assert!(fio_json("no json here").is_err());
+        assert!(fio_json(&format!("{out}fio: trailing note\n")).is_ok());
     }
 
     #[test]
