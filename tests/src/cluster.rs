@@ -35,12 +35,6 @@ pub const PREFIX: &str = "hastt";
 /// How long `start` waits for a daemon's control socket.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How many times a hastd log says the daemon started ("started
-/// successfully", or the reference's "Started successfully").
-fn starts(log: &str) -> usize {
-    log.matches("tarted successfully, running protocol version")
-        .count()
-}
 /// How long `stop` waits after SIGTERM before it sends SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -898,7 +892,7 @@ impl Cluster {
         let log2 = log
             .try_clone()
             .map_err(io_err("duplicate the log descriptor"))?;
-        let starts_before = starts(&self.log(node).unwrap_or_default());
+        let starts_before = crate::hastd_starts(&self.log(node).unwrap_or_default());
         let hastd = self.bins.get("hastd");
         let mut cmd = self.command_in(i, &hastd);
         cmd.arg("-F")
@@ -921,7 +915,7 @@ impl Cluster {
         loop {
             // Up once it says so (signal handlers in place, control socket
             // served), not merely once the socket accepts.
-            if starts(&self.log(node).unwrap_or_default()) > starts_before
+            if crate::hastd_starts(&self.log(node).unwrap_or_default()) > starts_before
                 && std::os::unix::net::UnixStream::connect(&ctl).is_ok()
             {
                 return Ok(());
@@ -1177,6 +1171,22 @@ impl Cluster {
             what: format!("`hastctl list {res}` on {node}"),
             secs: timeout.as_secs_f64(),
         })
+    }
+
+    /// Wait until primary `node` has started more than `acked + queue_depth`
+    /// writes of `res`: a workload with at most `queue_depth` unanswered has
+    /// then had more than `acked` acknowledged.
+    pub fn wait_acked(
+        &self,
+        node: &str,
+        res: &str,
+        acked: u64,
+        queue_depth: usize,
+        timeout: Duration,
+    ) -> Result<()> {
+        let started = acked.saturating_add(queue_depth as u64);
+        self.wait_list(node, res, timeout, |s| s.stats.writes > started)
+            .map(|_| ())
     }
 
     /// The lines `node`'s hooks logged so far (`role r0 init primary`, ...).

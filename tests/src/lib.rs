@@ -115,6 +115,14 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// How many times a hastd log says the daemon started (this hastd's
+/// "started successfully", the reference's "Started successfully"): it
+/// then has its signal handlers and serves its control socket.
+pub fn hastd_starts(log: &str) -> usize {
+    log.matches("tarted successfully, running protocol version")
+        .count()
+}
+
 /// How long [`Node::stop`] waits for hastd to exit after SIGTERM: its
 /// exports drain for up to 5 s, then providers are flushed.
 pub const STOP_LIMIT: Duration = Duration::from_secs(30);
@@ -147,12 +155,7 @@ impl Node {
     /// Start hastd in the foreground and wait until it logs that it started
     /// (signal handlers in place, control socket served).
     pub fn start(&mut self) {
-        let starts = |log: &Path| {
-            fs::read_to_string(log)
-                .unwrap_or_default()
-                .matches("started successfully")
-                .count()
-        };
+        let starts = |log: &Path| hastd_starts(&fs::read_to_string(log).unwrap_or_default());
         let before = starts(&self.log);
         let child = self.spawn_hastd(&[]);
         self.child = Some(child);

@@ -685,7 +685,7 @@ fn kill9_under_load_keeps_acknowledged_writes() {
     let stop = w.stop_handle();
     let u = uri.clone();
     let t = std::thread::spawn(move || w.run_uri(&u).unwrap());
-    wait_acked(&c, "alpha", 4);
+    c.wait_acked("alpha", "r0", 0, 4, REPL).unwrap();
     stop.stop();
     let h = t.join().unwrap();
     assert_eq!(h.end, End::Stopped, "{h}");
@@ -701,7 +701,7 @@ fn kill9_under_load_keeps_acknowledged_writes() {
         });
         let u = uri.clone();
         let t = std::thread::spawn(move || w.run_uri(&u).unwrap());
-        wait_acked(&c, "alpha", qd);
+        c.wait_acked("alpha", "r0", 0, qd, REPL).unwrap();
         c.kill9("alpha").unwrap();
         let h = t.join().unwrap();
         assert!(matches!(h.end, End::ConnectionLost(_)), "{h}");
@@ -715,14 +715,6 @@ fn kill9_under_load_keeps_acknowledged_writes() {
             assert!(r.prefix.unwrap().holes.is_empty());
         }
     }
-}
-
-/// Wait until `node`'s primary has started more writes than a workload at
-/// `queue_depth` can have unanswered: at least one was acknowledged.
-fn wait_acked(c: &Cluster, node: &str, queue_depth: usize) {
-    let n = queue_depth as u64;
-    c.wait_list(node, "r0", Duration::from_secs(60), |s| s.stats.writes > n)
-        .unwrap();
 }
 
 /// The Jepsen check across a failover (needs replication; skipped when the
@@ -758,7 +750,7 @@ fn failover_after_kill9_keeps_acknowledged_writes() {
         });
         let uri = c.nbd_uri("alpha", "r0").unwrap();
         let t = std::thread::spawn(move || w.run_uri(&uri).unwrap());
-        wait_acked(&c, "alpha", qd);
+        c.wait_acked("alpha", "r0", 0, qd, REPL).unwrap();
         c.kill9("alpha").unwrap();
         let h = t.join().unwrap();
         assert!(matches!(h.end, End::ConnectionLost(_)), "{h}");

@@ -48,6 +48,21 @@ fn reference_image(c: &Cluster) -> std::path::PathBuf {
     reference
 }
 
+/// Run `qemu-io` commands on `target` (an NBD URI or a raw image).
+fn qemu_io(target: &str, cmds: &[&str]) {
+    let mut cmd = std::process::Command::new("qemu-io");
+    cmd.args(["-f", "raw", target]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.output().expect("run qemu-io");
+    assert!(
+        out.status.success(),
+        "qemu-io {cmds:?} on {target}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Write `pattern` at `offset` through `node`'s export and into `reference`.
 fn qemu_write(
     c: &Cluster,
@@ -58,20 +73,8 @@ fn qemu_write(
     len: u64,
 ) {
     let cmd = format!("write -P {pattern} {offset} {len}");
-    for target in [
-        c.nbd_uri(node, "r0").unwrap(),
-        reference.display().to_string(),
-    ] {
-        let out = std::process::Command::new("qemu-io")
-            .args(["-f", "raw", &target, "-c", &cmd])
-            .output()
-            .expect("run qemu-io");
-        assert!(
-            out.status.success(),
-            "qemu-io {cmd} on {target}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    qemu_io(&c.nbd_uri(node, "r0").unwrap(), &[&cmd]);
+    qemu_io(&reference.display().to_string(), &[&cmd]);
 }
 
 /// `qemu-img compare` of `node`'s NBD export (what clients read) with
@@ -168,10 +171,8 @@ fn kill_primary_under_load(
     });
     let stop = w.stop_handle();
     let writer = std::thread::spawn(move || w.run_uri(&uri));
-    // Kill once well over 100 writes were acknowledged: the primary counts
-    // a write when it starts it and at most `queue_depth` are unanswered.
-    let started = 100 + 2 * queue_depth as u64;
-    c.wait_list("alpha", "r0", T, |s| s.stats.writes > started)
+    // Kill once well over 100 writes were acknowledged.
+    c.wait_acked("alpha", "r0", 100 + queue_depth as u64, queue_depth, T)
         .unwrap();
     c.kill9("alpha").unwrap();
     stop.stop();
@@ -223,22 +224,6 @@ fn async_keeps_write_order() {
     assert!(report.corrupt.is_empty(), "{report:?}");
 }
 
-/// `qemu-io` commands on `node`'s export, with extra options.
-fn qemu_io(c: &Cluster, node: &str, opts: &[&str], cmds: &[&str]) {
-    let uri = c.nbd_uri(node, "r0").unwrap();
-    let mut cmd = std::process::Command::new("qemu-io");
-    cmd.args(["-f", "raw"]).args(opts).arg(&uri);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.output().expect("run qemu-io");
-    assert!(
-        out.status.success(),
-        "qemu-io {cmds:?} on {uri}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// memsync acknowledges a write once the secondary has received it, before
 /// its disk has it. A flush must still cover it, and when the primary dies
 /// with such writes still going to the secondary's (slow) disk, promoting
@@ -249,13 +234,12 @@ fn memsync_writes_received_are_flushed_and_never_land_late() {
     connected(&mut c);
     let (off, len) = (4 * MIB, 64 * 1024);
     let area = |c: &Cluster, node: &str| c.read_data(node, "r0", off, len as usize).unwrap();
+    let uri = |c: &Cluster, node: &str| c.nbd_uri(node, "r0").unwrap();
     c.failpoint("beta", hast::failpoint::SECONDARY_SLOW_WRITE, true);
 
     // Written and flushed through alpha: on beta's disk when the flush ends.
     qemu_io(
-        &c,
-        "alpha",
-        &[],
+        &uri(&c, "alpha"),
         &[&format!("write -P 0x51 {off} {len}"), "flush"],
     );
     assert!(
@@ -263,18 +247,17 @@ fn memsync_writes_received_are_flushed_and_never_land_late() {
         "a flush answered before the write it covers reached beta's disk"
     );
 
-    // Acknowledged (received), no flush (nbdsh sends none; qemu-io would
+    // Acknowledged (received), no flush (libnbd sends none; qemu-io would
     // flush on exit); alpha dies while beta's disk is still busy with it.
-    let out = std::process::Command::new("/usr/bin/python3")
-        .args(["-m", "nbd", "-u", &c.nbd_uri("alpha", "r0").unwrap(), "-c"])
-        .arg(format!("h.pwrite(b'\\x52' * {len}, {off})"))
-        .output()
-        .expect("run nbdsh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let r = hast_tests::python(
+        &format!(
+            "import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
+             h.pwrite(b'\\x52' * {len}, {off})\nh.shutdown()\n"
+        ),
+        &[&uri(&c, "alpha")],
+        T,
     );
+    assert_eq!(r.code, 0, "{}", r.stderr);
     c.kill9("alpha").unwrap();
     c.role("beta", "r0", "primary").unwrap();
     c.failpoint("beta", hast::failpoint::SECONDARY_SLOW_WRITE, false);
@@ -282,7 +265,7 @@ fn memsync_writes_received_are_flushed_and_never_land_late() {
         area(&c, "beta").iter().all(|&b| b == 0x52),
         "promoted before the acknowledged write was on disk"
     );
-    qemu_io(&c, "beta", &[], &[&format!("write -P 0x53 {off} {len}")]);
+    qemu_io(&uri(&c, "beta"), &[&format!("write -P 0x53 {off} {len}")]);
     // Longer than the slow write: an old write still running would land now.
     std::thread::sleep(hast::failpoint::SECONDARY_SLOW_WRITE_DELAY + Duration::from_secs(1));
     assert!(
