@@ -1174,17 +1174,21 @@ impl Cluster {
     }
 
     /// Wait until primary `node` has started more than `acked + queue_depth`
-    /// writes of `res`: a workload with at most `queue_depth` unanswered has
-    /// then had more than `acked` acknowledged.
+    /// writes of `res` since its `writes` counter read `since`: a workload
+    /// with at most `queue_depth` unanswered has then had more than `acked`
+    /// acknowledged.
     pub fn wait_acked(
         &self,
         node: &str,
         res: &str,
+        since: u64,
         acked: u64,
         queue_depth: usize,
         timeout: Duration,
     ) -> Result<()> {
-        let started = acked.saturating_add(queue_depth as u64);
+        let started = since
+            .saturating_add(acked)
+            .saturating_add(queue_depth as u64);
         self.wait_list(node, res, timeout, |s| s.stats.writes > started)
             .map(|_| ())
     }

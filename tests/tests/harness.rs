@@ -683,9 +683,10 @@ fn kill9_under_load_keeps_acknowledged_writes() {
         ..opts(4, 0, 128, 0)
     });
     let stop = w.stop_handle();
+    let since = c.list_res("alpha", "r0").unwrap().stats.writes;
     let u = uri.clone();
     let t = std::thread::spawn(move || w.run_uri(&u).unwrap());
-    c.wait_acked("alpha", "r0", 0, 4, REPL).unwrap();
+    c.wait_acked("alpha", "r0", since, 0, 4, REPL).unwrap();
     stop.stop();
     let h = t.join().unwrap();
     assert_eq!(h.end, End::Stopped, "{h}");
@@ -699,9 +700,11 @@ fn kill9_under_load_keeps_acknowledged_writes() {
             duration: Some(Duration::from_secs(30)),
             ..opts(qd, first, 256, 0)
         });
+        // alpha's counter still holds the writes of the run before.
+        let since = c.list_res("alpha", "r0").unwrap().stats.writes;
         let u = uri.clone();
         let t = std::thread::spawn(move || w.run_uri(&u).unwrap());
-        c.wait_acked("alpha", "r0", 0, qd, REPL).unwrap();
+        c.wait_acked("alpha", "r0", since, 0, qd, REPL).unwrap();
         c.kill9("alpha").unwrap();
         let h = t.join().unwrap();
         assert!(matches!(h.end, End::ConnectionLost(_)), "{h}");
@@ -749,8 +752,9 @@ fn failover_after_kill9_keeps_acknowledged_writes() {
             ..opts(qd, 0, 1024, 0)
         });
         let uri = c.nbd_uri("alpha", "r0").unwrap();
+        let since = c.list_res("alpha", "r0").unwrap().stats.writes;
         let t = std::thread::spawn(move || w.run_uri(&uri).unwrap());
-        c.wait_acked("alpha", "r0", 0, qd, REPL).unwrap();
+        c.wait_acked("alpha", "r0", since, 0, qd, REPL).unwrap();
         c.kill9("alpha").unwrap();
         let h = t.join().unwrap();
         assert!(matches!(h.end, End::ConnectionLost(_)), "{h}");

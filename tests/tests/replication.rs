@@ -170,10 +170,18 @@ fn kill_primary_under_load(
         ..WorkloadOptions::default()
     });
     let stop = w.stop_handle();
+    let since = c.list_res("alpha", "r0").unwrap().stats.writes;
     let writer = std::thread::spawn(move || w.run_uri(&uri));
     // Kill once well over 100 writes were acknowledged.
-    c.wait_acked("alpha", "r0", 100 + queue_depth as u64, queue_depth, T)
-        .unwrap();
+    c.wait_acked(
+        "alpha",
+        "r0",
+        since,
+        100 + queue_depth as u64,
+        queue_depth,
+        T,
+    )
+    .unwrap();
     c.kill9("alpha").unwrap();
     stop.stop();
     let history = writer.join().unwrap().unwrap();
