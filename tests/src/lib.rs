@@ -5,6 +5,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod freebsd;
 
 use std::fs;
 use std::io::Write;

@@ -11,7 +11,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::nv::{Nv, NvError, Value, NV_MAX_SIZE};
 
-/// The only protocol version spoken.
+/// The protocol version spoken, and the highest frame version byte
+/// accepted.
 pub const HAST_PROTO_VERSION: u8 = 2;
 
 /// Bytes of the fixed frame header (version and nv size).
@@ -51,7 +52,7 @@ pub enum ProtoError {
     Io(#[from] io::Error),
     #[error("connection closed by the peer")]
     Closed,
-    #[error("peer speaks protocol version {0}, only version 2 is supported")]
+    #[error("frame of protocol version {0}, at most version 2 is supported")]
     BadVersion(u8),
     #[error("frame header of {size} bytes exceeds the {max}-byte limit")]
     HeaderTooLarge { size: u64, max: usize },
@@ -141,7 +142,10 @@ pub async fn write_frame_async<W: AsyncWrite + Unpin>(
 /// Checks the 5-byte header; returns the nv size.
 fn parse_header(hdr: &[u8; FRAME_HEADER_LEN], limits: Limits) -> Result<usize, ProtoError> {
     let [version, a, b, c, d] = *hdr;
-    if version != HAST_PROTO_VERSION {
+    // As FreeBSD's hast_proto_recv_hdr: only versions above ours are
+    // refused. A FreeBSD primary's first frames carry its resource's
+    // hr_version, which is 1 until the handshake raised it.
+    if version > HAST_PROTO_VERSION {
         return Err(ProtoError::BadVersion(version));
     }
     let size = u32::from_le_bytes([a, b, c, d]);
@@ -407,10 +411,17 @@ mod tests {
     #[test]
     fn bad_version_truncation_and_bad_nv() {
         let mut f = encode_frame(&cmd_nv(), &[]).unwrap();
-        f[0] = 1;
+        // Bytes up to 2 are accepted, as FreeBSD does (its primary's first
+        // frame carries 1); above 2 refused.
+        for v in [0, 1, 2] {
+            f[0] = v;
+            let (nv, _) = read_frame(&mut &f[..], Limits::CONTROL).unwrap();
+            assert_eq!(nv, cmd_nv());
+        }
+        f[0] = 3;
         assert!(matches!(
             read_frame(&mut &f[..], Limits::CONTROL),
-            Err(ProtoError::BadVersion(1))
+            Err(ProtoError::BadVersion(3))
         ));
         f[0] = 2;
         assert!(matches!(
