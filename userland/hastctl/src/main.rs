@@ -257,24 +257,25 @@ fn create_one(
     }
 }
 
+/// Exit status of `dump` when a provider cannot be read: FreeBSD's
+/// dump_one returns metadata_read's -1, which exit() turns into 255.
+const DUMP_FAILED: i32 = 255;
+
 fn dump(cfg: &Config, names: &[String]) -> i32 {
     let (resources, mut ec) = select(cfg, names, true);
     for res in resources {
-        let r = match Provider::open(&res.local, false) {
+        let read = Provider::open(&res.local, false)
+            .map_err(|e| e.to_string())
+            .and_then(|p| Metadata::read(&p, &res.name).map_err(|e| e.to_string()));
+        let r = match read {
+            Ok(md) => {
+                print!("{}", metadata::dump_text(&md));
+                0
+            }
             Err(e) => {
                 eprintln!("[{}] {e}", res.name);
-                sysexits::EX_NOINPUT
+                DUMP_FAILED
             }
-            Ok(p) => match Metadata::read(&p, &res.name) {
-                Ok(md) => {
-                    print!("{}", metadata::dump_text(&md));
-                    0
-                }
-                Err(e) => {
-                    eprintln!("[{}] {e}", res.name);
-                    e.exit_code()
-                }
-            },
         };
         if r != 0 && ec == 0 {
             ec = r;

@@ -429,11 +429,19 @@ impl Resource {
             nv.add_i32(format!("workerpid{no}"), 0);
             return;
         };
-        // hastd serves every resource itself; its pid is the worker's.
-        nv.add_i32(
-            format!("workerpid{no}"),
-            i32::try_from(std::process::id()).unwrap_or(0),
-        );
+        // hastd serves every resource itself; its pid is the worker's. A
+        // FreeBSD secondary has a worker only while a primary is connected
+        // (hastctl prints no workerpid line without one).
+        let worker = match &active.secondary {
+            Some(sec) => sec.connected.load(Ordering::SeqCst),
+            None => true,
+        };
+        let pid = if worker {
+            i32::try_from(std::process::id()).unwrap_or(0)
+        } else {
+            0
+        };
+        nv.add_i32(format!("workerpid{no}"), pid);
         let extentsize = active
             .md
             .lock()
