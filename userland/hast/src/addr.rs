@@ -4,8 +4,8 @@
 //! Accepted forms, as the reference understands them:
 //! - TCP: `[tcp://|tcp4://|tcp6://]host[:port]` (scheme case-insensitive, TCP is the
 //!   default when no scheme is given); an IPv6 address with a port is written
-//!   `[addr]:port`, a bare IPv6 address (two or more colons, no brackets) takes the
-//!   default port.
+//!   `[addr]:port`, a bare IPv6 address (two or more colons) or one in brackets
+//!   without a port takes the default port.
 //! - Unix socket: `uds://path`, `unix://path` (case-insensitive), or a bare path that
 //!   starts with `/` and contains no `://`.
 
@@ -96,8 +96,6 @@ pub enum AddrError {
     BadHost { raw: String, host: String },
     #[error("address '{raw}': invalid port '{port}' (expected a number from 1 to 65535)")]
     BadPort { raw: String, port: String },
-    #[error("address '{raw}': an IPv6 address in brackets needs a port (write [addr]:port, or the address without brackets for the default port)")]
-    BracketsWithoutPort { raw: String },
     #[error(
         "address '{raw}': {host} is not an {family} address, as the {scheme}:// scheme requires"
     )]
@@ -272,10 +270,10 @@ fn split_host_port<'a>(raw: &str, rest: &'a str) -> Result<(&'a str, Option<&'a 
             }
             return Ok((host, Some(port)));
         }
-        if inner.ends_with(']') {
-            return Err(AddrError::BracketsWithoutPort {
-                raw: raw.to_string(),
-            });
+        // `[addr]` without a port: FreeBSD's parser takes it (it checks
+        // addresses only when it uses them); it means the default port.
+        if let Some(host) = inner.strip_suffix(']') {
+            return Ok((host, None));
         }
         return Err(AddrError::BadHost {
             raw: raw.to_string(),
