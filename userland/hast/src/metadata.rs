@@ -58,9 +58,10 @@ pub struct Layout {
 /// Why metadata could not be computed, read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
-    #[error("provided mediasize ({requested}) is larger than provider {path} size ({available})")]
+    #[error("provided mediasize ({requested}) is larger than {} size ({available})", provider_named(path.as_deref()))]
     MediasizeTooLarge {
-        path: String,
+        /// The provider, when known (not to [`Layout::compute`]).
+        path: Option<String>,
         requested: u64,
         available: u64,
     },
@@ -141,6 +142,14 @@ pub enum MetadataError {
     Encode { resource: String, why: String },
 }
 
+/// "provider PATH" in messages, or "the provider" when the path is unknown.
+fn provider_named(path: Option<&str>) -> String {
+    match path {
+        Some(p) => format!("provider {p}"),
+        None => "the provider".to_string(),
+    }
+}
+
 impl MetadataError {
     /// hastctl's exit code for this error: 65 (EX_DATAERR) for bad sizes and
     /// invalid metadata, 66 (EX_NOINPUT) when the provider cannot be opened,
@@ -187,7 +196,7 @@ impl Layout {
             None | Some(0) => provider_mediasize,
             Some(m) if m > provider_mediasize => {
                 return Err(MetadataError::MediasizeTooLarge {
-                    path: String::new(),
+                    path: None,
                     requested: m,
                     available: provider_mediasize,
                 })
@@ -293,7 +302,7 @@ impl Layout {
                 available,
                 ..
             } => MetadataError::MediasizeTooLarge {
-                path,
+                path: Some(path),
                 requested,
                 available,
             },
@@ -567,7 +576,7 @@ pub fn create(p: &Provider, resource: &str, layout: &Layout) -> Result<Metadata,
     }
     if layout.mediasize > p.mediasize() {
         return Err(MetadataError::MediasizeTooLarge {
-            path: p.path().display().to_string(),
+            path: Some(p.path().display().to_string()),
             requested: layout.mediasize,
             available: p.mediasize(),
         });

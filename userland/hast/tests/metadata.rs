@@ -220,6 +220,14 @@ fn every_layout_check_is_refused() {
     assert!(
         matches!(err, MetadataError::MediasizeTooLarge { requested, available, .. } if requested == GIB + 1 && available == GIB)
     );
+    // Without a provider at hand the message says so, not "provider  size".
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "provided mediasize ({}) is larger than the provider size ({GIB})",
+            GIB + 1
+        )
+    );
     assert_eq!(err.exit_code(), 65);
     let err = e(Layout::compute(GIB, 520, None, None, None));
     assert!(matches!(err, MetadataError::BadSectorSize(520)));
