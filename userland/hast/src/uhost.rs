@@ -8,10 +8,7 @@
 //! counter bump) are signalled through [`Uhost::upcalls_ready`].
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -22,6 +19,7 @@ use tokio::sync::{oneshot, Notify};
 use crate::core::{Cmd, Core, CoreError, CoreHost, LocalIo, Mode, Params};
 use crate::metadata::METADATA_SIZE;
 use crate::nbd::{Backend, BoxFuture, Done, FileBackend, FileOptions, NbdError};
+use crate::provider::Provider;
 
 /// Where a provider's replicated data lives and how it is replicated.
 #[derive(Debug, Clone)]
@@ -43,12 +41,6 @@ pub struct Geometry {
 pub enum UhostError {
     #[error("{0}")]
     Open(#[from] NbdError),
-    #[error("cannot open {path} for activemap writes: {source}", path = path.display())]
-    MapFile {
-        path: std::path::PathBuf,
-        #[source]
-        source: io::Error,
-    },
     #[error("{0}")]
     Core(#[from] CoreError),
 }
@@ -263,7 +255,6 @@ struct Inner {
     /// This host, for the tasks its callbacks spawn.
     me: Weak<Inner>,
     local: FileBackend,
-    map_file: File,
     metaflush: bool,
     core: OnceLock<Weak<Core>>,
     pending: Mutex<HashMap<u64, Pending>>,
@@ -454,10 +445,11 @@ impl CoreHost for Inner {
             // With metaflush the map sectors must be durable before the data
             // writes they cover: make this write durable (RWF_DSYNC) rather
             // than flushing every dirty page of the provider.
+            let provider = me.local.provider();
             let r = if me.metaflush {
-                crate::nbd::file::write_durable(&me.map_file, &map, METADATA_SIZE)
+                provider.write_durable(&map, METADATA_SIZE)
             } else {
-                me.map_file.write_all_at(&map, METADATA_SIZE)
+                provider.pwrite(&map, METADATA_SIZE)
             };
             let error = match &r {
                 Ok(()) => 0,
@@ -506,12 +498,13 @@ impl CoreHost for Inner {
 }
 
 impl Uhost {
-    /// Open `path` (the local provider) and start a core for it. Must run
-    /// inside a tokio runtime. The activemap read from disk (`map`) becomes
-    /// the core's dirty and sync map.
-    pub fn new(path: &Path, geo: &Geometry, map: &[u8]) -> Result<Uhost, UhostError> {
-        let local = FileBackend::open(
-            path,
+    /// Start a core for the open local provider (the descriptor hastd
+    /// locked; data and activemap go through it). Must run inside a tokio
+    /// runtime. The activemap read from disk (`map`) becomes the core's
+    /// dirty and sync map.
+    pub fn new(provider: Arc<Provider>, geo: &Geometry, map: &[u8]) -> Result<Uhost, UhostError> {
+        let local = FileBackend::on(
+            provider,
             &FileOptions {
                 offset: geo.localoff,
                 size: Some(geo.datasize),
@@ -519,17 +512,9 @@ impl Uhost {
                 read_only: false,
             },
         )?;
-        let map_file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|source| UhostError::MapFile {
-                path: path.to_path_buf(),
-                source,
-            })?;
         let inner = Arc::new_cyclic(|me| Inner {
             me: me.clone(),
             local,
-            map_file,
             metaflush: geo.metaflush,
             core: OnceLock::new(),
             pending: Mutex::new(HashMap::new()),

@@ -259,7 +259,7 @@ fn provider_errors_name_the_path_and_map_to_exit_codes() {
     let err = Provider::open(dir.path(), false).unwrap_err();
     assert!(
         err.to_string()
-            .contains("neither a block device nor a regular file"),
+            .contains("is neither a regular file nor a block device"),
         "{err}"
     );
     // Requested mediasize larger than the provider names it.

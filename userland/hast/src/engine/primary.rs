@@ -115,7 +115,7 @@ impl Primary {
         if Self::kernel_host() {
             return Self::start_kernel(cfg, provider, md, &geo, map).await;
         }
-        let uhost = Arc::new(Uhost::new(&cfg.local, &geo, map)?);
+        let uhost = Arc::new(Uhost::new(provider.clone(), &geo, map)?);
         let plane = Arc::new(UserPlane::new(uhost.clone(), provider));
         let dp: Arc<dyn Dataplane> = plane.clone();
         let replicator = Replicator::new(dp.clone(), md, cfg.clone());

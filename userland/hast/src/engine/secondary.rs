@@ -593,14 +593,11 @@ fn execute(
     len: u64,
     data: Option<Vec<u8>>,
 ) -> std::io::Result<Option<Vec<u8>>> {
-    use std::os::unix::fs::FileExt;
-    let f = provider.file();
     match cmd {
         Cmd::Read => {
             let len = usize::try_from(len).map_err(std::io::Error::other)?;
             let mut buf = pool.take(len);
-            buf.resize(len, 0);
-            if let Err(e) = f.read_exact_at(&mut buf, at) {
+            if let Err(e) = provider.read_into_spare(&mut buf, len, at) {
                 pool.give(buf);
                 return Err(e);
             }
@@ -615,17 +612,17 @@ fn execute(
             if crate::failpoint::check(crate::failpoint::SECONDARY_SLOW_WRITE).is_some() {
                 std::thread::sleep(crate::failpoint::SECONDARY_SLOW_WRITE_DELAY);
             }
-            let written = f.write_all_at(&data, at);
+            let written = provider.pwrite(&data, at);
             pool.give(data);
             written?;
             Ok(None)
         }
         Cmd::Delete => {
-            crate::nbd::file::discard(f, provider.is_block_device(), at, len)?;
+            provider.delete(at, len)?;
             Ok(None)
         }
         Cmd::Flush => {
-            f.sync_data()?;
+            provider.sync()?;
             Ok(None)
         }
         Cmd::Keepalive => Ok(None),

@@ -1,17 +1,16 @@
-//! A [`Backend`] on a regular file or a block device: positioned I/O on the
+//! A [`Backend`] on a local provider ([`crate::provider`]: a regular file,
+//! a Linux block device or a FreeBSD GEOM device): positioned I/O on the
 //! blocking thread pool (many requests in flight), the export living at a
 //! base offset (`localoff`) inside the provider.
 
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::{Backend, BoxFuture, NbdError};
+use crate::provider::{Provider, ProviderError};
 
 /// Where the export lies inside the provider and how it is addressed.
 #[derive(Debug, Clone, Default)]
@@ -29,71 +28,39 @@ pub struct FileOptions {
     pub read_only: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Regular,
-    BlockDevice,
-}
-
-/// A file or block device served as an export.
+/// A provider served as an export.
 #[derive(Debug)]
 pub struct FileBackend {
-    file: Arc<File>,
-    path: PathBuf,
-    kind: Kind,
+    provider: Arc<Provider>,
     base: u64,
     size: u64,
     block_size: u32,
     read_only: bool,
 }
 
-mod ioctl {
-    // Linux <linux/fs.h> block-device ioctls (group 0x12).
-    nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
-    nix::ioctl_read_bad!(blk_sszget, nix::request_code_none!(0x12, 104), libc::c_int);
-    nix::ioctl_write_ptr_bad!(blk_discard, nix::request_code_none!(0x12, 119), [u64; 2]);
-    nix::ioctl_write_ptr_bad!(blk_zeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
-}
-
-/// Size of the zero buffer used when the kernel cannot zero a range itself.
-const ZERO_CHUNK: usize = 1 << 20;
-
 impl FileBackend {
-    /// Opens a provider (regular file or block device) and describes the
+    /// Opens a provider (regular file or disk device) and describes the
     /// export inside it.
     pub fn open(path: &Path, opts: &FileOptions) -> Result<FileBackend, NbdError> {
-        let open_err = |source| NbdError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .open(path)
-            .map_err(open_err)?;
-        let meta = file.metadata().map_err(open_err)?;
-        let ft = meta.file_type();
-        let (kind, provider_size, sector) = if ft.is_block_device() {
-            let mut size: u64 = 0;
-            let mut ssz: libc::c_int = 0;
-            // SAFETY: both ioctls write one integer of the given type through
-            // a valid pointer on an open block-device descriptor.
-            unsafe {
-                ioctl::blk_getsize64(file.as_raw_fd(), &mut size)
-                    .map_err(|e| open_err(io::Error::from(e)))?;
-                ioctl::blk_sszget(file.as_raw_fd(), &mut ssz)
-                    .map_err(|e| open_err(io::Error::from(e)))?;
+        let provider = Provider::open(path, !opts.read_only).map_err(|e| match e {
+            ProviderError::Open { path, source } | ProviderError::Stat { path, source } => {
+                NbdError::Open { path, source }
             }
-            let ssz = u32::try_from(ssz).unwrap_or(512);
-            (Kind::BlockDevice, size, ssz)
-        } else if ft.is_file() {
-            (Kind::Regular, meta.len(), 512)
-        } else {
-            return Err(NbdError::Provider {
+            ProviderError::Ioctl { path, source, .. } => NbdError::Open { path, source },
+            other => NbdError::Provider {
                 path: path.to_path_buf(),
-                reason: "is neither a regular file nor a block device".into(),
-            });
-        };
+                reason: other.to_string(),
+            },
+        })?;
+        FileBackend::on(Arc::new(provider), opts)
+    }
+
+    /// The export `opts` describes inside an open provider (which a caller
+    /// may share: hastd keeps one descriptor per provider, the one it locked).
+    pub fn on(provider: Arc<Provider>, opts: &FileOptions) -> Result<FileBackend, NbdError> {
+        let path = provider.path();
+        let provider_size = provider.mediasize();
+        let sector = provider.sectorsize();
         let bad = |reason: String| NbdError::Provider {
             path: path.to_path_buf(),
             reason,
@@ -135,9 +102,7 @@ impl FileBackend {
             )));
         }
         Ok(FileBackend {
-            file: Arc::new(file),
-            path: path.to_path_buf(),
-            kind,
+            provider: provider.clone(),
             base: opts.offset,
             size,
             block_size,
@@ -147,7 +112,12 @@ impl FileBackend {
 
     /// The provider path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.provider.path()
+    }
+
+    /// The provider.
+    pub fn provider(&self) -> &Arc<Provider> {
+        &self.provider
     }
 
     /// Write `data` at export offset `off` (durably when `fua`). Takes
@@ -166,11 +136,11 @@ impl FileBackend {
             Ok(at) => at,
             Err(e) => return ready(Err(e)),
         };
-        self.blocking(move |f| {
+        self.blocking(move |p| {
             if fua {
-                write_durable(f, &data, at)
+                p.write_durable(&data, at)
             } else {
-                f.write_all_at(&data, at)
+                p.pwrite(&data, at)
             }
         })
     }
@@ -179,7 +149,7 @@ impl FileBackend {
     /// caller already on a blocking thread).
     pub fn read_now(&self, off: u64, len: u32) -> io::Result<Vec<u8>> {
         let at = self.place(off, u64::from(len))?;
-        read_exact_fresh(&self.file, len as usize, at)
+        self.provider.read_fresh(len as usize, at)
     }
 
     /// Write `data` at export offset `off` on the calling thread (durably
@@ -188,9 +158,9 @@ impl FileBackend {
         self.writable()?;
         let at = self.place(off, data.len() as u64)?;
         if fua {
-            write_durable(&self.file, data, at)
+            self.provider.write_durable(data, at)
         } else {
-            self.file.write_all_at(data, at)
+            self.provider.pwrite(data, at)
         }
     }
 
@@ -204,7 +174,7 @@ impl FileBackend {
                 format!(
                     "range {off}+{len} outside the {}-byte export of {}",
                     self.size,
-                    self.path.display()
+                    self.path().display()
                 ),
             ));
         }
@@ -221,15 +191,15 @@ impl FileBackend {
         }
     }
 
-    /// Runs `f` on the blocking pool with the file.
+    /// Runs `f` on the blocking pool with the provider.
     fn blocking<T, F>(&self, f: F) -> BoxFuture<'static, io::Result<T>>
     where
         T: Send + 'static,
-        F: FnOnce(&File) -> io::Result<T> + Send + 'static,
+        F: FnOnce(&Provider) -> io::Result<T> + Send + 'static,
     {
-        let file = Arc::clone(&self.file);
+        let provider = Arc::clone(&self.provider);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || f(&file))
+            tokio::task::spawn_blocking(move || f(&provider))
                 .await
                 .map_err(|e| io::Error::other(format!("I/O task failed: {e}")))?
         })
@@ -238,171 +208,6 @@ impl FileBackend {
 
 fn ready<T: Send + 'static>(r: io::Result<T>) -> BoxFuture<'static, io::Result<T>> {
     Box::pin(std::future::ready(r))
-}
-
-fn is_unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::ENOSYS)
-    )
-}
-
-/// Read exactly `len` bytes at `at` into a new buffer, without filling it
-/// with zeros first (for a 1 MiB read, zeroing costs about what the copy
-/// from the page cache does).
-fn read_exact_fresh(file: &File, len: usize, at: u64) -> io::Result<Vec<u8>> {
-    let mut buf: Vec<u8> = Vec::with_capacity(len);
-    while buf.len() < len {
-        let pos = at
-            .checked_add(buf.len() as u64)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-        let have = buf.len();
-        let spare = buf.spare_capacity_mut();
-        let want = spare.len().min(len - have);
-        // SAFETY: pread writes at most `want` bytes into the vector's spare
-        // capacity, which is at least that long.
-        let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                spare.as_mut_ptr().cast::<libc::c_void>(),
-                want,
-                off_t(pos)?,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "read past the end of the provider",
-            ));
-        }
-        let filled = have + usize::try_from(n).unwrap_or(0).min(want);
-        // SAFETY: the kernel initialized the `n` bytes after the old length.
-        unsafe { buf.set_len(filled) };
-    }
-    Ok(buf)
-}
-
-fn off_t(v: u64) -> io::Result<libc::off_t> {
-    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
-}
-
-/// What `fallocate(2)` is asked to do to a range (size kept).
-#[derive(Clone, Copy)]
-enum Falloc {
-    PunchHole,
-    ZeroRange,
-}
-
-#[cfg(target_os = "linux")]
-fn falloc(file: &File, op: Falloc, at: u64, len: u64) -> io::Result<()> {
-    use nix::fcntl::{fallocate, FallocateFlags};
-    let flags = FallocateFlags::FALLOC_FL_KEEP_SIZE
-        | match op {
-            Falloc::PunchHole => FallocateFlags::FALLOC_FL_PUNCH_HOLE,
-            Falloc::ZeroRange => FallocateFlags::FALLOC_FL_ZERO_RANGE,
-        };
-    fallocate(file, flags, off_t(at)?, off_t(len)?).map_err(io::Error::from)
-}
-
-/// Elsewhere (FreeBSD): no hole punching here; callers fall back to
-/// writing zeros, or keep the data of a discard.
-#[cfg(not(target_os = "linux"))]
-fn falloc(_file: &File, _op: Falloc, at: u64, len: u64) -> io::Result<()> {
-    off_t(at)?;
-    off_t(len)?;
-    Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
-}
-
-fn write_zero_bytes(file: &File, at: u64, len: u64) -> io::Result<()> {
-    let zeros = vec![0u8; ZERO_CHUNK.min(usize::try_from(len).unwrap_or(ZERO_CHUNK))];
-    let mut done: u64 = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64);
-        let chunk = zeros.get(..n as usize).unwrap_or(&zeros);
-        let pos = at
-            .checked_add(done)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-        file.write_all_at(chunk, pos)?;
-        done += n;
-    }
-    Ok(())
-}
-
-/// Writes `data` at `at` and makes it durable: a write and an fdatasync
-/// where `pwritev2(RWF_DSYNC)` does not exist.
-#[cfg(not(target_os = "linux"))]
-pub fn write_durable(f: &File, data: &[u8], at: u64) -> io::Result<()> {
-    f.write_all_at(data, at)?;
-    f.sync_data()
-}
-
-/// Writes `data` at `at` and makes it durable: `pwritev2(RWF_DSYNC)`
-/// syncs just this range (an fdatasync would flush every dirty page of the
-/// provider); kernels without it get a write and an fdatasync.
-#[cfg(target_os = "linux")]
-pub fn write_durable(f: &File, data: &[u8], at: u64) -> io::Result<()> {
-    let mut done: usize = 0;
-    while let Some(rest) = data.get(done..).filter(|r| !r.is_empty()) {
-        let pos = at
-            .checked_add(done as u64)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-        let iov = libc::iovec {
-            iov_base: rest.as_ptr() as *mut libc::c_void,
-            iov_len: rest.len(),
-        };
-        // SAFETY: one iovec describing a live, readable buffer of
-        // `rest.len()` bytes; the kernel only reads from it.
-        let n = unsafe { libc::pwritev2(f.as_raw_fd(), &iov, 1, off_t(pos)?, libc::RWF_DSYNC) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) if done == 0 => {
-                    f.write_all_at(data, at)?;
-                    return f.sync_data();
-                }
-                _ => return Err(e),
-            }
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "pwritev2 wrote nothing",
-            ));
-        }
-        done = done.saturating_add(usize::try_from(n).unwrap_or(0));
-    }
-    Ok(())
-}
-
-/// Discard `len` bytes at provider offset `at`: punch a hole in a regular
-/// file, BLKDISCARD on a block device. A provider that cannot discard keeps
-/// its data (a discard is a hint), which is not an error.
-pub fn discard(f: &File, block_device: bool, at: u64, len: u64) -> io::Result<()> {
-    let r = if block_device {
-        // SAFETY: BLKDISCARD reads a [start, length] pair of u64 through a
-        // valid pointer.
-        unsafe { ioctl::blk_discard(f.as_raw_fd(), &blk_range(at, len)) }
-            .map(|_| ())
-            .map_err(io::Error::from)
-    } else {
-        falloc(f, Falloc::PunchHole, at, len)
-    };
-    match r {
-        Err(e) if !(is_unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL)) => Err(e),
-        _ => Ok(()),
-    }
-}
-
-fn blk_range(at: u64, len: u64) -> [u64; 2] {
-    [at, len]
 }
 
 impl Backend for FileBackend {
@@ -423,7 +228,7 @@ impl Backend for FileBackend {
             Ok(at) => at,
             Err(e) => return ready(Err(e)),
         };
-        self.blocking(move |f| read_exact_fresh(f, len as usize, at))
+        self.blocking(move |p| p.read_fresh(len as usize, at))
     }
 
     fn write(&self, off: u64, data: Vec<u8>, fua: bool) -> BoxFuture<'_, io::Result<()>> {
@@ -434,7 +239,7 @@ impl Backend for FileBackend {
         if self.read_only {
             return ready(Ok(()));
         }
-        self.blocking(|f| f.sync_data())
+        self.blocking(|p| p.sync())
     }
 
     fn trim(&self, off: u64, len: u32, fua: bool) -> BoxFuture<'_, io::Result<()>> {
@@ -443,11 +248,10 @@ impl Backend for FileBackend {
             Ok(at) => at,
             Err(e) => return ready(Err(e)),
         };
-        let block = self.kind == Kind::BlockDevice;
-        self.blocking(move |f| {
-            discard(f, block, at, len)?;
+        self.blocking(move |p| {
+            p.delete(at, len)?;
             if fua {
-                f.sync_data()?;
+                p.sync()?;
             }
             Ok(())
         })
@@ -465,37 +269,10 @@ impl Backend for FileBackend {
             Ok(at) => at,
             Err(e) => return ready(Err(e)),
         };
-        let kind = self.kind;
-        self.blocking(move |f| {
-            let fast = match kind {
-                Kind::Regular => {
-                    let punched = if no_hole {
-                        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
-                    } else {
-                        falloc(f, Falloc::PunchHole, at, len)
-                    };
-                    match punched {
-                        Err(e) if is_unsupported(&e) => falloc(f, Falloc::ZeroRange, at, len),
-                        other => other,
-                    }
-                }
-                // SAFETY: BLKZEROOUT reads a [start, length] pair of u64
-                // through a valid pointer. It leaves the range allocated.
-                Kind::BlockDevice => {
-                    unsafe { ioctl::blk_zeroout(f.as_raw_fd(), &blk_range(at, len)) }
-                        .map(|_| ())
-                        .map_err(io::Error::from)
-                }
-            };
-            match fast {
-                Ok(()) => {}
-                Err(e) if is_unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL) => {
-                    write_zero_bytes(f, at, len)?;
-                }
-                Err(e) => return Err(e),
-            }
+        self.blocking(move |p| {
+            p.write_zeroes(at, len, no_hole)?;
             if fua {
-                f.sync_data()?;
+                p.sync()?;
             }
             Ok(())
         })
