@@ -49,6 +49,7 @@
 #define	RF_ACKED	0x00000800	/* client answer queued */
 #define	RF_GRANTED	0x00001000	/* lock granted */
 #define	RF_LFAIL	0x00002000	/* lock: an I/O failed or link lost */
+#define	RF_BLOCKS	0x00004000	/* a later overlapping update waits */
 
 /* r_acts: host work queued on hc_actq, run in this order. */
 #define	ACT_LOCAL	0x1
@@ -89,6 +90,8 @@ struct hc_req {
 	uint32_t	 r_acts;	/* ACT_* */
 	uint32_t	 r_upkind;	/* HAST_UP_* while on hc_upq */
 	uint32_t	 r_nio;		/* lock: sync I/Os in flight */
+	uint32_t	 r_blockers;	/* earlier overlapping updates not
+					   finished locally */
 	uint32_t	 r_ext0;	/* first extent */
 	uint32_t	 r_ext1;	/* last extent */
 	int32_t		 r_lerr;	/* local result */
@@ -552,6 +555,59 @@ hc_progress(struct hast_core *hc, struct hc_req *r)
 	hc_act(hc, r, ACT_RELEASE);
 }
 
+static int
+hc_overlap(uint64_t o1, uint64_t l1, uint64_t o2, uint64_t l2)
+{
+
+	return (o1 < o2 + l2 && o2 < o1 + l1);
+}
+
+/*
+ * Overlapping updates reach the local provider in the order they were
+ * submitted: a new write or delete waits for every earlier overlapping one
+ * whose local half has not finished (the host may run local I/Os in any
+ * order).  Their remote halves leave in upcall order, and the secondary
+ * applies overlapping requests in arrival order, so both copies end up
+ * with the later data.
+ */
+static void
+hc_order_after(struct hast_core *hc, struct hc_req *r)
+{
+	struct hc_node *n;
+	struct hc_req *q;
+
+	for (n = hc->hc_reqs.n_next; n != &hc->hc_reqs; n = n->n_next) {
+		q = n->n_owner;
+		if (q == r || q->r_type != HC_T_REQ ||
+		    !hc_is_update(q->r_cmd) || (q->r_flags & RF_LDONE) ||
+		    !hc_overlap(r->r_offset, r->r_length, q->r_offset,
+		    q->r_length))
+			continue;
+		HC_ASSERT(q->r_seq < r->r_seq);
+		q->r_flags |= RF_BLOCKS;
+		r->r_blockers++;
+	}
+}
+
+/* The local half of update r finished (or never will run). */
+static void
+hc_unblock(struct hast_core *hc, struct hc_req *r)
+{
+	struct hc_node *n;
+	struct hc_req *q;
+
+	if (!(r->r_flags & RF_BLOCKS))
+		return;
+	r->r_flags &= ~RF_BLOCKS;
+	for (n = hc->hc_waitq.n_next; n != &hc->hc_waitq; n = n->n_next) {
+		q = n->n_owner;
+		if (q->r_seq > r->r_seq && q->r_blockers > 0 &&
+		    hc_overlap(r->r_offset, r->r_length, q->r_offset,
+		    q->r_length))
+			q->r_blockers--;
+	}
+}
+
 /* Fail a request that has not been issued. */
 static void
 hc_fail_unissued(struct hast_core *hc, struct hc_req *r, int32_t error)
@@ -564,14 +620,8 @@ hc_fail_unissued(struct hast_core *hc, struct hc_req *r, int32_t error)
 		hc_unmark(hc, r, 0);	/* nothing was written anywhere */
 	r->r_flags |= RF_LDONE;
 	r->r_lerr = error;
+	hc_unblock(hc, r);
 	hc_progress(hc, r);
-}
-
-static int
-hc_overlap(uint64_t o1, uint64_t l1, uint64_t o2, uint64_t l2)
-{
-
-	return (o1 < o2 + l2 && o2 < o1 + l1);
 }
 
 static int
@@ -622,6 +672,9 @@ hc_advance(struct hast_core *hc, struct hc_req *r)
 			hc->hc_map_want = 1;
 		}
 	}
+	/* After every earlier overlapping update's local half. */
+	if (r->r_blockers > 0)
+		return;
 	/*
 	 * Issue once every extent is marked on disk and stays marked through
 	 * the map write in flight (r_gen may be passed by then: an earlier
@@ -963,6 +1016,7 @@ hast_core_submit(struct hast_core *hc, uint32_t cmd, uint64_t offset,
 			hc->hc_st.hs_writes++;
 		else
 			hc->hc_st.hs_deletes++;
+		hc_order_after(hc, r);
 		hc_list_append(&hc->hc_waitq, &r->r_wait, r);
 		break;
 	}
@@ -993,6 +1047,8 @@ hast_core_local_done(struct hast_core *hc, uint64_t seq, int32_t error)
 		hc_leave(hc);
 		return (0);
 	}
+	if (hc_is_update(r->r_cmd))
+		hc_unblock(hc, r);
 	if (error != 0) {
 		switch (r->r_cmd) {
 		case HAST_CMD_READ:

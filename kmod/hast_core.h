@@ -25,7 +25,13 @@
  *       (hco_map_write) and every write arriving while it is in flight waits
  *       for the next one; hast_core_map_done() releases all of them at once,
  *     - the link is down and this outage's localcnt bump is not persisted
- *       (the first such write queues HAST_UP_BUMP; hast_core_bump_done()).
+ *       (the first such write queues HAST_UP_BUMP; hast_core_bump_done()),
+ *     - an earlier write or delete overlapping it has not finished its
+ *       local half: overlapping updates reach the local provider in the
+ *       order they were submitted, whatever order the host runs I/Os in;
+ *       their remote halves leave in the same order and the secondary
+ *       applies overlapping requests in arrival order, so both copies end
+ *       with the later data.
  *  2. The core issues the local half (hco_local_io) and, when the link is
  *     up, queues the remote half (HAST_UP_WRITE/DELETE) for the engine.
  *  3. hast_core_local_done(), hast_core_remote_received() and

@@ -19,6 +19,15 @@ pub const SECONDARY_SLOW_WRITE_DELAY: std::time::Duration = std::time::Duration:
 /// serves the read from the peer.
 pub const PRIMARY_READ: &str = "primary-read";
 
+/// Not a failure: while armed, each local write of a client request on the
+/// primary's userland host waits a random time of up to
+/// [`PRIMARY_JITTER_MAX`] before it goes to the provider, as a disk that
+/// completes requests out of order does.
+pub const PRIMARY_JITTER: &str = "primary-jitter";
+
+/// The longest wait of [`PRIMARY_JITTER`].
+pub const PRIMARY_JITTER_MAX: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Not a failure: while armed when a session starts, the primary's engine
 /// splits client requests for the peer itself, in pieces of
 /// [`ENGINE_SPLIT_SIZE`] bytes, instead of its userland host splitting them

@@ -318,6 +318,10 @@ impl Inner {
                 self.local_done(seq, result.as_ref().map_or_else(errno, |()| 0));
             }
             Job::Write { seq, off, data } => {
+                if crate::failpoint::check(crate::failpoint::PRIMARY_JITTER).is_some() {
+                    let max = crate::failpoint::PRIMARY_JITTER_MAX.as_micros() as u64;
+                    std::thread::sleep(Duration::from_micros(rand::random::<u64>() % max));
+                }
                 let result = self.local.write_now(off, &data, false);
                 self.local_done(seq, result.as_ref().map_or_else(errno, |()| 0));
             }

@@ -645,6 +645,18 @@ impl Model {
                             link || bump == Bump::Ok,
                             "write issued in an outage before the bump"
                         );
+                        // Overlapping updates reach the disk in submit order.
+                        for q in self.reqs.values() {
+                            let unfinished = q.local == Local::Issued
+                                || (q.local == Local::NotIssued && q.acked.is_none());
+                            assert!(
+                                !(q.update()
+                                    && q.seq < r.seq
+                                    && unfinished
+                                    && overlap(r.off, r.len, q.off, q.len)),
+                                "write {r:?} issued before the earlier overlapping {q:?}"
+                            );
+                        }
                         for (s, l) in &self.locks {
                             assert!(
                                 !(l.granted && overlap(r.off, r.len, l.off, l.len)),
@@ -819,8 +831,15 @@ impl Model {
                 .values()
                 .any(|l| overlap(r.off, r.len, l.off, l.len));
             let bump_hold = !self.link && self.bump != Bump::Ok;
+            let ordered = self.reqs.values().any(|q| {
+                q.update()
+                    && q.seq < r.seq
+                    && (q.local == Local::Issued
+                        || (q.local == Local::NotIssued && q.acked.is_none()))
+                    && overlap(r.off, r.len, q.off, q.len)
+            });
             assert!(
-                locked || bump_hold || !self.marked(r.e0, r.e1),
+                locked || bump_hold || ordered || !self.marked(r.e0, r.e1),
                 "write waits for nothing: {r:?}"
             );
         }
@@ -1004,6 +1023,61 @@ fn memsync_acknowledges_on_received() {
     core.remote_done(seq, 0).unwrap();
     assert!(matches!(host.take()[..], [Ev::Release(9)]));
     assert!(!bit(&core.map(MapKind::Sync), 0));
+}
+
+/// Two overlapping writes in flight: the later one reaches the local disk
+/// (and the peer) only after the earlier one's local half finished, so a
+/// host that runs local I/Os in any order cannot leave the earlier data
+/// on top; a write elsewhere is not held.
+#[test]
+fn overlapping_writes_reach_the_disk_in_submit_order() {
+    let (core, host) = new_core(Mode::FullSync, 4);
+    core.set_link(true);
+    let issued =
+        |host: &Host| -> Vec<u64> { locals(&host.take()).iter().map(|io| io.seq).collect() };
+    let sent = || -> Vec<u64> {
+        std::iter::from_fn(|| core.next_upcall())
+            .map(|u| u.seq)
+            .collect()
+    };
+    let a = core.submit(Cmd::Write, 0, 1024, 1).unwrap();
+    core.map_done(0).unwrap();
+    let b = core.submit(Cmd::Write, 512, 1024, 2).unwrap();
+    let c = core.submit(Cmd::Write, 2048, 512, 3).unwrap();
+    // d overlaps both a and b.
+    let d = core.submit(Cmd::Delete, 512, 512, 4).unwrap();
+    assert_eq!(
+        issued(&host),
+        vec![a, c],
+        "b and d overlap a, still in flight"
+    );
+    assert_eq!(
+        sent(),
+        vec![a, c],
+        "nor are they sent to the peer before it"
+    );
+    // The remote half of a does not hold b: only its local half does.
+    core.local_done(a, 0).unwrap();
+    assert_eq!(issued(&host), vec![b], "b follows a; d still waits for b");
+    assert_eq!(sent(), vec![b]);
+    core.local_done(b, 0).unwrap();
+    assert_eq!(issued(&host), vec![d]);
+    assert_eq!(sent(), vec![d]);
+    // A local failure releases the next one as well.
+    let e = core.submit(Cmd::Write, 2048, 512, 5).unwrap();
+    assert!(issued(&host).is_empty());
+    core.local_done(c, 5).unwrap();
+    assert_eq!(issued(&host), vec![e]);
+    for s in [d, e] {
+        core.local_done(s, 0).unwrap();
+    }
+    for s in [a, b, c, d] {
+        core.remote_done(s, 0).unwrap();
+    }
+    let _ = sent();
+    core.remote_done(e, 0).unwrap();
+    host.take();
+    assert_eq!(core.stats().q_local, 0);
 }
 
 #[test]
