@@ -25,7 +25,7 @@
 #endif
 
 /* Bumped on every incompatible change of a struct or command below. */
-#define	HAST_ABI_VERSION	2
+#define	HAST_ABI_VERSION	3
 
 /* Roles, as on the control socket (HAST_ROLE_* of hastd). */
 #define	HAST_ABI_ROLE_INIT	1
@@ -96,6 +96,8 @@ struct hast_abi_upcall {
 #define	HAST_DOWN_LINK		4	/* hd_arg: HAST_LINK_* */
 #define	HAST_DOWN_SYNCDIR	5	/* hd_arg: HAST_SYNC_* */
 #define	HAST_DOWN_MODE		6	/* hd_arg: HAST_REPL_* */
+#define	HAST_DOWN_FLUSH		7	/* start the core's own flush of both
+					   sides; out hd_seq: its number */
 
 struct hast_abi_downcall {
 	uint32_t	hd_version;	/* HAST_ABI_VERSION */
@@ -198,7 +200,16 @@ struct hast_abi_stats {
 	uint32_t	hs_link;	/* HAST_LINK_* */
 	uint32_t	hs_syncdir;	/* HAST_SYNC_* */
 	uint32_t	hs_mode;	/* HAST_REPL_* */
-	uint32_t	hs_pad1;
+	uint32_t	hs_flush_busy;	/* the core's own flush in flight */
+	uint64_t	hs_unsynced;	/* live updates whose remote copy
+					   failed or never left: their
+					   extents join the sync map */
+	uint64_t	hs_unflushed;	/* extents written on both sides,
+					   not yet covered by a flush */
+	uint32_t	hs_flush_gen;	/* flushes of both sides started */
+	uint32_t	hs_flush_done;	/* the latest one that finished on
+					   both sides (covers writes
+					   finished before it started) */
 };
 
 #ifndef HAST_ABI_NO_IOCTL

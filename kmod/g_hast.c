@@ -169,6 +169,9 @@ struct g_hast_softc {
 	/* At most one map write is in flight: its bios are preallocated. */
 	struct bio		*sc_mapbio;
 	struct bio		*sc_flushbio;
+	/* The same for the core's own flush (hast_core_flush). */
+	struct bio		*sc_iflushbio;
+	uint64_t		 sc_iflushseq;
 };
 
 /*
@@ -697,6 +700,19 @@ g_hast_mapflush_done(struct bio *bp)
 	g_hast_core_map_done(sc, error);
 }
 
+/* The local half of the core's own flush. */
+static void
+g_hast_iflush_done(struct bio *bp)
+{
+	struct g_hast_softc *sc;
+	int error;
+
+	sc = bp->bio_caller1;
+	error = g_hast_bio_error(bp);
+	g_hast_issued_done(sc);
+	g_hast_core_local_done(sc, sc->sc_iflushseq, error);
+}
+
 static void
 g_hast_map_done(struct bio *bp)
 {
@@ -735,6 +751,20 @@ g_hast_op_local_io(void *arg, const struct hast_core_io *io)
 	struct bio *bp;
 
 	sc = arg;
+	if ((io->hio_flags & HAST_IOF_INTERNAL) != 0) {
+		/* The core's own flush: at most one, its bio preallocated. */
+		bp = sc->sc_iflushbio;
+		g_reset_bio(bp);
+		bp->bio_cmd = BIO_FLUSH;
+		bp->bio_offset = sc->sc_lmediasize;
+		bp->bio_length = 0;
+		bp->bio_done = g_hast_iflush_done;
+		bp->bio_caller1 = sc;
+		sc->sc_iflushseq = io->hio_seq;
+		if (g_hast_issue(sc, bp) != 0)
+			g_hast_core_local_done(sc, io->hio_seq, ENXIO);
+		return;
+	}
 	if ((io->hio_flags & HAST_IOF_SYNC) != 0) {
 		sio = (struct g_hast_sio *)(uintptr_t)io->hio_cookie;
 		sio->sio_seq = io->hio_seq;
@@ -1103,6 +1133,8 @@ g_hast_free_softc(struct g_hast_softc *sc)
 		g_destroy_bio(sc->sc_mapbio);
 	if (sc->sc_flushbio != NULL)
 		g_destroy_bio(sc->sc_flushbio);
+	if (sc->sc_iflushbio != NULL)
+		g_destroy_bio(sc->sc_iflushbio);
 	mtx_destroy(&sc->sc_mtx);
 	free(sc, M_HAST);
 }
@@ -1218,6 +1250,7 @@ g_hast_ctl_create(struct hast_abi_create *c)
 	sc->sc_mapsize = hast_core_map_size(core);
 	sc->sc_mapbio = g_alloc_bio();
 	sc->sc_flushbio = g_alloc_bio();
+	sc->sc_iflushbio = g_alloc_bio();
 
 	/* The on-disk map, before any client can reach the provider. */
 	if (c->hc_map != 0) {
@@ -1625,6 +1658,7 @@ static int
 g_hast_ctl_downcall(struct hast_abi_downcall *d)
 {
 	struct g_hast_softc *sc;
+	uint32_t gen;
 	int error;
 
 	if (d->hd_error < 0)
@@ -1657,6 +1691,10 @@ g_hast_ctl_downcall(struct hast_abi_downcall *d)
 		break;
 	case HAST_DOWN_MODE:
 		error = hast_core_set_mode(sc->sc_core, d->hd_arg);
+		break;
+	case HAST_DOWN_FLUSH:
+		error = hast_core_flush(sc->sc_core, &gen);
+		d->hd_seq = gen;
 		break;
 	default:
 		error = EINVAL;

@@ -50,6 +50,7 @@
 #define	RF_GRANTED	0x00001000	/* lock granted */
 #define	RF_LFAIL	0x00002000	/* lock: an I/O failed or link lost */
 #define	RF_BLOCKS	0x00004000	/* a later overlapping update waits */
+#define	RF_INTERNAL	0x00008000	/* the core's own flush: no client */
 
 /* r_acts: host work queued on hc_actq, run in this order. */
 #define	ACT_LOCAL	0x1
@@ -92,6 +93,7 @@ struct hc_req {
 	uint32_t	 r_nio;		/* lock: sync I/Os in flight */
 	uint32_t	 r_blockers;	/* earlier overlapping updates not
 					   finished locally */
+	uint32_t	 r_fgen;	/* flush: its number (hc_fgen) */
 	uint32_t	 r_ext0;	/* first extent */
 	uint32_t	 r_ext1;	/* last extent */
 	int32_t		 r_lerr;	/* local result */
@@ -119,6 +121,9 @@ struct hast_core {
 	uint8_t		*hc_kdmap;	/* member of the keepdirty list */
 	uint8_t		*hc_diskmap;	/* last bitmap known on disk */
 	uint8_t		*hc_mapbuf;	/* bitmap being written */
+	uint8_t		*hc_ufmap;	/* written on both sides, not yet
+					   covered by a flush of both */
+	uint32_t	*hc_ufgen;	/* hc_fgen when it joined hc_ufmap */
 	uint32_t	*hc_kd;		/* keepdirty list, most recent first */
 	uint32_t	 hc_nkd;
 	uint32_t	 hc_keepdirty;
@@ -129,6 +134,11 @@ struct hast_core {
 	int		 hc_map_inflight;
 	int		 hc_map_want;	/* the desired map changed */
 	int		 hc_map_issue;	/* hco_map_write owed */
+
+	/* Flushes of both sides: started, and the latest one that covered. */
+	uint32_t	 hc_fgen;
+	uint32_t	 hc_fgen_done;
+	int		 hc_iflush;	/* the core's own flush in flight */
 
 	/* State. */
 	uint32_t	 hc_mode;
@@ -243,7 +253,7 @@ hc_wanted(const struct hast_core *hc, uint32_t e)
 {
 
 	return (hc->hc_count[e] > 0 || hc_bit(hc->hc_kdmap, e) ||
-	    hc_bit(hc->hc_syncmap, e));
+	    hc_bit(hc->hc_syncmap, e) || hc_bit(hc->hc_ufmap, e));
 }
 
 /* Is extent e set on disk and not about to be cleared there? */
@@ -321,7 +331,8 @@ hc_map_start(struct hast_core *hc)
 	differ = 0;
 	for (i = 0; i < hc->hc_mapsize; i++) {
 		hc->hc_mapbuf[i] = (uint8_t)((hc->hc_memmap[i] |
-		    hc->hc_kdmap[i] | hc->hc_syncmap[i]) & hc_byte_mask(hc, i));
+		    hc->hc_kdmap[i] | hc->hc_syncmap[i] | hc->hc_ufmap[i]) &
+		    hc_byte_mask(hc, i));
 		if (hc->hc_mapbuf[i] != hc->hc_diskmap[i])
 			differ = 1;
 	}
@@ -487,15 +498,34 @@ hc_ack_due(const struct hc_req *r, int32_t *errp)
 	return (1);
 }
 
+/*
+ * Extent e holds data both copies wrote: it stays marked until a flush of
+ * both sides, started from now on, has covered it (hc_flushed).
+ */
+static void
+hc_await_flush(struct hast_core *hc, uint32_t e)
+{
+
+	hc_bit_set(hc->hc_ufmap, e);
+	hc->hc_ufgen[e] = hc->hc_fgen;
+}
+
+/* How a finished update leaves its extents (hc_unmark). */
+#define	UNMARK_NOTHING	0	/* nothing was written anywhere */
+#define	UNMARK_SYNC	1	/* only one copy may have it: resync */
+#define	UNMARK_FLUSH	2	/* both wrote it: clean after a flush */
+
 /* Account a finished write or delete in the activemap. */
 static void
-hc_unmark(struct hast_core *hc, struct hc_req *r, int dirty)
+hc_unmark(struct hast_core *hc, struct hc_req *r, int how)
 {
 	uint32_t e;
 
 	for (e = r->r_ext0; e <= r->r_ext1; e++) {
-		if (dirty)
+		if (how == UNMARK_SYNC)
 			hc_bit_set(hc->hc_syncmap, e);
+		else if (how == UNMARK_FLUSH)
+			hc_await_flush(hc, e);
 		HC_ASSERT(hc->hc_count[e] > 0);
 		if (--hc->hc_count[e] == 0) {
 			hc_bit_clear(hc->hc_memmap, e);
@@ -503,6 +533,38 @@ hc_unmark(struct hast_core *hc, struct hc_req *r, int dirty)
 		}
 	}
 	r->r_flags &= ~RF_MARKED;
+}
+
+/* Is flush generation a before b (wrapping)? */
+static int
+hc_gen_before(uint32_t a, uint32_t b)
+{
+
+	return ((int32_t)(a - b) < 0);
+}
+
+/*
+ * Flush number fgen finished on both sides: every extent written on both
+ * before it started is durable on both and may leave the map.
+ */
+static void
+hc_flushed(struct hast_core *hc, uint32_t fgen)
+{
+	uint32_t i, e;
+
+	if (hc_gen_before(hc->hc_fgen_done, fgen))
+		hc->hc_fgen_done = fgen;
+	for (i = 0; i < hc->hc_mapsize; i++) {
+		if (hc->hc_ufmap[i] == 0)
+			continue;
+		for (e = i * 8; e < i * 8 + 8 && e < hc->hc_nextents; e++) {
+			if (hc_bit(hc->hc_ufmap, e) &&
+			    hc_gen_before(hc->hc_ufgen[e], fgen)) {
+				hc_bit_clear(hc->hc_ufmap, e);
+				hc_maybe_clean(hc, e);
+			}
+		}
+	}
 }
 
 /* Queue the bump upcall if this outage has not asked for it yet. */
@@ -547,10 +609,17 @@ hc_progress(struct hast_core *hc, struct hc_req *r)
 		return;
 	/*
 	 * Both halves are finished.  The extent stays dirty unless both
-	 * copies are known good.
+	 * copies are known good, and then until a flush of both covers it.
 	 */
 	if (r->r_flags & RF_MARKED)
-		hc_unmark(hc, r, r->r_lerr != 0 || !(r->r_flags & RF_ROK));
+		hc_unmark(hc, r, r->r_lerr != 0 || !(r->r_flags & RF_ROK) ?
+		    UNMARK_SYNC : UNMARK_FLUSH);
+	if (r->r_cmd == HAST_CMD_FLUSH) {
+		if (r->r_lerr == 0 && (r->r_flags & RF_ROK))
+			hc_flushed(hc, r->r_fgen);
+		if (r->r_flags & RF_INTERNAL)
+			hc->hc_iflush = 0;
+	}
 	hc_req_unhash(hc, r);
 	hc_act(hc, r, ACT_RELEASE);
 }
@@ -617,7 +686,7 @@ hc_fail_unissued(struct hast_core *hc, struct hc_req *r, int32_t error)
 	if (hc_node_linked(&r->r_wait))
 		hc_list_remove(&r->r_wait);
 	if (r->r_flags & RF_MARKED)
-		hc_unmark(hc, r, 0);	/* nothing was written anywhere */
+		hc_unmark(hc, r, UNMARK_NOTHING);
 	r->r_flags |= RF_LDONE;
 	r->r_lerr = error;
 	hc_unblock(hc, r);
@@ -790,6 +859,10 @@ hc_leave(struct hast_core *hc)
 		io.hio_cookie = r->r_cookie;
 		io.hio_cmd = r->r_cmd;
 		io.hio_flags = r->r_type == HC_T_SYNCIO ? HAST_IOF_SYNC : 0;
+		if (r->r_flags & RF_INTERNAL) {
+			io.hio_flags |= HAST_IOF_INTERNAL;
+			acts &= ~ACT_COMPLETE;
+		}
 		cookie = r->r_cookie;
 		err = r->r_ackerr;
 		/*
@@ -801,7 +874,8 @@ hc_leave(struct hast_core *hc)
 			ops->hco_local_io(hc->hc_arg, &io);
 		if (acts & ACT_COMPLETE)
 			ops->hco_complete(hc->hc_arg, cookie, err);
-		if ((acts & ACT_RELEASE) && ops->hco_release != NULL)
+		if ((acts & ACT_RELEASE) && ops->hco_release != NULL &&
+		    !(io.hio_flags & HAST_IOF_INTERNAL))
 			ops->hco_release(hc->hc_arg, cookie);
 		hast_shim_lock(hc->hc_lock);
 		if (acts & ACT_RELEASE)
@@ -839,6 +913,8 @@ hc_free_all(struct hast_core *hc)
 	hast_shim_free(hc->hc_kdmap);
 	hast_shim_free(hc->hc_diskmap);
 	hast_shim_free(hc->hc_mapbuf);
+	hast_shim_free(hc->hc_ufmap);
+	hast_shim_free(hc->hc_ufgen);
 	hast_shim_free(hc->hc_kd);
 	if (hc->hc_lock != NULL)
 		hast_shim_lock_free(hc->hc_lock);
@@ -902,12 +978,15 @@ hast_core_create(const struct hast_core_params *p,
 	hc->hc_kdmap = hast_shim_alloc(mapsize);
 	hc->hc_diskmap = hast_shim_alloc(disksize);
 	hc->hc_mapbuf = hast_shim_alloc(disksize);
+	hc->hc_ufmap = hast_shim_alloc(mapsize);
+	hc->hc_ufgen = hast_shim_alloc(nextents * sizeof(hc->hc_ufgen[0]));
 	hc->hc_kd = hast_shim_alloc(((uint64_t)hc->hc_keepdirty + 1) *
 	    sizeof(hc->hc_kd[0]));
 	if (hc->hc_lock == NULL || hc->hc_count == NULL ||
 	    hc->hc_memmap == NULL || hc->hc_syncmap == NULL ||
 	    hc->hc_kdmap == NULL || hc->hc_diskmap == NULL ||
-	    hc->hc_mapbuf == NULL || hc->hc_kd == NULL) {
+	    hc->hc_mapbuf == NULL || hc->hc_ufmap == NULL ||
+	    hc->hc_ufgen == NULL || hc->hc_kd == NULL) {
 		hc_free_all(hc);
 		return (HAST_ENOMEM);
 	}
@@ -1007,6 +1086,7 @@ hast_core_submit(struct hast_core *hc, uint32_t cmd, uint64_t offset,
 		break;
 	case HAST_CMD_FLUSH:
 		hc->hc_st.hs_flushes++;
+		r->r_fgen = ++hc->hc_fgen;
 		r->r_flags |= RF_ISSUED;
 		hc_local_start(hc, r);
 		hc_remote_start(hc, r);
@@ -1020,6 +1100,40 @@ hast_core_submit(struct hast_core *hc, uint32_t cmd, uint64_t offset,
 		hc_list_append(&hc->hc_waitq, &r->r_wait, r);
 		break;
 	}
+	hc_leave(hc);
+	return (0);
+}
+
+int
+hast_core_flush(struct hast_core *hc, uint32_t *genp)
+{
+	struct hc_req *r;
+
+	hast_shim_lock(hc->hc_lock);
+	if (hc->hc_link != HAST_LINK_UP) {
+		hast_shim_unlock(hc->hc_lock);
+		return (HAST_EIO);
+	}
+	if (hc->hc_iflush) {
+		if (genp != NULL)
+			*genp = hc->hc_fgen;
+		hast_shim_unlock(hc->hc_lock);
+		return (HAST_EBUSY);
+	}
+	r = hc_req_new(hc, HC_T_REQ);
+	if (r == NULL) {
+		hast_shim_unlock(hc->hc_lock);
+		return (HAST_ENOMEM);
+	}
+	r->r_cmd = HAST_CMD_FLUSH;
+	r->r_mode = hc->hc_mode;
+	r->r_flags |= RF_INTERNAL | RF_ISSUED;
+	r->r_fgen = ++hc->hc_fgen;
+	hc->hc_iflush = 1;
+	if (genp != NULL)
+		*genp = r->r_fgen;
+	hc_local_start(hc, r);
+	hc_remote_start(hc, r);
 	hc_leave(hc);
 	return (0);
 }
@@ -1117,8 +1231,17 @@ hast_core_remote_done(struct hast_core *hc, uint64_t seq, int32_t error)
 	r->r_flags &= ~RF_REMOTE;
 	if (error == 0)
 		r->r_flags |= RF_ROK;
-	else
+	else {
 		r->r_flags &= ~RF_RRECV;	/* the peer lost it after all */
+		/*
+		 * The peer failed an update while connected: this copy now
+		 * has changes the peer lacks, as in an outage.  The write is
+		 * answered only once the localcnt bump is persisted.
+		 */
+		if (r->r_type == HC_T_REQ && hc_is_update(r->r_cmd) &&
+		    hc->hc_bump == BUMP_OK)
+			hc->hc_bump = BUMP_NEEDED;
+	}
 	hc_progress(hc, r);
 	hc_leave(hc);
 	return (0);
@@ -1216,6 +1339,7 @@ hast_core_link(struct hast_core *hc, uint32_t state)
 {
 	struct hc_node *n, *next;
 	struct hc_req *r;
+	uint32_t i;
 
 	if (state != HAST_LINK_UP && state != HAST_LINK_DOWN)
 		return (HAST_EINVAL);
@@ -1230,6 +1354,14 @@ hast_core_link(struct hast_core *hc, uint32_t state)
 	if (hc->hc_link == HAST_LINK_UP && hc->hc_bump == BUMP_OK)
 		hc->hc_bump = BUMP_NEEDED;
 	hc->hc_link = HAST_LINK_DOWN;
+	/*
+	 * Written on both sides but never confirmed durable on the peer: the
+	 * peer may have lost it (its power, say), so it is resynchronized.
+	 */
+	for (i = 0; i < hc->hc_mapsize; i++) {
+		hc->hc_syncmap[i] |= hc->hc_ufmap[i];
+		hc->hc_ufmap[i] = 0;
+	}
 	for (n = hc->hc_reqs.n_next; n != &hc->hc_reqs; n = next) {
 		next = n->n_next;
 		r = n->n_owner;
@@ -1348,7 +1480,7 @@ hast_core_map_get(struct hast_core *hc, uint32_t which, uint8_t *buf,
 			b = hc->hc_syncmap[i];
 		else
 			b = (uint8_t)(hc->hc_memmap[i] | hc->hc_kdmap[i] |
-			    hc->hc_syncmap[i]);
+			    hc->hc_syncmap[i] | hc->hc_ufmap[i]);
 		buf[i] = (uint8_t)(b & hc_byte_mask(hc, i));
 	}
 	hast_shim_unlock(hc->hc_lock);
@@ -1501,8 +1633,11 @@ hast_core_sync_release(struct hast_core *hc, uint64_t lockseq, int clear)
 					end = hc->hc_mediasize;
 				if (end > l->r_offset + l->r_length)
 					break;
+				/* Copied: durable once a flush covers it. */
+				if (!hc_bit(hc->hc_syncmap, e))
+					continue;
 				hc_bit_clear(hc->hc_syncmap, e);
-				hc_maybe_clean(hc, e);
+				hc_await_flush(hc, e);
 			}
 		}
 	}
@@ -1561,6 +1696,11 @@ hast_core_stats(struct hast_core *hc, struct hast_abi_stats *st)
 		if ((r->r_flags & (RF_REMOTE | RF_RTAKEN)) ==
 		    (RF_REMOTE | RF_RTAKEN))
 			st->hs_q_recv++;
+		/* Updates whose extents join the syncmap when they finish. */
+		if (hc_is_update(r->r_cmd) &&
+		    !(r->r_flags & (RF_REMOTE | RF_ROK)) &&
+		    ((r->r_flags & RF_ISSUED) || hc->hc_link == HAST_LINK_DOWN))
+			st->hs_unsynced++;
 		if (r->r_flags & RF_ACKED)
 			st->hs_q_done++;
 		if (hc_node_linked(&r->r_wait)) {
@@ -1574,11 +1714,17 @@ hast_core_stats(struct hast_core *hc, struct hast_abi_stats *st)
 	if (hc_node_linked(&hc->hc_bumpreq.r_up))
 		st->hs_q_send++;
 	for (e = 0; e < hc->hc_nextents; e++) {
-		if (hc->hc_count[e] > 0 || hc_bit(hc->hc_syncmap, e))
+		if (hc->hc_count[e] > 0 || hc_bit(hc->hc_syncmap, e) ||
+		    hc_bit(hc->hc_ufmap, e))
 			st->hs_dirty++;
 		if (hc_bit(hc->hc_syncmap, e))
 			st->hs_syncdirty++;
+		if (hc_bit(hc->hc_ufmap, e))
+			st->hs_unflushed++;
 	}
+	st->hs_flush_gen = hc->hc_fgen;
+	st->hs_flush_done = hc->hc_fgen_done;
+	st->hs_flush_busy = (uint32_t)hc->hc_iflush;
 	st->hs_keepdirty = hc->hc_nkd;
 	st->hs_oldest_ns = now - oldest;
 	st->hs_link = hc->hc_link;

@@ -53,8 +53,17 @@
  *  4. When both halves are finished hco_release tells the host that the
  *     core no longer refers to the request's cookie (data must stay valid
  *     until then: in async mode the engine may still send it after the ack).
+ *  5. An extent both copies wrote stays marked (hc_ufmap) until a flush of
+ *     both sides that started after the write finished has succeeded: a
+ *     client's flush, or the core's own (hast_core_flush), which the engine
+ *     asks for by time and by bytes written.  Either copy may hold the
+ *     data only in a volatile cache until then; a node that loses power
+ *     finds the extent still marked and it is resynchronized.  When the
+ *     link goes down such extents join the syncmap.  A resync chunk's
+ *     extent follows the same rule after its lock is released.
  *
- * Map writes: the bitmap written is memmap | keepdirty list | syncmap.  It
+ * Map writes: the bitmap written is memmap | keepdirty list | syncmap |
+ * extents awaiting a flush of both sides.  It
  * is written when an extent must become marked, and lazily when an idle
  * extent leaves it (keepdirty eviction, a finished write outside the list,
  * a cleared sync range); a write that would change nothing is skipped.
@@ -92,6 +101,8 @@
 
 /* hio_flags of a local I/O */
 #define	HAST_IOF_SYNC	0x00000001	/* resync I/O (hast_core_sync_io) */
+#define	HAST_IOF_INTERNAL 0x00000002	/* the core's own flush: no cookie,
+					   no hco_complete/hco_release */
 
 struct hast_core;
 
@@ -167,6 +178,18 @@ int	hast_core_submit(struct hast_core *hc, uint32_t cmd, uint64_t offset,
 	    uint64_t length, uint64_t cookie, uint64_t *seqp);
 
 /*
+ * Start the core's own flush of both sides (HAST_CMD_FLUSH with no client):
+ * hco_local_io gets it with HAST_IOF_INTERNAL and cookie 0 (answer with
+ * hast_core_local_done as usual), the engine gets HAST_UP_FLUSH; no
+ * hco_complete or hco_release follows.  *genp is its flush number: once
+ * hs_flush_done reaches it, every extent written on both sides before the
+ * call has left the map (unless written again).  HAST_EBUSY (and the number
+ * of the one in flight) while one runs, HAST_EIO with the link down,
+ * HAST_ENOMEM.
+ */
+int	hast_core_flush(struct hast_core *hc, uint32_t *genp);
+
+/*
  * The local I/O seq (a request's or a sync I/O's) finished with error
  * (0 = success).  HAST_ENOENT if seq has no local I/O outstanding.
  */
@@ -208,9 +231,10 @@ int	hast_core_bump_done(struct hast_core *hc, int32_t error);
 
 /*
  * Link state (HAST_LINK_*).  Going down fails the remote half of every
- * request in flight (its extents stay dirty in the syncmap), drops their
- * queued upcalls, marks every sync range lock failed (its release cannot
- * clear), and owes a new localcnt bump.  Going up lets new requests
+ * request in flight (its extents stay dirty in the syncmap), moves the
+ * extents awaiting a flush into the syncmap, drops their queued upcalls,
+ * marks every sync range lock failed (its release cannot clear), and owes
+ * a new localcnt bump.  Going up lets new requests
  * replicate.  HAST_EINVAL for another value.
  */
 int	hast_core_link(struct hast_core *hc, uint32_t state);
@@ -283,7 +307,8 @@ int	hast_core_sync_io(struct hast_core *hc, uint64_t lockseq, uint32_t cmd,
 
 /*
  * Release (or cancel, if not yet granted) lock lockseq.  With clear != 0
- * the extents the range covers completely leave the syncmap, unless the
+ * the extents the range covers completely leave the syncmap (and stay
+ * marked until a flush of both sides covers them, see step 5), unless the
  * lock failed (a sync I/O failed or the link went down meanwhile): then
  * they stay dirty and HAST_EIO is returned (the lock is released anyway).
  * HAST_EBUSY (nothing released) while one of its sync I/Os is in flight.

@@ -17,7 +17,7 @@ mod tests {
 
     #[test]
     fn abi_version_is_exported() {
-        assert_eq!(HAST_ABI_VERSION, 2);
+        assert_eq!(HAST_ABI_VERSION, 3);
         assert_eq!(HAST_ABI_ROLE_PRIMARY, 2);
         assert_eq!(HAST_CMD_WRITE, 2);
         assert_eq!(HAST_REPL_MEMSYNC, 1);
@@ -31,7 +31,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<hast_abi_range>(), 64);
         assert_eq!(core::mem::size_of::<hast_abi_map>(), 32);
         assert_eq!(core::mem::size_of::<hast_abi_create>(), 200);
-        assert_eq!(core::mem::size_of::<hast_abi_stats>(), 192);
+        assert_eq!(core::mem::size_of::<hast_abi_stats>(), 216);
     }
 
     #[test]

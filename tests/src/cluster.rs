@@ -1422,6 +1422,32 @@ impl Cluster {
         Ok(())
     }
 
+    /// Abort every TCP connection between `a` and `b` at once, as a
+    /// middlebox's reset or a NIC reset does (`ss -K`, in `a`'s namespace
+    /// in netns mode): both daemons see their connections fail, and the
+    /// network stays up, so a reconnection succeeds at once. Needs root.
+    pub fn reset_connections(&self, a: &str, b: &str) -> Result<()> {
+        if !is_root() {
+            return Err(HarnessError::NeedRoot(nix::unistd::geteuid().as_raw()));
+        }
+        let ia = self.idx(a)?;
+        let ib = self.idx(b)?;
+        let peer = self.addr_idx(ib, ia).to_string();
+        let me = self.addr_idx(ia, ib).to_string();
+        let filter = ["-K", "src", me.as_str(), "dst", peer.as_str()];
+        match self.nodes[ia].netns.as_deref() {
+            Some(ns) => {
+                let mut v = vec!["netns", "exec", ns, "ss"];
+                v.extend(filter);
+                run_ok("ip", &v)?;
+            }
+            None => {
+                run_ok("ss", &filter)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Try a TCP connection from `from` (its namespace, its address) to
     /// `to`'s replication address and port, to see what a partition does.
     pub fn probe(&self, from: &str, to: &str, timeout: Duration) -> Result<Reach> {

@@ -200,6 +200,9 @@ pub struct LocalIo {
     pub cookie: u64,
     /// A resync I/O ([`Core::sync_io`]) rather than a client request.
     pub sync: bool,
+    /// The core's own flush ([`Core::flush`]): no client, cookie 0, no
+    /// `complete` or `release` follows.
+    pub internal: bool,
 }
 
 /// The kind of an [`Upcall`].
@@ -281,6 +284,17 @@ pub struct Stats {
     pub sync_locks: u64,
     pub oldest_ns: u64,
     pub link_up: bool,
+    /// Live writes whose remote copy failed or never left: their extents
+    /// join the sync map when they finish.
+    pub unsynced: u64,
+    /// Extents written on both sides that wait for a flush of both.
+    pub unflushed: u64,
+    /// Flushes of both sides started, and the latest one that finished
+    /// (see [`Core::flush`]).
+    pub flush_gen: u32,
+    pub flush_done: u32,
+    /// The core's own flush is in flight.
+    pub flush_busy: bool,
 }
 
 impl From<&sys::hast_abi_stats> for Stats {
@@ -308,6 +322,11 @@ impl From<&sys::hast_abi_stats> for Stats {
             sync_locks: st.hs_sync_locks,
             oldest_ns: st.hs_oldest_ns,
             link_up: st.hs_link == sys::HAST_LINK_UP,
+            unsynced: st.hs_unsynced,
+            unflushed: st.hs_unflushed,
+            flush_gen: st.hs_flush_gen,
+            flush_done: st.hs_flush_done,
+            flush_busy: st.hs_flush_busy != 0,
         }
     }
 }
@@ -366,6 +385,7 @@ unsafe extern "C" fn tr_local_io(arg: *mut c_void, io: *const sys::hast_core_io)
         length: io.hio_length,
         cookie: io.hio_cookie,
         sync: io.hio_flags & sys::HAST_IOF_SYNC != 0,
+        internal: io.hio_flags & sys::HAST_IOF_INTERNAL != 0,
     });
 }
 
@@ -445,6 +465,19 @@ impl Core {
             unsafe { sys::hast_core_submit(self.p(), cmd.raw(), offset, length, cookie, &mut seq) };
         check("submit", 0, rc)?;
         Ok(seq)
+    }
+
+    /// Start the core's own flush of both sides; returns its flush number:
+    /// once [`Stats::flush_done`] reaches it, every extent written on both
+    /// sides before the call has left the map (unless written again).
+    /// `Busy` while one runs (then wait for that one), `Io` with the link
+    /// down.
+    pub fn flush(&self) -> Result<u32, CoreError> {
+        let mut gen = 0u32;
+        // SAFETY: live instance, valid out pointer.
+        let rc = unsafe { sys::hast_core_flush(self.p(), &mut gen) };
+        check("flush", 0, rc)?;
+        Ok(gen)
     }
 
     /// The local I/O `seq` finished (`error` = errno, 0 on success).

@@ -28,6 +28,14 @@ pub const PRIMARY_JITTER: &str = "primary-jitter";
 /// The longest wait of [`PRIMARY_JITTER`].
 pub const PRIMARY_JITTER_MAX: std::time::Duration = std::time::Duration::from_millis(2);
 
+/// Not a failure: while armed, the primary waits [`SLOW_BUMP_DELAY`]
+/// before it persists an outage's localcnt bump (a slow metadata write),
+/// so the writes that wait for the bump are released late.
+pub const SLOW_BUMP: &str = "slow-bump";
+
+/// The wait of [`SLOW_BUMP`].
+pub const SLOW_BUMP_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Not a failure: while armed when a session starts, the primary's engine
 /// splits client requests for the peer itself, in pieces of
 /// [`ENGINE_SPLIT_SIZE`] bytes, instead of its userland host splitting them

@@ -568,6 +568,8 @@ impl KernelDevice {
         }
     }
 
+    /// One downcall; returns its `hd_seq` as the kernel left it (an output
+    /// for [`KernelDevice::flush`]).
     fn downcall(
         &self,
         unit: Unit,
@@ -576,7 +578,7 @@ impl KernelDevice {
         error: i32,
         arg: u32,
         data: &[u8],
-    ) -> Result<(), KdevError> {
+    ) -> Result<u64, KdevError> {
         if error < 0 {
             return Err(KdevError::Invalid {
                 op: Ioctl::Downcall,
@@ -597,7 +599,8 @@ impl KernelDevice {
             },
             hd_datalen: data.len() as u64,
         };
-        self.ioctl(&mut d)
+        self.ioctl(&mut d)?;
+        Ok(d.hd_seq)
     }
 
     /// The remote half of `seq` finished with `error` (errno, 0 = success).
@@ -611,16 +614,19 @@ impl KernelDevice {
         data: &[u8],
     ) -> Result<(), KdevError> {
         self.downcall(unit, sys::HAST_DOWN_REMOTE_DONE, seq, error, 0, data)
+            .map(drop)
     }
 
     /// memsync: the peer received write `seq`.
     pub fn remote_received(&self, unit: Unit, seq: u64) -> Result<(), KdevError> {
         self.downcall(unit, sys::HAST_DOWN_REMOTE_RECV, seq, 0, 0, &[])
+            .map(drop)
     }
 
     /// The localcnt bump was persisted (0) or not (errno).
     pub fn bump_done(&self, unit: Unit, error: i32) -> Result<(), KdevError> {
         self.downcall(unit, sys::HAST_DOWN_BUMP_DONE, 0, error, 0, &[])
+            .map(drop)
     }
 
     /// Link to the peer up or down.
@@ -631,16 +637,30 @@ impl KernelDevice {
             sys::HAST_LINK_DOWN
         };
         self.downcall(unit, sys::HAST_DOWN_LINK, 0, 0, state, &[])
+            .map(drop)
     }
 
     /// Synchronization direction.
     pub fn set_sync_dir(&self, unit: Unit, dir: SyncDir) -> Result<(), KdevError> {
         self.downcall(unit, sys::HAST_DOWN_SYNCDIR, 0, 0, dir.raw(), &[])
+            .map(drop)
     }
 
     /// Replication mode for requests from now on.
     pub fn set_mode(&self, unit: Unit, mode: Mode) -> Result<(), KdevError> {
         self.downcall(unit, sys::HAST_DOWN_MODE, 0, 0, mode.raw(), &[])
+            .map(drop)
+    }
+
+    /// Start the core's own flush of both sides; its flush number (see
+    /// [`crate::core::Core::flush`]). `EBUSY` while one runs, `EIO` with
+    /// the link down.
+    pub fn flush(&self, unit: Unit) -> Result<u32, KdevError> {
+        let n = self.downcall(unit, sys::HAST_DOWN_FLUSH, 0, 0, 0, &[])?;
+        u32::try_from(n).map_err(|_| KdevError::Invalid {
+            op: Ioctl::Downcall,
+            what: format!("flush number {n} out of range"),
+        })
     }
 
     fn range(&self, r: &mut sys::hast_abi_range) -> Result<(), KdevError> {
@@ -886,7 +906,7 @@ mod tests {
             (Ioctl::Downcall, 48),
             (Ioctl::Range, 64),
             (Ioctl::Map, 32),
-            (Ioctl::Stats, 192),
+            (Ioctl::Stats, 216),
         ];
         for (op, size) in expect {
             assert_eq!(op.arg_size(), size, "{op}");
@@ -895,7 +915,7 @@ mod tests {
             assert!(op.arg_size() < 8192, "{op}");
         }
         assert_eq!(size_of::<sys::hast_abi_create>(), 200);
-        assert_eq!(sys::HAST_ABI_VERSION, 2);
+        assert_eq!(sys::HAST_ABI_VERSION, 3);
         assert_eq!(NAME_LEN, 64);
     }
 
@@ -950,7 +970,7 @@ mod tests {
             (Ioctl::Downcall, 0xc030_4804),
             (Ioctl::Range, 0xc040_4805),
             (Ioctl::Map, 0xc020_4806),
-            (Ioctl::Stats, 0xc0c0_4807),
+            (Ioctl::Stats, 0xc0d8_4807),
         ];
         for (op, code) in table {
             assert_eq!(op.freebsd_request(), code, "{op}");

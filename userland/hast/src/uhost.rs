@@ -380,6 +380,15 @@ impl CoreHost for Inner {
             self.sync_io(io, len);
             return;
         }
+        if io.internal {
+            // The core's own flush: no client behind it.
+            let Some(me) = self.me.upgrade() else { return };
+            self.rt.spawn(async move {
+                let result = me.local.flush().await;
+                me.local_done(io.seq, result.as_ref().map_or_else(errno, |()| 0));
+            });
+            return;
+        }
         let op = self.with_pending(io.cookie, |p| match &p.op {
             Op::Read => Op::Read,
             Op::Write { data, fua } => Op::Write {

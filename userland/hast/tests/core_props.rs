@@ -125,6 +125,10 @@ struct Req {
     acked: Option<i32>,
     released: bool,
     bumpfail: bool,
+    /// A flush: its number (flushes started before it, plus one).
+    fgen: u32,
+    /// The core's own flush ([`Core::flush`]): no client.
+    internal: bool,
 }
 
 impl Req {
@@ -170,12 +174,15 @@ struct Model {
     locals: Vec<u64>,            // seqs with local I/O outstanding
     syncios: BTreeMap<u64, u64>, // sync I/O seq -> lock seq
     locks: BTreeMap<u64, Lock>,
-    disk: Vec<u8>,             // bytes of the last completed map write
-    inflight: Option<Vec<u8>>, // map write in flight
-    must_sync: Vec<bool>,      // must be in the core's sync map
-    must_disk: Vec<bool>,      // must be set on disk as well
-    fail_allowed: bool,        // this step may fail unissued writes
-    map_failed: bool,          // the last map write failed
+    disk: Vec<u8>,               // bytes of the last completed map write
+    inflight: Option<Vec<u8>>,   // map write in flight
+    must_sync: Vec<bool>,        // must be in the core's sync map
+    must_disk: Vec<bool>,        // must be set on disk as well
+    fail_allowed: bool,          // this step may fail unissued writes
+    map_failed: bool,            // the last map write failed
+    fgen: u32,                   // flushes of both sides started
+    iflush_gen: Option<u32>,     // the core's own flush just started
+    unflushed: Vec<Option<u32>>, // written on both sides at flush count n
 }
 
 #[derive(Debug, Clone)]
@@ -223,6 +230,7 @@ enum Op {
     },
     SetDir(u8),
     SetMode(u8),
+    CoreFlush,
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -243,6 +251,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => any::<u16>().prop_map(|bits| Op::Merge { bits }),
         1 => (0u8..3).prop_map(Op::SetDir),
         1 => (0u8..3).prop_map(Op::SetMode),
+        2 => Just(Op::CoreFlush),
     ]
 }
 
@@ -287,7 +296,66 @@ impl Model {
             must_disk: vec![false; NEXT as usize],
             fail_allowed: false,
             map_failed: false,
+            fgen: 0,
+            iflush_gen: None,
+            unflushed: vec![None; NEXT as usize],
         }
+    }
+
+    /// A flush of both sides finished: what was written on both before it
+    /// started is durable and may leave the map.
+    fn flushed(&mut self, r: &Req) {
+        if r.local == Local::Done(0) && r.remote == Remote::Done(0) {
+            for u in self.unflushed.iter_mut() {
+                if u.is_some_and(|g| g < r.fgen) {
+                    *u = None;
+                }
+            }
+        }
+    }
+
+    /// The model's record of the core's own flush `seq` (created when the
+    /// core first shows it: its local I/O or its upcall).
+    fn internal_req(&mut self, seq: u64) {
+        if self.by_seq.contains_key(&seq) {
+            return;
+        }
+        let fgen = self
+            .iflush_gen
+            .take()
+            .expect("an internal flush nobody started");
+        let cookie = u64::MAX - seq;
+        self.by_seq.insert(seq, cookie);
+        self.reqs.insert(
+            cookie,
+            Req {
+                seq,
+                cmd: Cmd::Flush,
+                off: 0,
+                len: 0,
+                e0: 0,
+                e1: 0,
+                mode: self.mode,
+                local: Local::NotIssued,
+                remote: Remote::None,
+                acked: Some(0),
+                released: false,
+                bumpfail: false,
+                fgen,
+                internal: true,
+            },
+        );
+    }
+
+    /// An internal flush whose halves both finished is over (the core
+    /// tells nobody: there is no client).
+    fn internal_done(&mut self, seq: u64) {
+        let r = self.req_by_seq(seq).clone();
+        if !r.internal || r.released || r.local == Local::Issued || r.remote.open() {
+            return;
+        }
+        self.req_by_seq(seq).released = true;
+        self.flushed(&r);
     }
 
     fn req_by_seq(&mut self, seq: u64) -> &mut Req {
@@ -332,6 +400,12 @@ impl Model {
                 let cookie = self.next_cookie;
                 self.next_cookie += 1;
                 let seq = self.core.submit(cmd, off, len, cookie).unwrap();
+                let fgen = if cmd == Cmd::Flush {
+                    self.fgen += 1;
+                    self.fgen
+                } else {
+                    0
+                };
                 let (e0, e1) = if len == 0 {
                     (0, 0)
                 } else {
@@ -353,6 +427,8 @@ impl Model {
                         acked: None,
                         released: false,
                         bumpfail: false,
+                        fgen,
+                        internal: false,
                     },
                 );
             }
@@ -367,6 +443,7 @@ impl Model {
                     return; // answered by a SyncIoDone upcall
                 }
                 self.req_by_seq(seq).local = Local::Done(e);
+                self.internal_done(seq);
             }
             Op::RemoteRecv { pick: p } => {
                 let Some(seq) = pick(&self.open_remotes(true), p) else {
@@ -381,7 +458,14 @@ impl Model {
                 };
                 let e = if err { EIO } else { 0 };
                 self.core.remote_done(seq, e).unwrap();
-                self.req_by_seq(seq).remote = Remote::Done(e);
+                let r = self.req_by_seq(seq);
+                r.remote = Remote::Done(e);
+                // The peer failed an update while connected: a bump is
+                // owed, as in an outage.
+                if err && r.update() && self.link && self.bump == Bump::Ok {
+                    self.bump = Bump::Needed;
+                }
+                self.internal_done(seq);
             }
             Op::MapDone { err } => {
                 let Some(snap) = self.inflight.take() else {
@@ -403,15 +487,31 @@ impl Model {
                     self.bump = Bump::Needed;
                 }
                 self.link = false;
+                let mut lost = Vec::new();
                 for r in self.reqs.values_mut() {
                     if r.remote.open() {
                         r.remote = Remote::Lost;
+                        lost.push(r.seq);
+                    }
+                }
+                // Unconfirmed durable on the peer: resynchronized.
+                for e in 0..NEXT {
+                    if self.unflushed[e as usize].take().is_some() {
+                        self.must_sync[e as usize] = true;
+                        // Stays on disk if it got there (a merged extent's
+                        // mark may still be on its way).
+                        if self.marked(e, e) {
+                            self.must_disk[e as usize] = true;
+                        }
                     }
                 }
                 for l in self.locks.values_mut() {
                     l.failed = true;
                 }
                 self.core.set_link(false);
+                for seq in lost {
+                    self.internal_done(seq);
+                }
             }
             Op::LinkUp => {
                 self.link = true;
@@ -485,6 +585,7 @@ impl Model {
                 let all: Vec<u64> = self.locks.keys().copied().collect();
                 let Some(lseq) = pick(&all, p) else { return };
                 let l = self.locks[&lseq].clone();
+                let before = self.core.map(MapKind::Sync);
                 let rc = self.core.sync_release(lseq, clear);
                 if l.nio > 0 {
                     assert_eq!(rc, Err(CoreError::Busy("sync_release")));
@@ -508,6 +609,10 @@ impl Model {
                         if start >= l.off && end <= l.off + l.len {
                             self.must_sync[e as usize] = false;
                             self.must_disk[e as usize] = false;
+                            // Copied: marked until a flush of both.
+                            if bit(&before, e) {
+                                self.unflushed[e as usize] = Some(self.fgen);
+                            }
                             assert!(
                                 !bit(&sync, e),
                                 "extent {e} still in the sync map after a clean sync"
@@ -539,6 +644,25 @@ impl Model {
                 self.mode = mode_of(m);
                 self.core.set_mode(self.mode);
             }
+            Op::CoreFlush => {
+                let busy = self.reqs.values().any(|r| r.internal && !r.released)
+                    || self.iflush_gen.is_some();
+                match self.core.flush() {
+                    Ok(gen) => {
+                        assert!(
+                            self.link && !busy,
+                            "flush started: link {} busy {busy}",
+                            self.link
+                        );
+                        self.fgen += 1;
+                        assert_eq!(gen, self.fgen, "flush numbers");
+                        self.iflush_gen = Some(gen);
+                    }
+                    Err(CoreError::Busy(_)) => assert!(busy, "flush refused as busy"),
+                    Err(CoreError::Failed(_)) => assert!(!self.link),
+                    Err(e) => panic!("flush: {e}"),
+                }
+            }
         }
     }
 
@@ -551,7 +675,7 @@ impl Model {
         while let Some(up) = self.core.next_upcall() {
             match up.kind {
                 UpcallKind::Bump => {
-                    assert!(!self.link, "bump asked with the link up");
+                    // With the link up only after the peer failed an update.
                     assert_eq!(self.bump, Bump::Needed, "second bump in one outage");
                     self.bump = Bump::Pending;
                 }
@@ -578,11 +702,12 @@ impl Model {
                 kind => {
                     assert!(self.link, "remote request queued with the link down");
                     let link = self.link;
+                    if kind == UpcallKind::Flush && up.cookie == 0 {
+                        self.internal_req(up.seq);
+                    }
                     let r = self.req_by_seq(up.seq).clone();
-                    assert_eq!(
-                        (up.offset, up.length, up.cookie),
-                        (r.off, r.len, self.by_seq[&up.seq])
-                    );
+                    let cookie = if r.internal { 0 } else { self.by_seq[&up.seq] };
+                    assert_eq!((up.offset, up.length, up.cookie), (r.off, r.len, cookie));
                     let memsync = match kind {
                         UpcallKind::Write { memsync } => {
                             assert_eq!(r.cmd, Cmd::Write);
@@ -630,6 +755,10 @@ impl Model {
                     if io.sync {
                         assert!(self.syncios.contains_key(&io.seq));
                         continue;
+                    }
+                    if io.internal {
+                        assert_eq!((io.cmd, io.cookie), (Cmd::Flush, 0));
+                        self.internal_req(io.seq);
                     }
                     let link = self.link;
                     let bump = self.bump;
@@ -685,12 +814,18 @@ impl Model {
                     assert!(!r.remote.open(), "released with remote half open");
                     if r.update() && r.local != Local::NotIssued {
                         let clean = r.local == Local::Done(0) && r.remote == Remote::Done(0);
-                        if !clean {
-                            for e in r.e0..=r.e1 {
+                        for e in r.e0..=r.e1 {
+                            if clean {
+                                // Both wrote it: marked until a flush.
+                                self.unflushed[e as usize] = Some(self.fgen);
+                            } else {
                                 self.must_sync[e as usize] = true;
                                 self.must_disk[e as usize] = true;
                             }
                         }
+                    }
+                    if r.cmd == Cmd::Flush {
+                        self.flushed(&r);
                     }
                 }
             }
@@ -789,6 +924,14 @@ impl Model {
             }
         }
         for e in 0..NEXT {
+            // Wanted on disk until a flush of both covers it (and with no
+            // map write in flight, on disk: the check below).
+            if self.unflushed[e as usize].is_some() {
+                assert!(
+                    bit(&dirty, e),
+                    "extent {e} left the map before a flush of both sides covered it"
+                );
+            }
             if self.must_sync[e as usize] {
                 assert!(bit(&sync, e), "extent {e} lost its sync mark");
             }
@@ -809,6 +952,7 @@ impl Model {
             .filter(|&e| {
                 bit(&dirty, e)
                     && !bit(&sync, e)
+                    && self.unflushed[e as usize].is_none()
                     && !self
                         .reqs
                         .values()
@@ -820,7 +964,17 @@ impl Model {
             "{idle} idle dirty extents > keepdirty {}",
             self.keepdirty
         );
-        assert!(self.core.stats().keepdirty <= u64::from(self.keepdirty));
+        let st = self.core.stats();
+        assert!(st.keepdirty <= u64::from(self.keepdirty));
+        let waiting = self.unflushed.iter().filter(|u| u.is_some()).count() as u64;
+        assert_eq!(st.unflushed, waiting, "extents waiting for a flush");
+        assert_eq!(
+            (st.flush_gen, st.flush_busy),
+            (
+                self.fgen,
+                self.reqs.values().any(|r| r.internal && !r.released)
+            )
+        );
         // Group commit: a waiting write has a reason to wait.
         for r in self.reqs.values() {
             if !r.update() || r.local != Local::NotIssued || r.acked.is_some() {
@@ -1109,6 +1263,94 @@ fn async_acknowledges_on_local_and_sends_in_order() {
     assert_eq!(host.take().len(), 3, "three releases");
 }
 
+/// Run the core's own flush of both sides to success; the other events it
+/// caused (a map write when extents left the map).
+fn flush_both(core: &Core, host: &Host) -> Vec<Ev> {
+    let gen = core.flush().unwrap();
+    let mut evs = host.take();
+    let io = locals(&evs)
+        .into_iter()
+        .find(|io| io.internal)
+        .expect("the local half of the flush");
+    evs.retain(|e| !matches!(e, Ev::Local(l) if l.internal));
+    let up = std::iter::from_fn(|| core.next_upcall())
+        .find(|u| u.kind == UpcallKind::Flush)
+        .expect("the remote half of the flush");
+    assert_eq!(up.cookie, 0);
+    core.local_done(io.seq, 0).unwrap();
+    core.remote_done(up.seq, 0).unwrap();
+    assert_eq!(core.stats().flush_done, gen);
+    evs.extend(host.take());
+    evs
+}
+
+/// An extent written on both sides leaves the on-disk map only after a
+/// flush of both sides that started after the write finished (either copy
+/// may hold it only in a volatile cache until then); a flush that started
+/// earlier, or one that failed, does not clean it, and a link loss sends it
+/// to the sync map.
+#[test]
+fn extents_leave_the_map_only_after_a_flush_of_both_sides() {
+    let (core, host) = new_core(Mode::FullSync, 0);
+    core.set_link(true);
+    let early = core.submit(Cmd::Flush, 0, 0, 50).unwrap();
+    let s = core.submit(Cmd::Write, 2 * EXT, 512, 1).unwrap();
+    core.map_done(0).unwrap();
+    core.local_done(s, 0).unwrap();
+    core.remote_done(s, 0).unwrap();
+    host.take();
+    // The flush that started before the write finished covers nothing.
+    core.local_done(early, 0).unwrap();
+    core.remote_done(early, 0).unwrap();
+    assert!(maps(&host.take()).is_empty());
+    assert!(
+        bit(&core.map(MapKind::Disk), 2),
+        "clean before a covering flush"
+    );
+    assert_eq!(core.stats().unflushed, 1);
+    // A client flush that fails on the peer does not either.
+    let f = core.submit(Cmd::Flush, 0, 0, 51).unwrap();
+    core.local_done(f, 0).unwrap();
+    core.remote_done(f, EIO).unwrap();
+    host.take();
+    assert!(bit(&core.map(MapKind::Disk), 2));
+    // A good one does: the map is rewritten clean.
+    let f = core.submit(Cmd::Flush, 0, 0, 52).unwrap();
+    core.local_done(f, 0).unwrap();
+    core.remote_done(f, 0).unwrap();
+    let m = maps(&host.take());
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0][0], 0);
+    core.map_done(0).unwrap();
+    assert_eq!(core.stats().unflushed, 0);
+    // Unflushed when the link goes down: resynchronized.
+    let s = core.submit(Cmd::Write, 3 * EXT, 512, 2).unwrap();
+    core.map_done(0).unwrap();
+    core.local_done(s, 0).unwrap();
+    core.remote_done(s, 0).unwrap();
+    host.take();
+    core.set_link(false);
+    assert!(bit(&core.map(MapKind::Sync), 3));
+    assert!(bit(&core.map(MapKind::Disk), 3));
+    assert_eq!(core.stats().unflushed, 0);
+    // The core's own flush needs the link, and only one runs at a time.
+    assert_eq!(core.flush(), Err(CoreError::Failed("flush")));
+    core.set_link(true);
+    let g = core.flush().unwrap();
+    assert_eq!(core.flush(), Err(CoreError::Busy("flush")));
+    assert!(core.stats().flush_busy);
+    let evs = host.take();
+    let io = locals(&evs).into_iter().find(|io| io.internal).unwrap();
+    let up = core.next_upcall().unwrap();
+    core.local_done(io.seq, 0).unwrap();
+    core.remote_done(up.seq, 0).unwrap();
+    assert!(completes(&host.take()).is_empty(), "no client to answer");
+    assert_eq!(
+        (core.stats().flush_done, core.stats().flush_busy),
+        (g, false)
+    );
+}
+
 #[test]
 fn extent_stays_dirty_after_remote_error() {
     let (core, host) = new_core(Mode::FullSync, 1);
@@ -1117,6 +1359,11 @@ fn extent_stays_dirty_after_remote_error() {
     core.map_done(0).unwrap();
     core.local_done(s, 0).unwrap();
     core.remote_done(s, EIO).unwrap();
+    // Only the local copy has it: answered once localcnt is bumped, as in
+    // an outage, although the link is up.
+    assert!(completes(&host.take()).is_empty());
+    assert_eq!(core.next_upcall().map(|u| u.kind), Some(UpcallKind::Bump));
+    core.bump_done(0).unwrap();
     assert!(
         completes(&host.take()).contains(&(1, 0)),
         "the client write succeeded locally"
@@ -1174,6 +1421,7 @@ fn keepdirty_evicts_the_least_recently_used_extent() {
         core.map_done(0).unwrap();
         core.local_done(s, 0).unwrap();
         core.remote_done(s, 0).unwrap();
+        assert!(maps(&flush_both(&core, &host)).is_empty());
     }
     // The third map write marks extent 2 and drops idle extent 0.
     assert_eq!(written, vec![0b001, 0b011, 0b110]);
@@ -1203,8 +1451,11 @@ fn keepdirty_evicts_the_least_recently_used_extent() {
         core.local_done(s, 0).unwrap();
         core.remote_done(s, 0).unwrap();
     }
-    while !maps(&host.take()).is_empty() {
+    // Written on both sides: marked until a flush of both.
+    let mut evs = flush_both(&core, &host);
+    while !maps(&evs).is_empty() {
         core.map_done(0).unwrap();
+        evs = host.take();
     }
     assert_eq!(
         core.map(MapKind::Disk)[0],
@@ -1319,7 +1570,12 @@ fn failed_resync_chunk_leaves_extent_dirty() {
     core.next_upcall();
     core.sync_release(l, true).unwrap();
     assert!(!bit(&core.map(MapKind::Sync), 3));
-    assert_eq!(maps(&host.take()).last().map(|m| m[0]), Some(0));
+    // Copied, and durable on both once flushed: then the map is clean.
+    assert!(maps(&host.take()).is_empty(), "clean before the flush");
+    assert_eq!(
+        maps(&flush_both(&core, &host)).last().map(|m| m[0]),
+        Some(0)
+    );
 }
 
 #[test]

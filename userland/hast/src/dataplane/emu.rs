@@ -280,7 +280,7 @@ impl Emu {
         }
     }
 
-    fn downcall(&self, d: &sys::hast_abi_downcall) -> Result<(), Errno> {
+    fn downcall(&self, d: &mut sys::hast_abi_downcall) -> Result<(), Errno> {
         let unit = self.unit(d.hd_unit)?;
         let core = &unit.core;
         match d.hd_kind {
@@ -313,6 +313,10 @@ impl Emu {
             }
             sys::HAST_DOWN_MODE => {
                 core.set_mode(Mode::from_raw(d.hd_arg).ok_or(Errno::EINVAL)?);
+                Ok(())
+            }
+            sys::HAST_DOWN_FLUSH => {
+                d.hd_seq = u64::from(core.flush().map_err(errno_of)?);
                 Ok(())
             }
             _ => Err(Errno::EINVAL),
@@ -417,7 +421,7 @@ impl Emulator for Emu {
                     Ok(())
                 }
                 Ioctl::Upcall => self.upcall(&mut *arg.cast()),
-                Ioctl::Downcall => self.downcall(&*arg.cast()),
+                Ioctl::Downcall => self.downcall(&mut *arg.cast()),
                 Ioctl::Range => self.range(&mut *arg.cast()),
                 Ioctl::Map => self.map(&mut *arg.cast()),
                 Ioctl::Stats => {

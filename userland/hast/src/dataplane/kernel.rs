@@ -295,6 +295,13 @@ impl super::Dataplane for KernelPlane {
         self.grants.cancel();
     }
 
+    fn flush(&self) -> Result<u32, DataplaneError> {
+        match self.dev.flush(self.unit) {
+            Err(e) if e.errno() == Some(Errno::EBUSY) => Err(DataplaneError::Busy),
+            r => Ok(r?),
+        }
+    }
+
     fn stats(&self) -> Result<Stats, DataplaneError> {
         Ok(self.dev.stats(self.unit)?)
     }

@@ -54,6 +54,8 @@ pub enum DataplaneError {
     },
     #[error("the data path stopped (link lost or resource closing)")]
     Closed,
+    #[error("a flush of both sides is already running")]
+    Busy,
 }
 
 /// An upcall for the engine, with a write's payload.
@@ -131,6 +133,12 @@ pub trait Dataplane: Send + Sync {
 
     /// The link is gone: fail every sync lock still waiting for its grant.
     fn sync_cancel(&self);
+
+    /// Start the core's own flush of both sides (local provider and peer);
+    /// returns its number: once `stats().flush_done` reaches it, every
+    /// extent written on both sides before the call has left the map.
+    /// [`DataplaneError::Busy`] while one runs.
+    fn flush(&self) -> Result<u32, DataplaneError>;
 
     /// Counters and queues.
     fn stats(&self) -> Result<Stats, DataplaneError>;

@@ -205,6 +205,13 @@ impl super::Dataplane for UserPlane {
         self.grants.cancel();
     }
 
+    fn flush(&self) -> Result<u32, DataplaneError> {
+        match self.host.core().flush() {
+            Err(crate::core::CoreError::Busy(_)) => Err(DataplaneError::Busy),
+            r => Ok(r?),
+        }
+    }
+
     fn stats(&self) -> Result<Stats, DataplaneError> {
         Ok(self.host.core().stats())
     }

@@ -37,10 +37,25 @@ const BACKOFF: [u64; 5] = [0, 1, 1, 2, 5];
 const RETRY: Duration = Duration::from_secs(10);
 /// Extents resynchronized at once.
 const SYNC_EXTENTS_IN_FLIGHT: usize = 8;
-/// While resynchronizing to the peer, ask it to flush after every this many
-/// bytes (not waiting for the answer), so that its disk writes the data
-/// while more arrives; the resync ends with a flush it does wait for.
+/// While resynchronizing, flush both sides after every this many bytes (not
+/// waiting for the answer), so that the disks write the data while more
+/// arrives and its extents leave the map as they go; a pass ends with a
+/// flush it does wait for.
 const SYNC_FLUSH_EVERY: u64 = 128 << 20;
+/// The resync scheduler looks at the sync map again after this long when
+/// nothing is dirty (writes of an outage, or failed on the peer, join it
+/// later), and retries a failed pass after [`RESYNC_RETRY`].
+const RESYNC_IDLE: Duration = Duration::from_millis(200);
+const RESYNC_RETRY: Duration = Duration::from_secs(1);
+/// Extents written on both sides leave the map only after a flush of both
+/// (the core's rule): the primary asks for one this long after the first
+/// write since the last one, or after [`FLUSH_BYTES`] written, whichever
+/// comes first, so that a pair whose clients never flush does not keep
+/// every written extent dirty.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+const FLUSH_BYTES: u64 = 64 << 20;
+/// How often the flusher looks at the bytes written.
+const FLUSH_TICK: Duration = Duration::from_millis(100);
 /// Wire seqs of resync requests live above this bit, apart from the
 /// core's seqs of client requests.
 const SYNC_SEQ_BASE: u64 = 1 << 62;
@@ -152,6 +167,8 @@ pub struct Replicator {
     /// the sync direction known, or failed): only then may clients be
     /// served, so a stale local copy is never read.
     first_attempt: watch::Sender<bool>,
+    /// Bytes of writes sent to the peer since the last flush of both sides.
+    unflushed_bytes: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -174,6 +191,7 @@ impl Replicator {
             progress: Progress::default(),
             connected: AtomicBool::new(false),
             first_attempt: watch::channel(false).0,
+            unflushed_bytes: AtomicU64::new(0),
         })
     }
 
@@ -210,6 +228,9 @@ impl Replicator {
         let dp = &self.dp;
         let cmd = match up.kind {
             UpcallKind::Bump => {
+                if crate::failpoint::check(crate::failpoint::SLOW_BUMP).is_some() {
+                    tokio::time::sleep(crate::failpoint::SLOW_BUMP_DELAY).await;
+                }
                 let error = match self
                     .persist(|m| m.localcnt = m.localcnt.saturating_add(1))
                     .await
@@ -245,6 +266,9 @@ impl Replicator {
             return;
         }
         let memsync = matches!(up.kind, UpcallKind::Write { memsync: true });
+        if matches!(cmd, Cmd::Write | Cmd::Delete) {
+            self.unflushed_bytes.fetch_add(up.length, Ordering::Relaxed);
+        }
         let max = self.max_io.load(Ordering::SeqCst).max(1);
         if cmd != Cmd::Flush && up.length > max {
             self.send_pieces(&session, cmd, up, data, max);
@@ -425,6 +449,12 @@ impl Replicator {
         // Resync tasks waiting for a range learn the session is gone.
         self.dp.sync_cancel();
         tracing::warn!("disconnected from {}: {why}", cfg.remote);
+        // A synchronization that was running ends here, whatever ended the
+        // session.
+        if self.progress.active.swap(false, Ordering::SeqCst) {
+            tracing::warn!("synchronization interrupted; it goes on after the next connection");
+            hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncIntr);
+        }
         hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::Disconnect);
     }
 
@@ -562,21 +592,84 @@ impl Replicator {
         tracing::info!("connected to {}", cfg.remote);
         hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::Connect);
         let timeout = Duration::from_secs(u64::from(cfg.timeout.max(1)));
-        let sender = tokio::spawn(send_loop(out, rx, cfg.compression, cfg.checksum));
-        let receiver = tokio::spawn(recv_loop(inc, waiters.clone(), self.dp.clone()));
-        let watchdog = tokio::spawn(watchdog(waiters, timeout));
-        let sync = tokio::spawn(self.clone().resync(geo, cfg.clone()));
-        let result = tokio::select! {
-            r = sender => r.unwrap_or(LinkError::Closed),
-            r = receiver => r.unwrap_or(LinkError::Closed),
-            r = watchdog => r.unwrap_or(LinkError::Closed),
+        // The session's tasks live in one set: when one ends (or the
+        // session is dropped) the others are aborted, and the connections
+        // they hold are closed, before anything reconnects.
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(send_loop(out, rx, cfg.compression, cfg.checksum));
+        tasks.spawn(recv_loop(inc, waiters.clone(), self.dp.clone()));
+        tasks.spawn(watchdog(waiters, timeout));
+        let me = self.clone();
+        let sync_cfg = cfg.clone();
+        tasks.spawn(async move {
+            me.resync(geo, sync_cfg).await;
+            LinkError::Closed
+        });
+        tasks.spawn(self.clone().flusher());
+        let result = match tasks.join_next().await {
+            Some(Ok(e)) => e,
+            _ => LinkError::Closed,
         };
-        sync.abort();
-        let _ = sync.await;
-        if self.progress.active.swap(false, Ordering::SeqCst) {
-            hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncIntr);
-        }
+        tasks.shutdown().await;
         result
+    }
+
+    /// Ask for a flush of both sides by time and by bytes written (see
+    /// [`FLUSH_INTERVAL`]); never returns.
+    async fn flusher(self: Arc<Self>) -> LinkError {
+        self.unflushed_bytes.store(0, Ordering::Relaxed);
+        let mut since: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(FLUSH_TICK).await;
+            let bytes = self.unflushed_bytes.load(Ordering::Relaxed);
+            if bytes == 0 {
+                continue;
+            }
+            let first = *since.get_or_insert_with(Instant::now);
+            if bytes < FLUSH_BYTES && first.elapsed() < FLUSH_INTERVAL {
+                continue;
+            }
+            match self.dp.flush() {
+                // A flush already running covers only what came before it:
+                // try again at the next tick.
+                Err(DataplaneError::Busy) => continue,
+                Err(e) => tracing::debug!("periodic flush not started: {e}"),
+                Ok(_) => {}
+            }
+            self.unflushed_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            since = None;
+        }
+    }
+
+    /// Start a flush of both sides and wait for it; `Ok` once every extent
+    /// written on both sides before the call has left the map.
+    async fn flush_both(&self, limit: Duration) -> Result<(), LinkError> {
+        let start = Instant::now();
+        let gen = loop {
+            match self.dp.flush() {
+                Ok(g) => break g,
+                Err(DataplaneError::Busy) if start.elapsed() < limit => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => return Err(LinkError::Local(format!("flush of both sides: {e}"))),
+            }
+        };
+        loop {
+            let st = self
+                .dp
+                .stats()
+                .map_err(|e| LinkError::Local(e.to_string()))?;
+            // Wrapping comparison of flush numbers.
+            if (st.flush_done.wrapping_sub(gen) as i32) >= 0 {
+                return Ok(());
+            }
+            if !st.flush_busy || start.elapsed() > limit {
+                return Err(LinkError::Local(
+                    "a flush of both sides failed (the local provider or the peer)".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     /// Send one resync request and wait for the reply.
@@ -695,21 +788,16 @@ impl Replicator {
         Ok(())
     }
 
-    /// Walk the sync map and synchronize every dirty extent; on completion
-    /// take the secondary's counters, as the reference does.
-    async fn resync(self: Arc<Self>, geo: Geometry, cfg: ResourceConfig) {
+    /// The extents of the sync map, and their bytes.
+    fn sync_dirty(&self) -> Result<(Vec<u64>, u64), LinkError> {
         let (extentsize, datasize) = {
             let m = lock(&self.md);
             (u64::from(m.extentsize).max(1), m.datasize)
         };
-        let map = match self.dp.map(MapKind::Sync) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::error!("resync: unable to read the sync map: {e}");
-                return;
-            }
-        };
-        tracing::debug!(syncdir = ?geo.syncsrc, "resync: scanning the sync map");
+        let map = self
+            .dp
+            .map(MapKind::Sync)
+            .map_err(|e| LinkError::Local(format!("unable to read the sync map: {e}")))?;
         let extents = datasize.div_ceil(extentsize);
         let dirty: Vec<u64> = (0..extents)
             .filter(|&e| {
@@ -717,42 +805,144 @@ impl Replicator {
                     .is_some_and(|b| b & (1 << (e % 8)) != 0)
             })
             .collect();
-        let total: u64 = dirty
+        let bytes = dirty
             .iter()
             .map(|&e| extentsize.min(datasize.saturating_sub(e * extentsize)))
             .sum();
-        self.progress.total.store(total, Ordering::Relaxed);
-        self.progress.done.store(0, Ordering::Relaxed);
-        *lock(&self.progress.started) = Some(Instant::now());
-        if total > 0 {
-            self.progress.active.store(true, Ordering::SeqCst);
-            tracing::info!(
-                "synchronization started: {total} bytes in {} extents",
-                dirty.len()
-            );
-            hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncStart);
+        Ok((dirty, bytes))
+    }
+
+    /// The resync scheduler of a session, until the session ends: it
+    /// synchronizes every extent of the sync map in the direction the
+    /// handshake decided, and looks again, so extents that become dirty
+    /// while connected (writes of the outage released late, writes the
+    /// peer failed) are synchronized too, in passes toward the peer. Only
+    /// when the sync map is empty, no write can still join it and the
+    /// copied data is flushed on both sides are the counters recorded (the
+    /// reference's rule: localcnt := the peer's remotecnt, remotecnt := the
+    /// peer's localcnt) and the progress line dropped.
+    async fn resync(self: Arc<Self>, geo: Geometry, cfg: ResourceConfig) {
+        let limit = Duration::from_secs(u64::from(cfg.timeout.max(1))) * 2;
+        let mut dir = geo.syncsrc;
+        let mut synced = 0u64;
+        let mut copied_in = None;
+        loop {
+            let (dirty, bytes) = match self.sync_dirty() {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!("resync: {e}");
+                    tokio::time::sleep(RESYNC_RETRY).await;
+                    continue;
+                }
+            };
+            if !dirty.is_empty() {
+                self.dp.set_sync_dir(match dir {
+                    SyncSrc::Primary => SyncDir::ToPeer,
+                    SyncSrc::Secondary => SyncDir::FromPeer,
+                });
+                if !self.progress.active.swap(true, Ordering::SeqCst) {
+                    self.progress.total.store(0, Ordering::Relaxed);
+                    self.progress.done.store(0, Ordering::Relaxed);
+                    *lock(&self.progress.started) = Some(Instant::now());
+                    synced = 0;
+                    tracing::info!(
+                        "synchronization started: {bytes} bytes in {} extents",
+                        dirty.len()
+                    );
+                    hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncStart);
+                }
+                self.progress.total.fetch_add(bytes, Ordering::Relaxed);
+                let (n, failed) = self.clone().pass(dir, dirty).await;
+                synced += n;
+                copied_in = lock(&self.progress.started).map(|t| t.elapsed());
+                if failed {
+                    tokio::time::sleep(RESYNC_RETRY).await;
+                }
+                continue;
+            }
+            // Nothing in the sync map now; writes still in flight whose
+            // copy on the peer failed join it when they finish.
+            let unsynced = self.dp.stats().map_or(1, |s| s.unsynced);
+            let recorded = {
+                let m = lock(&self.md);
+                (m.localcnt, m.remotecnt) == (geo.remotecnt, geo.localcnt)
+            };
+            if unsynced > 0 || (recorded && !self.progress.active.load(Ordering::SeqCst)) {
+                tokio::time::sleep(RESYNC_IDLE).await;
+                continue;
+            }
+            // What the passes copied is durable on both sides first.
+            if synced > 0 {
+                if let Err(e) = self.flush_both(limit).await {
+                    tracing::warn!("the synchronized data was not flushed: {e}");
+                    tokio::time::sleep(RESYNC_RETRY).await;
+                    continue;
+                }
+                match self.sync_dirty() {
+                    Ok((d, _)) if d.is_empty() => {}
+                    _ => continue,
+                }
+            }
+            let flushed_in = lock(&self.progress.started).map(|t| t.elapsed());
+            if !recorded {
+                let (s_local, s_remote) = (geo.localcnt, geo.remotecnt);
+                if let Err(e) = self
+                    .persist(move |m| {
+                        m.localcnt = s_remote;
+                        m.remotecnt = s_local;
+                    })
+                    .await
+                {
+                    tracing::error!("unable to record the synchronized counters: {e}");
+                    tokio::time::sleep(RESYNC_RETRY).await;
+                    continue;
+                }
+            }
+            self.dp.set_sync_dir(SyncDir::None);
+            // Later passes repair what the peer failed: toward it.
+            dir = SyncSrc::Primary;
+            if synced > 0 {
+                let secs = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64());
+                tracing::info!(
+                    "synchronization complete: {synced} bytes synchronized (copied in {:.2} s, both sides flushed by {:.2} s, counters recorded by {:.2} s)",
+                    secs(copied_in),
+                    secs(flushed_in),
+                    secs(lock(&self.progress.started).map(|t| t.elapsed())),
+                );
+                hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncDone);
+                synced = 0;
+            }
+            // `list` drops its progress line only now: the counters are
+            // recorded and the completion is logged.
+            self.progress.active.store(false, Ordering::SeqCst);
         }
-        let to_peer = geo.syncsrc == SyncSrc::Primary;
+    }
+
+    /// One pass over `dirty` extents, many in flight, with flushes of both
+    /// sides as it goes: the bytes synchronized, and whether an extent
+    /// failed (it stays dirty).
+    async fn pass(self: Arc<Self>, dir: SyncSrc, dirty: Vec<u64>) -> (u64, bool) {
+        let (extentsize, datasize) = {
+            let m = lock(&self.md);
+            (u64::from(m.extentsize).max(1), m.datasize)
+        };
         let sem = Arc::new(tokio::sync::Semaphore::new(SYNC_EXTENTS_IN_FLIGHT));
         let mut tasks = Vec::new();
-        let mut flushes = Vec::new();
-        let mut next_flush = SYNC_FLUSH_EVERY;
+        let mut next_flush = self.progress.done.load(Ordering::Relaxed) + SYNC_FLUSH_EVERY;
         for e in dirty {
             let Ok(permit) = sem.clone().acquire_owned().await else {
                 break;
             };
-            if to_peer && self.progress.done.load(Ordering::Relaxed) >= next_flush {
+            if self.progress.done.load(Ordering::Relaxed) >= next_flush {
                 next_flush = next_flush.saturating_add(SYNC_FLUSH_EVERY);
-                let me = self.clone();
-                flushes.push(tokio::spawn(async move {
-                    me.sync_request(Cmd::Flush, 0, 0, None).await
-                }));
+                // Not waited for; one already running is as good.
+                let _ = self.dp.flush();
             }
             let me = self.clone();
             let off = e * extentsize;
             let len = extentsize.min(datasize - off);
             tasks.push(tokio::spawn(async move {
-                let r = me.sync_extent(geo.syncsrc, off, len).await;
+                let r = me.sync_extent(dir, off, len).await;
                 drop(permit);
                 r
             }));
@@ -769,52 +959,7 @@ impl Replicator {
                 Err(_) => failed = true,
             }
         }
-        let sent_in = lock(&self.progress.started).map(|t| t.elapsed());
-        for f in flushes {
-            if !matches!(f.await, Ok(Ok(_))) {
-                failed = true;
-            }
-        }
-        if to_peer && !failed && synced > 0 {
-            // Done only once the peer's disk has it (what `dd conv=fsync`
-            // promises), not when it sits in the peer's page cache.
-            if let Err(e) = self.sync_request(Cmd::Flush, 0, 0, None).await {
-                tracing::warn!("the peer did not flush the synchronized data: {e}");
-                failed = true;
-            }
-        }
-        let flushed_in = lock(&self.progress.started).map(|t| t.elapsed());
-        let left = self.dp.stats().map_or(u64::MAX, |s| s.syncdirty);
-        if failed || left != 0 {
-            // Left dirty: retried on the next connection.
-            return;
-        }
-        let (s_local, s_remote) = (geo.localcnt, geo.remotecnt);
-        if let Err(e) = self
-            .persist(move |m| {
-                m.localcnt = s_remote;
-                m.remotecnt = s_local;
-            })
-            .await
-        {
-            tracing::error!("unable to record the synchronized counters: {e}");
-            return;
-        }
-        self.dp.set_sync_dir(SyncDir::None);
-        if synced > 0 {
-            let secs = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64());
-            tracing::info!(
-                "synchronization complete: {synced} bytes synchronized (copied in {:.2} s, {} flushed by {:.2} s, counters recorded by {:.2} s)",
-                secs(sent_in),
-                if to_peer { "peer" } else { "nothing" },
-                secs(flushed_in),
-                secs(lock(&self.progress.started).map(|t| t.elapsed())),
-            );
-            hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncDone);
-        }
-        // `list` drops its progress line only now: the counters are
-        // recorded and the completion is logged.
-        self.progress.active.store(false, Ordering::SeqCst);
+        (synced, failed)
     }
 }
 
@@ -912,6 +1057,13 @@ async fn recv_loop(
             }
         };
         match waiter {
+            // A peer provider without a cache flush has nothing to flush
+            // (the reference answers EOPNOTSUPP): the flush covers.
+            Waiter::Core { up }
+                if up.kind == UpcallKind::Flush && flush_unsupported(reply.error) =>
+            {
+                dp.remote_done(&up, 0, None)
+            }
             Waiter::Core { up } => dp.remote_done(&up, i32::from(reply.error), data),
             Waiter::Piece {
                 joint, at, read, ..
