@@ -530,6 +530,8 @@ pub struct Dump {
     pub localcnt: u64,
     pub remotecnt: u64,
     pub prevrole: String,
+    /// The extension line `inconsistent: yes (...)` is printed.
+    pub inconsistent: bool,
 }
 
 /// The `statistics:` part of `hastctl list`.
@@ -576,6 +578,14 @@ impl ResourceStatus {
     /// come after the last extent).
     pub fn synchronizing(&self) -> bool {
         self.raw.contains_key("synchronization")
+    }
+
+    /// The copy's synchronization from the peer did not finish (the
+    /// extension line `inconsistent: yes (...)`).
+    pub fn inconsistent(&self) -> bool {
+        self.raw
+            .get("inconsistent")
+            .is_some_and(|v| v.starts_with("yes"))
     }
 
     /// Connected, nothing dirty and no resynchronization still finishing:
@@ -1808,6 +1818,7 @@ pub fn parse_dump(text: &str) -> std::result::Result<Dump, String> {
             "localcnt" => d.localcnt = num_before_paren(v)?,
             "remotecnt" => d.remotecnt = num_before_paren(v)?,
             "prevrole" => d.prevrole = v.into(),
+            "inconsistent" => d.inconsistent = v.starts_with("yes"),
             _ => {}
         }
     }

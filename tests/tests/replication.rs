@@ -740,3 +740,78 @@ print('done')
         same_data(&c);
     }
 }
+
+/// A secondary whose synchronization from the primary was interrupted (the
+/// primary died in the middle) holds a mix of old and new blocks: `list`
+/// and `dump` say so, `role primary` is refused (exit 75) while a plain
+/// promotion would serve that mix, and `--force` takes the copy as it is.
+#[test]
+fn a_half_synchronized_secondary_is_not_promoted_silently() {
+    let mut c = cluster("fullsync", 64 * MIB);
+    connected(&mut c);
+    // beta goes away; alpha writes 32 MiB alone.
+    c.stop("beta").unwrap();
+    let uri = c.nbd_uri("alpha", "r0").unwrap();
+    qemu_io(&uri, &["write -P 0x5a 0 32M", "flush"]);
+    // beta comes back with a slow disk: the resync toward it crawls.
+    c.failpoint("beta", hast::failpoint::SECONDARY_SLOW_WRITE, true);
+    c.start("beta").unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    c.wait_list("alpha", "r0", T, |s| s.synchronizing())
+        .unwrap_or_else(|e| panic!("no resync: {e}\n{}", c.log("alpha").unwrap()));
+    c.wait_list("beta", "r0", T, |s| s.inconsistent())
+        .unwrap_or_else(|e| {
+            panic!(
+                "beta never said inconsistent: {e}\n{}",
+                c.log("beta").unwrap()
+            )
+        });
+    // Some of the resync lands on beta, then its primary dies.
+    std::thread::sleep(Duration::from_secs(3));
+    c.kill9("alpha").unwrap();
+    c.failpoint("beta", hast::failpoint::SECONDARY_SLOW_WRITE, false);
+    let half = c.read_data("beta", "r0", 0, (32 * MIB) as usize).unwrap();
+    assert!(
+        half.iter().any(|&b| b == 0x5a) && half.iter().any(|&b| b == 0),
+        "the test needs a copy that is half synchronized"
+    );
+    let r = c.hastctl("beta", &["role", "primary", "r0"]).unwrap();
+    assert_eq!(r.code, 75, "a half-synchronized copy was promoted: {r:?}");
+    assert!(r.stderr.contains("inconsistent"), "{}", r.stderr);
+    let st = c.list_res("beta", "r0").unwrap();
+    assert_eq!(st.role, "secondary");
+    assert!(st.inconsistent(), "{st:?}");
+    assert!(c.dump("beta", "r0").unwrap().inconsistent);
+    // The administrator may insist: the copy is used as it is, and no
+    // longer called inconsistent.
+    c.hastctl_ok("beta", &["role", "--force", "primary", "r0"])
+        .unwrap();
+    let st = c.list_res("beta", "r0").unwrap();
+    assert_eq!(st.role, "primary");
+    assert!(!st.inconsistent(), "{st:?}");
+    assert!(!c.dump("beta", "r0").unwrap().inconsistent);
+    assert!(c
+        .log("beta")
+        .unwrap()
+        .contains("promoted by force with an inconsistent copy"));
+}
+
+/// Once a resync toward the secondary has finished, its copy is consistent
+/// again: nothing says otherwise and promotion goes ahead.
+#[test]
+fn a_finished_synchronization_leaves_the_secondary_consistent() {
+    let mut c = cluster("fullsync", 32 * MIB);
+    connected(&mut c);
+    c.stop("beta").unwrap();
+    let uri = c.nbd_uri("alpha", "r0").unwrap();
+    qemu_io(&uri, &["write -P 0x5a 0 8M", "flush"]);
+    c.start("beta").unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    c.wait_list("alpha", "r0", T, |s| s.in_sync()).unwrap();
+    c.wait_list("beta", "r0", T, |s| !s.inconsistent()).unwrap();
+    assert!(!c.dump("beta", "r0").unwrap().inconsistent);
+    same_data(&c);
+    c.kill9("alpha").unwrap();
+    c.role("beta", "r0", "primary").unwrap();
+    assert_eq!(c.list_res("beta", "r0").unwrap().role, "primary");
+}

@@ -112,7 +112,28 @@ pub struct Attach {
     pub resuid: u64,
     pub localcnt: u64,
     pub remotecnt: u64,
+    /// Extension (nv `synctrack`, ignored by the reference): this primary
+    /// sends synchronization marks ([`SYNC_MARK_FIELD`]) to a secondary
+    /// that announces [`Geometry::synctrack`]; such a secondary keeps its
+    /// activemap until the first `done` mark instead of clearing it at the
+    /// first request.
+    pub synctrack: bool,
 }
+
+/// The nv field announcing [`Attach::synctrack`] / [`Geometry::synctrack`].
+pub const SYNCTRACK_FIELD: &str = "synctrack";
+
+/// Extension: a KEEPALIVE carrying this string field marks the start
+/// ([`SYNC_MARK_START`]) of a synchronization toward the secondary, before
+/// its first write, and the point ([`SYNC_MARK_DONE`]) where everything
+/// synchronized is flushed on both sides and nothing is left to
+/// synchronize. The secondary records the first durably (its copy is
+/// inconsistent until the second) before it reads the next request.
+pub const SYNC_MARK_FIELD: &str = "sync";
+/// See [`SYNC_MARK_FIELD`].
+pub const SYNC_MARK_START: &str = "start";
+/// See [`SYNC_MARK_FIELD`].
+pub const SYNC_MARK_DONE: &str = "done";
 
 impl Attach {
     pub fn to_nv(&self) -> Nv {
@@ -125,6 +146,9 @@ impl Attach {
         nv.add_u64("resuid", self.resuid)
             .add_u64("localcnt", self.localcnt)
             .add_u64("remotecnt", self.remotecnt);
+        if self.synctrack {
+            nv.add_u8(SYNCTRACK_FIELD, 1);
+        }
         nv
     }
 
@@ -147,6 +171,7 @@ impl Attach {
             resuid: get("resuid")?,
             localcnt: get("localcnt")?,
             remotecnt: get("remotecnt")?,
+            synctrack: nv.get_u8(SYNCTRACK_FIELD) == Some(1),
         })
     }
 }
@@ -166,6 +191,9 @@ pub struct Geometry {
     /// Extension: the largest READ/WRITE the secondary accepts (`maxio`,
     /// ignored by the reference, which accepts its MAXPHYS).
     pub maxio: Option<u32>,
+    /// Extension: the secondary understands the synchronization marks
+    /// ([`SYNC_MARK_FIELD`]; see [`Attach::synctrack`]).
+    pub synctrack: bool,
 }
 
 /// What a peer that does not announce `maxio` accepts: FreeBSD 12's MAXPHYS
@@ -186,6 +214,9 @@ impl Geometry {
             .add_u32("mapsize", self.mapsize);
         if let Some(m) = self.maxio {
             nv.add_u32("maxio", m);
+        }
+        if self.synctrack {
+            nv.add_u8(SYNCTRACK_FIELD, 1);
         }
         nv
     }
@@ -215,6 +246,7 @@ impl Geometry {
             syncsrc: SyncSrc::from_u8(raw_src).ok_or(HandshakeError::SyncSrc(raw_src))?,
             mapsize: nv.get_u32("mapsize").unwrap_or(0),
             maxio: nv.get_u32("maxio"),
+            synctrack: nv.get_u8(SYNCTRACK_FIELD) == Some(1),
         })
     }
 }
@@ -246,10 +278,18 @@ mod tests {
             resuid: 42,
             localcnt: 3,
             remotecnt: 2,
+            synctrack: true,
         };
         let nv = a.to_nv();
         assert!(matches!(nv.get("virgin"), Some(crate::nv::Value::Int8(1))));
         assert_eq!(Attach::from_nv(&round(&nv)).unwrap(), a);
+        // Without the extension, nothing of it goes on the wire.
+        let plain = Attach {
+            synctrack: false,
+            ..a.clone()
+        };
+        assert!(plain.to_nv().get(SYNCTRACK_FIELD).is_none());
+        assert_eq!(Attach::from_nv(&round(&plain.to_nv())).unwrap(), plain);
         let g = Geometry {
             datasize: 1 << 30,
             extentsize: 2 << 20,
@@ -259,6 +299,7 @@ mod tests {
             syncsrc: SyncSrc::Secondary,
             mapsize: 512,
             maxio: Some(1 << 20),
+            synctrack: true,
         };
         let nv = g.to_nv();
         assert!(matches!(

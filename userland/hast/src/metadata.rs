@@ -41,7 +41,19 @@ pub struct Metadata {
     pub localcnt: u64,
     pub remotecnt: u64,
     pub prevrole: Role,
+    /// Extension: a synchronization toward this copy started and has not
+    /// finished, so it mixes old and new blocks (nv `syncing`, uint8 1,
+    /// written only while set; FreeBSD's hastd ignores it).
+    pub syncing: bool,
 }
+
+/// The nv field of [`Metadata::syncing`].
+pub const SYNCING_FIELD: &str = "syncing";
+
+/// What `hastctl dump` and `list` print (indented) for a copy whose
+/// [`Metadata::syncing`] is set.
+pub const INCONSISTENT_LINE: &str =
+    "inconsistent: yes (a synchronization from the peer did not finish)";
 
 /// The geometry `hastctl create` computes for a provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -349,6 +361,9 @@ impl Metadata {
             .add_u64("localcnt", self.localcnt)
             .add_u64("remotecnt", self.remotecnt)
             .add_string("prevrole", prevrole);
+        if self.syncing {
+            nv.add_u8(SYNCING_FIELD, 1);
+        }
         Ok(nv)
     }
 
@@ -436,6 +451,7 @@ impl Metadata {
                 }
                 None => return Err(missing("prevrole", "string")),
             },
+            syncing: nv.get_u8(SYNCING_FIELD) == Some(1),
         };
         md.validate(path)?;
         Ok(md)
@@ -591,6 +607,7 @@ pub fn create(p: &Provider, resource: &str, layout: &Layout) -> Result<Metadata,
         localcnt: 0,
         remotecnt: 0,
         prevrole: Role::Init,
+        syncing: false,
     };
     md.validate(&p.path().display().to_string())?;
     md.write(p, false)?;
@@ -601,7 +618,7 @@ pub fn create(p: &Provider, resource: &str, layout: &Layout) -> Result<Metadata,
 
 /// The text `hastctl dump` prints for one resource.
 pub fn dump_text(md: &Metadata) -> String {
-    format!(
+    let mut text = format!(
         "resource: {}\n    datasize: {} ({}B)\n    extentsize: {} ({}B)\n    keepdirty: {}\n    localoff: {}\n    resuid: {}\n    localcnt: {}\n    remotecnt: {}\n    prevrole: {}\n",
         md.resource,
         md.datasize,
@@ -614,5 +631,10 @@ pub fn dump_text(md: &Metadata) -> String {
         md.localcnt,
         md.remotecnt,
         md.prevrole.as_str(),
-    )
+    );
+    // An extension, after the reference's lines and only when set.
+    if md.syncing {
+        text.push_str(&format!("    {INCONSISTENT_LINE}\n"));
+    }
+    text
 }

@@ -62,6 +62,7 @@ fn create_on_1gib_file_with_defaults() {
             localcnt: 0,
             remotecnt: 0,
             prevrole: Role::Init,
+            syncing: false,
         }
     );
     drop(p);
@@ -130,6 +131,7 @@ fn dump_text_of_a_used_resource() {
         localcnt: 3,
         remotecnt: 2,
         prevrole: Role::Primary,
+        syncing: false,
     };
     assert_eq!(
         dump_text(&md),

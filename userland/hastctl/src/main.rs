@@ -415,6 +415,9 @@ fn print_list(nv: &Nv) -> i32 {
                 )
             );
         }
+        if nv.get_u8(&format!("inconsistent{no}")) == Some(1) {
+            let _ = writeln!(out, "  {}", hast::metadata::INCONSISTENT_LINE);
+        }
     }
     print!("{out}");
     ret

@@ -455,6 +455,7 @@ mod tests {
             localcnt: 3,
             remotecnt: 2,
             prevrole: Role::Primary,
+            syncing: false,
         };
         plane.write_metadata(&md, true).unwrap();
         let meta = emu.meta(unit);

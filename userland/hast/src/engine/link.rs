@@ -142,6 +142,40 @@ impl Waiter {
 struct Outgoing {
     req: Request,
     data: Option<Bytes>,
+    /// A synchronization mark carried by a keepalive (see
+    /// [`crate::handshake::SYNC_MARK_FIELD`]).
+    mark: Option<SyncMark>,
+}
+
+impl Outgoing {
+    fn request(req: Request, data: Option<Bytes>) -> Outgoing {
+        Outgoing {
+            req,
+            data,
+            mark: None,
+        }
+    }
+}
+
+/// The marks a primary sends a secondary that announced `synctrack`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncMark {
+    /// A synchronization toward the secondary starts: its copy is about to
+    /// mix old and new blocks.
+    Start,
+    /// Everything synchronized so far is flushed on both sides and the
+    /// sync map is empty: the secondary's copy is consistent and its own
+    /// activemap is no longer needed.
+    Done,
+}
+
+impl SyncMark {
+    fn as_str(self) -> &'static str {
+        match self {
+            SyncMark::Start => crate::handshake::SYNC_MARK_START,
+            SyncMark::Done => crate::handshake::SYNC_MARK_DONE,
+        }
+    }
 }
 
 /// A connected session's handles.
@@ -282,7 +316,7 @@ impl Replicator {
             length: if cmd == Cmd::Flush { 0 } else { up.length },
             memsync,
         };
-        if session.tx.send(Outgoing { req, data }).is_err() {
+        if session.tx.send(Outgoing::request(req, data)).is_err() {
             lock(&session.waiters).remove(&up.seq);
             dp.remote_done(&up, libc::ENOTCONN, None);
         }
@@ -342,7 +376,7 @@ impl Replicator {
                 length: n,
                 memsync: matches!(up.kind, UpcallKind::Write { memsync: true }),
             };
-            if session.tx.send(Outgoing { req, data: piece }).is_err() {
+            if session.tx.send(Outgoing::request(req, piece)).is_err() {
                 // The session is gone: the link loss fails the request.
                 lock(&session.waiters).remove(&seq);
                 return;
@@ -505,6 +539,7 @@ impl Replicator {
             resuid,
             localcnt,
             remotecnt,
+            synctrack: true,
         };
         proto::write_frame_async(&mut inc, &attach.to_nv(), &[]).await?;
         let (ours_size, ours_extent, mapsize) = {
@@ -695,7 +730,7 @@ impl Replicator {
         };
         session
             .tx
-            .send(Outgoing { req, data })
+            .send(Outgoing::request(req, data))
             .map_err(|_| LinkError::Closed)?;
         let (error, data) = rx.await.map_err(|_| LinkError::Closed)?;
         if cmd == Cmd::Flush && flush_unsupported(error) {
@@ -815,17 +850,29 @@ impl Replicator {
     /// The resync scheduler of a session, until the session ends: it
     /// synchronizes every extent of the sync map in the direction the
     /// handshake decided, and looks again, so extents that become dirty
-    /// while connected (writes of the outage released late, writes the
+    /// while connected (writes of an outage released late, writes the
     /// peer failed) are synchronized too, in passes toward the peer. Only
     /// when the sync map is empty, no write can still join it and the
     /// copied data is flushed on both sides are the counters recorded (the
     /// reference's rule: localcnt := the peer's remotecnt, remotecnt := the
     /// peer's localcnt) and the progress line dropped.
+    ///
+    /// The copy being written is inconsistent until then, and says so
+    /// durably before the first synchronized block reaches it: this node's
+    /// metadata (`syncing`) when it synchronizes from the peer, the
+    /// secondary's through a `start` mark (and `done` at the end) when the
+    /// peer announced `synctrack`.
     async fn resync(self: Arc<Self>, geo: Geometry, cfg: ResourceConfig) {
         let limit = Duration::from_secs(u64::from(cfg.timeout.max(1))) * 2;
         let mut dir = geo.syncsrc;
         let mut synced = 0u64;
         let mut copied_in = None;
+        // The peer was told a synchronization toward it started, and not
+        // yet that it ended; the first `done` of a session is sent even
+        // when nothing was synchronized (an earlier session may have ended
+        // between the last flush and its `done`).
+        let mut peer_marked = false;
+        let mut done_sent = !geo.synctrack;
         loop {
             let (dirty, bytes) = match self.sync_dirty() {
                 Ok(d) => d,
@@ -836,6 +883,14 @@ impl Replicator {
                 }
             };
             if !dirty.is_empty() {
+                if let Err(e) = self
+                    .mark_inconsistent(dir, geo.synctrack, &mut peer_marked)
+                    .await
+                {
+                    tracing::error!("synchronization not started: {e}");
+                    tokio::time::sleep(RESYNC_RETRY).await;
+                    continue;
+                }
                 self.dp.set_sync_dir(match dir {
                     SyncSrc::Primary => SyncDir::ToPeer,
                     SyncSrc::Secondary => SyncDir::FromPeer,
@@ -863,16 +918,24 @@ impl Replicator {
             // Nothing in the sync map now; writes still in flight whose
             // copy on the peer failed join it when they finish.
             let unsynced = self.dp.stats().map_or(1, |s| s.unsynced);
-            let recorded = {
+            let (recorded, syncing) = {
                 let m = lock(&self.md);
-                (m.localcnt, m.remotecnt) == (geo.remotecnt, geo.localcnt)
+                (
+                    (m.localcnt, m.remotecnt) == (geo.remotecnt, geo.localcnt),
+                    m.syncing,
+                )
             };
-            if unsynced > 0 || (recorded && !self.progress.active.load(Ordering::SeqCst)) {
+            let settled = recorded
+                && !syncing
+                && !peer_marked
+                && done_sent
+                && !self.progress.active.load(Ordering::SeqCst);
+            if unsynced > 0 || settled {
                 tokio::time::sleep(RESYNC_IDLE).await;
                 continue;
             }
             // What the passes copied is durable on both sides first.
-            if synced > 0 {
+            if synced > 0 || peer_marked || !done_sent {
                 if let Err(e) = self.flush_both(limit).await {
                     tracing::warn!("the synchronized data was not flushed: {e}");
                     tokio::time::sleep(RESYNC_RETRY).await;
@@ -884,12 +947,13 @@ impl Replicator {
                 }
             }
             let flushed_in = lock(&self.progress.started).map(|t| t.elapsed());
-            if !recorded {
+            if !recorded || syncing {
                 let (s_local, s_remote) = (geo.localcnt, geo.remotecnt);
                 if let Err(e) = self
                     .persist(move |m| {
                         m.localcnt = s_remote;
                         m.remotecnt = s_local;
+                        m.syncing = false;
                     })
                     .await
                 {
@@ -897,6 +961,15 @@ impl Replicator {
                     tokio::time::sleep(RESYNC_RETRY).await;
                     continue;
                 }
+            }
+            if peer_marked || !done_sent {
+                if let Err(e) = self.send_mark(SyncMark::Done) {
+                    tracing::warn!("the end of the synchronization was not sent: {e}");
+                    tokio::time::sleep(RESYNC_RETRY).await;
+                    continue;
+                }
+                peer_marked = false;
+                done_sent = true;
             }
             self.dp.set_sync_dir(SyncDir::None);
             // Later passes repair what the peer failed: toward it.
@@ -916,6 +989,56 @@ impl Replicator {
             // recorded and the completion is logged.
             self.progress.active.store(false, Ordering::SeqCst);
         }
+    }
+
+    /// Before a pass in direction `dir`: the copy it writes is recorded
+    /// as inconsistent, durably (this node's metadata), or in order before
+    /// the pass's first write (the secondary's, through a `start` mark,
+    /// when it understands marks).
+    async fn mark_inconsistent(
+        &self,
+        dir: SyncSrc,
+        synctrack: bool,
+        peer_marked: &mut bool,
+    ) -> Result<(), LinkError> {
+        match dir {
+            SyncSrc::Secondary => {
+                if !lock(&self.md).syncing {
+                    self.persist(|m| m.syncing = true)
+                        .await
+                        .map_err(LinkError::Local)?;
+                }
+            }
+            SyncSrc::Primary => {
+                if synctrack && !*peer_marked {
+                    self.send_mark(SyncMark::Start)?;
+                    *peer_marked = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Queue a synchronization mark for the peer, after every request
+    /// queued before it.
+    fn send_mark(&self, mark: SyncMark) -> Result<(), LinkError> {
+        let session = lock(&self.session).clone().ok_or(LinkError::Closed)?;
+        let req = Request {
+            cmd: Cmd::Keepalive,
+            seq: 0,
+            offset: 0,
+            length: 0,
+            memsync: false,
+        };
+        tracing::debug!("synchronization mark {} sent", mark.as_str());
+        session
+            .tx
+            .send(Outgoing {
+                req,
+                data: None,
+                mark: Some(mark),
+            })
+            .map_err(|_| LinkError::Closed)
     }
 
     /// One pass over `dirty` extents, many in flight, with flushes of both
@@ -1001,6 +1124,9 @@ async fn send_loop(
             Ok(None) => return LinkError::Closed,
             Ok(Some(o)) => {
                 let mut nv = o.req.to_nv();
+                if let Some(mark) = o.mark {
+                    nv.add_string(crate::handshake::SYNC_MARK_FIELD, mark.as_str());
+                }
                 match &o.data {
                     Some(d) => {
                         let payload = crate::payload::encode(&mut nv, d, compression, checksum);

@@ -29,11 +29,20 @@ use control_server::{ControlListener, Request};
 use listen::{Incoming, Listeners};
 use resource::Resource;
 
-/// Safe promotion: ask the peer, refuse if it is primary or newer.
+/// Safe promotion: refuse a copy whose synchronization from the peer did
+/// not finish; ask the peer, refuse if it is primary or newer.
 async fn safe_to_promote(res: &Resource) -> Result<(), probe::Refusal> {
-    let Ok(ours) = res.probe_counters() else {
+    let Ok(md) = res.metadata() else {
         // Metadata unreadable: set_role reports that.
         return Ok(());
+    };
+    if md.syncing {
+        return Err(probe::Refusal::Inconsistent);
+    }
+    let ours = crate::splitbrain::Counters {
+        resuid: md.resuid,
+        localcnt: md.localcnt,
+        remotecnt: md.remotecnt,
     };
     let peer = probe::probe(res.config()).await;
     tracing::info!("[{}] peer before promotion: {peer:?}", res.name());
@@ -333,7 +342,11 @@ impl Daemon {
                             continue;
                         }
                     }
-                    if let Err(e) = res.set_role(new).await {
+                    let mut result = res.set_role(new).await;
+                    if result.is_ok() && new == Role::Primary && force {
+                        result = res.accept_inconsistent_copy().await;
+                    }
+                    if let Err(e) = result {
                         out.add_i16(format!("error{no}"), e.code());
                         out.add_string(format!("errmsg{no}"), e.to_string());
                     }

@@ -42,6 +42,8 @@ pub enum Refusal {
         peer_local: u64,
         our_remote: u64,
     },
+    #[error("this node's copy is inconsistent: a synchronization from the peer did not finish, so it mixes old and new blocks; promote the peer and let it synchronize this node, or force: hastctl role --force primary (the copy is used as it is)")]
+    Inconsistent,
     #[error("this node and the peer {0} both hold changes the other lacks (split-brain); recover first (see hastctl(8)) or force: hastctl role --force primary")]
     SplitBrain(String),
 }

@@ -247,21 +247,50 @@ impl Resource {
         }
     }
 
-    /// This node's role and counters for a peer's promotion probe (from the
-    /// metadata in memory, or read from the provider when in init).
-    pub fn probe_counters(&self) -> Result<crate::splitbrain::Counters, RoleError> {
-        let md = match &self.active {
+    /// This node's metadata: the copy in memory, or read from the provider
+    /// when in init.
+    pub fn metadata(&self) -> Result<Metadata, RoleError> {
+        Ok(match &self.active {
             Some(a) => a.md.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             None => {
                 let p = Provider::open(&self.cfg.local, false)?;
                 Metadata::read(&p, &self.cfg.name)?
             }
-        };
+        })
+    }
+
+    /// This node's counters for a peer's promotion probe.
+    pub fn probe_counters(&self) -> Result<crate::splitbrain::Counters, RoleError> {
+        let md = self.metadata()?;
         Ok(crate::splitbrain::Counters {
             resuid: md.resuid,
             localcnt: md.localcnt,
             remotecnt: md.remotecnt,
         })
+    }
+
+    /// A primary promoted by force takes its copy as it is: it no longer
+    /// records an interrupted synchronization (the administrator accepted
+    /// the mix of old and new blocks).
+    pub async fn accept_inconsistent_copy(&self) -> Result<(), RoleError> {
+        let Some(Active {
+            primary: Some(p),
+            md,
+            ..
+        }) = &self.active
+        else {
+            return Ok(());
+        };
+        if !md.lock().unwrap_or_else(|p| p.into_inner()).syncing {
+            return Ok(());
+        }
+        tracing::warn!(
+            "[{}] promoted by force with an inconsistent copy (a synchronization from the peer did not finish): it is used as it is",
+            self.cfg.name
+        );
+        p.record(|m| m.syncing = false, true)
+            .await
+            .map_err(RoleError::Record)
     }
 
     /// Whether `ip` is this resource's `remote` (the access check of an
@@ -358,7 +387,9 @@ impl Resource {
                         connected.store(true, Ordering::SeqCst);
                         hooks::run(cfg.exec.as_deref(), &name, &Event::Connect);
                         let _ = stream.set_nodelay(true);
-                        let why = secondary::serve(conn1, stream, local, stats, slots).await;
+                        let why =
+                            secondary::serve(conn1, stream, local, stats, slots, attach.synctrack)
+                                .await;
                         connected.store(false, Ordering::SeqCst);
                         tracing::warn!("[{name}] primary {peer} disconnected: {why}");
                         hooks::run(cfg.exec.as_deref(), &name, &Event::Disconnect);
@@ -442,11 +473,15 @@ impl Resource {
             0
         };
         nv.add_i32(format!("workerpid{no}"), pid);
-        let extentsize = active
-            .md
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extentsize;
+        let (extentsize, syncing) = {
+            let m = active.md.lock().unwrap_or_else(|p| p.into_inner());
+            (m.extentsize, m.syncing)
+        };
+        // Extension: this copy's synchronization from the peer did not
+        // finish (hastctl prints it after the reference's lines).
+        if syncing {
+            nv.add_u8(format!("inconsistent{no}"), 1);
+        }
         let (status, dirty, keepdirty, s, queues) = if let Some(sec) = &active.secondary {
             // Like the reference, a secondary reports status only while its
             // primary is connected, and no dirty count.

@@ -178,6 +178,7 @@ pub async fn answer_attach<W: AsyncWrite + Unpin>(
         syncsrc: src,
         mapsize: u32::try_from(map.len()).unwrap_or(0),
         maxio: u32::try_from(MAX_IO).ok(),
+        synctrack: true,
     };
     proto::write_frame_async(conn_in, &geo.to_nv(), &map).await?;
     Ok(decision)
@@ -382,13 +383,17 @@ fn bump(c: &std::sync::atomic::AtomicU64) {
 }
 
 /// Apply the primary's requests from `conn_in`, replying on `conn_out`,
-/// until the connection ends or fails.
+/// until the connection ends or fails. `marks`: the primary sends
+/// synchronization marks ([`crate::handshake::SYNC_MARK_FIELD`]); the local
+/// activemap is then kept until the first `done` instead of being cleared
+/// at the first request (the reference's rule).
 pub async fn serve<R, W>(
     conn_in: R,
     mut conn_out: W,
     local: Local,
     stats: Arc<SecondaryStats>,
     slots: Slots,
+    marks: bool,
 ) -> SessionError
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -418,7 +423,7 @@ where
     });
     let mut conn_in = tokio::io::BufReader::with_capacity(READ_AHEAD, conn_in);
     let inflight = Arc::new(InFlight::default());
-    let mut map_cleared = false;
+    let mut map_cleared = marks;
     let mut next_id: u64 = 0;
     let result = loop {
         let frame = tokio::time::timeout(
@@ -450,6 +455,15 @@ where
             }
         };
         if req.cmd == Cmd::Keepalive {
+            if let Some(mark) = nv.get_string(crate::handshake::SYNC_MARK_FIELD) {
+                // Before the next request is read: the writes of a
+                // synchronization never land before its start is recorded.
+                if let Err(e) = sync_mark(&local, mark).await {
+                    break SessionError::Local(format!(
+                        "unable to record the synchronization mark {mark:?}: {e}"
+                    ));
+                }
+            }
             continue;
         }
         if !map_cleared {
@@ -564,6 +578,46 @@ where
     drop(tx);
     writer.abort();
     result
+}
+
+/// A synchronization mark from the primary: `start` records durably that
+/// this copy is inconsistent; `done` (everything synchronized is flushed on
+/// both sides) clears the activemap the primary merged and the mark.
+async fn sync_mark(local: &Local, mark: &str) -> std::io::Result<()> {
+    let syncing = match mark {
+        crate::handshake::SYNC_MARK_START => true,
+        crate::handshake::SYNC_MARK_DONE => {
+            clear_map(local).await?;
+            false
+        }
+        other => {
+            tracing::warn!("unknown synchronization mark {other:?} ignored");
+            return Ok(());
+        }
+    };
+    let provider = local.provider.clone();
+    let md = local.md.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut m = md.lock().unwrap_or_else(|p| p.into_inner());
+        if m.syncing == syncing {
+            return Ok(());
+        }
+        let mut next = m.clone();
+        next.syncing = syncing;
+        next.write(&provider, true)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        *m = next;
+        if syncing {
+            tracing::info!(
+                "synchronization from the primary started: this copy is inconsistent until it ends"
+            );
+        } else {
+            tracing::info!("synchronization from the primary complete: this copy is consistent");
+        }
+        Ok(())
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 async fn clear_map(local: &Local) -> std::io::Result<()> {
