@@ -20,7 +20,7 @@ DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
 	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc liblzf-dev
 PKG_PKGS = rust llvm qemu-tools libnbd fio shellcheck
 
-.PHONY: all build deps test test-rust test-scripts test-freebsd-check demo bench install clean kmod-check
+.PHONY: all build deps test test-rust test-scripts test-lint test-release test-freebsd-check demo bench install clean kmod-check
 
 all: build
 
@@ -46,7 +46,7 @@ else
 endif
 	@command -v $(CARGO) >/dev/null || { echo "make deps: cargo not found; install Rust (rustup) first" >&2; exit 1; }
 
-test: deps test-scripts test-freebsd-check test-rust
+test: deps test-scripts test-lint test-freebsd-check test-release test-rust
 
 # Type-check the FreeBSD build (kernel transport, cfg'd file I/O) from any
 # host: needs the x86_64-unknown-freebsd target of rustup.
@@ -72,6 +72,20 @@ test-rust:
 
 test-scripts:
 	sh tests/lint.sh
+
+# Formatting and clippy, warnings as errors.
+test-lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# A plain release build at the root has no fail points compiled in.
+test-release:
+	$(CARGO) build --release
+	@if grep -q HAST_FAILPOINTS target/release/hastd; then \
+		echo "test-release: target/release/hastd contains fail points" >&2; exit 1; \
+	else \
+		echo "test-release: target/release/hastd has no fail points"; \
+	fi
 
 demo: deps
 	$(CARGO) build --workspace

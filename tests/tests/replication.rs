@@ -772,7 +772,7 @@ fn a_half_synchronized_secondary_is_not_promoted_silently() {
     c.failpoint("beta", hast::failpoint::SECONDARY_SLOW_WRITE, false);
     let half = c.read_data("beta", "r0", 0, (32 * MIB) as usize).unwrap();
     assert!(
-        half.iter().any(|&b| b == 0x5a) && half.iter().any(|&b| b == 0),
+        half.contains(&0x5a) && half.contains(&0),
         "the test needs a copy that is half synchronized"
     );
     let r = c.hastctl("beta", &["role", "primary", "r0"]).unwrap();
