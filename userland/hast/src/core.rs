@@ -263,15 +263,8 @@ impl Upcall {
 /// Counters and queue sizes (`hastctl list` statistics and more).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    pub reads: u64,
-    pub writes: u64,
-    pub deletes: u64,
-    pub flushes: u64,
-    pub activemap_updates: u64,
-    pub read_errors: u64,
-    pub write_errors: u64,
-    pub delete_errors: u64,
-    pub flush_errors: u64,
+    /// Client requests served and local errors (`hastctl list`).
+    pub requests: crate::stats::RequestStats,
     pub q_local: u64,
     pub q_send: u64,
     pub q_recv: u64,
@@ -301,15 +294,17 @@ impl From<&sys::hast_abi_stats> for Stats {
     /// The ABI's statistics struct (from the in-process core or the kernel).
     fn from(st: &sys::hast_abi_stats) -> Stats {
         Stats {
-            reads: st.hs_reads,
-            writes: st.hs_writes,
-            deletes: st.hs_deletes,
-            flushes: st.hs_flushes,
-            activemap_updates: st.hs_activemap_updates,
-            read_errors: st.hs_read_errors,
-            write_errors: st.hs_write_errors,
-            delete_errors: st.hs_delete_errors,
-            flush_errors: st.hs_flush_errors,
+            requests: crate::stats::RequestStats {
+                reads: st.hs_reads,
+                writes: st.hs_writes,
+                deletes: st.hs_deletes,
+                flushes: st.hs_flushes,
+                activemap_updates: st.hs_activemap_updates,
+                read_errors: st.hs_read_errors,
+                write_errors: st.hs_write_errors,
+                delete_errors: st.hs_delete_errors,
+                flush_errors: st.hs_flush_errors,
+            },
             q_local: st.hs_q_local,
             q_send: st.hs_q_send,
             q_recv: st.hs_q_recv,

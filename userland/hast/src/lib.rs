@@ -2,7 +2,7 @@
 //! two hosts (network RAID1), compatible with FreeBSD's hastd/hastctl.
 //!
 //! Layers call down, never up:
-//! - bottom: [`sysexits`], [`size`], [`role`], [`nv`], [`proto`], [`addr`],
+//! - bottom: [`sysexits`], [`size`], [`role`], [`stats`], [`nv`], [`proto`], [`addr`],
 //!   [`config`], [`provider`], [`activemap`], [`metadata`];
 //! - then the control protocol ([`control`]), [`hooks`], [`pidfile`];
 //! - the fast-path core ([`core`]) and its hosts ([`uhost`] with the NBD
@@ -31,6 +31,7 @@ pub mod provider;
 pub mod role;
 pub mod size;
 pub mod splitbrain;
+pub mod stats;
 pub mod sysexits;
 pub mod uhost;
 pub mod wire;

@@ -1141,7 +1141,7 @@ fn one_map_write_releases_every_waiting_write() {
         locals(&ev).iter().map(|io| io.seq).collect::<Vec<_>>(),
         vec![s2, s3, s4]
     );
-    assert_eq!(core.stats().activemap_updates, 2);
+    assert_eq!(core.stats().requests.activemap_updates, 2);
     assert_eq!(core.map(MapKind::Disk)[0] & 0x0f, 0x0f);
 }
 
@@ -1405,7 +1405,7 @@ fn local_failure_with_remote_success_keeps_extent_marked() {
     core.remote_done(s, 0).unwrap();
     assert_eq!(completes(&host.take()), vec![(1, 0)]);
     assert!(bit(&core.map(MapKind::Sync), 0) && bit(&core.map(MapKind::Disk), 0));
-    assert_eq!(core.stats().write_errors, 1);
+    assert_eq!(core.stats().requests.write_errors, 1);
 }
 
 #[test]
@@ -1433,7 +1433,7 @@ fn keepdirty_evicts_the_least_recently_used_extent() {
     assert!(maps(&host.take()).is_empty());
     core.local_done(s, 0).unwrap();
     core.remote_done(s, 0).unwrap();
-    assert_eq!(core.stats().activemap_updates, 3);
+    assert_eq!(core.stats().requests.activemap_updates, 3);
     // While extents 0, 3 and 4 are busy the list still holds only two
     // idle ones; when they finish, only the two most recent stay marked.
     let busy: Vec<u64> = [0u64, 3, 4]
@@ -1621,7 +1621,7 @@ fn stale_reads_go_to_the_peer() {
     assert_eq!(core.next_upcall().map(|u| u.kind), Some(UpcallKind::Read));
     core.remote_done(r, 0).unwrap();
     assert_eq!(completes(&host.take()), vec![(2, 0)]);
-    assert_eq!(core.stats().read_errors, 1);
+    assert_eq!(core.stats().requests.read_errors, 1);
 }
 
 #[test]
@@ -1765,7 +1765,7 @@ fn callbacks_may_reenter_the_core_from_many_threads() {
     assert_eq!(core.map(MapKind::Disk), core.map(MapKind::Dirty));
     let st = core.stats();
     assert_eq!(
-        (st.writes + st.reads + st.deletes + st.flushes),
+        (st.requests.writes + st.requests.reads + st.requests.deletes + st.requests.flushes),
         THREADS * PER
     );
     let core = Arc::try_unwrap(core).ok().unwrap();

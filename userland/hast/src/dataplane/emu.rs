@@ -427,8 +427,8 @@ impl Emulator for Emu {
                 Ioctl::Stats => {
                     let s = &mut *arg.cast::<sys::hast_abi_stats>();
                     let st = self.unit(s.hs_unit)?.core.stats();
-                    s.hs_reads = st.reads;
-                    s.hs_writes = st.writes;
+                    s.hs_reads = st.requests.reads;
+                    s.hs_writes = st.requests.writes;
                     s.hs_dirty = st.dirty;
                     s.hs_syncdirty = st.syncdirty;
                     s.hs_link = if st.link_up {

@@ -462,7 +462,7 @@ mod tests {
         assert_eq!(Metadata::decode(&meta[..4096], "r0").unwrap(), md);
 
         let st = plane.stats().unwrap();
-        assert_eq!((st.writes, st.reads), (2, 1));
+        assert_eq!((st.requests.writes, st.requests.reads), (2, 1));
         assert!(!st.link_up);
 
         // Destroy ends the upcall thread; the engine sees the host gone.

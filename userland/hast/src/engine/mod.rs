@@ -18,6 +18,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, HostIdentity};
+use crate::control::role::{RoleEntry, RoleReply};
+use crate::control::status::{Entry, EntryError, StatusReply};
 use crate::control::{
     resource_names, EHAST_INVALID, EHAST_NOENTRY, EHAST_UNIMPLEMENTED, HASTCTL_CMD_SETROLE,
     HASTCTL_CMD_STATUS,
@@ -321,39 +323,65 @@ impl Daemon {
         } else {
             resource_names(req)
         };
-        for (no, name) in names.iter().enumerate() {
-            out.add_string(format!("resource{no}"), name.as_str());
+        let unknown = |name: &str| EntryError {
+            code: EHAST_NOENTRY,
+            message: Some(format!("no resource {name} in the configuration")),
+        };
+        let Some(new) = role else {
+            let reply = StatusReply {
+                entries: names
+                    .into_iter()
+                    .map(|name| {
+                        let status = match self.resources.iter().find(|r| r.name() == name) {
+                            Some(res) => Ok(res.status()),
+                            None => Err(unknown(&name)),
+                        };
+                        Entry { name, status }
+                    })
+                    .collect(),
+            };
+            reply.to_nv(&mut out);
+            return Some(out);
+        };
+        let mut reply = RoleReply::default();
+        for name in names {
             let Some(res) = self.resources.iter_mut().find(|r| r.name() == name) else {
-                out.add_i16(format!("error{no}"), EHAST_NOENTRY);
-                out.add_string(
-                    format!("errmsg{no}"),
-                    format!("no resource {name} in the configuration"),
-                );
+                let error = Some(unknown(&name));
+                reply.entries.push(RoleEntry {
+                    name,
+                    old_role: None,
+                    error,
+                });
                 continue;
             };
-            match role {
-                Some(new) => {
-                    out.add_string(format!("role{no}"), res.role().as_str());
-                    if new == Role::Primary && res.role() != Role::Primary && !force {
-                        if let Err(refusal) = safe_to_promote(res).await {
-                            tracing::error!("[{name}] refusing to become primary: {refusal}");
-                            out.add_i16(format!("error{no}"), crate::sysexits::EX_TEMPFAIL as i16);
-                            out.add_string(format!("errmsg{no}"), refusal.to_string());
-                            continue;
-                        }
-                    }
-                    let mut result = res.set_role(new).await;
-                    if result.is_ok() && new == Role::Primary && force {
-                        result = res.accept_inconsistent_copy().await;
-                    }
-                    if let Err(e) = result {
-                        out.add_i16(format!("error{no}"), e.code());
-                        out.add_string(format!("errmsg{no}"), e.to_string());
-                    }
+            let old_role = Some(res.role().as_str().to_string());
+            let mut error = None;
+            if new == Role::Primary && res.role() != Role::Primary && !force {
+                if let Err(refusal) = safe_to_promote(res).await {
+                    tracing::error!("[{name}] refusing to become primary: {refusal}");
+                    error = Some(EntryError {
+                        code: crate::sysexits::EX_TEMPFAIL as i16,
+                        message: Some(refusal.to_string()),
+                    });
                 }
-                None => res.status_into(&mut out, no),
             }
+            if error.is_none() {
+                let mut result = res.set_role(new).await;
+                if result.is_ok() && new == Role::Primary && force {
+                    result = res.accept_inconsistent_copy().await;
+                }
+                error = result.err().map(|e| EntryError {
+                    code: e.code(),
+                    message: Some(e.to_string()),
+                });
+            }
+            reply.entries.push(RoleEntry {
+                name,
+                old_role,
+                error,
+            });
         }
+        reply.to_nv(&mut out);
         Some(out)
     }
 }

@@ -6,15 +6,16 @@
 use std::sync::{Arc, Mutex};
 
 use crate::config::ResourceConfig;
+use crate::control::status::{Activity, ResourceStatus, SyncProgress};
 use crate::hooks::{self, Event};
 use crate::metadata::{Metadata, MetadataError};
-use crate::nv::Nv;
 use crate::provider::{Provider, ProviderError};
 use crate::role::Role;
+use crate::stats::{AtomicRequestStats, Queues};
 use crate::sysexits;
 
 use super::primary::{Primary, PrimaryError};
-use super::secondary::{self, Local, SecondaryStats};
+use super::secondary::{self, Local};
 use crate::handshake::{Attach, Welcome, TOKEN_SIZE};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpStream;
@@ -50,20 +51,6 @@ impl RoleError {
     }
 }
 
-/// Counters reported by `hastctl list`.
-#[derive(Debug, Default, Clone)]
-pub struct Stats {
-    pub read: u64,
-    pub write: u64,
-    pub delete: u64,
-    pub flush: u64,
-    pub activemap_update: u64,
-    pub read_error: u64,
-    pub write_error: u64,
-    pub delete_error: u64,
-    pub flush_error: u64,
-}
-
 /// The local side of an active (primary or secondary) resource.
 struct Active {
     /// hastd's descriptor of the local provider; `None` while the kernel
@@ -81,7 +68,7 @@ struct SecondaryState {
     pending: Option<(TcpStream, [u8; TOKEN_SIZE])>,
     session: Option<tokio::task::JoinHandle<()>>,
     connected: Arc<AtomicBool>,
-    stats: Arc<SecondaryStats>,
+    stats: Arc<AtomicRequestStats>,
     slots: secondary::Slots,
 }
 
@@ -442,23 +429,22 @@ impl Resource {
         }
     }
 
-    /// Append this resource's `hastctl status`/`list` fields with index `no`
-    /// to a control reply (the reference's field names and types).
-    pub fn status_into(&self, nv: &mut Nv, no: usize) {
+    /// This resource's `hastctl status`/`list` status.
+    pub fn status(&self) -> ResourceStatus {
         let cfg = &self.cfg;
-        nv.add_string(format!("provname{no}"), cfg.provname.as_str());
-        nv.add_string(format!("localpath{no}"), cfg.local.display().to_string());
-        nv.add_string(format!("remoteaddr{no}"), cfg.remote.as_str());
-        if let Some(src) = &cfg.source {
-            nv.add_string(format!("sourceaddr{no}"), src.raw.as_str());
-        }
-        nv.add_string(format!("replication{no}"), cfg.replication.as_str());
-        nv.add_string(format!("checksum{no}"), cfg.checksum.as_str());
-        nv.add_string(format!("compression{no}"), cfg.compression.as_str());
-        nv.add_string(format!("role{no}"), self.role.as_str());
+        let mut st = ResourceStatus {
+            provname: cfg.provname.clone(),
+            localpath: cfg.local.display().to_string(),
+            remoteaddr: cfg.remote.clone(),
+            sourceaddr: cfg.source.as_ref().map(|s| s.raw.clone()),
+            replication: cfg.replication.as_str().to_string(),
+            checksum: cfg.checksum.as_str().to_string(),
+            compression: cfg.compression.as_str().to_string(),
+            role: self.role.as_str().to_string(),
+            ..Default::default()
+        };
         let Some(active) = &self.active else {
-            nv.add_i32(format!("workerpid{no}"), 0);
-            return;
+            return st;
         };
         // hastd serves every resource itself; its pid is the worker's. A
         // FreeBSD secondary has a worker only while a primary is connected
@@ -467,108 +453,64 @@ impl Resource {
             Some(sec) => sec.connected.load(Ordering::SeqCst),
             None => true,
         };
-        let pid = if worker {
-            i32::try_from(std::process::id()).unwrap_or(0)
-        } else {
-            0
-        };
-        nv.add_i32(format!("workerpid{no}"), pid);
-        let (extentsize, syncing) = {
-            let m = active.md.lock().unwrap_or_else(|p| p.into_inner());
-            (m.extentsize, m.syncing)
-        };
-        // Extension: this copy's synchronization from the peer did not
-        // finish (hastctl prints it after the reference's lines).
-        if syncing {
-            nv.add_u8(format!("inconsistent{no}"), 1);
+        if worker {
+            st.workerpid = i32::try_from(std::process::id()).unwrap_or(0);
         }
-        let (status, dirty, keepdirty, s, queues) = if let Some(sec) = &active.secondary {
+        let (extentsize, keepdirty) = {
+            let m = active.md.lock().unwrap_or_else(|p| p.into_inner());
+            st.inconsistent = m.syncing;
+            (m.extentsize, m.keepdirty)
+        };
+        st.activity = if let Some(sec) = &active.secondary {
             // Like the reference, a secondary reports status only while its
             // primary is connected, and no dirty count.
-            if !sec.connected.load(Ordering::SeqCst) {
-                return;
-            }
-            let st = &sec.stats;
-            let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-            let s = Stats {
-                read: get(&st.read),
-                write: get(&st.write),
-                delete: get(&st.delete),
-                flush: get(&st.flush),
-                activemap_update: 0,
-                read_error: get(&st.read_error),
-                write_error: get(&st.write_error),
-                delete_error: get(&st.delete_error),
-                flush_error: get(&st.flush_error),
-            };
-            ("complete", 0, 0, s, [0u64; 5])
-        } else if let Some(primary) = &active.primary {
-            let c = primary.stats();
-            let s = Stats {
-                read: c.reads,
-                write: c.writes,
-                delete: c.deletes,
-                flush: c.flushes,
-                activemap_update: c.activemap_updates,
-                read_error: c.read_errors,
-                write_error: c.write_errors,
-                delete_error: c.delete_errors,
-                flush_error: c.flush_errors,
-            };
-            let status = if primary.replicator().is_connected() {
-                "complete"
-            } else {
-                "degraded"
-            };
-            let p = &primary.replicator().progress;
-            if p.active.load(Ordering::SeqCst) {
-                let total = p.total.load(Ordering::Relaxed);
-                let done = p.done.load(Ordering::Relaxed).min(total);
-                let secs = p
-                    .started
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .map_or(0.0, |t| t.elapsed().as_secs_f64());
-                nv.add_u64(format!("sync_total{no}"), total);
-                nv.add_u64(format!("sync_done{no}"), done);
-                nv.add_u64(format!("sync_msecs{no}"), (secs * 1000.0) as u64);
-            }
-            let keepdirty = active
-                .md
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .keepdirty;
-            // idle: requests are not pooled, so there is no idle queue.
-            let queues = [0, c.q_local + c.q_held, c.q_send, c.q_recv, c.q_done];
-            (status, c.dirty, keepdirty, s, queues)
+            sec.connected.load(Ordering::SeqCst).then(|| Activity {
+                status: "complete".into(),
+                extentsize,
+                requests: sec.stats.snapshot(),
+                ..Default::default()
+            })
         } else {
-            return;
+            active.primary.as_ref().map(|primary| {
+                let c = primary.stats();
+                let p = &primary.replicator().progress;
+                let sync = p.active.load(Ordering::SeqCst).then(|| {
+                    let total = p.total.load(Ordering::Relaxed);
+                    let secs = p
+                        .started
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .map_or(0.0, |t| t.elapsed().as_secs_f64());
+                    SyncProgress {
+                        total,
+                        done: p.done.load(Ordering::Relaxed).min(total),
+                        msecs: (secs * 1000.0) as u64,
+                    }
+                });
+                Activity {
+                    status: if primary.replicator().is_connected() {
+                        "complete"
+                    } else {
+                        "degraded"
+                    }
+                    .into(),
+                    dirty: c.dirty.saturating_mul(u64::from(extentsize)),
+                    extentsize,
+                    keepdirty,
+                    requests: c.requests,
+                    // idle: requests are not pooled, so there is no idle queue.
+                    queues: Queues {
+                        idle: 0,
+                        local: c.q_local + c.q_held,
+                        send: c.q_send,
+                        recv: c.q_recv,
+                        done: c.q_done,
+                    },
+                    sync,
+                }
+            })
         };
-        nv.add_string(format!("status{no}"), status);
-        nv.add_u64(
-            format!("dirty{no}"),
-            dirty.saturating_mul(u64::from(extentsize)),
-        );
-        nv.add_u32(format!("extentsize{no}"), extentsize);
-        nv.add_u32(format!("keepdirty{no}"), keepdirty);
-        for (name, v) in [
-            ("stat_read", s.read),
-            ("stat_write", s.write),
-            ("stat_delete", s.delete),
-            ("stat_flush", s.flush),
-            ("stat_activemap_update", s.activemap_update),
-            ("stat_read_error", s.read_error),
-            ("stat_write_error", s.write_error),
-            ("stat_delete_error", s.delete_error),
-            ("stat_flush_error", s.flush_error),
-            ("idle_queue_size", queues[0]),
-            ("local_queue_size", queues[1]),
-            ("send_queue_size", queues[2]),
-            ("recv_queue_size", queues[3]),
-            ("done_queue_size", queues[4]),
-        ] {
-            nv.add_u64(format!("{name}{no}"), v);
-        }
+        st
     }
 }
 

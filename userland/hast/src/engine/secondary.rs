@@ -20,6 +20,7 @@ use crate::nv::NV_MAX_SIZE;
 use crate::proto::{self, Limits, ProtoError};
 use crate::provider::Provider;
 use crate::splitbrain::{self, Counters, Decision, MapToSend, SPLIT_BRAIN_MSG};
+use crate::stats::{AtomicRequestStats, RequestKind};
 use crate::wire::{self, Cmd, Reply, Request};
 
 /// Requests the secondary works on at once.
@@ -330,19 +331,6 @@ impl InFlight {
     }
 }
 
-/// Counters of the secondary for `hastctl list`.
-#[derive(Debug, Default)]
-pub struct SecondaryStats {
-    pub read: std::sync::atomic::AtomicU64,
-    pub write: std::sync::atomic::AtomicU64,
-    pub delete: std::sync::atomic::AtomicU64,
-    pub flush: std::sync::atomic::AtomicU64,
-    pub read_error: std::sync::atomic::AtomicU64,
-    pub write_error: std::sync::atomic::AtomicU64,
-    pub delete_error: std::sync::atomic::AtomicU64,
-    pub flush_error: std::sync::atomic::AtomicU64,
-}
-
 /// The request slots of a secondary resource, shared by its successive
 /// sessions. A request keeps its slot until its local I/O is done, even
 /// when its session is stopped, so a new session or a role change first
@@ -378,10 +366,6 @@ impl Slots {
     }
 }
 
-fn bump(c: &std::sync::atomic::AtomicU64) {
-    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-}
-
 /// Apply the primary's requests from `conn_in`, replying on `conn_out`,
 /// until the connection ends or fails. `marks`: the primary sends
 /// synchronization marks ([`crate::handshake::SYNC_MARK_FIELD`]); the local
@@ -391,7 +375,7 @@ pub async fn serve<R, W>(
     conn_in: R,
     mut conn_out: W,
     local: Local,
-    stats: Arc<SecondaryStats>,
+    stats: Arc<AtomicRequestStats>,
     slots: Slots,
     marks: bool,
 ) -> SessionError
@@ -547,17 +531,13 @@ where
                 Ok(Err(e)) => (e.raw_os_error().unwrap_or(libc::EIO), None),
                 Err(_) => (libc::EIO, None),
             };
-            let counter = match (cmd, error != 0) {
-                (Cmd::Read, false) => &stats.read,
-                (Cmd::Read, true) => &stats.read_error,
-                (Cmd::Write, false) => &stats.write,
-                (Cmd::Write, true) => &stats.write_error,
-                (Cmd::Delete, false) => &stats.delete,
-                (Cmd::Delete, true) => &stats.delete_error,
-                (_, false) => &stats.flush,
-                (_, true) => &stats.flush_error,
+            let kind = match cmd {
+                Cmd::Read => RequestKind::Read,
+                Cmd::Write => RequestKind::Write,
+                Cmd::Delete => RequestKind::Delete,
+                _ => RequestKind::Flush,
             };
-            bump(counter);
+            stats.count(kind, error != 0);
             if error != 0 {
                 tracing::error!(
                     "request failed: {}({}, {}): errno {error}",

@@ -9,6 +9,9 @@
 //! failed. This project adds `errmsg%u` (a string saying what failed), which
 //! the reference hastctl ignores.
 
+pub mod role;
+pub mod status;
+
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
