@@ -666,6 +666,56 @@ fn safe_promotion_allows_a_node_whose_peer_is_down() {
         .contains("peer before promotion: Unreachable"));
 }
 
+/// While `role primary` waits for the probe of a peer whose packets are
+/// dropped (up to 5 s), hastd still answers other control requests and a
+/// SIGTERM stops it within 2 s.
+#[test]
+fn a_promotion_probe_blocks_neither_control_requests_nor_sigterm() {
+    use hast_tests::cluster::PartitionKind;
+    let mut c = cluster("fullsync", 32 * MIB);
+    c.start("alpha").unwrap();
+    c.partition_with("alpha", "beta", PartitionKind::Drop)
+        .unwrap();
+    std::thread::scope(|scope| {
+        let promote = scope.spawn(|| c.hastctl("alpha", &["role", "primary", "r0"]));
+        // The probe is under way once the daemon logged nothing yet about
+        // its answer; give the request time to reach it.
+        std::thread::sleep(Duration::from_millis(700));
+        let t = std::time::Instant::now();
+        let st = c.hastctl("alpha", &["status"]).unwrap();
+        assert_eq!(st.code, 0, "{st:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "status waited {:?} behind the probe",
+            t.elapsed()
+        );
+        assert!(
+            !c.log("alpha").unwrap().contains("peer before promotion"),
+            "the probe was over before the status request: the test proves nothing"
+        );
+        c.signal("alpha", libc::SIGTERM).unwrap();
+        let t = std::time::Instant::now();
+        // Running: the process exists and is not a zombie waiting for
+        // the harness to reap it.
+        let running = |pid: i32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit(") ").next().map(|r| !r.starts_with('Z')))
+                .unwrap_or(false)
+        };
+        let pid = c.pid("alpha").expect("alpha's pid");
+        while running(pid) && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "hastd took {:?} to stop after SIGTERM during a probe",
+            t.elapsed()
+        );
+        let _ = promote.join();
+    });
+}
+
 /// A client's trim is replicated as a DELETE that the secondary carries out
 /// on its provider (a hole punched in a file provider here), not dropped.
 #[test]

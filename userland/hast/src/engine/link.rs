@@ -1255,7 +1255,7 @@ pub(super) async fn dial(
     let AddrKind::Tcp { .. } = &remote.kind else {
         return Err(err(std::io::Error::other("remote is not a TCP address")));
     };
-    let targets = remote.socket_addrs().map_err(err)?;
+    let targets = remote.resolve().await.map_err(err)?;
     let mut last = std::io::Error::other("remote resolves to nothing");
     for target in targets {
         let sock = if target.is_ipv4() {
@@ -1266,7 +1266,8 @@ pub(super) async fn dial(
         .map_err(err)?;
         if let Some(src) = &cfg.source {
             let bind = src
-                .socket_addrs()
+                .resolve()
+                .await
                 .map_err(err)?
                 .into_iter()
                 .find(|a| a.is_ipv4() == target.is_ipv4());

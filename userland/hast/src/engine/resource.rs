@@ -35,6 +35,10 @@ pub enum RoleError {
     /// The new role could not be recorded through the kernel host.
     #[error("recording the role: {0}")]
     Record(crate::dataplane::DataplaneError),
+    /// The blocking work of a role change (opening the provider, reading
+    /// or writing the metadata) did not run to its end.
+    #[error("the provider's I/O task failed: {0}")]
+    Task(String),
 }
 
 impl RoleError {
@@ -46,19 +50,34 @@ impl RoleError {
             RoleError::Metadata(e) => e.exit_code(),
             RoleError::DataPath(_) => sysexits::EX_OSERR,
             RoleError::Record(_) => sysexits::EX_IOERR,
+            RoleError::Task(_) => sysexits::EX_SOFTWARE,
         };
         i16::try_from(code).unwrap_or(i16::MAX)
     }
 }
 
-/// The local side of an active (primary or secondary) resource.
-struct Active {
-    /// hastd's descriptor of the local provider; `None` while the kernel
-    /// module holds it (a primary on the kernel host).
-    provider: Option<Arc<Provider>>,
-    md: Arc<Mutex<Metadata>>,
-    primary: Option<Primary>,
-    secondary: Option<SecondaryState>,
+/// The local side of an active resource, by role.
+enum Active {
+    Primary {
+        /// hastd's descriptor of the local provider; `None` while the
+        /// kernel module holds it (a primary on the kernel host).
+        provider: Option<Arc<Provider>>,
+        md: Arc<Mutex<Metadata>>,
+        primary: Primary,
+    },
+    Secondary {
+        provider: Arc<Provider>,
+        md: Arc<Mutex<Metadata>>,
+        sec: SecondaryState,
+    },
+}
+
+impl Active {
+    fn md(&self) -> &Arc<Mutex<Metadata>> {
+        match self {
+            Active::Primary { md, .. } | Active::Secondary { md, .. } => md,
+        }
+    }
 }
 
 /// A secondary's connection state: the first connection of a primary
@@ -162,60 +181,66 @@ impl Resource {
     }
 
     async fn activate(&mut self, role: Role) -> Result<(), RoleError> {
-        let provider = Arc::new(Provider::open(&self.cfg.local, true)?);
-        let md = Metadata::read(&provider, &self.cfg.name)?;
-        let map = md.read_map(&provider)?;
+        // Opening the provider and reading its metadata and map are
+        // blocking I/O: off the daemon's main loop.
+        let (local, name) = (self.cfg.local.clone(), self.cfg.name.clone());
+        let opened = tokio::task::spawn_blocking(move || {
+            let provider = Provider::open(&local, true)?;
+            let md = Metadata::read(&provider, &name)?;
+            let map = md.read_map(&provider)?;
+            Ok::<_, RoleError>((provider, md, map))
+        })
+        .await
+        .map_err(|e| RoleError::Task(e.to_string()))??;
+        let (provider, md, map) = opened;
+        let provider = Arc::new(provider);
+        let dirty = map.count();
         let md = Arc::new(Mutex::new(md));
-        // On the kernel host the module takes the disk: hastd keeps no
-        // descriptor of it.
-        let keep = role != Role::Primary || !Primary::kernel_host();
-        let (primary, provider) = match role {
-            Role::Primary => {
-                let kept = keep.then(|| provider.clone());
-                let p = Primary::start(&self.cfg, provider, md.clone(), map.as_bytes()).await?;
-                (Some(p), kept)
-            }
-            _ => (None, Some(provider)),
-        };
-        // The role is recorded only once the resource really has it.
         let flush = self.cfg.metaflush;
-        let recorded = match (&primary, &provider) {
-            (Some(p), _) => {
-                p.record(move |m| m.prevrole = role, flush)
+        let active = match role {
+            Role::Primary => {
+                // On the kernel host the module takes the disk: hastd keeps
+                // no descriptor of it.
+                let kept = (!Primary::kernel_host()).then(|| provider.clone());
+                let primary =
+                    Primary::start(&self.cfg, provider, md.clone(), map.as_bytes()).await?;
+                // The role is recorded only once the resource really has it.
+                let recorded = primary
+                    .record(move |m| m.prevrole = role, flush)
                     .await
                     .map_err(|e| match e {
                         crate::dataplane::DataplaneError::Metadata(m) => RoleError::Metadata(m),
                         other => RoleError::Record(other),
-                    })
+                    });
+                if let Err(e) = recorded {
+                    primary.stop().await;
+                    return Err(e);
+                }
+                Active::Primary {
+                    provider: kept,
+                    md,
+                    primary,
+                }
             }
-            (None, Some(prov)) => {
-                let mut m = md.lock().unwrap_or_else(|p| p.into_inner());
-                let mut next = m.clone();
-                next.prevrole = role;
-                next.write(prov, flush)
-                    .map(|()| *m = next)
-                    .map_err(RoleError::from)
+            _ => {
+                let (p, m) = (provider.clone(), md.clone());
+                tokio::task::spawn_blocking(move || {
+                    let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut next = m.clone();
+                    next.prevrole = role;
+                    next.write(&p, flush).map(|()| *m = next)
+                })
+                .await
+                .map_err(|e| RoleError::Task(e.to_string()))??;
+                Active::Secondary {
+                    provider,
+                    md,
+                    sec: SecondaryState::default(),
+                }
             }
-            (None, None) => Err(RoleError::Record(crate::dataplane::DataplaneError::Closed)),
         };
-        if let Err(e) = recorded {
-            if let Some(p) = primary {
-                p.stop().await;
-            }
-            return Err(e);
-        }
-        tracing::debug!(
-            dirty = map.count(),
-            "local provider {} opened",
-            self.cfg.local.display()
-        );
-        let secondary = (role == Role::Secondary).then(SecondaryState::default);
-        self.active = Some(Active {
-            provider,
-            md,
-            primary,
-            secondary,
-        });
+        tracing::debug!(dirty, "local provider {} opened", self.cfg.local.display());
+        self.active = Some(active);
         Ok(())
     }
 
@@ -223,32 +248,54 @@ impl Resource {
     /// new role is recorded as `prevrole` first; when the daemon stops
     /// (`next` is Undef) the metadata is left as it is, as after a crash.
     async fn deactivate(&mut self, next: Role) {
-        if let Some(mut active) = self.active.take() {
-            if let Some(primary) = active.primary.take() {
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        let (provider, md) = match active {
+            Active::Primary {
+                provider,
+                md,
+                primary,
+            } => {
                 primary.stop().await;
+                (provider, md)
             }
-            if let Some(mut sec) = active.secondary.take() {
+            Active::Secondary {
+                provider,
+                md,
+                mut sec,
+            } => {
                 sec.stop_and_drain().await;
+                (Some(provider), md)
             }
-            Self::close(active, next, &self.cfg);
-        }
+        };
+        let cfg = self.cfg.clone();
+        let _ = tokio::task::spawn_blocking(move || Self::close(provider, &md, next, &cfg)).await;
     }
 
-    /// This node's metadata: the copy in memory, or read from the provider
+    /// The metadata in memory of an active resource.
+    pub fn metadata_in_memory(&self) -> Option<Metadata> {
+        self.active
+            .as_ref()
+            .map(|a| a.md().lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// This node's counters for a peer's promotion probe: from the
+    /// metadata in memory, or read from the provider (off the main loop)
     /// when in init.
-    pub fn metadata(&self) -> Result<Metadata, RoleError> {
-        Ok(match &self.active {
-            Some(a) => a.md.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+    pub async fn probe_counters(&self) -> Result<crate::splitbrain::Counters, RoleError> {
+        let md = match self.metadata_in_memory() {
+            Some(md) => md,
             None => {
-                let p = Provider::open(&self.cfg.local, false)?;
-                Metadata::read(&p, &self.cfg.name)?
+                let (local, name) = (self.cfg.local.clone(), self.cfg.name.clone());
+                tokio::task::spawn_blocking(move || {
+                    let p = Provider::open(&local, false)?;
+                    Ok::<_, RoleError>(Metadata::read(&p, &name)?)
+                })
+                .await
+                .map_err(|e| RoleError::Task(e.to_string()))??
             }
-        })
-    }
-
-    /// This node's counters for a peer's promotion probe.
-    pub fn probe_counters(&self) -> Result<crate::splitbrain::Counters, RoleError> {
-        let md = self.metadata()?;
+        };
         Ok(crate::splitbrain::Counters {
             resuid: md.resuid,
             localcnt: md.localcnt,
@@ -260,12 +307,7 @@ impl Resource {
     /// records an interrupted synchronization (the administrator accepted
     /// the mix of old and new blocks).
     pub async fn accept_inconsistent_copy(&self) -> Result<(), RoleError> {
-        let Some(Active {
-            primary: Some(p),
-            md,
-            ..
-        }) = &self.active
-        else {
+        let Some(Active::Primary { primary, md, .. }) = &self.active else {
             return Ok(());
         };
         if !md.lock().unwrap_or_else(|p| p.into_inner()).syncing {
@@ -275,19 +317,22 @@ impl Resource {
             "[{}] promoted by force with an inconsistent copy (a synchronization from the peer did not finish): it is used as it is",
             self.cfg.name
         );
-        p.record(|m| m.syncing = false, true)
+        primary
+            .record(|m| m.syncing = false, true)
             .await
             .map_err(RoleError::Record)
     }
 
     /// Whether `ip` is this resource's `remote` (the access check of an
-    /// incoming replication connection).
-    pub fn accepts_from(&self, ip: std::net::IpAddr) -> bool {
-        self.cfg
-            .remote_addr
-            .as_ref()
-            .and_then(|a| a.socket_addrs().ok())
-            .is_some_and(|addrs| addrs.iter().any(|a| same_ip(a.ip(), ip)))
+    /// incoming replication connection), resolved with tokio's resolver.
+    pub async fn accepts_from(&self, ip: std::net::IpAddr) -> bool {
+        let Some(remote) = &self.cfg.remote_addr else {
+            return false;
+        };
+        remote
+            .resolve()
+            .await
+            .is_ok_and(|addrs| addrs.iter().any(|a| same_ip(a.ip(), ip)))
     }
 
     /// Step 1 of a primary's connection: answer on `stream` and keep it
@@ -295,14 +340,8 @@ impl Resource {
     pub async fn hello(&mut self, mut stream: TcpStream, peer: std::net::SocketAddr) {
         use crate::proto::write_frame_async;
         let role = self.role;
-        let refusal = match (&mut self.active, role) {
-            (
-                Some(Active {
-                    secondary: Some(sec),
-                    ..
-                }),
-                Role::Secondary,
-            ) => {
+        let refusal = match &mut self.active {
+            Some(Active::Secondary { sec, .. }) => {
                 if sec.session.is_some() || sec.pending.is_some() {
                     tracing::info!("new connection from {peer} replaces the current one");
                 }
@@ -335,13 +374,7 @@ impl Resource {
     /// Step 2: the second connection with its token; starts the session.
     pub fn attach(&mut self, stream: TcpStream, peer: std::net::SocketAddr, attach: Attach) {
         let cfg = self.cfg.clone();
-        let Some(Active {
-            provider: Some(provider),
-            md,
-            secondary: Some(sec),
-            ..
-        }) = &mut self.active
-        else {
+        let Some(Active::Secondary { provider, md, sec }) = &mut self.active else {
             tracing::error!("connection from {peer} with a token, but we are not secondary");
             return;
         };
@@ -390,11 +423,8 @@ impl Resource {
 
     /// Take changed replication settings in place (a primary on SIGHUP).
     pub fn reload_in_place(&mut self) {
-        if let Some(Active {
-            primary: Some(p), ..
-        }) = &self.active
-        {
-            p.reload(&self.cfg);
+        if let Some(Active::Primary { primary, .. }) = &self.active {
+            primary.reload(&self.cfg);
         }
     }
 
@@ -404,29 +434,36 @@ impl Resource {
         self.deactivate(Role::Undef).await;
     }
 
-    fn close(active: Active, next: Role, cfg: &ResourceConfig) {
-        {
-            // After a kernel primary the module has let the disk go.
-            let provider = match active.provider {
-                Some(p) => Some(p),
-                None => Provider::open(&cfg.local, true)
-                    .map(Arc::new)
-                    .map_err(|e| tracing::warn!("unable to reopen the local provider: {e}"))
-                    .ok(),
-            };
-            let Some(provider) = provider else { return };
-            if next == Role::Init {
-                let mut md = active.md.lock().unwrap_or_else(|p| p.into_inner());
-                md.prevrole = Role::Init;
-                if let Err(e) = md.write(&provider, cfg.metaflush) {
-                    tracing::warn!("unable to record prevrole init: {e}");
+    /// Record `next` as `prevrole` when it is init, and flush the provider
+    /// (blocking). After a kernel primary the module has let the disk go:
+    /// it is opened again for this.
+    fn close(
+        provider: Option<Arc<Provider>>,
+        md: &Mutex<Metadata>,
+        next: Role,
+        cfg: &ResourceConfig,
+    ) {
+        let provider = match provider {
+            Some(p) => p,
+            None => match Provider::open(&cfg.local, true) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    tracing::warn!("unable to reopen the local provider: {e}");
+                    return;
                 }
+            },
+        };
+        if next == Role::Init {
+            let mut md = md.lock().unwrap_or_else(|p| p.into_inner());
+            md.prevrole = Role::Init;
+            if let Err(e) = md.write(&provider, cfg.metaflush) {
+                tracing::warn!("unable to record prevrole init: {e}");
             }
-            if let Err(e) = provider.flush() {
-                tracing::warn!("flushing {} failed: {e}", cfg.local.display());
-            }
-            tracing::debug!("local provider {} closed", cfg.local.display());
         }
+        if let Err(e) = provider.flush() {
+            tracing::warn!("flushing {} failed: {e}", cfg.local.display());
+        }
+        tracing::debug!("local provider {} closed", cfg.local.display());
     }
 
     /// This resource's `hastctl status`/`list` status.
@@ -449,29 +486,30 @@ impl Resource {
         // hastd serves every resource itself; its pid is the worker's. A
         // FreeBSD secondary has a worker only while a primary is connected
         // (hastctl prints no workerpid line without one).
-        let worker = match &active.secondary {
-            Some(sec) => sec.connected.load(Ordering::SeqCst),
-            None => true,
+        let worker = match active {
+            Active::Secondary { sec, .. } => sec.connected.load(Ordering::SeqCst),
+            Active::Primary { .. } => true,
         };
         if worker {
             st.workerpid = i32::try_from(std::process::id()).unwrap_or(0);
         }
         let (extentsize, keepdirty) = {
-            let m = active.md.lock().unwrap_or_else(|p| p.into_inner());
+            let m = active.md().lock().unwrap_or_else(|p| p.into_inner());
             st.inconsistent = m.syncing;
             (m.extentsize, m.keepdirty)
         };
-        st.activity = if let Some(sec) = &active.secondary {
+        st.activity = match active {
             // Like the reference, a secondary reports status only while its
             // primary is connected, and no dirty count.
-            sec.connected.load(Ordering::SeqCst).then(|| Activity {
-                status: "complete".into(),
-                extentsize,
-                requests: sec.stats.snapshot(),
-                ..Default::default()
-            })
-        } else {
-            active.primary.as_ref().map(|primary| {
+            Active::Secondary { sec, .. } => {
+                sec.connected.load(Ordering::SeqCst).then(|| Activity {
+                    status: "complete".into(),
+                    extentsize,
+                    requests: sec.stats.snapshot(),
+                    ..Default::default()
+                })
+            }
+            Active::Primary { primary, .. } => {
                 let c = primary.stats();
                 let p = &primary.replicator().progress;
                 let sync = p.active.load(Ordering::SeqCst).then(|| {
@@ -487,7 +525,7 @@ impl Resource {
                         msecs: (secs * 1000.0) as u64,
                     }
                 });
-                Activity {
+                Some(Activity {
                     status: if primary.replicator().is_connected() {
                         "complete"
                     } else {
@@ -507,8 +545,8 @@ impl Resource {
                         done: c.q_done,
                     },
                     sync,
-                }
-            })
+                })
+            }
         };
         st
     }
@@ -518,13 +556,28 @@ impl Drop for Resource {
     /// Last resort when a resource is dropped without [`Resource::shutdown`]:
     /// the export stops in the background, the provider is flushed.
     fn drop(&mut self) {
-        if let Some(mut active) = self.active.take() {
-            drop(active.primary.take());
-            if let Some(mut sec) = active.secondary.take() {
-                sec.stop_session();
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        let (provider, md) = match active {
+            Active::Primary {
+                provider,
+                md,
+                primary,
+            } => {
+                drop(primary);
+                (provider, md)
             }
-            Self::close(active, Role::Undef, &self.cfg);
-        }
+            Active::Secondary {
+                provider,
+                md,
+                mut sec,
+            } => {
+                sec.stop_session();
+                (Some(provider), md)
+            }
+        };
+        Self::close(provider, &md, Role::Undef, &self.cfg);
     }
 }
 
