@@ -20,6 +20,10 @@ pub enum HandshakeError {
     Version(u8),
     #[error("peer refused: {0}")]
     Refused(String),
+    /// The secondary found that both copies were written while apart
+    /// (its refusal carries the reference's split-brain message).
+    #[error("peer refused: {SPLIT_BRAIN_MSG} (both nodes were written while apart; see hastctl(8) for the recovery)", SPLIT_BRAIN_MSG = crate::splitbrain::SPLIT_BRAIN_MSG)]
+    SplitBrain,
     #[error("invalid syncsrc {0} in handshake reply")]
     SyncSrc(u8),
 }
@@ -221,9 +225,13 @@ impl Geometry {
         nv
     }
 
-    /// Parse the answer; an `errmsg` is returned as [`HandshakeError::Refused`].
+    /// Parse the answer; an `errmsg` is returned as [`HandshakeError::SplitBrain`]
+    /// or [`HandshakeError::Refused`].
     pub fn from_nv(nv: &Nv) -> Result<Geometry, HandshakeError> {
         if let Some(msg) = nv.get_string("errmsg") {
+            if msg == crate::splitbrain::SPLIT_BRAIN_MSG {
+                return Err(HandshakeError::SplitBrain);
+            }
             return Err(HandshakeError::Refused(msg.to_string()));
         }
         let raw_src = nv
@@ -328,9 +336,14 @@ mod tests {
         assert_eq!(Welcome::from_nv(&nv), Err(HandshakeError::Version(3)));
         let mut nv = Nv::new();
         nv.add_string("errmsg", crate::splitbrain::SPLIT_BRAIN_MSG);
+        assert_eq!(Geometry::from_nv(&nv), Err(HandshakeError::SplitBrain));
+        let mut nv = Nv::new();
+        nv.add_string("errmsg", "Resource unique ID mismatch.");
         assert_eq!(
             Geometry::from_nv(&nv),
-            Err(HandshakeError::Refused("Split-brain condition!".into()))
+            Err(HandshakeError::Refused(
+                "Resource unique ID mismatch.".into()
+            ))
         );
         let mut nv = Nv::new();
         nv.add_string("resource", "r");

@@ -30,6 +30,7 @@ pub mod proto;
 pub mod provider;
 pub mod role;
 pub mod size;
+pub mod split;
 pub mod splitbrain;
 pub mod stats;
 pub mod sysexits;

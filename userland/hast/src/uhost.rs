@@ -579,16 +579,7 @@ impl Uhost {
 
     /// Split `[off, off + len)` into pieces no larger than the maximum.
     fn pieces(&self, off: u64, len: u64) -> Vec<(u64, u64)> {
-        let max = self.inner.max_request.load(Ordering::SeqCst).max(1);
-        let mut out = Vec::new();
-        let mut at = off;
-        let end = off.saturating_add(len);
-        while at < end {
-            let n = max.min(end - at);
-            out.push((at, n));
-            at += n;
-        }
-        out
+        crate::split::pieces(off, len, self.inner.max_request.load(Ordering::SeqCst)).collect()
     }
 
     /// Tell the core (and the FUA logic) whether the peer is connected.

@@ -32,6 +32,10 @@ pub enum PrimaryError {
     Host(#[from] UhostError),
     #[error("kernel host: {0}")]
     Kernel(#[from] KdevError),
+    /// The blocking task creating the kernel instance did not run to its
+    /// end.
+    #[error("the kernel host's create task failed: {0}")]
+    Task(String),
     #[error("the local provider is still open in hastd; the kernel module needs it exclusively")]
     ProviderBusy,
     #[error("NBD export {addr}: {source}")]
@@ -231,12 +235,7 @@ impl Primary {
             KernelPlane::create(std::path::Path::new(crate::kdev::DEFAULT_PATH), &spec)
         })
         .await
-        .map_err(|e| {
-            PrimaryError::Kernel(KdevError::Invalid {
-                op: crate::kdev::Ioctl::Create,
-                what: e.to_string(),
-            })
-        })??;
+        .map_err(|e| PrimaryError::Task(e.to_string()))??;
         let plane = Arc::new(plane);
         let dp: Arc<dyn Dataplane> = plane.clone();
         let replicator = Replicator::new(dp.clone(), md, cfg.clone());
