@@ -449,7 +449,8 @@ fn hostile_peers_are_refused_and_harm_nothing() {
     let mut other = Nv::new();
     other.add_string("resource", "nosuch").add_u8("version", 2);
     let reply = exchange(connect_from(&alpha_ip, beta), &frame(&other));
-    let (nv, _) = hast::proto::read_frame(&mut &reply[..], hast::proto::Limits::CONTROL).unwrap();
+    let (nv, _) =
+        hast::proto::read_frame(&mut &reply[..], hast::proto::Limits::HEADERS_ONLY).unwrap();
     assert_eq!(nv.get_string("errmsg"), Some("Resource not configured."));
     // A second connection with a token nobody handed out.
     let mut attach = Nv::new();
@@ -467,7 +468,8 @@ fn hostile_peers_are_refused_and_harm_nothing() {
         let mut w = &s1;
         w.write_all(&frame(&hello)).unwrap();
     }
-    let (welcome, _) = hast::proto::read_frame(&mut &s1, hast::proto::Limits::CONTROL).unwrap();
+    let (welcome, _) =
+        hast::proto::read_frame(&mut &s1, hast::proto::Limits::HEADERS_ONLY).unwrap();
     assert_eq!(welcome.get_u8_array("token").map(<[u8]>::len), Some(16));
     assert!(exchange(connect_from(&alpha_ip, beta), &frame(&attach)).is_empty());
     drop(s1);

@@ -48,7 +48,7 @@ fn check(what: &'static str, seq: u64, rc: i32) -> Result<(), CoreError> {
 
 /// A client request's command (the wire protocol's numbers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Cmd {
+pub enum IoCmd {
     Read,
     Write,
     Delete,
@@ -58,24 +58,24 @@ pub enum Cmd {
 // The ABI's numbers for these enums (ffi/hast_abi.h), for this wrapper,
 // the kernel transport (crate::kdev) and the tests' module stand-in.
 
-impl Cmd {
+impl IoCmd {
     /// The ABI's `HAST_CMD_*`.
     pub fn raw(self) -> u32 {
         match self {
-            Cmd::Read => sys::HAST_CMD_READ,
-            Cmd::Write => sys::HAST_CMD_WRITE,
-            Cmd::Delete => sys::HAST_CMD_DELETE,
-            Cmd::Flush => sys::HAST_CMD_FLUSH,
+            IoCmd::Read => sys::HAST_CMD_READ,
+            IoCmd::Write => sys::HAST_CMD_WRITE,
+            IoCmd::Delete => sys::HAST_CMD_DELETE,
+            IoCmd::Flush => sys::HAST_CMD_FLUSH,
         }
     }
 
     /// From the ABI's `HAST_CMD_*`.
-    pub fn from_raw(v: u32) -> Option<Cmd> {
+    pub fn from_raw(v: u32) -> Option<IoCmd> {
         match v {
-            sys::HAST_CMD_READ => Some(Cmd::Read),
-            sys::HAST_CMD_WRITE => Some(Cmd::Write),
-            sys::HAST_CMD_DELETE => Some(Cmd::Delete),
-            sys::HAST_CMD_FLUSH => Some(Cmd::Flush),
+            sys::HAST_CMD_READ => Some(IoCmd::Read),
+            sys::HAST_CMD_WRITE => Some(IoCmd::Write),
+            sys::HAST_CMD_DELETE => Some(IoCmd::Delete),
+            sys::HAST_CMD_FLUSH => Some(IoCmd::Flush),
             _ => None,
         }
     }
@@ -194,7 +194,7 @@ pub struct Params {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LocalIo {
     pub seq: u64,
-    pub cmd: Cmd,
+    pub cmd: IoCmd,
     pub offset: u64,
     pub length: u64,
     pub cookie: u64,
@@ -370,7 +370,7 @@ fn host_of<'a>(arg: *mut c_void) -> &'a HostBox {
 unsafe extern "C" fn tr_local_io(arg: *mut c_void, io: *const sys::hast_core_io) {
     // SAFETY: the core passes a valid io for the duration of the call.
     let io = unsafe { &*io };
-    let Some(cmd) = Cmd::from_raw(io.hio_cmd) else {
+    let Some(cmd) = IoCmd::from_raw(io.hio_cmd) else {
         return;
     };
     host_of(arg).0.local_io(LocalIo {
@@ -449,7 +449,7 @@ impl Core {
     /// length 0.
     pub fn submit(
         &self,
-        cmd: Cmd,
+        cmd: IoCmd,
         offset: u64,
         length: u64,
         cookie: u64,
@@ -602,7 +602,7 @@ impl Core {
     pub fn sync_io(
         &self,
         lock: u64,
-        cmd: Cmd,
+        cmd: IoCmd,
         offset: u64,
         length: u64,
         cookie: u64,

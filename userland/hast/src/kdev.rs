@@ -19,7 +19,7 @@ use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
 use nix::sys::stat::Mode as FileMode;
 
-use crate::core::{Cmd, MapKind, Mode, Params, Stats, SyncDir, Upcall, UpcallKind};
+use crate::core::{IoCmd, MapKind, Mode, Params, Stats, SyncDir, Upcall, UpcallKind};
 
 /// The control device the kernel module creates.
 pub const DEFAULT_PATH: &str = "/dev/hastctl";
@@ -27,8 +27,9 @@ pub const DEFAULT_PATH: &str = "/dev/hastctl";
 /// `_IOWR` group of every HAST ioctl (`HAST_IOC_GROUP`, 'H').
 pub const IOC_GROUP: u8 = b'H';
 
-/// Longest resync I/O the kernel accepts (its `G_HAST_SYNC_MAXIO`).
-pub const SYNC_MAX_IO: usize = 1024 * 1024;
+/// Longest resync I/O the kernel accepts (its `G_HAST_SYNC_MAXIO`, which
+/// is this project's request limit, [`crate::wire::MAX_IO`]).
+pub const SYNC_MAX_IO: usize = crate::wire::MAX_IO_BYTES;
 
 /// Largest write payload [`KernelDevice::next_upcall`] will grow its buffer
 /// to; far above any MAXPHYS, so only a confused kernel reaches it.
@@ -686,7 +687,7 @@ impl KernelDevice {
         &self,
         unit: Unit,
         lock: u64,
-        cmd: Cmd,
+        cmd: IoCmd,
         offset: u64,
         buf: *mut u8,
         len: usize,
@@ -722,7 +723,7 @@ impl KernelDevice {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<u64, KdevError> {
-        self.sync_io(unit, lock, Cmd::Read, offset, buf.as_mut_ptr(), buf.len())
+        self.sync_io(unit, lock, IoCmd::Read, offset, buf.as_mut_ptr(), buf.len())
     }
 
     /// Write `data` at `offset` to the local provider under lock `lock`;
@@ -738,7 +739,7 @@ impl KernelDevice {
         self.sync_io(
             unit,
             lock,
-            Cmd::Write,
+            IoCmd::Write,
             offset,
             data.as_ptr().cast_mut(),
             data.len(),

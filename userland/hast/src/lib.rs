@@ -4,12 +4,14 @@
 //! Layers call down, never up:
 //! - bottom: [`sysexits`], [`size`], [`role`], [`stats`], [`nv`], [`proto`], [`addr`],
 //!   [`config`], [`provider`], [`activemap`], [`metadata`];
-//! - then the control protocol ([`control`]), [`hooks`], [`pidfile`];
+//! - then the control protocol ([`control`]), [`hooks`], [`pidfile`], the
+//!   accept loop of every listening socket ([`accept`]);
 //! - the fast-path core ([`core`]) and its hosts ([`uhost`] with the NBD
 //!   server [`nbd`], the kernel transport [`kdev`]), behind the engine's
 //!   [`dataplane`] interface;
 //! - then the daemon's engine ([`engine`]); the binaries sit on top.
 
+pub mod accept;
 pub mod activemap;
 pub mod addr;
 pub mod config;

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use hast::core::{
-    Cmd, Core, CoreError, CoreHost, LocalIo, MapKind, Mode, Params, SyncDir, UpcallKind,
+    Core, CoreError, CoreHost, IoCmd, LocalIo, MapKind, Mode, Params, SyncDir, UpcallKind,
 };
 use proptest::prelude::*;
 
@@ -114,7 +114,7 @@ impl Remote {
 #[derive(Debug, Clone)]
 struct Req {
     seq: u64,
-    cmd: Cmd,
+    cmd: IoCmd,
     off: u64,
     len: u64,
     e0: u32,
@@ -133,7 +133,7 @@ struct Req {
 
 impl Req {
     fn update(&self) -> bool {
-        matches!(self.cmd, Cmd::Write | Cmd::Delete)
+        matches!(self.cmd, IoCmd::Write | IoCmd::Delete)
     }
     /// Issued and not yet released: its extents must stay marked.
     fn in_flight(&self) -> bool {
@@ -330,7 +330,7 @@ impl Model {
             cookie,
             Req {
                 seq,
-                cmd: Cmd::Flush,
+                cmd: IoCmd::Flush,
                 off: 0,
                 len: 0,
                 e0: 0,
@@ -385,12 +385,12 @@ impl Model {
                 nsect,
             } => {
                 let cmd = match cmd {
-                    0..=2 => Cmd::Write,
-                    3 | 4 => Cmd::Read,
-                    5 | 6 => Cmd::Delete,
-                    _ => Cmd::Flush,
+                    0..=2 => IoCmd::Write,
+                    3 | 4 => IoCmd::Read,
+                    5 | 6 => IoCmd::Delete,
+                    _ => IoCmd::Flush,
                 };
-                let (off, len) = if cmd == Cmd::Flush {
+                let (off, len) = if cmd == IoCmd::Flush {
                     (0, 0)
                 } else {
                     let off = (u64::from(ext) * EXT + u64::from(sect) * SECT).min(MEDIA - SECT);
@@ -400,7 +400,7 @@ impl Model {
                 let cookie = self.next_cookie;
                 self.next_cookie += 1;
                 let seq = self.core.submit(cmd, off, len, cookie).unwrap();
-                let fgen = if cmd == Cmd::Flush {
+                let fgen = if cmd == IoCmd::Flush {
                     self.fgen += 1;
                     self.fgen
                 } else {
@@ -576,7 +576,7 @@ impl Model {
                 } else {
                     l.len
                 };
-                let cmd = if write { Cmd::Write } else { Cmd::Read };
+                let cmd = if write { IoCmd::Write } else { IoCmd::Read };
                 let seq = self.core.sync_io(lseq, cmd, l.off, len, 77).unwrap();
                 l.nio += 1;
                 self.syncios.insert(seq, lseq);
@@ -710,20 +710,20 @@ impl Model {
                     assert_eq!((up.offset, up.length, up.cookie), (r.off, r.len, cookie));
                     let memsync = match kind {
                         UpcallKind::Write { memsync } => {
-                            assert_eq!(r.cmd, Cmd::Write);
+                            assert_eq!(r.cmd, IoCmd::Write);
                             assert_eq!(memsync, r.mode == Mode::MemSync);
                             memsync
                         }
                         UpcallKind::Delete => {
-                            assert_eq!(r.cmd, Cmd::Delete);
+                            assert_eq!(r.cmd, IoCmd::Delete);
                             false
                         }
                         UpcallKind::Flush => {
-                            assert_eq!(r.cmd, Cmd::Flush);
+                            assert_eq!(r.cmd, IoCmd::Flush);
                             false
                         }
                         _ => {
-                            assert_eq!(r.cmd, Cmd::Read);
+                            assert_eq!(r.cmd, IoCmd::Read);
                             false
                         }
                     };
@@ -757,7 +757,7 @@ impl Model {
                         continue;
                     }
                     if io.internal {
-                        assert_eq!((io.cmd, io.cookie), (Cmd::Flush, 0));
+                        assert_eq!((io.cmd, io.cookie), (IoCmd::Flush, 0));
                         self.internal_req(io.seq);
                     }
                     let link = self.link;
@@ -824,7 +824,7 @@ impl Model {
                             }
                         }
                     }
-                    if r.cmd == Cmd::Flush {
+                    if r.cmd == IoCmd::Flush {
                         self.flushed(&r);
                     }
                 }
@@ -844,7 +844,7 @@ impl Model {
         match r.local {
             Local::Issued => panic!("acknowledged before the local I/O finished: {r:?}"),
             Local::NotIssued => {
-                if r.cmd == Cmd::Read {
+                if r.cmd == IoCmd::Read {
                     // A stale read served by the peer.
                     assert!(resolved, "stale read acknowledged before the peer answered");
                     assert_eq!(err, if rok { 0 } else { EIO });
@@ -868,8 +868,8 @@ impl Model {
             }
         }
         match r.cmd {
-            Cmd::Read => assert_eq!(err, 0),
-            Cmd::Flush => {
+            IoCmd::Read => assert_eq!(err, 0),
+            IoCmd::Flush => {
                 if r.mode != Mode::Async {
                     assert!(resolved, "flush acknowledged before the peer: {r:?}");
                 }
@@ -1113,14 +1113,14 @@ fn completes(evs: &[Ev]) -> Vec<(u64, i32)> {
 fn one_map_write_releases_every_waiting_write() {
     let (core, host) = new_core(Mode::FullSync, 8);
     core.set_link(true);
-    let s1 = core.submit(Cmd::Write, 0, 4096, 1).unwrap();
+    let s1 = core.submit(IoCmd::Write, 0, 4096, 1).unwrap();
     let ev = host.take();
     assert_eq!(maps(&ev).len(), 1, "first write starts a map write");
     assert!(locals(&ev).is_empty(), "no data before the map is on disk");
     // Three writes to three new extents arrive while it is in flight.
-    let s2 = core.submit(Cmd::Write, EXT, 512, 2).unwrap();
-    let s3 = core.submit(Cmd::Write, 2 * EXT, 512, 3).unwrap();
-    let s4 = core.submit(Cmd::Write, 3 * EXT + 512, 1024, 4).unwrap();
+    let s2 = core.submit(IoCmd::Write, EXT, 512, 2).unwrap();
+    let s3 = core.submit(IoCmd::Write, 2 * EXT, 512, 3).unwrap();
+    let s4 = core.submit(IoCmd::Write, 3 * EXT + 512, 1024, 4).unwrap();
     assert!(
         host.take().is_empty(),
         "they wait; still one map write in flight"
@@ -1149,7 +1149,7 @@ fn one_map_write_releases_every_waiting_write() {
 fn memsync_acknowledges_on_received() {
     let (core, host) = new_core(Mode::MemSync, 4);
     core.set_link(true);
-    let seq = core.submit(Cmd::Write, 0, 4096, 9).unwrap();
+    let seq = core.submit(IoCmd::Write, 0, 4096, 9).unwrap();
     core.map_done(0).unwrap();
     let up = core.next_upcall().unwrap();
     assert_eq!(
@@ -1194,12 +1194,12 @@ fn overlapping_writes_reach_the_disk_in_submit_order() {
             .map(|u| u.seq)
             .collect()
     };
-    let a = core.submit(Cmd::Write, 0, 1024, 1).unwrap();
+    let a = core.submit(IoCmd::Write, 0, 1024, 1).unwrap();
     core.map_done(0).unwrap();
-    let b = core.submit(Cmd::Write, 512, 1024, 2).unwrap();
-    let c = core.submit(Cmd::Write, 2048, 512, 3).unwrap();
+    let b = core.submit(IoCmd::Write, 512, 1024, 2).unwrap();
+    let c = core.submit(IoCmd::Write, 2048, 512, 3).unwrap();
     // d overlaps both a and b.
-    let d = core.submit(Cmd::Delete, 512, 512, 4).unwrap();
+    let d = core.submit(IoCmd::Delete, 512, 512, 4).unwrap();
     assert_eq!(
         issued(&host),
         vec![a, c],
@@ -1218,7 +1218,7 @@ fn overlapping_writes_reach_the_disk_in_submit_order() {
     assert_eq!(issued(&host), vec![d]);
     assert_eq!(sent(), vec![d]);
     // A local failure releases the next one as well.
-    let e = core.submit(Cmd::Write, 2048, 512, 5).unwrap();
+    let e = core.submit(IoCmd::Write, 2048, 512, 5).unwrap();
     assert!(issued(&host).is_empty());
     core.local_done(c, 5).unwrap();
     assert_eq!(issued(&host), vec![e]);
@@ -1238,10 +1238,10 @@ fn overlapping_writes_reach_the_disk_in_submit_order() {
 fn async_acknowledges_on_local_and_sends_in_order() {
     let (core, host) = new_core(Mode::Async, 4);
     core.set_link(true);
-    let a = core.submit(Cmd::Write, 0, 512, 1).unwrap();
+    let a = core.submit(IoCmd::Write, 0, 512, 1).unwrap();
     core.map_done(0).unwrap();
-    let b = core.submit(Cmd::Write, 512, 512, 2).unwrap();
-    let c = core.submit(Cmd::Delete, 1024, 512, 3).unwrap();
+    let b = core.submit(IoCmd::Write, 512, 512, 2).unwrap();
+    let c = core.submit(IoCmd::Delete, 1024, 512, 3).unwrap();
     let order: Vec<u64> = std::iter::from_fn(|| core.next_upcall())
         .map(|u| u.seq)
         .collect();
@@ -1293,8 +1293,8 @@ fn flush_both(core: &Core, host: &Host) -> Vec<Ev> {
 fn extents_leave_the_map_only_after_a_flush_of_both_sides() {
     let (core, host) = new_core(Mode::FullSync, 0);
     core.set_link(true);
-    let early = core.submit(Cmd::Flush, 0, 0, 50).unwrap();
-    let s = core.submit(Cmd::Write, 2 * EXT, 512, 1).unwrap();
+    let early = core.submit(IoCmd::Flush, 0, 0, 50).unwrap();
+    let s = core.submit(IoCmd::Write, 2 * EXT, 512, 1).unwrap();
     core.map_done(0).unwrap();
     core.local_done(s, 0).unwrap();
     core.remote_done(s, 0).unwrap();
@@ -1309,13 +1309,13 @@ fn extents_leave_the_map_only_after_a_flush_of_both_sides() {
     );
     assert_eq!(core.stats().unflushed, 1);
     // A client flush that fails on the peer does not either.
-    let f = core.submit(Cmd::Flush, 0, 0, 51).unwrap();
+    let f = core.submit(IoCmd::Flush, 0, 0, 51).unwrap();
     core.local_done(f, 0).unwrap();
     core.remote_done(f, EIO).unwrap();
     host.take();
     assert!(bit(&core.map(MapKind::Disk), 2));
     // A good one does: the map is rewritten clean.
-    let f = core.submit(Cmd::Flush, 0, 0, 52).unwrap();
+    let f = core.submit(IoCmd::Flush, 0, 0, 52).unwrap();
     core.local_done(f, 0).unwrap();
     core.remote_done(f, 0).unwrap();
     let m = maps(&host.take());
@@ -1324,7 +1324,7 @@ fn extents_leave_the_map_only_after_a_flush_of_both_sides() {
     core.map_done(0).unwrap();
     assert_eq!(core.stats().unflushed, 0);
     // Unflushed when the link goes down: resynchronized.
-    let s = core.submit(Cmd::Write, 3 * EXT, 512, 2).unwrap();
+    let s = core.submit(IoCmd::Write, 3 * EXT, 512, 2).unwrap();
     core.map_done(0).unwrap();
     core.local_done(s, 0).unwrap();
     core.remote_done(s, 0).unwrap();
@@ -1355,7 +1355,7 @@ fn extents_leave_the_map_only_after_a_flush_of_both_sides() {
 fn extent_stays_dirty_after_remote_error() {
     let (core, host) = new_core(Mode::FullSync, 1);
     core.set_link(true);
-    let s = core.submit(Cmd::Write, 5 * EXT, 4096, 1).unwrap();
+    let s = core.submit(IoCmd::Write, 5 * EXT, 4096, 1).unwrap();
     core.map_done(0).unwrap();
     core.local_done(s, 0).unwrap();
     core.remote_done(s, EIO).unwrap();
@@ -1372,7 +1372,7 @@ fn extent_stays_dirty_after_remote_error() {
     // Push extent 5 out of the keepdirty list: it must stay on disk.
     for (i, e) in [6u64, 7, 8].iter().enumerate() {
         let s = core
-            .submit(Cmd::Write, e * EXT, 512, 10 + i as u64)
+            .submit(IoCmd::Write, e * EXT, 512, 10 + i as u64)
             .unwrap();
         if host.take().iter().any(|e| matches!(e, Ev::Map(_))) {
             core.map_done(0).unwrap();
@@ -1395,7 +1395,7 @@ fn extent_stays_dirty_after_remote_error() {
 fn local_failure_with_remote_success_keeps_extent_marked() {
     let (core, host) = new_core(Mode::FullSync, 0);
     core.set_link(true);
-    let s = core.submit(Cmd::Write, 0, 512, 1).unwrap();
+    let s = core.submit(IoCmd::Write, 0, 512, 1).unwrap();
     core.map_done(0).unwrap();
     core.local_done(s, EIO).unwrap();
     assert!(
@@ -1414,7 +1414,7 @@ fn keepdirty_evicts_the_least_recently_used_extent() {
     core.set_link(true);
     let mut written = Vec::new();
     for (i, e) in [0u64, 1, 2].iter().enumerate() {
-        let s = core.submit(Cmd::Write, e * EXT, 512, i as u64).unwrap();
+        let s = core.submit(IoCmd::Write, e * EXT, 512, i as u64).unwrap();
         let m = maps(&host.take());
         assert_eq!(m.len(), 1, "a new extent needs a map write");
         written.push(m[0][0]);
@@ -1429,7 +1429,7 @@ fn keepdirty_evicts_the_least_recently_used_extent() {
     assert_eq!(core.map(MapKind::Disk)[0], 0b110);
     assert_eq!(core.stats().keepdirty, 2);
     // A hot extent in the list needs no map write.
-    let s = core.submit(Cmd::Write, EXT, 512, 9).unwrap();
+    let s = core.submit(IoCmd::Write, EXT, 512, 9).unwrap();
     assert!(maps(&host.take()).is_empty());
     core.local_done(s, 0).unwrap();
     core.remote_done(s, 0).unwrap();
@@ -1440,7 +1440,7 @@ fn keepdirty_evicts_the_least_recently_used_extent() {
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            core.submit(Cmd::Write, e * EXT, 512, 20 + i as u64)
+            core.submit(IoCmd::Write, e * EXT, 512, 20 + i as u64)
                 .unwrap()
         })
         .collect();
@@ -1469,10 +1469,10 @@ fn first_write_of_an_outage_waits_for_the_bump() {
     let (core, host) = new_core(Mode::FullSync, 4);
     core.set_link(true);
     core.set_link(false);
-    let a = core.submit(Cmd::Write, 0, 512, 1).unwrap();
+    let a = core.submit(IoCmd::Write, 0, 512, 1).unwrap();
     core.map_done(0).unwrap();
     assert_eq!(core.next_upcall().map(|u| u.kind), Some(UpcallKind::Bump));
-    let b = core.submit(Cmd::Write, 512, 512, 2).unwrap();
+    let b = core.submit(IoCmd::Write, 512, 512, 2).unwrap();
     assert!(core.next_upcall().is_none(), "one bump per outage");
     assert!(
         locals(&host.take()).is_empty(),
@@ -1495,7 +1495,7 @@ fn first_write_of_an_outage_waits_for_the_bump() {
     assert_eq!(completes(&host.take()), vec![(1, 0), (2, 0)]);
     assert!(bit(&core.map(MapKind::Sync), 0));
     // Later writes of the same outage go straight through.
-    let c = core.submit(Cmd::Write, EXT, 512, 3).unwrap();
+    let c = core.submit(IoCmd::Write, EXT, 512, 3).unwrap();
     core.map_done(0).unwrap();
     assert_eq!(locals(&host.take()).len(), 1);
     assert!(core.next_upcall().is_none());
@@ -1506,7 +1506,7 @@ fn first_write_of_an_outage_waits_for_the_bump() {
 fn sync_lock_and_writes_wait_for_each_other() {
     let (core, host) = new_core(Mode::FullSync, 4);
     core.set_link(true);
-    let w = core.submit(Cmd::Write, 0, 512, 1).unwrap();
+    let w = core.submit(IoCmd::Write, 0, 512, 1).unwrap();
     core.map_done(0).unwrap();
     while core.next_upcall().is_some() {}
     let l = core.sync_lock(0, EXT).unwrap();
@@ -1514,7 +1514,7 @@ fn sync_lock_and_writes_wait_for_each_other() {
         core.next_upcall().is_none(),
         "lock waits for the write in flight"
     );
-    let w2 = core.submit(Cmd::Write, 1024, 512, 2).unwrap();
+    let w2 = core.submit(IoCmd::Write, 1024, 512, 2).unwrap();
     core.local_done(w, 0).unwrap();
     core.remote_done(w, 0).unwrap();
     let up = core.next_upcall().unwrap();
@@ -1523,7 +1523,7 @@ fn sync_lock_and_writes_wait_for_each_other() {
         !locals(&host.take()).iter().any(|io| io.seq == w2),
         "write waits for the lock"
     );
-    let io = core.sync_io(l, Cmd::Read, 0, EXT, 5).unwrap();
+    let io = core.sync_io(l, IoCmd::Read, 0, EXT, 5).unwrap();
     let ev = host.take();
     assert_eq!(locals(&ev)[0].seq, io);
     assert!(locals(&ev)[0].sync);
@@ -1551,7 +1551,7 @@ fn failed_resync_chunk_leaves_extent_dirty() {
         core.next_upcall().map(|u| u.kind),
         Some(UpcallKind::SyncLocked)
     );
-    let io = core.sync_io(l, Cmd::Write, 3 * EXT, EXT, 0).unwrap();
+    let io = core.sync_io(l, IoCmd::Write, 3 * EXT, EXT, 0).unwrap();
     core.local_done(io, EIO).unwrap();
     assert_eq!(
         core.next_upcall().map(|u| u.kind),
@@ -1565,7 +1565,7 @@ fn failed_resync_chunk_leaves_extent_dirty() {
     // A good pass clears it, and the map is rewritten clean.
     let l = core.sync_lock(3 * EXT, EXT).unwrap();
     core.next_upcall();
-    let io = core.sync_io(l, Cmd::Write, 3 * EXT, EXT, 0).unwrap();
+    let io = core.sync_io(l, IoCmd::Write, 3 * EXT, EXT, 0).unwrap();
     core.local_done(io, 0).unwrap();
     core.next_upcall();
     core.sync_release(l, true).unwrap();
@@ -1582,7 +1582,7 @@ fn failed_resync_chunk_leaves_extent_dirty() {
 fn link_loss_fails_remote_halves_and_keeps_extents_dirty() {
     let (core, host) = new_core(Mode::FullSync, 4);
     core.set_link(true);
-    let s = core.submit(Cmd::Write, 2 * EXT, 512, 1).unwrap();
+    let s = core.submit(IoCmd::Write, 2 * EXT, 512, 1).unwrap();
     core.map_done(0).unwrap();
     core.local_done(s, 0).unwrap();
     assert!(completes(&host.take()).is_empty());
@@ -1608,14 +1608,14 @@ fn stale_reads_go_to_the_peer() {
     peer[0] = 0b10;
     core.map_merge(&peer).unwrap();
     core.set_sync_dir(SyncDir::FromPeer);
-    let r = core.submit(Cmd::Read, EXT, 512, 1).unwrap();
+    let r = core.submit(IoCmd::Read, EXT, 512, 1).unwrap();
     let up = core.next_upcall().unwrap();
     assert_eq!((up.kind, up.seq), (UpcallKind::Read, r));
     assert!(locals(&host.take()).is_empty());
     core.remote_done(r, 0).unwrap();
     assert_eq!(completes(&host.take()), vec![(1, 0)]);
     // A fresh extent reads locally; a local failure falls back to the peer.
-    let r = core.submit(Cmd::Read, 0, 512, 2).unwrap();
+    let r = core.submit(IoCmd::Read, 0, 512, 2).unwrap();
     assert_eq!(locals(&host.take()).len(), 1);
     core.local_done(r, EIO).unwrap();
     assert_eq!(core.next_upcall().map(|u| u.kind), Some(UpcallKind::Read));
@@ -1628,23 +1628,23 @@ fn stale_reads_go_to_the_peer() {
 fn rejects_bad_requests_and_busy_close() {
     let (core, _host) = new_core(Mode::FullSync, 4);
     assert_eq!(
-        core.submit(Cmd::Write, 100, 512, 1),
+        core.submit(IoCmd::Write, 100, 512, 1),
         Err(CoreError::Invalid("submit"))
     );
     assert_eq!(
-        core.submit(Cmd::Write, MEDIA - 512, 1024, 1),
+        core.submit(IoCmd::Write, MEDIA - 512, 1024, 1),
         Err(CoreError::Invalid("submit"))
     );
     assert_eq!(
-        core.submit(Cmd::Read, 0, 0, 1),
+        core.submit(IoCmd::Read, 0, 0, 1),
         Err(CoreError::Invalid("submit"))
     );
     assert_eq!(
-        core.submit(Cmd::Flush, 512, 0, 1),
+        core.submit(IoCmd::Flush, 512, 0, 1),
         Err(CoreError::Invalid("submit"))
     );
     core.set_link(true);
-    let _ = core.submit(Cmd::Write, 0, 512, 1).unwrap();
+    let _ = core.submit(IoCmd::Write, 0, 512, 1).unwrap();
     let Err((core, e)) = core.close() else {
         panic!("closed with a write in flight")
     };
@@ -1733,9 +1733,14 @@ fn callbacks_may_reenter_the_core_from_many_threads() {
             std::thread::spawn(move || {
                 for i in 0..PER {
                     let n = t * PER + i;
-                    let cmd = [Cmd::Write, Cmd::Write, Cmd::Read, Cmd::Delete, Cmd::Flush]
-                        [(n % 5) as usize];
-                    let (off, len) = if cmd == Cmd::Flush {
+                    let cmd = [
+                        IoCmd::Write,
+                        IoCmd::Write,
+                        IoCmd::Read,
+                        IoCmd::Delete,
+                        IoCmd::Flush,
+                    ][(n % 5) as usize];
+                    let (off, len) = if cmd == IoCmd::Flush {
                         (0, 0)
                     } else {
                         ((n * 7 % 80) * SECT, SECT * (1 + n % 9))

@@ -142,7 +142,7 @@ pub fn request(addr: &Addr, req: &Nv) -> Result<Nv, ControlError> {
         addr: name.clone(),
         source,
     })?;
-    let (reply, _) = proto::read_frame(&mut stream, Limits::CONTROL)
+    let (reply, _) = proto::read_frame(&mut stream, Limits::HEADERS_ONLY)
         .map_err(|source| ControlError::Receive { addr: name, source })?;
     Ok(reply)
 }

@@ -17,7 +17,7 @@ use hast_sys as sys;
 use nix::errno::Errno;
 
 use crate::core::{
-    Cmd, Core, CoreHost, LocalIo, MapKind, Mode, Params, SyncDir, Upcall, UpcallKind,
+    Core, CoreHost, IoCmd, LocalIo, MapKind, Mode, Params, SyncDir, Upcall, UpcallKind,
 };
 use crate::kdev::{Emulator, Ioctl};
 
@@ -26,7 +26,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 struct Client {
-    cmd: Cmd,
+    cmd: IoCmd,
     data: Vec<u8>,
     done: Option<i32>,
 }
@@ -81,8 +81,8 @@ impl CoreHost for Instance {
                 st.clients.get_mut(&io.cookie).map(|c| &mut c.data[..])
             };
             match (io.cmd, buf) {
-                (Cmd::Read, Some(b)) => b.copy_from_slice(&disk[r]),
-                (Cmd::Write, Some(b)) => disk[r].copy_from_slice(b),
+                (IoCmd::Read, Some(b)) => b.copy_from_slice(&disk[r]),
+                (IoCmd::Write, Some(b)) => disk[r].copy_from_slice(b),
                 _ => {}
             }
         }
@@ -152,7 +152,7 @@ impl Emu {
     }
 
     /// A client request (the module's g_hast_start); blocks until answered.
-    fn request(&self, unit: u64, cmd: Cmd, off: u64, data: Vec<u8>) -> (i32, Vec<u8>) {
+    fn request(&self, unit: u64, cmd: IoCmd, off: u64, data: Vec<u8>) -> (i32, Vec<u8>) {
         let u = self.unit(unit).expect("unit");
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed) + 1;
         let len = data.len() as u64;
@@ -177,12 +177,12 @@ impl Emu {
 
     /// Write through `hast/NAME`; the errno it gets.
     pub fn write(&self, unit: u64, off: u64, data: Vec<u8>) -> i32 {
-        self.request(unit, Cmd::Write, off, data).0
+        self.request(unit, IoCmd::Write, off, data).0
     }
 
     /// Read through `hast/NAME`.
     pub fn read(&self, unit: u64, off: u64, len: usize) -> (i32, Vec<u8>) {
-        self.request(unit, Cmd::Read, off, vec![0; len])
+        self.request(unit, IoCmd::Read, off, vec![0; len])
     }
 
     /// The data area as the module wrote it.
@@ -288,7 +288,7 @@ impl Emu {
                 let mut st = lock(&unit.inst.state);
                 let cookie = st.by_seq.get(&d.hd_seq).copied();
                 if let Some(c) = cookie.and_then(|k| st.clients.get_mut(&k)) {
-                    if c.cmd == Cmd::Read && d.hd_error == 0 {
+                    if c.cmd == IoCmd::Read && d.hd_error == 0 {
                         if d.hd_datalen != c.data.len() as u64 {
                             return Err(Errno::EINVAL);
                         }
@@ -333,8 +333,8 @@ impl Emu {
             }
             sys::HAST_RANGE_IO => {
                 let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed) + 1;
-                let cmd = Cmd::from_raw(r.hr_cmd).ok_or(Errno::EINVAL)?;
-                let write = cmd == Cmd::Write;
+                let cmd = IoCmd::from_raw(r.hr_cmd).ok_or(Errno::EINVAL)?;
+                let write = cmd == IoCmd::Write;
                 let buf = if write {
                     // SAFETY: the engine's buffer of hr_length bytes.
                     unsafe { user(r.hr_data, r.hr_length) }.to_vec()

@@ -27,7 +27,7 @@ use crate::control::{
 use crate::nv::Nv;
 use crate::pidfile::Pidfile;
 use crate::role::Role;
-use control_server::{ControlListener, Request};
+use control_server::{ControlListener, ControlRequest};
 use listen::{Incoming, Listeners};
 use resource::Resource;
 
@@ -168,7 +168,7 @@ impl Daemon {
                 return crate::sysexits::EX_OSERR;
             }
         };
-        let (tx, mut rx) = mpsc::channel::<Request>(64);
+        let (tx, mut rx) = mpsc::channel::<ControlRequest>(64);
         let (itx, mut irx) = mpsc::channel::<Incoming>(64);
         let (ptx, mut prx) = mpsc::channel::<PendingRole>(16);
         if let Some(l) = self.listeners.take() {
@@ -226,7 +226,7 @@ impl Daemon {
         0
     }
 
-    fn start_serving(&mut self, tx: &mpsc::Sender<Request>) -> std::io::Result<Serving> {
+    fn start_serving(&mut self, tx: &mpsc::Sender<ControlRequest>) -> std::io::Result<Serving> {
         let listener = self
             .control
             .take()
@@ -328,8 +328,8 @@ impl Daemon {
     /// unanswered (the connection closes), as the reference does. A SETROLE
     /// that promotes checks the peers apart from the main loop and is
     /// finished by [`Daemon::finish_setrole`].
-    fn request(&mut self, req: Request, pending: &mpsc::Sender<PendingRole>) {
-        let Request { nv: req, reply } = req;
+    fn request(&mut self, req: ControlRequest, pending: &mpsc::Sender<PendingRole>) {
+        let ControlRequest { nv: req, reply } = req;
         let cmd = req.get_u8("cmd").unwrap_or(0);
         if cmd == 0 {
             tracing::error!("control header is missing the 'cmd' field");

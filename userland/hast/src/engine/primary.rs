@@ -21,7 +21,7 @@ use crate::kdev::{CreateSpec, KdevError, KernelDevice};
 use crate::metadata::{Metadata, METADATA_SIZE};
 use crate::nbd::{Backend, Registry, Server};
 use crate::provider::Provider;
-use crate::uhost::{Geometry, Uhost, UhostError};
+use crate::uhost::{HostGeometry, Uhost, UhostError};
 
 use super::link::Replicator;
 
@@ -106,7 +106,7 @@ impl Primary {
     ) -> Result<Primary, PrimaryError> {
         let geo = {
             let m = md.lock().unwrap_or_else(|p| p.into_inner());
-            Geometry {
+            HostGeometry {
                 localoff: m.localoff,
                 datasize: m.datasize,
                 extentsize: m.extentsize,
@@ -145,7 +145,7 @@ impl Primary {
         let started = async {
             registry.add(&cfg.provname, backend).map_err(export_err)?;
             let server =
-                Server::new(registry, crate::nbd::Config::default()).map_err(export_err)?;
+                Server::new(registry, crate::nbd::ServerConfig::default()).map_err(export_err)?;
             let socket = match &addr.kind {
                 AddrKind::Unix(path) => {
                     if let Some(dir) = path.parent() {
@@ -211,7 +211,7 @@ impl Primary {
         cfg: &ResourceConfig,
         provider: Arc<Provider>,
         md: Arc<Mutex<Metadata>>,
-        geo: &Geometry,
+        geo: &HostGeometry,
         map: &[u8],
     ) -> Result<Primary, PrimaryError> {
         let provider = Arc::try_unwrap(provider).map_err(|_| PrimaryError::ProviderBusy)?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::config::ResourceConfig;
 use crate::handshake::Hello;
-use crate::nv::{Nv, NV_MAX_SIZE};
+use crate::nv::Nv;
 use crate::proto::{self, Limits, HAST_PROTO_VERSION};
 use crate::role::Role;
 use crate::splitbrain::{self, Counters, Decision, SyncSrc};
@@ -101,10 +101,7 @@ pub async fn probe(cfg: &ResourceConfig) -> PeerState {
     }
     .to_nv();
     hello.add_u8("probe", 1);
-    let limits = Limits {
-        max_header: NV_MAX_SIZE,
-        max_payload: 0,
-    };
+    let limits = Limits::HEADERS_ONLY;
     let exchange = async {
         proto::write_frame_async(&mut s, &hello, &[]).await?;
         proto::read_frame_async(&mut s, limits).await

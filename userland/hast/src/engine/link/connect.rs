@@ -9,7 +9,6 @@ use tokio::net::TcpStream;
 use crate::addr::{Addr, AddrKind};
 use crate::config::ResourceConfig;
 use crate::handshake::{Attach, Geometry, Hello, Welcome};
-use crate::nv::NV_MAX_SIZE;
 use crate::proto::{self, Limits, HAST_PROTO_VERSION};
 
 use super::{lock, LinkError, Replicator};
@@ -22,10 +21,7 @@ impl Replicator {
         remote: &Addr,
     ) -> Result<(TcpStream, TcpStream, Geometry), LinkError> {
         let timeout = Duration::from_secs(u64::from(cfg.timeout.max(1)));
-        let limits = Limits {
-            max_header: NV_MAX_SIZE,
-            max_payload: 0,
-        };
+        let limits = Limits::HEADERS_ONLY;
         let mut out = dial(cfg, remote, timeout).await?;
         let hello = Hello {
             resource: cfg.name.clone(),
@@ -72,10 +68,7 @@ impl Replicator {
         let mapsize = mapsize.map_err(LinkError::local("reading the map size"))?;
         // A peer with a larger sector size rounds its map up further (by
         // less than one 64 KiB sector).
-        let map_limits = Limits {
-            max_header: NV_MAX_SIZE,
-            max_payload: mapsize.saturating_add(64 * 1024),
-        };
+        let map_limits = Limits::replication(mapsize.saturating_add(64 * 1024));
         let (nv, map) =
             tokio::time::timeout(timeout, proto::read_frame_async(&mut out, map_limits))
                 .await

@@ -17,13 +17,12 @@ use crate::core::{SyncDir, Upcall, UpcallKind};
 use crate::dataplane::{Dataplane, HostUpcall};
 use crate::handshake::Geometry;
 use crate::hooks::{self, Event};
-use crate::nv::NV_MAX_SIZE;
 use crate::proto::{self, Limits};
 use crate::splitbrain::SyncSrc;
 use crate::wire::{Cmd, Reply, Request};
 
 use super::{lock, LinkError, Replicator};
-use crate::engine::secondary::{MAX_IO, MAX_IO_BYTES};
+use crate::wire::{MAX_IO, MAX_IO_BYTES};
 
 /// Send a keepalive after this long without a request.
 const KEEPALIVE: Duration = Duration::from_secs(10);
@@ -425,10 +424,7 @@ async fn recv_loop(
     waiters: Arc<Mutex<HashMap<u64, (Waiter, Instant)>>>,
     dp: Arc<dyn Dataplane>,
 ) -> LinkError {
-    let limits = Limits {
-        max_header: NV_MAX_SIZE,
-        max_payload: usize::try_from(MAX_IO).unwrap_or(usize::MAX),
-    };
+    let limits = Limits::replication(MAX_IO_BYTES);
     loop {
         let (nv, payload) = match proto::read_frame_async(&mut inc, limits).await {
             Ok(f) => f,

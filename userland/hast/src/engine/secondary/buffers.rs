@@ -79,7 +79,6 @@ pub(super) async fn read_request<R: AsyncRead + Unpin>(
 mod tests {
     use super::super::READ_AHEAD;
     use super::*;
-    use crate::nv::NV_MAX_SIZE;
     use tokio::io::AsyncWriteExt;
 
     fn frame(seq: u64, payload: &[u8]) -> Vec<u8> {
@@ -88,10 +87,7 @@ mod tests {
         proto::encode_frame(&nv, payload).unwrap()
     }
 
-    const LIMITS: Limits = Limits {
-        max_header: NV_MAX_SIZE,
-        max_payload: MAX_IO_BYTES,
-    };
+    const LIMITS: Limits = Limits::replication(MAX_IO_BYTES);
 
     /// Back-to-back requests of every size come out byte for byte, also
     /// when a reused buffer held a longer payload before.

@@ -23,7 +23,6 @@ use tokio::sync::mpsc;
 
 use crate::config::ResourceConfig;
 use crate::metadata::Metadata;
-use crate::nv::NV_MAX_SIZE;
 use crate::proto::{Limits, ProtoError};
 use crate::provider::Provider;
 use crate::splitbrain::Counters;
@@ -37,11 +36,7 @@ use request::InFlight;
 /// Requests the secondary works on at once.
 const MAX_INFLIGHT: usize = 256;
 
-/// Largest READ/WRITE accepted (the reference's MAXPHYS on FreeBSD 13+).
-pub const MAX_IO: u64 = 1 << 20;
-
-/// [`MAX_IO`] as a buffer size.
-pub const MAX_IO_BYTES: usize = 1 << 20;
+pub use crate::wire::{MAX_IO, MAX_IO_BYTES};
 
 /// The primary sends a keepalive after 10 s idle; silence for twice that
 /// ends the session.
@@ -131,15 +126,12 @@ where
         let m = local.md.lock().unwrap_or_else(|p| p.into_inner());
         (m.datasize, m.localoff)
     };
-    let limits = wire::Limits {
+    let limits = wire::RequestLimits {
         sectorsize: local.provider.sectorsize(),
         datasize,
         max_length: MAX_IO,
     };
-    let frame_limits = Limits {
-        max_header: NV_MAX_SIZE,
-        max_payload: usize::try_from(MAX_IO).unwrap_or(usize::MAX),
-    };
+    let frame_limits = Limits::replication(MAX_IO_BYTES);
     let (tx, mut rx) = mpsc::channel::<Outgoing>(MAX_INFLIGHT * 2);
     let (compression, checksum) = (local.cfg.compression, local.cfg.checksum);
     let pool = Arc::new(BufPool::default());
