@@ -16,6 +16,7 @@ use std::time::Duration;
 use crate::addr::{Addr, AddrKind};
 use crate::nv::Nv;
 use crate::proto::{self, Limits, ProtoError};
+use crate::role::Role;
 use crate::sysexits;
 
 /// `cmd` value: change the role of the listed resources.
@@ -146,7 +147,7 @@ pub fn request(addr: &Addr, req: &Nv) -> Result<Nv, ControlError> {
 
 /// Build a SETROLE request for `resources` (`["all"]` for every resource).
 /// `force` (an extension the reference ignores) skips safe promotion.
-pub fn setrole_request(role: crate::role::Role, resources: &[String], force: bool) -> Nv {
+pub fn setrole_request(role: Role, resources: &[String], force: bool) -> Nv {
     let mut nv = Nv::new();
     nv.add_u8("cmd", HASTCTL_CMD_SETROLE);
     nv.add_u8("role", role.to_u8());
@@ -172,10 +173,119 @@ pub fn status_request(resources: &[String]) -> Nv {
     nv
 }
 
+/// A control request as hastd understands it (see [`parse_request`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlRequest {
+    /// `Some(role)` for SETROLE (init, primary or secondary), `None` for
+    /// STATUS.
+    pub role: Option<Role>,
+    /// Extension: `force` skips the safe-promotion check.
+    pub force: bool,
+    /// The resources named, in order; `None` when `resource0` is `all`.
+    pub resources: Option<Vec<String>>,
+}
+
+/// A control request hastd refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("control header is missing the 'cmd' field")]
+    NoCmd,
+    #[error("control header is missing the 'resource0' field")]
+    NoResource,
+    #[error("invalid role received ({0})")]
+    BadRole(String),
+    #[error("invalid command received ({0})")]
+    BadCmd(u8),
+}
+
+impl RequestError {
+    /// What hastd answers: nothing (the connection is closed) for a
+    /// request without `cmd`, as the reference does; else `error`.
+    pub fn reply(&self) -> Option<Nv> {
+        let code = match self {
+            RequestError::NoCmd => return None,
+            RequestError::NoResource | RequestError::BadRole(_) => EHAST_INVALID,
+            RequestError::BadCmd(_) => EHAST_UNIMPLEMENTED,
+        };
+        let mut nv = Nv::new();
+        nv.add_i16("error", code);
+        Some(nv)
+    }
+}
+
+/// Parses a request hastd received on its control socket, with the
+/// reference's checks in its order: `cmd`, `resource0`, then `role` for
+/// SETROLE.
+pub fn parse_request(nv: &Nv) -> Result<ControlRequest, RequestError> {
+    let cmd = nv.get_u8("cmd").unwrap_or(0);
+    if cmd == 0 {
+        return Err(RequestError::NoCmd);
+    }
+    let first = nv.get_string("resource0").ok_or(RequestError::NoResource)?;
+    let role = match cmd {
+        HASTCTL_CMD_SETROLE => match nv.get_u8("role").and_then(Role::from_u8) {
+            Some(r @ (Role::Init | Role::Primary | Role::Secondary)) => Some(r),
+            _ => return Err(RequestError::BadRole(format!("{:?}", nv.get("role")))),
+        },
+        HASTCTL_CMD_STATUS => None,
+        _ => return Err(RequestError::BadCmd(cmd)),
+    };
+    let resources = if first == "all" {
+        None
+    } else {
+        Some(resource_names(nv))
+    };
+    Ok(ControlRequest {
+        role,
+        force: nv.get_u8("force") == Some(1),
+        resources,
+    })
+}
+
 /// The names `resource0`, `resource1`, ... of a request or reply, in order,
 /// stopping at the first index that is missing.
 pub fn resource_names(nv: &Nv) -> Vec<String> {
     (0u32..)
         .map_while(|i| nv.get_string(&format!("resource{i}")).map(str::to_string))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_in_the_reference_order() {
+        let names = vec!["a".to_string(), "b".to_string()];
+        let req = parse_request(&setrole_request(Role::Primary, &names, true)).unwrap();
+        assert_eq!(
+            req,
+            ControlRequest {
+                role: Some(Role::Primary),
+                force: true,
+                resources: Some(names.clone()),
+            }
+        );
+        let all = parse_request(&status_request(&[])).unwrap();
+        assert_eq!((all.role, all.resources), (None, None));
+        // No cmd: closed unanswered; then resource0 before the command.
+        assert_eq!(parse_request(&Nv::new()), Err(RequestError::NoCmd));
+        assert_eq!(RequestError::NoCmd.reply(), None);
+        let mut nv = Nv::new();
+        nv.add_u8("cmd", 9);
+        assert_eq!(parse_request(&nv), Err(RequestError::NoResource));
+        nv.add_string("resource0", "a");
+        let err = parse_request(&nv).unwrap_err();
+        assert_eq!(err, RequestError::BadCmd(9));
+        assert_eq!(
+            err.reply().unwrap().get_i16("error"),
+            Some(EHAST_UNIMPLEMENTED)
+        );
+        let mut nv = setrole_request(Role::Undef, &names, false);
+        let err = parse_request(&nv).unwrap_err();
+        assert!(matches!(err, RequestError::BadRole(_)));
+        assert_eq!(err.reply().unwrap().get_i16("error"), Some(EHAST_INVALID));
+        nv.remove("role");
+        assert!(matches!(parse_request(&nv), Err(RequestError::BadRole(_))));
+    }
 }

@@ -18,10 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, HostIdentity};
-use crate::control::{
-    resource_names, EHAST_INVALID, EHAST_NOENTRY, EHAST_UNIMPLEMENTED, HASTCTL_CMD_SETROLE,
-    HASTCTL_CMD_STATUS,
-};
+use crate::control::{parse_request, EHAST_NOENTRY};
 use crate::nv::Nv;
 use crate::pidfile::Pidfile;
 use crate::role::Role;
@@ -284,42 +281,22 @@ impl Daemon {
     /// Answer one control request; None closes the connection unanswered
     /// (a request without `cmd`, as the reference does).
     async fn handle(&mut self, req: &Nv) -> Option<Nv> {
-        let cmd = req.get_u8("cmd").unwrap_or(0);
-        if cmd == 0 {
-            tracing::error!("control header is missing the 'cmd' field");
-            return None;
-        }
-        let mut out = Nv::new();
-        let Some(first) = req.get_string("resource0") else {
-            tracing::error!("control header is missing the 'resource0' field");
-            out.add_i16("error", EHAST_INVALID);
-            return Some(out);
-        };
-        let role = match cmd {
-            HASTCTL_CMD_SETROLE => match req.get_u8("role").and_then(Role::from_u8) {
-                Some(r @ (Role::Init | Role::Primary | Role::Secondary)) => Some(r),
-                _ => {
-                    tracing::error!("invalid role received ({:?})", req.get("role"));
-                    out.add_i16("error", EHAST_INVALID);
-                    return Some(out);
-                }
-            },
-            HASTCTL_CMD_STATUS => None,
-            _ => {
-                tracing::error!("invalid command received ({cmd})");
-                out.add_i16("error", EHAST_UNIMPLEMENTED);
-                return Some(out);
+        let parsed = match parse_request(req) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("{e}");
+                return e.reply();
             }
         };
-        // Extension: `force` skips the safe-promotion check.
-        let force = req.get_u8("force") == Some(1);
-        let names: Vec<String> = if first == "all" {
-            self.resources
+        let mut out = Nv::new();
+        let (role, force) = (parsed.role, parsed.force);
+        let names: Vec<String> = match parsed.resources {
+            None => self
+                .resources
                 .iter()
                 .map(|r| r.name().to_string())
-                .collect()
-        } else {
-            resource_names(req)
+                .collect(),
+            Some(names) => names,
         };
         for (no, name) in names.iter().enumerate() {
             out.add_string(format!("resource{no}"), name.as_str());
