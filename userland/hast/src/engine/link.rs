@@ -547,11 +547,9 @@ impl Replicator {
             (m.datasize, m.extentsize, self.dp.map_size())
         };
         let mapsize = mapsize.map_err(|e| LinkError::Local(e.to_string()))?;
-        // A peer with a larger sector size rounds its map up further (by
-        // less than one 64 KiB sector).
         let map_limits = Limits {
             max_header: NV_MAX_SIZE,
-            max_payload: mapsize.saturating_add(64 * 1024),
+            max_payload: mapsize.saturating_add(crate::handshake::MAP_SLACK),
         };
         let (nv, map) =
             tokio::time::timeout(timeout, proto::read_frame_async(&mut out, map_limits))
@@ -577,16 +575,9 @@ impl Replicator {
                 .map_err(LinkError::Local)?;
         }
         if geo.mapsize > 0 {
-            // The map comes through the data pipeline, like a data
-            // payload (FreeBSD's secondary sends it with hast_proto_send):
-            // a clean map hole-compressed to 4 bytes, a checksum verified.
-            // Only `mapsize` tells its decoded length; bits past our
-            // extents (a peer with another sector size rounds the map up
-            // differently) are padding.
-            let theirs = usize::try_from(geo.mapsize).unwrap_or(usize::MAX);
-            let mut map = crate::payload::decode(&nv, map, theirs, theirs.max(mapsize))
+            // FreeBSD's secondary sends the map with hast_proto_send.
+            let map = crate::handshake::decode_peer_map(&nv, map, geo.mapsize, mapsize)
                 .map_err(|e| LinkError::Payload(format!("the peer's activemap: {e}")))?;
-            map.resize(mapsize, 0);
             self.dp
                 .map_merge(&map)
                 .map_err(|e| LinkError::Local(e.to_string()))?;
