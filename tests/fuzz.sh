@@ -7,7 +7,8 @@
 # --smoke new inputs go to a scratch directory.
 # Every run is bounded: -rss_limit_mb (also the largest single allocation)
 # and -timeout (a hang). A crash, a leak, an allocation past the limit or a
-# hang stops the script with the input saved under fuzz/artifacts/TARGET/.
+# hang stops the script with the input saved under fuzz/artifacts/TARGET/
+# (with the log of the last run, last-run.log).
 # Prints executions, time and peak RSS per target.
 #
 # usage: tests/fuzz.sh [--smoke] SECONDS [TARGET ...]
@@ -68,7 +69,7 @@ for t in "$@"; do
 	if [ -d "fuzz/regressions/$t" ]; then
 		dirs="$dirs fuzz/regressions/$t"
 	fi
-	log="$scratch/$t.log"
+	log="fuzz/artifacts/$t/last-run.log"
 	start=$(date +%s)
 	# shellcheck disable=SC2086 # dirs and FUZZ_ARGS are lists
 	if ! nice -n "$nice" cargo +nightly fuzz run "$t" "$found" $dirs -- \
