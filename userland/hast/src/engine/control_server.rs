@@ -137,7 +137,11 @@ pub fn remove_socket(path: &Path) {
     }
 }
 
-async fn handle_client<S: AsyncRead + AsyncWrite + Unpin>(
+/// Serves one control client on `stream`: reads one request (bounded by
+/// [`Limits::CONTROL`] and [`CLIENT_TIMEOUT`]), hands it to `requests` and
+/// writes the reply that comes back, if any. Public so that the request
+/// path can be driven over an in-memory stream (the fuzz targets).
+pub async fn handle_client<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     requests: mpsc::Sender<ControlRequest>,
 ) {

@@ -20,10 +20,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, HostIdentity, ResourceConfig};
 use crate::control::role::{RoleEntry, RoleReply};
 use crate::control::status::{Entry, EntryError, StatusReply};
-use crate::control::{
-    resource_names, EHAST_INVALID, EHAST_NOENTRY, EHAST_UNIMPLEMENTED, HASTCTL_CMD_SETROLE,
-    HASTCTL_CMD_STATUS,
-};
+use crate::control::{parse_request, EHAST_NOENTRY};
 use crate::nv::Nv;
 use crate::pidfile::Pidfile;
 use crate::role::Role;
@@ -330,43 +327,26 @@ impl Daemon {
     /// finished by [`Daemon::finish_setrole`].
     fn request(&mut self, req: ControlRequest, pending: &mpsc::Sender<PendingRole>) {
         let ControlRequest { nv: req, reply } = req;
-        let cmd = req.get_u8("cmd").unwrap_or(0);
-        if cmd == 0 {
-            tracing::error!("control header is missing the 'cmd' field");
-            return;
-        }
-        let mut out = Nv::new();
-        let Some(first) = req.get_string("resource0") else {
-            tracing::error!("control header is missing the 'resource0' field");
-            out.add_i16("error", EHAST_INVALID);
-            let _ = reply.send(out);
-            return;
-        };
-        let role = match cmd {
-            HASTCTL_CMD_SETROLE => match req.get_u8("role").and_then(Role::from_u8) {
-                Some(r @ (Role::Init | Role::Primary | Role::Secondary)) => Some(r),
-                _ => {
-                    tracing::error!("invalid role received ({:?})", req.get("role"));
-                    out.add_i16("error", EHAST_INVALID);
+        let cmd = match parse_request(&req) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("{e}");
+                // A request without `cmd` is dropped unanswered.
+                if let Some(out) = e.reply() {
                     let _ = reply.send(out);
-                    return;
                 }
-            },
-            HASTCTL_CMD_STATUS => None,
-            _ => {
-                tracing::error!("invalid command received ({cmd})");
-                out.add_i16("error", EHAST_UNIMPLEMENTED);
-                let _ = reply.send(out);
                 return;
             }
         };
-        let names: Vec<String> = if first == "all" {
-            self.resources
+        let mut out = Nv::new();
+        let (role, force) = (cmd.role, cmd.force);
+        let names: Vec<String> = match cmd.resources {
+            None => self
+                .resources
                 .iter()
                 .map(|r| r.name().to_string())
-                .collect()
-        } else {
-            resource_names(&req)
+                .collect(),
+            Some(names) => names,
         };
         let Some(new) = role else {
             let status = StatusReply {
@@ -385,8 +365,6 @@ impl Daemon {
             let _ = reply.send(out);
             return;
         };
-        // Extension: `force` skips the safe-promotion check.
-        let force = req.get_u8("force") == Some(1);
         let checks: Vec<(ResourceConfig, MetadataSource)> = if new == Role::Primary && !force {
             names
                 .iter()

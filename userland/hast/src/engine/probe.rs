@@ -59,7 +59,8 @@ pub fn answer(role: Role, counters: Counters) -> Nv {
     nv
 }
 
-fn parse(nv: &Nv) -> PeerState {
+/// What a peer's answer to a probe says about it.
+pub fn parse(nv: &Nv) -> PeerState {
     if nv.get_u8("probe") == Some(1) {
         let role = nv
             .get_string("role")

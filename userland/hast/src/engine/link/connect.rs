@@ -66,9 +66,7 @@ impl Replicator {
             (m.datasize, m.extentsize, self.dp.map_size())
         };
         let mapsize = mapsize.map_err(LinkError::local("reading the map size"))?;
-        // A peer with a larger sector size rounds its map up further (by
-        // less than one 64 KiB sector).
-        let map_limits = Limits::replication(mapsize.saturating_add(64 * 1024));
+        let map_limits = Limits::replication(mapsize.saturating_add(crate::handshake::MAP_SLACK));
         let (nv, map) =
             tokio::time::timeout(timeout, proto::read_frame_async(&mut out, map_limits))
                 .await
@@ -95,20 +93,13 @@ impl Replicator {
                 .map_err(LinkError::local("recording localcnt for a new secondary"))?;
         }
         if geo.mapsize > 0 {
-            // The map comes through the data pipeline, like a data
-            // payload (FreeBSD's secondary sends it with hast_proto_send):
-            // a clean map hole-compressed to 4 bytes, a checksum verified.
-            // Only `mapsize` tells its decoded length; bits past our
-            // extents (a peer with another sector size rounds the map up
-            // differently) are padding.
-            let theirs = usize::try_from(geo.mapsize).unwrap_or(usize::MAX);
-            let mut map = crate::payload::decode(&nv, map, theirs, theirs.max(mapsize)).map_err(
+            // FreeBSD's secondary sends the map with hast_proto_send.
+            let map = crate::handshake::decode_peer_map(&nv, map, geo.mapsize, mapsize).map_err(
                 |source| LinkError::Payload {
                     what: "the peer's activemap",
                     source,
                 },
             )?;
-            map.resize(mapsize, 0);
             self.dp
                 .map_merge(&map)
                 .map_err(LinkError::local("merging the peer's activemap"))?;
