@@ -32,11 +32,24 @@
 //! used; `timeout` must fit in 1..2147483647 (the reference overflows `atoi`).
 //! `nbd <addr>` is this project's extension, recognised only where a statement starts
 //! inside a resource (anywhere else `nbd` stays an ordinary word).
+//!
+//! Link security (extensions, recognised only where a statement starts, so the words
+//! stay usable as names): `security none|secret|tls`, `peerfingerprint <sha256>`,
+//! `cafile <path>` and `secretfile <path>` at top level, in top-level `on` blocks, in
+//! resources and their `on` blocks (res-node > resource > node > global); `keyfile
+//! <path>`, this node's key pair, at top level and in top-level `on` blocks (node >
+//! global): the secondary presents its certificate before it knows the resource. A
+//! resource with `security tls` needs a `keyfile` and a `peerfingerprint` or `cafile`;
+//! one with `security secret` needs a `secretfile`. The files are read by hastd
+//! ([`crate::engine::credentials`]), not here.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::addr::{Addr, AddrError, DEFAULT_PORT};
+pub use crate::security::Mode as SecurityMode;
+use crate::security::{fingerprint::FingerprintError, Credentials, Fingerprint};
 use crate::sysexits::{EX_CONFIG, EX_OSFILE};
 
 /// Configuration file used when none is given.
@@ -383,6 +396,54 @@ pub struct Config {
     pub listen: Vec<Addr>,
     /// In file order.
     pub resources: Vec<ResourceConfig>,
+    /// Extension: this node's key pair (`keyfile`, node > global), used by
+    /// resources with `security tls`.
+    pub keyfile: Option<FileRef>,
+}
+
+/// A file named in the configuration, with the line that names it (for
+/// errors about the file's contents or permissions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRef {
+    pub path: PathBuf,
+    pub line: u32,
+}
+
+/// Extension: what a resource's replication connections must have
+/// (`security` and the statements that go with it), resolved for this
+/// host. Two values are equal when they name the same files and pins and,
+/// once loaded, hold the same keys and secrets (lines do not count).
+#[derive(Debug, Clone, Default)]
+pub struct LinkSecurity {
+    pub mode: SecurityMode,
+    /// This node's key pair (the node statement `keyfile`).
+    pub keyfile: Option<FileRef>,
+    /// The peer's key (or certificate) fingerprint.
+    pub peerfingerprint: Option<Fingerprint>,
+    /// CA certificates that vouch for the peer.
+    pub cafile: Option<FileRef>,
+    /// The shared secret of `security secret`.
+    pub secretfile: Option<FileRef>,
+    /// What hastd loaded from the files ([`crate::engine::credentials`]);
+    /// None from the parser.
+    pub credentials: Option<Arc<Credentials>>,
+}
+
+impl PartialEq for LinkSecurity {
+    fn eq(&self, other: &LinkSecurity) -> bool {
+        let path = |f: &Option<FileRef>| f.as_ref().map(|f| f.path.clone());
+        let creds = match (&self.credentials, &other.credentials) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.same(b),
+            _ => false,
+        };
+        self.mode == other.mode
+            && path(&self.keyfile) == path(&other.keyfile)
+            && self.peerfingerprint == other.peerfingerprint
+            && path(&self.cafile) == path(&other.cafile)
+            && path(&self.secretfile) == path(&other.secretfile)
+            && creds
+    }
 }
 
 /// One resource, resolved for this host.
@@ -407,6 +468,8 @@ pub struct ResourceConfig {
     pub nbd: Option<Addr>,
     /// Line of the `resource` keyword.
     pub line: u32,
+    /// Extension: what the replication connections must have.
+    pub security: LinkSecurity,
 }
 
 impl ResourceConfig {
@@ -462,6 +525,14 @@ pub enum Problem {
     NoRemote { name: String },
     #[error("resource {name}: no local path for this host (add `local <path>` to the resource or to its on block for this host)")]
     NoLocal { name: String },
+    #[error("`peerfingerprint`: {0}")]
+    BadFingerprint(FingerprintError),
+    #[error("resource {name}: `security tls` needs this node's key pair: add `keyfile <path>` at top level or in this host's top-level `on` block (hastctl keygen makes one)")]
+    TlsNeedsKey { name: String },
+    #[error("resource {name}: `security tls` needs the peer's key: add `peerfingerprint <sha256>` (what hastctl keygen printed on the peer) or `cafile <path>`")]
+    TlsNeedsPeer { name: String },
+    #[error("resource {name}: `security secret` needs `secretfile <path>` (a file of mode 0600 holding at least 16 bytes, the same on both nodes)")]
+    SecretNeedsFile { name: String },
 }
 
 /// Why a configuration could not be loaded.
@@ -692,10 +763,10 @@ enum Ctx {
 impl Ctx {
     fn expected(self) -> &'static str {
         match self {
-            Ctx::Top => "a statement (control, pidfile, listen, replication, checksum, compression, timeout, exec, metaflush, on, resource)",
-            Ctx::Node => "`}` or a node statement (control, pidfile, listen)",
-            Ctx::Resource => "`}` or a resource statement (replication, checksum, compression, timeout, exec, metaflush, name, local, nbd, on)",
-            Ctx::ResNode => "`}` or a resource node statement (name, local, remote, source, metaflush, nbd)",
+            Ctx::Top => "a statement (control, pidfile, listen, replication, checksum, compression, timeout, exec, metaflush, on, resource, security, keyfile, peerfingerprint, cafile, secretfile)",
+            Ctx::Node => "`}` or a node statement (control, pidfile, listen, security, keyfile, peerfingerprint, cafile, secretfile)",
+            Ctx::Resource => "`}` or a resource statement (replication, checksum, compression, timeout, exec, metaflush, name, local, nbd, on, security, peerfingerprint, cafile, secretfile)",
+            Ctx::ResNode => "`}` or a resource node statement (name, local, remote, source, metaflush, nbd, security, peerfingerprint, cafile, secretfile)",
         }
     }
 
@@ -728,9 +799,28 @@ enum SKw {
     Source,
     On,
     Nbd,
+    Security,
+    Keyfile,
+    PeerFingerprint,
+    Cafile,
+    Secretfile,
 }
 
 impl SKw {
+    /// The statements recognised by their word only where a statement
+    /// starts (elsewhere they are ordinary words).
+    fn contextual(word: &str) -> Option<SKw> {
+        Some(match word {
+            "nbd" => SKw::Nbd,
+            "security" => SKw::Security,
+            "keyfile" => SKw::Keyfile,
+            "peerfingerprint" => SKw::PeerFingerprint,
+            "cafile" => SKw::Cafile,
+            "secretfile" => SKw::Secretfile,
+            _ => return None,
+        })
+    }
+
     fn from_kw(kw: Kw) -> Option<SKw> {
         Some(match kw {
             Kw::Control => SKw::Control,
@@ -770,6 +860,11 @@ impl SKw {
             SKw::Source => "source",
             SKw::On => "on",
             SKw::Nbd => "nbd",
+            SKw::Security => "security",
+            SKw::Keyfile => "keyfile",
+            SKw::PeerFingerprint => "peerfingerprint",
+            SKw::Cafile => "cafile",
+            SKw::Secretfile => "secretfile",
         }
     }
 
@@ -785,6 +880,8 @@ impl SKw {
             SKw::Name | SKw::Local | SKw::Nbd => matches!(ctx, Resource | ResNode),
             SKw::Remote | SKw::Source => ctx == ResNode,
             SKw::On => matches!(ctx, Top | Resource),
+            SKw::Keyfile => matches!(ctx, Top | Node),
+            SKw::Security | SKw::PeerFingerprint | SKw::Cafile | SKw::Secretfile => true,
         }
     }
 
@@ -801,6 +898,8 @@ impl SKw {
             SKw::Name | SKw::Local | SKw::Nbd => "in a `resource` block or in its `on` blocks",
             SKw::Remote | SKw::Source => "in an `on` block inside a `resource` block",
             SKw::On => "at top level or in a `resource` block",
+            SKw::Keyfile => "at top level or in a top-level `on` block (it is this node's key)",
+            SKw::Security | SKw::PeerFingerprint | SKw::Cafile | SKw::Secretfile => "anywhere",
         }
     }
 }
@@ -824,6 +923,11 @@ enum Stmt {
     Source(Addr),
     On(String),
     Nbd(Addr),
+    Security(SecurityMode),
+    Keyfile(PathBuf),
+    PeerFingerprint(Fingerprint),
+    Cafile(PathBuf),
+    Secretfile(PathBuf),
 }
 
 type PResult<T> = Result<T, (u32, Problem)>;
@@ -842,6 +946,55 @@ struct Globals {
     timeout: Option<u32>,
     exec: Option<PathBuf>,
     metaflush: Option<bool>,
+    /// Link security at top level and in this host's top-level `on` blocks.
+    sec: SecVals,
+    node_sec: SecVals,
+    keyfile: Option<FileRef>,
+    node_keyfile: Option<FileRef>,
+}
+
+/// The link-security statements of one level (global, node, resource,
+/// resource node).
+#[derive(Default, Clone)]
+struct SecVals {
+    mode: Option<SecurityMode>,
+    peerfingerprint: Option<Fingerprint>,
+    cafile: Option<FileRef>,
+    secretfile: Option<FileRef>,
+}
+
+impl SecVals {
+    /// Take `stmt` if it is a link-security statement (at `line`).
+    fn take(&mut self, stmt: &Stmt, line: u32) -> bool {
+        match stmt {
+            Stmt::Security(m) => self.mode = Some(*m),
+            Stmt::PeerFingerprint(f) => self.peerfingerprint = Some(*f),
+            Stmt::Cafile(p) => {
+                self.cafile = Some(FileRef {
+                    path: p.clone(),
+                    line,
+                })
+            }
+            Stmt::Secretfile(p) => {
+                self.secretfile = Some(FileRef {
+                    path: p.clone(),
+                    line,
+                })
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// Each value from `self`, else from `under` (a less specific level).
+    fn over(self, under: &SecVals) -> SecVals {
+        SecVals {
+            mode: self.mode.or(under.mode),
+            peerfingerprint: self.peerfingerprint.or(under.peerfingerprint),
+            cafile: self.cafile.or_else(|| under.cafile.clone()),
+            secretfile: self.secretfile.or_else(|| under.secretfile.clone()),
+        }
+    }
 }
 
 /// What this host's `on` blocks of a resource set.
@@ -853,6 +1006,7 @@ struct ResNodeVals {
     source: Option<Addr>,
     metaflush: Option<bool>,
     nbd: Option<Addr>,
+    sec: SecVals,
 }
 
 /// A resource after its block, before the global section is applied.
@@ -871,6 +1025,8 @@ struct PendingResource {
     exec: Option<PathBuf>,
     metaflush: Option<bool>,
     nbd: Option<Addr>,
+    /// Link security of the resource node block over the resource's.
+    sec: SecVals,
 }
 
 struct Parser<'h> {
@@ -1014,7 +1170,7 @@ impl Parser<'_> {
                 ))
             }
             Tok::Kw(k) => SKw::from_kw(*k),
-            Tok::Str(s) if s == "nbd" => Some(SKw::Nbd),
+            Tok::Str(s) => SKw::contextual(s),
             _ => None,
         };
         let Some(skw) = skw else {
@@ -1147,6 +1303,46 @@ impl Parser<'_> {
                 Stmt::On(name)
             }
             SKw::Nbd => Stmt::Nbd(self.address("nbd", NBD_DEFAULT_PORT)?),
+            SKw::Security => {
+                let t = self.next();
+                match &t.tok {
+                    Tok::Kw(Kw::None) => Stmt::Security(SecurityMode::None),
+                    Tok::Str(s) if s == "secret" => Stmt::Security(SecurityMode::Secret),
+                    Tok::Str(s) if s == "tls" => Stmt::Security(SecurityMode::Tls),
+                    other => {
+                        return Err((
+                            t.line,
+                            Problem::Unexpected {
+                                found: describe(other),
+                                expected: "none, secret or tls after `security`".to_string(),
+                            },
+                        ))
+                    }
+                }
+            }
+            SKw::Keyfile => Stmt::Keyfile(self.path("keyfile", "keyfile path")?),
+            SKw::Cafile => Stmt::Cafile(self.path("cafile", "cafile path")?),
+            SKw::Secretfile => Stmt::Secretfile(self.path("secretfile", "secretfile path")?),
+            SKw::PeerFingerprint => {
+                let t = self.next();
+                let text =
+                    match &t.tok {
+                        // 64 hex digits may happen to be all decimal digits.
+                        Tok::Str(s) | Tok::Num(s) => s.clone(),
+                        other => return Err((
+                            t.line,
+                            Problem::Unexpected {
+                                found: describe(other),
+                                expected:
+                                    "a fingerprint (sha256:<64 hex digits>) after `peerfingerprint`"
+                                        .to_string(),
+                            },
+                        )),
+                    };
+                let fp =
+                    Fingerprint::parse(&text).map_err(|e| (t.line, Problem::BadFingerprint(e)))?;
+                Stmt::PeerFingerprint(fp)
+            }
         };
         Ok(Some((stmt, line)))
     }
@@ -1156,6 +1352,9 @@ impl Parser<'_> {
         let mut pending: Vec<PendingResource> = Vec::new();
         let mut seen: HashMap<String, u32> = HashMap::new();
         while let Some((stmt, line)) = self.statement(Ctx::Top, 0)? {
+            if g.sec.take(&stmt, line) {
+                continue;
+            }
             match stmt {
                 Stmt::Control(a) => g.control = Some(a),
                 Stmt::Pidfile(p) => g.pidfile = Some(p),
@@ -1166,6 +1365,7 @@ impl Parser<'_> {
                 Stmt::Timeout(v) => g.timeout = Some(v),
                 Stmt::Exec(p) => g.exec = Some(p),
                 Stmt::Metaflush(v) => g.metaflush = Some(v),
+                Stmt::Keyfile(p) => g.keyfile = Some(FileRef { path: p, line }),
                 Stmt::On(node) => {
                     self.open_brace(&format!("`on {node}`"))?;
                     self.node_block(&node, line, &mut g)?;
@@ -1185,6 +1385,11 @@ impl Parser<'_> {
                 | Stmt::Remote(..)
                 | Stmt::Source(_)
                 | Stmt::Nbd(_) => {}
+                // Taken by g.sec above.
+                Stmt::Security(_)
+                | Stmt::PeerFingerprint(_)
+                | Stmt::Cafile(_)
+                | Stmt::Secretfile(_) => {}
             }
         }
         let control = match g.node_control.or(g.control) {
@@ -1203,9 +1408,33 @@ impl Parser<'_> {
         } else {
             g.listen
         };
-        let resources = pending
-            .into_iter()
-            .map(|p| ResourceConfig {
+        let keyfile = g.node_keyfile.clone().or(g.keyfile.clone());
+        let node_sec = g.node_sec.clone().over(&g.sec);
+        let mut resources = Vec::with_capacity(pending.len());
+        for p in pending {
+            let sec = p.sec.clone().over(&node_sec);
+            let mode = sec.mode.unwrap_or_default();
+            match mode {
+                SecurityMode::Tls if keyfile.is_none() => {
+                    return Err((p.line, Problem::TlsNeedsKey { name: p.name }))
+                }
+                SecurityMode::Tls if sec.peerfingerprint.is_none() && sec.cafile.is_none() => {
+                    return Err((p.line, Problem::TlsNeedsPeer { name: p.name }))
+                }
+                SecurityMode::Secret if sec.secretfile.is_none() => {
+                    return Err((p.line, Problem::SecretNeedsFile { name: p.name }))
+                }
+                _ => {}
+            }
+            let security = LinkSecurity {
+                mode,
+                keyfile: keyfile.clone(),
+                peerfingerprint: sec.peerfingerprint,
+                cafile: sec.cafile,
+                secretfile: sec.secretfile,
+                credentials: None,
+            };
+            resources.push(ResourceConfig {
                 name: p.name,
                 provname: p.provname,
                 local: p.local,
@@ -1223,14 +1452,16 @@ impl Parser<'_> {
                 metaflush: p.metaflush.or(g.metaflush).unwrap_or(true),
                 nbd: p.nbd,
                 line: p.line,
-            })
-            .collect();
+                security,
+            });
+        }
         Ok(Config {
             path: PathBuf::new(),
             control,
             pidfile,
             listen,
             resources,
+            keyfile,
         })
     }
 
@@ -1238,14 +1469,18 @@ impl Parser<'_> {
     /// value is checked.
     fn node_block(&mut self, node: &str, open_line: u32, g: &mut Globals) -> PResult<()> {
         let mine = self.host.matches(node);
-        while let Some((stmt, _)) = self.statement(Ctx::Node, open_line)? {
+        while let Some((stmt, line)) = self.statement(Ctx::Node, open_line)? {
             if !mine {
+                continue;
+            }
+            if g.node_sec.take(&stmt, line) {
                 continue;
             }
             match stmt {
                 Stmt::Control(a) => g.node_control = Some(a),
                 Stmt::Pidfile(p) => g.node_pidfile = Some(p),
                 Stmt::Listen(a) => g.listen.push(a),
+                Stmt::Keyfile(p) => g.node_keyfile = Some(FileRef { path: p, line }),
                 _ => {}
             }
         }
@@ -1263,8 +1498,12 @@ impl Parser<'_> {
         let mut local = None;
         let mut nbd = None;
         let mut node = ResNodeVals::default();
+        let mut sec = SecVals::default();
         let mut had_mine = false;
         while let Some((stmt, sline)) = self.statement(Ctx::Resource, line)? {
+            if sec.take(&stmt, sline) {
+                continue;
+            }
             match stmt {
                 Stmt::Replication(v) => replication = Some(v),
                 Stmt::Checksum(v) => checksum = Some(v),
@@ -1314,12 +1553,16 @@ impl Parser<'_> {
             exec,
             metaflush: node.metaflush.or(metaflush),
             nbd: node.nbd.or(nbd),
+            sec: node.sec.over(&sec),
         })
     }
 
     fn res_node_block(&mut self, mine: bool, open_line: u32, v: &mut ResNodeVals) -> PResult<()> {
-        while let Some((stmt, _)) = self.statement(Ctx::ResNode, open_line)? {
+        while let Some((stmt, line)) = self.statement(Ctx::ResNode, open_line)? {
             if !mine {
+                continue;
+            }
+            if v.sec.take(&stmt, line) {
                 continue;
             }
             match stmt {

@@ -5,6 +5,7 @@
 
 use crate::nv::Nv;
 use crate::payload::PayloadError;
+use crate::security::secret::{Mac, Nonce, MAC_SIZE, NONCE_SIZE};
 use crate::splitbrain::SyncSrc;
 
 /// Size of the token the secondary hands out.
@@ -27,6 +28,39 @@ pub enum HandshakeError {
     SplitBrain,
     #[error("invalid syncsrc {0} in handshake reply")]
     SyncSrc(u8),
+    /// An authentication field (`nonce`, `mac`) of the wrong size.
+    #[error("handshake field '{field}' has {len} bytes, expected {expected}")]
+    FieldSize {
+        field: &'static str,
+        len: usize,
+        expected: usize,
+    },
+}
+
+/// Extension (`security secret`, see [`crate::security::secret`]): the nv
+/// field of a fresh challenge, in a hello and in a welcome.
+pub const NONCE_FIELD: &str = "nonce";
+/// Extension: the nv field of an HMAC, in an attach and in a geometry
+/// answer.
+pub const MAC_FIELD: &str = "mac";
+
+/// An optional fixed-size byte field.
+fn fixed<const N: usize>(nv: &Nv, field: &'static str) -> Result<Option<[u8; N]>, HandshakeError> {
+    match nv.get(field) {
+        None => Ok(None),
+        Some(_) => {
+            let raw = nv
+                .get_u8_array(field)
+                .ok_or(HandshakeError::Missing(field))?;
+            raw.try_into()
+                .map(Some)
+                .map_err(|_| HandshakeError::FieldSize {
+                    field,
+                    len: raw.len(),
+                    expected: N,
+                })
+        }
+    }
 }
 
 /// Step 1, primary -> secondary on connection 1.
@@ -34,6 +68,8 @@ pub enum HandshakeError {
 pub struct Hello {
     pub resource: String,
     pub version: u8,
+    /// Extension: the primary's challenge (`security secret`).
+    pub nonce: Option<Nonce>,
 }
 
 impl Hello {
@@ -41,6 +77,9 @@ impl Hello {
         let mut nv = Nv::new();
         nv.add_string("resource", self.resource.as_str())
             .add_u8("version", self.version);
+        if let Some(n) = &self.nonce {
+            nv.add_u8_array(NONCE_FIELD, n.to_vec());
+        }
         nv
     }
 
@@ -53,7 +92,12 @@ impl Hello {
             .to_string();
         // A peer that sends no version speaks version 1.
         let version = nv.get_u8("version").filter(|&v| v != 0).unwrap_or(1);
-        Ok(Hello { resource, version })
+        let nonce = fixed::<NONCE_SIZE>(nv, NONCE_FIELD)?;
+        Ok(Hello {
+            resource,
+            version,
+            nonce,
+        })
     }
 }
 
@@ -63,6 +107,8 @@ pub enum Welcome {
     Accepted {
         version: u8,
         token: [u8; TOKEN_SIZE],
+        /// Extension: the secondary's challenge (`security secret`).
+        nonce: Option<Nonce>,
     },
     /// Refused; `wait` when the secondary is (still) primary itself.
     Refused { errmsg: String, wait: bool },
@@ -72,9 +118,16 @@ impl Welcome {
     pub fn to_nv(&self) -> Nv {
         let mut nv = Nv::new();
         match self {
-            Welcome::Accepted { version, token } => {
+            Welcome::Accepted {
+                version,
+                token,
+                nonce,
+            } => {
                 nv.add_u8("version", *version)
                     .add_u8_array("token", token.to_vec());
+                if let Some(n) = nonce {
+                    nv.add_u8_array(NONCE_FIELD, n.to_vec());
+                }
             }
             Welcome::Refused { errmsg, wait } => {
                 nv.add_string("errmsg", errmsg.as_str());
@@ -103,7 +156,12 @@ impl Welcome {
         let token: [u8; TOKEN_SIZE] = raw
             .try_into()
             .map_err(|_| HandshakeError::TokenSize(raw.len()))?;
-        Ok(Welcome::Accepted { version, token })
+        let nonce = fixed::<NONCE_SIZE>(nv, NONCE_FIELD)?;
+        Ok(Welcome::Accepted {
+            version,
+            token,
+            nonce,
+        })
     }
 }
 
@@ -123,6 +181,9 @@ pub struct Attach {
     /// activemap until the first `done` mark instead of clearing it at the
     /// first request.
     pub synctrack: bool,
+    /// Extension: the primary's answer to the secondary's challenge
+    /// (`security secret`), over [`Attach::auth_fields`].
+    pub mac: Option<Mac>,
 }
 
 /// The nv field announcing [`Attach::synctrack`] / [`Geometry::synctrack`].
@@ -154,7 +215,21 @@ impl Attach {
         if self.synctrack {
             nv.add_u8(SYNCTRACK_FIELD, 1);
         }
+        if let Some(m) = &self.mac {
+            nv.add_u8_array(MAC_FIELD, m.to_vec());
+        }
         nv
+    }
+
+    /// What the MAC of `security secret` covers, besides the transcript.
+    pub fn auth_fields(&self) -> [u64; 5] {
+        [
+            self.resuid,
+            self.localcnt,
+            self.remotecnt,
+            u64::from(self.virgin),
+            u64::from(self.synctrack),
+        ]
     }
 
     pub fn from_nv(nv: &Nv) -> Result<Attach, HandshakeError> {
@@ -177,6 +252,7 @@ impl Attach {
             localcnt: get("localcnt")?,
             remotecnt: get("remotecnt")?,
             synctrack: nv.get_u8(SYNCTRACK_FIELD) == Some(1),
+            mac: fixed::<MAC_SIZE>(nv, MAC_FIELD)?,
         })
     }
 }
@@ -199,6 +275,9 @@ pub struct Geometry {
     /// Extension: the secondary understands the synchronization marks
     /// ([`SYNC_MARK_FIELD`]; see [`Attach::synctrack`]).
     pub synctrack: bool,
+    /// Extension: the secondary's answer to the primary's challenge
+    /// (`security secret`), over [`Geometry::auth_fields`] and the map.
+    pub mac: Option<Mac>,
 }
 
 /// What a peer that does not announce `maxio` accepts: FreeBSD 12's MAXPHYS
@@ -223,7 +302,26 @@ impl Geometry {
         if self.synctrack {
             nv.add_u8(SYNCTRACK_FIELD, 1);
         }
+        if let Some(m) = &self.mac {
+            nv.add_u8_array(MAC_FIELD, m.to_vec());
+        }
         nv
+    }
+
+    /// What the MAC of `security secret` covers, besides the transcript
+    /// and the map.
+    pub fn auth_fields(&self) -> [u64; 9] {
+        [
+            self.datasize as u64,
+            self.extentsize as u64,
+            self.localcnt,
+            self.remotecnt,
+            u64::from(self.virgin),
+            u64::from(self.syncsrc.to_u8()),
+            u64::from(self.mapsize),
+            u64::from(self.maxio.unwrap_or(0)),
+            u64::from(self.synctrack),
+        ]
     }
 
     /// Parse the answer; an `errmsg` is returned as [`HandshakeError::SplitBrain`]
@@ -256,6 +354,7 @@ impl Geometry {
             mapsize: nv.get_u32("mapsize").unwrap_or(0),
             maxio: nv.get_u32("maxio"),
             synctrack: nv.get_u8(SYNCTRACK_FIELD) == Some(1),
+            mac: fixed::<MAC_SIZE>(nv, MAC_FIELD)?,
         })
     }
 }
@@ -298,11 +397,29 @@ mod tests {
         let hello = Hello {
             resource: "data".into(),
             version: 2,
+            nonce: None,
         };
         assert_eq!(Hello::from_nv(&round(&hello.to_nv())).unwrap(), hello);
+        // Without the extension, the hello is the reference's two fields.
+        assert_eq!(hello.to_nv().len(), 2);
+        let secret_hello = Hello {
+            nonce: Some([4; NONCE_SIZE]),
+            ..hello.clone()
+        };
+        assert_eq!(
+            Hello::from_nv(&round(&secret_hello.to_nv())).unwrap(),
+            secret_hello
+        );
         let w = Welcome::Accepted {
             version: 2,
             token: [7; TOKEN_SIZE],
+            nonce: None,
+        };
+        assert_eq!(Welcome::from_nv(&round(&w.to_nv())).unwrap(), w);
+        let w = Welcome::Accepted {
+            version: 2,
+            token: [7; TOKEN_SIZE],
+            nonce: Some([5; NONCE_SIZE]),
         };
         assert_eq!(Welcome::from_nv(&round(&w.to_nv())).unwrap(), w);
         let a = Attach {
@@ -313,6 +430,7 @@ mod tests {
             localcnt: 3,
             remotecnt: 2,
             synctrack: true,
+            mac: Some([6; MAC_SIZE]),
         };
         let nv = a.to_nv();
         assert!(matches!(nv.get("virgin"), Some(crate::nv::Value::Int8(1))));
@@ -320,9 +438,11 @@ mod tests {
         // Without the extension, nothing of it goes on the wire.
         let plain = Attach {
             synctrack: false,
+            mac: None,
             ..a.clone()
         };
         assert!(plain.to_nv().get(SYNCTRACK_FIELD).is_none());
+        assert!(plain.to_nv().get(MAC_FIELD).is_none());
         assert_eq!(Attach::from_nv(&round(&plain.to_nv())).unwrap(), plain);
         let g = Geometry {
             datasize: 1 << 30,
@@ -334,6 +454,7 @@ mod tests {
             mapsize: 512,
             maxio: Some(1 << 20),
             synctrack: true,
+            mac: Some([8; MAC_SIZE]),
         };
         let nv = g.to_nv();
         assert!(matches!(
@@ -407,6 +528,24 @@ mod tests {
         let mut nv = Nv::new();
         nv.add_string("resource", "r");
         assert_eq!(Attach::from_nv(&nv), Err(HandshakeError::Missing("token")));
+        // Authentication fields of the wrong size are refused.
+        let mut nv = Nv::new();
+        nv.add_string("resource", "r")
+            .add_u8_array(NONCE_FIELD, vec![0; 31]);
+        assert_eq!(
+            Hello::from_nv(&nv),
+            Err(HandshakeError::FieldSize {
+                field: NONCE_FIELD,
+                len: 31,
+                expected: NONCE_SIZE
+            })
+        );
+        let mut nv = Nv::new();
+        nv.add_string("resource", "r").add_string(NONCE_FIELD, "x");
+        assert_eq!(
+            Hello::from_nv(&nv),
+            Err(HandshakeError::Missing(NONCE_FIELD))
+        );
         // No version means protocol version 1.
         let mut nv = Nv::new();
         nv.add_string("resource", "r");

@@ -3,7 +3,8 @@
 //!
 //! Layers call down, never up:
 //! - bottom: [`sysexits`], [`size`], [`role`], [`stats`], [`nv`], [`proto`], [`addr`],
-//!   [`config`], [`provider`], [`activemap`], [`metadata`];
+//!   [`security`] (keys, pins, secrets, TLS configurations), [`config`],
+//!   [`provider`], [`activemap`], [`metadata`];
 //! - then the control protocol ([`control`]), [`hooks`], [`pidfile`], the
 //!   accept loop of every listening socket ([`accept`]);
 //! - the fast-path core ([`core`]) and its hosts ([`uhost`] with the NBD
@@ -31,6 +32,7 @@ pub mod pidfile;
 pub mod proto;
 pub mod provider;
 pub mod role;
+pub mod security;
 pub mod size;
 pub mod split;
 pub mod splitbrain;

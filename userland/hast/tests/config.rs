@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use hast::addr::{Addr, AddrError, AddrKind, Family, DEFAULT_PORT};
 use hast::config::{
-    Checksum, Compression, Config, ConfigError, HostIdentity, Problem, Replication, DEFAULT_CONFIG,
-    DEFAULT_CONTROL, DEFAULT_LISTEN, DEFAULT_PIDFILE, DEFAULT_TIMEOUT,
+    Checksum, Compression, Config, ConfigError, HostIdentity, Problem, Replication, SecurityMode,
+    DEFAULT_CONFIG, DEFAULT_CONTROL, DEFAULT_LISTEN, DEFAULT_PIDFILE, DEFAULT_TIMEOUT,
 };
 
 const CONF: &str = "/etc/hast.conf";
@@ -214,6 +214,27 @@ const PLACEMENT: &[(&str, &str, &[Ctx])] = &[
         "resource q { local /dev/q on hasta { remote none } }",
         &[Ctx::Top],
     ),
+    (
+        "security",
+        "security none",
+        &[Ctx::Top, Ctx::Node, Ctx::Resource, Ctx::ResNode],
+    ),
+    ("keyfile", "keyfile /etc/hast/k.pem", &[Ctx::Top, Ctx::Node]),
+    (
+        "peerfingerprint",
+        "peerfingerprint sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        &[Ctx::Top, Ctx::Node, Ctx::Resource, Ctx::ResNode],
+    ),
+    (
+        "cafile",
+        "cafile /etc/hast/ca.pem",
+        &[Ctx::Top, Ctx::Node, Ctx::Resource, Ctx::ResNode],
+    ),
+    (
+        "secretfile",
+        "secretfile /etc/hast/secret",
+        &[Ctx::Top, Ctx::Node, Ctx::Resource, Ctx::ResNode],
+    ),
 ];
 
 #[test]
@@ -255,8 +276,9 @@ fn misplaced_messages_say_what_is_expected_and_where_it_belongs() {
     assert_eq!(
         msg,
         "/etc/hast.conf:2: found `remote`, expected `}` or a resource statement (replication, \
-         checksum, compression, timeout, exec, metaflush, name, local, nbd, on); `remote` is \
-         allowed only in an `on` block inside a `resource` block"
+         checksum, compression, timeout, exec, metaflush, name, local, nbd, on, security, \
+         peerfingerprint, cafile, secretfile); `remote` is allowed only in an `on` block inside \
+         a `resource` block"
     );
     let (line, msg, _) = fail("\n\nlocal /dev/da0\n");
     assert_eq!(line, 3);
@@ -1109,7 +1131,10 @@ fn unbalanced_braces_and_missing_pieces() {
     );
     let (_, msg, _) = fail("on hasta {\n on hastb { }\n}\n");
     assert!(
-        msg.contains("found `on`, expected `}` or a node statement (control, pidfile, listen)"),
+        msg.contains(
+            "found `on`, expected `}` or a node statement (control, pidfile, listen, security, \
+             keyfile, peerfingerprint, cafile, secretfile)"
+        ),
         "{msg}"
     );
 }
@@ -1568,4 +1593,161 @@ fn sample_config_for_an_unknown_host_fails_at_the_first_resource() {
             sample().display()
         )
     );
+}
+
+// ---------------------------------------------------------------------------
+// Link security (extensions)
+
+fn fp(byte: u8) -> hast::security::Fingerprint {
+    hast::security::Fingerprint([byte; 32])
+}
+
+fn fp_text(byte: u8) -> String {
+    fp(byte).to_string()
+}
+
+#[test]
+fn security_defaults_to_plain_and_nothing_else() {
+    let c = ok("resource r {\n local /dev/da0\n on hasta {\n remote 10.0.0.2\n }\n}\n");
+    let sec = &c.resources[0].security;
+    assert_eq!(sec.mode, SecurityMode::None);
+    assert!(sec.keyfile.is_none() && sec.peerfingerprint.is_none());
+    assert!(sec.cafile.is_none() && sec.secretfile.is_none() && sec.credentials.is_none());
+    assert!(c.keyfile.is_none());
+}
+
+#[test]
+fn security_statements_inherit_res_node_over_resource_over_node_over_global() {
+    let text = format!(
+        "security secret\n\
+         secretfile /g\n\
+         peerfingerprint {g}\n\
+         keyfile /keys/global.pem\n\
+         on hasta {{\n keyfile /keys/hasta.pem\n peerfingerprint {n}\n cafile /ca/node\n}}\n\
+         on hastb {{\n keyfile /keys/hastb.pem\n peerfingerprint {b}\n}}\n\
+         resource plain {{\n security none\n local /dev/a\n on hasta {{\n remote none\n }}\n}}\n\
+         resource sec {{\n local /dev/b\n on hasta {{\n remote none\n }}\n}}\n\
+         resource tls {{\n security tls\n peerfingerprint {r}\n local /dev/c\n\
+           on hasta {{\n remote none\n peerfingerprint {rn}\n }}\n on hastb {{\n remote none\n peerfingerprint {b}\n }}\n}}\n\
+         resource ca {{\n security tls\n local /dev/d\n on hasta {{\n remote none\n secretfile /s\n cafile /ca/res\n }}\n}}\n",
+        g = fp_text(1),
+        n = fp_text(2),
+        b = fp_text(9),
+        r = fp_text(3),
+        rn = fp_text(4),
+    );
+    let c = ok(&text);
+    // keyfile: this host's top-level block over the global one.
+    let kf = c.keyfile.as_ref().unwrap();
+    assert_eq!(kf.path, std::path::Path::new("/keys/hasta.pem"));
+    assert_eq!(kf.line, 6);
+    let res = |name: &str| c.resource(name).unwrap().security.clone();
+    assert_eq!(res("plain").mode, SecurityMode::None);
+    let sec = res("sec");
+    assert_eq!(sec.mode, SecurityMode::Secret);
+    assert_eq!(
+        sec.secretfile.as_ref().unwrap().path,
+        std::path::Path::new("/g")
+    );
+    assert_eq!(sec.secretfile.as_ref().unwrap().line, 2);
+    // The node block's pin beats the global one.
+    assert_eq!(sec.peerfingerprint, Some(fp(2)));
+    let tls = res("tls");
+    assert_eq!(tls.mode, SecurityMode::Tls);
+    assert_eq!(tls.peerfingerprint, Some(fp(4)), "res-node beats resource");
+    assert_eq!(tls.keyfile, c.keyfile);
+    assert_eq!(
+        tls.cafile.as_ref().unwrap().path,
+        std::path::Path::new("/ca/node")
+    );
+    let ca = res("ca");
+    assert_eq!(
+        ca.cafile.as_ref().unwrap().path,
+        std::path::Path::new("/ca/res")
+    );
+    assert_eq!(
+        ca.secretfile.as_ref().unwrap().path,
+        std::path::Path::new("/s")
+    );
+}
+
+#[test]
+fn tls_needs_a_key_and_a_peer_and_secret_needs_a_file() {
+    let res = "resource r {\n local /dev/a\n on hasta {\n remote none\n }\n}\n";
+    let (line, msg, p) = fail(&format!(
+        "security tls\npeerfingerprint {}\n{res}",
+        fp_text(1)
+    ));
+    assert_eq!(line, 3);
+    assert!(matches!(p, Problem::TlsNeedsKey { .. }), "{p:?}");
+    assert!(msg.contains("add `keyfile <path>`"), "{msg}");
+    assert!(msg.contains("hastctl keygen"), "{msg}");
+    let (line, msg, p) = fail(&format!("security tls\nkeyfile /k\n{res}"));
+    assert_eq!(line, 3);
+    assert!(matches!(p, Problem::TlsNeedsPeer { .. }), "{p:?}");
+    assert!(
+        msg.contains("peerfingerprint") && msg.contains("cafile"),
+        "{msg}"
+    );
+    let (line, msg, p) = fail(&format!("security secret\n{res}"));
+    assert_eq!(line, 2);
+    assert!(matches!(p, Problem::SecretNeedsFile { .. }), "{p:?}");
+    assert!(msg.contains("secretfile"), "{msg}");
+    // A CA instead of a pin is enough.
+    let c = ok(&format!("security tls\nkeyfile /k\ncafile /ca\n{res}"));
+    assert_eq!(c.resources[0].security.mode, SecurityMode::Tls);
+    // A key in another host's block is not this node's.
+    let (_, _, p) = fail(&format!(
+        "on hastb {{\n keyfile /k\n}}\nsecurity tls\ncafile /ca\n{res}"
+    ));
+    assert!(matches!(p, Problem::TlsNeedsKey { .. }), "{p:?}");
+}
+
+#[test]
+fn bad_security_values_name_their_line() {
+    let (line, msg, _) = fail("\nsecurity ssl\n");
+    assert_eq!(line, 2);
+    assert!(
+        msg.contains("found 'ssl', expected none, secret or tls after `security`"),
+        "{msg}"
+    );
+    let (line, msg, p) = fail("peerfingerprint sha256:abcd\n");
+    assert_eq!(line, 1);
+    assert!(matches!(p, Problem::BadFingerprint(_)), "{p:?}");
+    assert!(msg.contains("64 hex digits"), "{msg}");
+    let (line, _, p) = fail(&format!(
+        "on hastb {{\n peerfingerprint {}z\n}}\n",
+        "a".repeat(63)
+    ));
+    assert_eq!(line, 2, "other hosts' blocks are checked too");
+    assert!(matches!(p, Problem::BadFingerprint(_)), "{p:?}");
+    let (line, msg, _) = fail("keyfile\n");
+    assert_eq!(line, 1);
+    assert!(msg.contains("expected a path after `keyfile`"), "{msg}");
+    let (line, msg, _) = fail("resource r {\n keyfile /k\n}\n");
+    assert_eq!(line, 2);
+    assert!(
+        msg.contains("`keyfile` is allowed only at top level or in a top-level `on` block"),
+        "{msg}"
+    );
+    // All-digit fingerprints lex as numbers and still parse.
+    let digits = "1".repeat(64);
+    let c = ok(&format!(
+        "peerfingerprint {digits}\nsecurity tls\nkeyfile /k\n\
+        resource r {{\n local /dev/a\n on hasta {{\n remote none\n }}\n}}\n"
+    ));
+    assert_eq!(c.resources[0].security.peerfingerprint, Some(fp(0x11)));
+}
+
+#[test]
+fn security_words_stay_usable_as_names() {
+    let c = ok(
+        "resource security {\n local /tls\n on hasta {\n remote secret\n name keyfile\n }\n}\n\
+                on cafile {\n}\n",
+    );
+    let r = &c.resources[0];
+    assert_eq!(r.name, "security");
+    assert_eq!(r.local, std::path::Path::new("/tls"));
+    assert_eq!(r.provname, "keyfile");
+    assert_eq!(r.remote, "secret");
 }

@@ -1,6 +1,7 @@
 //! hastctl: the Highly Available Storage control utility. `create` and
 //! `dump` work on the local provider directly; `role`, `list` and `status`
-//! talk to hastd over its control socket.
+//! talk to hastd over its control socket; `keygen` and `fingerprint`
+//! (extensions) make and show a node's key pair for `security tls`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -89,6 +90,27 @@ enum Cmd {
         #[arg(value_name = "all|name")]
         names: Vec<String>,
     },
+    /// Write a new key pair for `security tls` (mode 0600) and print its
+    /// fingerprint, for the peer's `peerfingerprint`.
+    Keygen {
+        #[command(flatten)]
+        common: Common,
+        /// Replace the file if it exists.
+        #[arg(short = 'f')]
+        force: bool,
+        /// The name in the certificate.
+        #[arg(short = 'n', value_name = "name", default_value = "hast")]
+        name: String,
+        #[arg(value_name = "keyfile")]
+        path: PathBuf,
+    },
+    /// Print the fingerprint of a key pair or certificate file.
+    Fingerprint {
+        #[command(flatten)]
+        common: Common,
+        #[arg(value_name = "keyfile|certfile")]
+        path: PathBuf,
+    },
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -122,7 +144,9 @@ fn main() -> ExitCode {
         | Cmd::Role { common, .. }
         | Cmd::List { common, .. }
         | Cmd::Status { common, .. }
-        | Cmd::Dump { common, .. } => common,
+        | Cmd::Dump { common, .. }
+        | Cmd::Keygen { common, .. }
+        | Cmd::Fingerprint { common, .. } => common,
     };
     let level = match common.debug {
         0 => tracing::Level::WARN,
@@ -135,6 +159,14 @@ fn main() -> ExitCode {
         .with_target(false)
         .without_time()
         .init();
+    // Key pairs need no configuration.
+    match &cli.cmd {
+        Cmd::Keygen {
+            force, name, path, ..
+        } => return exit(keygen(path, name, *force)),
+        Cmd::Fingerprint { path, .. } => return exit(fingerprint(path)),
+        _ => {}
+    }
     let host = match &common.node {
         Some(n) => HostIdentity::node(n),
         None => HostIdentity::detect(),
@@ -169,8 +201,50 @@ fn main() -> ExitCode {
             let req = control::status_request(&only_all_means_empty(names));
             talk(&cfg, &req).map_or_else(|c| c, |nv| print_status(&nv))
         }
+        // Handled before the configuration is read.
+        Cmd::Keygen { .. } | Cmd::Fingerprint { .. } => 0,
     };
     exit(code)
+}
+
+/// `hastctl keygen`: write a key pair, print its fingerprint.
+fn keygen(path: &std::path::Path, name: &str, force: bool) -> i32 {
+    match hast::security::keygen::write(path, name, force) {
+        Ok(fp) => {
+            println!("{fp}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            match e {
+                hast::security::keygen::KeygenError::Exists { .. } => sysexits::EX_CANTCREAT,
+                hast::security::keygen::KeygenError::Write { .. } => sysexits::EX_CANTCREAT,
+                _ => sysexits::EX_SOFTWARE,
+            }
+        }
+    }
+}
+
+/// `hastctl fingerprint`: the key fingerprint of a key pair (its
+/// certificate's) or of the first certificate of a file.
+fn fingerprint(path: &std::path::Path) -> i32 {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("cannot read {}: {e}", path.display());
+            return sysexits::EX_NOINPUT;
+        }
+    };
+    match hast::security::tls::certificate_fingerprint(&bytes) {
+        Ok(fp) => {
+            println!("{fp}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            sysexits::EX_DATAERR
+        }
+    }
 }
 
 fn only_all_means_empty(names: &[String]) -> Vec<String> {
@@ -387,6 +461,18 @@ fn print_list(nv: &Nv) -> i32 {
         }
         if st.inconsistent {
             let _ = writeln!(out, "  {}", hast::metadata::INCONSISTENT_LINE);
+        }
+        if let Some(l) = &st.link {
+            // Extension: only for a resource whose `security` is not none.
+            let _ = writeln!(
+                out,
+                "  security: {} ({})",
+                l.security,
+                l.link.as_deref().unwrap_or("not connected")
+            );
+            if let Some(p) = &l.peerfingerprint {
+                let _ = writeln!(out, "  peerfingerprint: {p}");
+            }
         }
     }
     print!("{out}");

@@ -100,8 +100,17 @@ fn main() -> ExitCode {
         Some(n) => HostIdentity::node(n),
         None => HostIdentity::detect(),
     };
-    let cfg = match Config::load(&config_path, &host) {
+    let mut cfg = match Config::load(&config_path, &host) {
         Ok(c) => c,
+        Err(e) => {
+            eprintln!("hastd: {e}");
+            return exit(e.exit_code());
+        }
+    };
+    // Keys and secrets: refused when unreadable, malformed or readable by
+    // other users, before anything starts.
+    let tls = match hast::engine::credentials::load(&mut cfg) {
+        Ok(t) => t,
         Err(e) => {
             eprintln!("hastd: {e}");
             return exit(e.exit_code());
@@ -169,7 +178,7 @@ fn main() -> ExitCode {
             return exit(sysexits::EX_OSERR);
         }
     };
-    let daemon = Daemon::new(opts, cfg, pidfile, control, listeners);
+    let daemon = Daemon::new(opts, cfg, tls, pidfile, control, listeners);
     let code = runtime.block_on(daemon.run());
     exit(code)
 }

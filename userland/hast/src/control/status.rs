@@ -44,9 +44,24 @@ pub struct ResourceStatus {
     /// Extension: a synchronization from the peer toward this copy did not
     /// finish (nv `inconsistent%u`, uint8 1, only when set).
     pub inconsistent: bool,
+    /// Extension: how the replication link is protected, for a resource
+    /// whose `security` is not `none` (nv `security%u`, `link%u`,
+    /// `peerfingerprint%u`).
+    pub link: Option<LinkStatus>,
     /// Present for a primary, and for a secondary while its primary is
     /// connected (the reference reports nothing more otherwise).
     pub activity: Option<Activity>,
+}
+
+/// Extension: a resource's link security.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkStatus {
+    /// The configured `security` (`secret` or `tls`).
+    pub security: String,
+    /// What protects the connected link (absent while not connected).
+    pub link: Option<String>,
+    /// The connected peer's key fingerprint (TLS).
+    pub peerfingerprint: Option<String>,
 }
 
 /// The live part of a resource's status.
@@ -116,6 +131,15 @@ impl ResourceStatus {
         nv.add_i32(format!("workerpid{no}"), self.workerpid);
         if self.inconsistent {
             nv.add_u8(format!("inconsistent{no}"), 1);
+        }
+        if let Some(l) = &self.link {
+            nv.add_string(format!("security{no}"), l.security.as_str());
+            if let Some(d) = &l.link {
+                nv.add_string(format!("link{no}"), d.as_str());
+            }
+            if let Some(p) = &l.peerfingerprint {
+                nv.add_string(format!("peerfingerprint{no}"), p.as_str());
+            }
         }
         let Some(a) = &self.activity else {
             return;
@@ -193,6 +217,15 @@ impl ResourceStatus {
             role: s("role"),
             workerpid: nv.get_i32(&format!("workerpid{no}")).unwrap_or(0),
             inconsistent: nv.get_u8(&format!("inconsistent{no}")) == Some(1),
+            link: nv
+                .get_string(&format!("security{no}"))
+                .map(|security| LinkStatus {
+                    security: security.to_string(),
+                    link: nv.get_string(&format!("link{no}")).map(str::to_string),
+                    peerfingerprint: nv
+                        .get_string(&format!("peerfingerprint{no}"))
+                        .map(str::to_string),
+                }),
             activity,
         }
     }
@@ -262,6 +295,13 @@ mod tests {
             role: "primary".into(),
             workerpid: 77,
             inconsistent: true,
+            link: Some(LinkStatus {
+                security: "tls".into(),
+                link: Some(
+                    "encrypted and authenticated (TLS 1.3), TLS13_AES_128_GCM_SHA256".into(),
+                ),
+                peerfingerprint: Some(format!("sha256:{}", "ab".repeat(32))),
+            }),
             activity: Some(Activity {
                 status: "complete".into(),
                 dirty: 4 << 20,
@@ -345,14 +385,18 @@ mod tests {
             nv.get("done_queue_size3"),
             Some(Value::Uint64(13))
         ));
+        assert!(matches!(nv.get("security3"), Some(Value::String(s)) if s == "tls"));
         let plain = ResourceStatus {
             inconsistent: false,
             activity: None,
+            link: None,
             ..busy()
         };
         let mut nv = Nv::new();
         plain.to_nv(&mut nv, 0);
         assert!(nv.get("inconsistent0").is_none());
+        assert!(nv.get("security0").is_none());
+        assert!(nv.get("peerfingerprint0").is_none());
         assert!(nv.get("status0").is_none());
         assert!(nv.get("sync_total0").is_none());
     }

@@ -1,5 +1,9 @@
 //! hastd's side of the control socket: accepting hastctl connections,
-//! reading one bounded request each, and building replies.
+//! reading one bounded request each, and building replies. On a Unix
+//! socket, only clients running as root or as hastd's own user are served
+//! (their peer credentials: SO_PEERCRED on Linux, getpeereid on FreeBSD);
+//! the socket is created with mode 0600 in a directory that no other user
+//! can write to, both checked when it is bound.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,6 +25,11 @@ pub enum ControlBindError {
     /// Another process already serves this Unix socket.
     #[error("control socket {0} is in use by another process (another hastd with this control address?)")]
     InUse(PathBuf),
+    /// Another user could replace the socket: its directory is writable
+    /// by group or others (without the sticky bit) or belongs to another
+    /// user.
+    #[error("control socket directory {}: {why}", dir.display())]
+    UnsafeDir { dir: PathBuf, why: String },
     /// Binding or preparing the socket failed.
     #[error("unable to listen on control address {addr}: {source}")]
     Io {
@@ -69,6 +78,12 @@ impl ControlListener {
                     if !dir.as_os_str().is_empty() && !dir.exists() {
                         std::fs::create_dir_all(dir).map_err(io)?;
                     }
+                    let dir = if dir.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        dir
+                    };
+                    check_socket_dir(dir)?;
                 }
                 // Create the socket with no permissions for group and others
                 // from the start, then set exactly 0600.
@@ -81,6 +96,16 @@ impl ControlListener {
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
                     .map_err(io)?;
+                let mode = std::fs::symlink_metadata(path)
+                    .map_err(io)?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(io(std::io::Error::other(format!(
+                        "the socket has mode {:04o} after chmod 600",
+                        mode & 0o7777
+                    ))));
+                }
                 listener.set_nonblocking(true).map_err(io)?;
                 Ok(ControlListener::Unix {
                     listener,
@@ -88,6 +113,10 @@ impl ControlListener {
                 })
             }
             AddrKind::Tcp { .. } => {
+                tracing::warn!(
+                    "control socket {addr} is a TCP socket: clients have no credentials to check, \
+                     so anyone who can connect to it controls hastd; prefer a Unix socket"
+                );
                 let addrs = addr.socket_addrs().map_err(io)?;
                 let listener = std::net::TcpListener::bind(&addrs[..]).map_err(io)?;
                 listener.set_nonblocking(true).map_err(io)?;
@@ -105,9 +134,12 @@ impl ControlListener {
         match self {
             ControlListener::Unix { listener, path } => {
                 let listener = UnixListener::from_std(listener)?;
+                let euid = nix::unistd::geteuid().as_raw();
                 let task = tokio::spawn(async move {
                     crate::accept::serve(listener, "the control socket", None, |stream, _| {
-                        tokio::spawn(handle_client(stream, requests.clone()));
+                        if admitted(&stream, euid) {
+                            tokio::spawn(handle_client(stream, requests.clone()));
+                        }
                     })
                     .await;
                 });
@@ -126,6 +158,56 @@ impl ControlListener {
             }
         }
     }
+}
+
+/// Whether a control client may be served: its peer credentials say it
+/// runs as root or as hastd's user `euid`. Refusals are logged.
+fn admitted(stream: &tokio::net::UnixStream, euid: u32) -> bool {
+    match stream.peer_cred() {
+        Ok(c) if c.uid() == 0 || c.uid() == euid => true,
+        Ok(c) => {
+            tracing::warn!(
+                "control connection refused: the client runs as uid {} (pid {}), neither root nor hastd's user (uid {euid})",
+                c.uid(),
+                c.pid().map_or("unknown".to_string(), |p| p.to_string())
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!("control connection refused: its peer credentials cannot be read: {e}");
+            false
+        }
+    }
+}
+
+/// Whether `dir` may hold the control socket: owned by root or hastd's
+/// user, and not writable by group or others unless sticky (like /tmp,
+/// where others cannot remove or rename what is not theirs).
+pub fn check_socket_dir(dir: &Path) -> Result<(), ControlBindError> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(dir).map_err(|source| ControlBindError::Io {
+        addr: dir.display().to_string(),
+        source,
+    })?;
+    let unsafe_dir = |why: String| ControlBindError::UnsafeDir {
+        dir: dir.to_path_buf(),
+        why,
+    };
+    let euid = nix::unistd::geteuid().as_raw();
+    if md.uid() != 0 && md.uid() != euid {
+        return Err(unsafe_dir(format!(
+            "it belongs to uid {}, neither root nor hastd's user (uid {euid}); put the control socket elsewhere",
+            md.uid()
+        )));
+    }
+    let mode = md.mode();
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(unsafe_dir(format!(
+            "mode {:04o} lets group or others replace the socket; chmod go-w it (or use a sticky directory)",
+            mode & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 /// Remove a Unix control socket file when the daemon stops listening on it.

@@ -1,8 +1,13 @@
 //! The replication listeners (`listen` addresses): accept TCP connections
-//! from primaries, read the first handshake header (bounded, with a
-//! timeout) and hand it to the daemon's main loop, which decides.
+//! from primaries, tell TLS from plain version 2 by the first byte (a TLS
+//! handshake record starts with 22, a version-2 frame with its version),
+//! run the TLS handshake with this node's key when it is TLS, read the
+//! first handshake header (bounded, with a timeout) and hand it to the
+//! daemon's main loop, which decides (and checks, once the header names the
+//! resource, that the connection has what the resource requires).
 
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -12,15 +17,21 @@ use crate::addr::{Addr, AddrKind, Family};
 use crate::nv::Nv;
 use crate::proto::{self, Limits};
 
+use super::credentials::ServerTls;
+use super::transport::{Conn, TLS_HANDSHAKE_BYTE};
+
 /// How long a new connection may take to send its first header.
 const FIRST_HEADER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A connection with its first header read.
 pub struct Incoming {
-    pub stream: TcpStream,
+    pub stream: Conn,
     pub peer: SocketAddr,
     pub header: Nv,
 }
+
+/// The node's TLS server side as the listeners see it; replaced on reload.
+pub type TlsSlot = Arc<RwLock<ServerTls>>;
 
 /// Failure to listen.
 #[derive(Debug, thiserror::Error)]
@@ -78,10 +89,15 @@ impl Listeners {
     }
 
     /// Accept on every socket; first headers go to `tx`. Returns the tasks.
-    pub fn serve(self, tx: mpsc::Sender<Incoming>) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn serve(
+        self,
+        tx: mpsc::Sender<Incoming>,
+        tls: TlsSlot,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = Vec::new();
         for (name, l) in self.0 {
             let tx = tx.clone();
+            let tls = tls.clone();
             let listener = match TcpListener::from_std(l) {
                 Ok(l) => l,
                 Err(e) => {
@@ -92,7 +108,7 @@ impl Listeners {
             tracing::info!("listening for primaries on {name}");
             tasks.push(tokio::spawn(async move {
                 crate::accept::serve(listener, &name, None, |stream, peer| {
-                    tokio::spawn(first_header(stream, peer, tx.clone()));
+                    tokio::spawn(first_header(stream, peer, tx.clone(), tls.clone()));
                 })
                 .await;
             }));
@@ -126,19 +142,60 @@ fn bind_one(target: SocketAddr, family: Family) -> std::io::Result<std::net::Tcp
     Ok(l)
 }
 
-async fn first_header(mut stream: TcpStream, peer: SocketAddr, tx: mpsc::Sender<Incoming>) {
+async fn first_header(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tx: mpsc::Sender<Incoming>,
+    tls: TlsSlot,
+) {
+    let start = tokio::time::Instant::now();
+    let deadline = start + FIRST_HEADER_TIMEOUT;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        Ok(Ok(_)) => {
+            tracing::error!("connection from {peer} closed before its first header");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::error!("unable to receive the handshake header from {peer}: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::error!("no handshake header from {peer} within {FIRST_HEADER_TIMEOUT:?}");
+            return;
+        }
+    }
+    let mut conn = if first[0] == TLS_HANDSHAKE_BYTE {
+        let node = tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(node) = node else {
+            tracing::error!(
+                "TLS connection from {peer} refused: no resource of this node has `security tls` \
+                 (with a `keyfile`); set them up here, or `security none` on the primary"
+            );
+            return;
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match Conn::tls_accept(stream, node.config.clone(), left).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(
+                    "TLS handshake with {peer} failed: {e}{}",
+                    accept_hint(&e, &node.key)
+                );
+                return;
+            }
+        }
+    } else {
+        Conn::Plain(stream)
+    };
     let limits = Limits::HEADERS_ONLY;
-    match tokio::time::timeout(
-        FIRST_HEADER_TIMEOUT,
-        proto::read_frame_async(&mut stream, limits),
-    )
-    .await
-    {
+    match tokio::time::timeout_at(deadline, proto::read_frame_async(&mut conn, limits)).await {
         Ok(Ok((header, _))) => {
-            let _ = stream.set_nodelay(true);
+            conn.set_nodelay();
             let _ = tx
                 .send(Incoming {
-                    stream,
+                    stream: conn,
                     peer,
                     header,
                 })
@@ -148,5 +205,25 @@ async fn first_header(mut stream: TcpStream, peer: SocketAddr, tx: mpsc::Sender<
         Err(_) => {
             tracing::error!("no handshake header from {peer} within {FIRST_HEADER_TIMEOUT:?}")
         }
+    }
+}
+
+/// What to change, after a failed TLS handshake with a primary.
+fn accept_hint(e: &std::io::Error, ours: &crate::security::Fingerprint) -> String {
+    use rustls::AlertDescription as A;
+    let tls = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(rustls::Error::AlertReceived(
+            A::BadCertificate | A::UnknownCA | A::CertificateUnknown | A::AccessDenied,
+        )) => format!(
+            " (the primary does not accept this node's key {ours}: put it in the primary's \
+             `peerfingerprint` for the resource, or check its `cafile`)"
+        ),
+        Some(rustls::Error::NoCertificatesPresented) => {
+            " (the primary presented no certificate: give it a `keyfile`)".to_string()
+        }
+        _ => String::new(),
     }
 }

@@ -3,7 +3,9 @@
 //! reloads the configuration with the reference's rules; SIGINT and SIGTERM
 //! stop cleanly).
 
+pub mod admission;
 pub mod control_server;
+pub mod credentials;
 pub mod link;
 pub mod listen;
 pub mod primary;
@@ -11,6 +13,7 @@ pub mod probe;
 pub mod reload;
 pub mod resource;
 pub mod secondary;
+pub mod transport;
 
 use std::path::PathBuf;
 
@@ -25,7 +28,7 @@ use crate::nv::Nv;
 use crate::pidfile::Pidfile;
 use crate::role::Role;
 use control_server::{ControlListener, ControlRequest};
-use listen::{Incoming, Listeners};
+use listen::{Incoming, Listeners, TlsSlot};
 use resource::Resource;
 
 /// Safe promotion: refuse a copy whose synchronization from the peer did
@@ -110,6 +113,9 @@ pub struct Daemon {
     control: Option<ControlListener>,
     listeners: Option<Listeners>,
     listen_tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The node's TLS server side (this node's key), shared with the
+    /// listeners and replaced on reload.
+    tls: TlsSlot,
 }
 
 /// The live control socket: its accept task and its path (Unix sockets).
@@ -128,11 +134,13 @@ impl Serving {
 }
 
 impl Daemon {
-    /// A daemon for `cfg` whose pidfile is locked and control socket bound.
-    /// Every resource starts in role init.
+    /// A daemon for `cfg` (with its credentials loaded by
+    /// [`credentials::load`], which gave `tls`) whose pidfile is locked and
+    /// control socket bound. Every resource starts in role init.
     pub fn new(
         opts: Options,
         cfg: Config,
+        tls: credentials::ServerTls,
         pidfile: Pidfile,
         control: ControlListener,
         listeners: Listeners,
@@ -146,6 +154,7 @@ impl Daemon {
             control: Some(control),
             listeners: Some(listeners),
             listen_tasks: Vec::new(),
+            tls: std::sync::Arc::new(std::sync::RwLock::new(tls)),
         }
     }
 
@@ -169,7 +178,7 @@ impl Daemon {
         let (itx, mut irx) = mpsc::channel::<Incoming>(64);
         let (ptx, mut prx) = mpsc::channel::<PendingRole>(16);
         if let Some(l) = self.listeners.take() {
-            self.listen_tasks = l.serve(itx.clone());
+            self.listen_tasks = l.serve(itx.clone(), self.tls.clone());
         }
         let mut serving = match self.start_serving(&tx) {
             Ok(s) => s,
@@ -193,7 +202,7 @@ impl Daemon {
                         for t in self.listen_tasks.drain(..) {
                             t.abort();
                         }
-                        self.listen_tasks = l.serve(itx.clone());
+                        self.listen_tasks = l.serve(itx.clone(), self.tls.clone());
                     }
                     if let Some(new_control) = new_control {
                         self.control = Some(new_control);
@@ -233,6 +242,8 @@ impl Daemon {
     }
 
     /// A replication connection from a primary, with its first header.
+    /// Once the header names the resource, the connection must have what
+    /// the resource's `security` requires ([`admission::admit`]).
     async fn incoming(&mut self, inc: Incoming) {
         use crate::handshake::{Attach, Hello, Welcome};
         let Incoming {
@@ -273,7 +284,11 @@ impl Daemon {
                 }
             };
             match find(&self.resources, &attach.resource) {
-                Ok(i) => self.resources[i].attach(stream, peer, attach),
+                Ok(i) => {
+                    let res = &mut self.resources[i];
+                    let admitted = admission::admit(res.config(), &stream, attach.mac.is_some());
+                    res.attach(stream, peer, attach, admitted)
+                }
                 Err(_) => tracing::error!(
                     "client {peer} has no access to resource {:?}",
                     attach.resource
@@ -283,12 +298,22 @@ impl Daemon {
         }
         if header.get_u8("probe") == Some(1) {
             let name = header.get_string("resource").unwrap_or("");
+            // A malformed challenge counts as none (refused where needed).
+            let nonce = Hello::from_nv(&header).ok().and_then(|h| h.nonce);
             let answer = match find(&self.resources, name) {
                 Ok(i) => {
                     let res = &self.resources[i];
-                    match res.probe_counters().await {
-                        Ok(c) => probe::answer(res.role(), c),
-                        Err(e) => refuse(&format!("Cannot read metadata: {e}")).to_nv(),
+                    match admission::admit(res.config(), &stream, nonce.is_some()) {
+                        Err(refusal) => {
+                            tracing::error!(
+                                "[{name}] promotion probe from {peer} refused: {refusal}"
+                            );
+                            refuse(&refusal.to_string()).to_nv()
+                        }
+                        Ok(_) => match res.probe_counters().await {
+                            Ok(c) => probe::answer_for(res.config(), nonce, res.role(), c),
+                            Err(e) => refuse(&format!("Cannot read metadata: {e}")).to_nv(),
+                        },
                     }
                 }
                 Err(_) => refuse("Resource not configured.").to_nv(),
@@ -314,8 +339,20 @@ impl Daemon {
                 refuse("No access to the resource.")
             }
             Ok(i) => {
-                self.resources[i].hello(stream, peer).await;
-                return;
+                let res = &mut self.resources[i];
+                match admission::admit(res.config(), &stream, hello.nonce.is_some()) {
+                    Ok(info) => {
+                        res.hello(stream, peer, info, hello.nonce).await;
+                        return;
+                    }
+                    Err(refusal) => {
+                        tracing::error!(
+                            "[{}] connection from {peer} refused: {refusal}",
+                            hello.resource
+                        );
+                        refuse(&refusal.to_string())
+                    }
+                }
             }
         };
         let _ = crate::proto::write_frame_async(&mut stream, &answer.to_nv(), &[]).await;

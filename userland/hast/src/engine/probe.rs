@@ -4,14 +4,20 @@
 //! FreeBSD hastd ignores the field and answers as to any hello, which still
 //! tells when it is primary. Promotion is refused when the peer is primary
 //! or holds newer data; an unreachable peer does not stop it.
+//!
+//! The probe goes over the link the resource's `security` requires (TLS
+//! with the peer's key checked; with a shared secret, the answer carries
+//! a MAC over the prober's challenge, and one without it counts as no
+//! answer).
 
 use std::time::Duration;
 
 use crate::config::ResourceConfig;
-use crate::handshake::Hello;
+use crate::handshake::{Hello, MAC_FIELD, NONCE_FIELD};
 use crate::nv::Nv;
 use crate::proto::{self, Limits, HAST_PROTO_VERSION};
 use crate::role::Role;
+use crate::security::secret::{self, Nonce, Secret, Step, Transcript, MAC_SIZE, NONCE_SIZE};
 use crate::splitbrain::{self, Counters, Decision, SyncSrc};
 
 /// Longest wait for the peer's answer.
@@ -59,6 +65,69 @@ pub fn answer(role: Role, counters: Counters) -> Nv {
     nv
 }
 
+/// The answer to a probe for resource `cfg` whose hello carried the
+/// prober's challenge `nonce`: with a shared secret, [`answer`] with this
+/// node's nonce and a MAC over both and what it says.
+pub fn answer_for(
+    cfg: &ResourceConfig,
+    nonce: Option<Nonce>,
+    role: Role,
+    counters: Counters,
+) -> Nv {
+    let mut nv = answer(role, counters);
+    if let (Ok(Some(s)), Some(theirs)) = (super::link::secret_of(cfg), nonce) {
+        let ours = secret::nonce();
+        let mac = s.mac(
+            Step::Probe,
+            &probe_transcript(&cfg.name, &theirs, &ours),
+            &probe_fields(counters),
+            role.as_str().as_bytes(),
+        );
+        nv.add_u8_array(NONCE_FIELD, ours.to_vec())
+            .add_u8_array(MAC_FIELD, mac.to_vec());
+    }
+    nv
+}
+
+fn probe_transcript<'a>(resource: &'a str, prober: &'a Nonce, answer: &'a Nonce) -> Transcript<'a> {
+    Transcript {
+        resource,
+        primary_nonce: prober,
+        secondary_nonce: answer,
+        token: &[],
+    }
+}
+
+fn probe_fields(c: Counters) -> [u64; 3] {
+    [c.resuid, c.localcnt, c.remotecnt]
+}
+
+/// Whether a probe answer carries the right MAC for our challenge `ours`
+/// (over the role and counters it states).
+fn authentic(nv: &Nv, s: &Secret, resource: &str, ours: &Nonce) -> bool {
+    let (Some(theirs), Some(mac)) = (nv.get_u8_array(NONCE_FIELD), nv.get_u8_array(MAC_FIELD))
+    else {
+        return false;
+    };
+    let Ok(theirs) = <[u8; NONCE_SIZE]>::try_from(theirs) else {
+        return false;
+    };
+    let get = |n| nv.get_u64(n).unwrap_or(0);
+    let counters = Counters {
+        resuid: get("resuid"),
+        localcnt: get("localcnt"),
+        remotecnt: get("remotecnt"),
+    };
+    mac.len() == MAC_SIZE
+        && s.verify(
+            Step::Probe,
+            &probe_transcript(resource, ours, &theirs),
+            &probe_fields(counters),
+            nv.get_string("role").unwrap_or("").as_bytes(),
+            mac,
+        )
+}
+
 /// What a peer's answer to a probe says about it.
 pub fn parse(nv: &Nv) -> PeerState {
     if nv.get_u8("probe") == Some(1) {
@@ -92,13 +161,19 @@ pub async fn probe(cfg: &ResourceConfig) -> PeerState {
     let Some(remote) = &cfg.remote_addr else {
         return PeerState::Unreachable("remote none".into());
     };
-    let mut s = match super::link::dial(cfg, remote, PROBE_TIMEOUT).await {
+    let secret = match super::link::secret_of(cfg) {
         Ok(s) => s,
         Err(e) => return PeerState::Unreachable(e.to_string()),
     };
+    let mut s = match super::link::open(cfg, remote, PROBE_TIMEOUT).await {
+        Ok(s) => s,
+        Err(e) => return PeerState::Unreachable(e.to_string()),
+    };
+    let nonce = secret.map(|_| secret::nonce());
     let mut hello = Hello {
         resource: cfg.name.clone(),
         version: HAST_PROTO_VERSION,
+        nonce,
     }
     .to_nv();
     hello.add_u8("probe", 1);
@@ -108,7 +183,17 @@ pub async fn probe(cfg: &ResourceConfig) -> PeerState {
         proto::read_frame_async(&mut s, limits).await
     };
     match tokio::time::timeout(PROBE_TIMEOUT, exchange).await {
-        Ok(Ok((nv, _))) => parse(&nv),
+        Ok(Ok((nv, _))) => match (secret, &nonce) {
+            (Some(s), Some(ours))
+                if nv.get_u8("probe") == Some(1) && !authentic(&nv, s, &cfg.name, ours) =>
+            {
+                PeerState::Unknown(
+                    "the peer's answer failed the shared-secret check (the secretfiles differ?)"
+                        .into(),
+                )
+            }
+            _ => parse(&nv),
+        },
         Ok(Err(e)) => PeerState::Unreachable(e.to_string()),
         Err(_) => PeerState::Unreachable("no answer".into()),
     }

@@ -4,7 +4,11 @@
 //! init; added ones start in init; a changed provider name or local path
 //! (and, for a resource in init or secondary, any replication setting)
 //! restarts the resource: init, then back to its role. A primary takes
-//! changed replication settings in place.
+//! changed replication settings in place. Keys, CA files and secrets are
+//! read again: a file that cannot be used (or that other users can read)
+//! leaves everything as it was; new keys, pins or secrets apply to the
+//! next connection, and a running session is re-established with them
+//! (a secondary restarts, a primary reconnects).
 
 use crate::config::{Config, ResourceConfig};
 use crate::pidfile::Pidfile;
@@ -37,6 +41,7 @@ fn replication_settings_differ(old: &ResourceConfig, new: &ResourceConfig) -> bo
         || old.timeout != new.timeout
         || old.exec != new.exec
         || old.metaflush != new.metaflush
+        || old.security != new.security
 }
 
 impl Daemon {
@@ -45,8 +50,16 @@ impl Daemon {
     /// `listen` addresses changed (the caller swaps them in).
     pub(super) async fn reload(&mut self) -> (Option<ControlListener>, Option<Listeners>) {
         tracing::info!("reloading configuration...");
-        let newcfg = match Config::load(&self.opts.config_path, &self.opts.host) {
+        let mut newcfg = match Config::load(&self.opts.config_path, &self.opts.host) {
             Ok(c) => c,
+            Err(e) => {
+                tracing::error!("{e}");
+                tracing::warn!("configuration not reloaded");
+                return (None, None);
+            }
+        };
+        let tls = match super::credentials::load(&mut newcfg) {
+            Ok(t) => t,
             Err(e) => {
                 tracing::error!("{e}");
                 tracing::warn!("configuration not reloaded");
@@ -151,6 +164,7 @@ impl Daemon {
         }
         self.resources = resources;
         self.cfg = newcfg;
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
         tracing::info!("configuration reloaded successfully");
         (new_control, new_listeners)
     }

@@ -14,11 +14,14 @@ use crate::role::Role;
 use crate::stats::{AtomicRequestStats, Queues};
 use crate::sysexits;
 
+use super::admission::{Refusal, SecretExchange};
 use super::primary::{Primary, PrimaryError};
 use super::secondary::{self, Local};
+use super::transport::{Conn, LinkInfo};
+use crate::config::SecurityMode;
 use crate::handshake::{Attach, Welcome, TOKEN_SIZE};
+use crate::security::secret::{self as secret_mode, Nonce};
 use std::sync::atomic::{AtomicBool, Ordering};
-use tokio::net::TcpStream;
 
 /// Why a resource could not take the role it was given.
 #[derive(Debug, thiserror::Error)]
@@ -80,12 +83,24 @@ impl Active {
     }
 }
 
+/// A primary's first connection, waiting for its second one.
+struct Pending {
+    conn: Conn,
+    token: [u8; TOKEN_SIZE],
+    /// How the first connection is protected.
+    info: LinkInfo,
+    /// The challenges of `security secret`.
+    exchange: Option<SecretExchange>,
+}
+
 /// A secondary's connection state: the first connection of a primary
 /// waiting for its second one, and the running session.
 #[derive(Default)]
 struct SecondaryState {
-    pending: Option<(TcpStream, [u8; TOKEN_SIZE])>,
+    pending: Option<Pending>,
     session: Option<tokio::task::JoinHandle<()>>,
+    /// How the running session's link is protected.
+    link: Arc<Mutex<Option<LinkInfo>>>,
     connected: Arc<AtomicBool>,
     stats: Arc<AtomicRequestStats>,
     slots: secondary::Slots,
@@ -98,6 +113,7 @@ impl SecondaryState {
             s.abort();
         }
         self.connected.store(false, Ordering::SeqCst);
+        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Stop the session and wait for the I/O it had started.
@@ -335,11 +351,20 @@ impl Resource {
             .is_ok_and(|addrs| addrs.iter().any(|a| same_ip(a.ip(), ip)))
     }
 
-    /// Step 1 of a primary's connection: answer on `stream` and keep it
-    /// until the second connection presents the token.
-    pub async fn hello(&mut self, mut stream: TcpStream, peer: std::net::SocketAddr) {
+    /// Step 1 of a primary's connection (admitted as `info`, with its
+    /// challenge `nonce` under `security secret`): answer on `stream` and
+    /// keep it until the second connection presents the token.
+    pub async fn hello(
+        &mut self,
+        mut stream: Conn,
+        peer: std::net::SocketAddr,
+        info: LinkInfo,
+        nonce: Option<Nonce>,
+    ) {
         use crate::proto::write_frame_async;
         let role = self.role;
+        let creds = self.cfg.security.credentials.clone();
+        let resource = self.cfg.name.clone();
         let refusal = match &mut self.active {
             Some(Active::Secondary { sec, .. }) => {
                 if sec.session.is_some() || sec.pending.is_some() {
@@ -347,15 +372,33 @@ impl Resource {
                 }
                 sec.stop_session();
                 let token: [u8; TOKEN_SIZE] = rand::random();
+                let exchange = match (info.mode, creds, nonce) {
+                    (SecurityMode::Secret, Some(creds), Some(primary_nonce)) => {
+                        Some(SecretExchange {
+                            creds,
+                            resource,
+                            primary_nonce,
+                            secondary_nonce: secret_mode::nonce(),
+                            token,
+                        })
+                    }
+                    _ => None,
+                };
                 let welcome = Welcome::Accepted {
                     version: crate::proto::HAST_PROTO_VERSION,
                     token,
+                    nonce: exchange.as_ref().map(|x| x.secondary_nonce),
                 };
                 if let Err(e) = write_frame_async(&mut stream, &welcome.to_nv(), &[]).await {
                     tracing::error!("unable to answer {peer}: {e}");
                     return;
                 }
-                sec.pending = Some((stream, token));
+                sec.pending = Some(Pending {
+                    conn: stream,
+                    token,
+                    info,
+                    exchange,
+                });
                 return;
             }
             _ => Welcome::Refused {
@@ -371,21 +414,59 @@ impl Resource {
         let _ = write_frame_async(&mut stream, &refusal.to_nv(), &[]).await;
     }
 
-    /// Step 2: the second connection with its token; starts the session.
-    pub fn attach(&mut self, stream: TcpStream, peer: std::net::SocketAddr, attach: Attach) {
+    /// Step 2: the second connection with its token (`admitted` says
+    /// whether it has what the resource requires); starts the session.
+    pub fn attach(
+        &mut self,
+        stream: Conn,
+        peer: std::net::SocketAddr,
+        attach: Attach,
+        admitted: Result<LinkInfo, Refusal>,
+    ) {
         let cfg = self.cfg.clone();
         let Some(Active::Secondary { provider, md, sec }) = &mut self.active else {
             tracing::error!("connection from {peer} with a token, but we are not secondary");
             return;
         };
-        let Some((conn1, token)) = sec.pending.take() else {
+        let Some(pending) = sec.pending.take() else {
             tracing::error!("token received from {peer} without a first connection");
             return;
         };
-        if token != attach.token {
+        if pending.token != attach.token {
             tracing::error!("token received from {peer} doesn't match");
             return;
         }
+        let checked = admitted.and_then(|info| {
+            if let Some(x) = &pending.exchange {
+                x.verify_attach(&attach)?;
+            }
+            if info != pending.info {
+                return Err(Refusal::Mismatch {
+                    resource: cfg.name.clone(),
+                });
+            }
+            Ok(info)
+        });
+        let Pending {
+            conn: conn1,
+            exchange,
+            ..
+        } = pending;
+        let info = match checked {
+            Ok(info) => info,
+            Err(refusal) => {
+                tracing::error!("[{}] connection from {peer} refused: {refusal}", cfg.name);
+                // The primary waits for the answer on its first connection.
+                tokio::spawn(async move {
+                    let mut conn1 = conn1;
+                    let mut nv = crate::nv::Nv::new();
+                    nv.add_string("errmsg", refusal.to_string());
+                    let _ = crate::proto::write_frame_async(&mut conn1, &nv, &[]).await;
+                });
+                return;
+            }
+        };
+        let link = sec.link.clone();
         let local = Local {
             provider: provider.clone(),
             md: md.clone(),
@@ -401,15 +482,26 @@ impl Resource {
                 let mut conn1 = conn1;
                 // The session this one replaces may have I/O running.
                 slots.drain().await;
-                match secondary::answer_attach(&mut conn1, &local, &attach).await {
+                match secondary::answer_attach(&mut conn1, &local, &attach, exchange.as_ref()).await
+                {
                     Ok(decision) => {
                         tracing::info!("[{name}] primary {peer} connected ({decision:?})");
+                        if info.mode != SecurityMode::None {
+                            tracing::info!(
+                                "[{name}] link: {}{}",
+                                info.describe(),
+                                info.peer
+                                    .map_or(String::new(), |p| format!(", peer key {p}"))
+                            );
+                        }
+                        *link.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
                         connected.store(true, Ordering::SeqCst);
                         hooks::run(cfg.exec.as_deref(), &name, &Event::Connect);
-                        let _ = stream.set_nodelay(true);
+                        stream.set_nodelay();
                         let why =
                             secondary::serve(conn1, stream, local, stats, slots, attach.synctrack)
                                 .await;
+                        *link.lock().unwrap_or_else(|p| p.into_inner()) = None;
                         connected.store(false, Ordering::SeqCst);
                         tracing::warn!("[{name}] primary {peer} disconnected: {why}");
                         hooks::run(cfg.exec.as_deref(), &name, &Event::Disconnect);
@@ -480,6 +572,20 @@ impl Resource {
             role: self.role.as_str().to_string(),
             ..Default::default()
         };
+        let link = match &self.active {
+            Some(Active::Primary { primary, .. }) => primary.replicator().link_info(),
+            Some(Active::Secondary { sec, .. }) => {
+                sec.link.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            }
+            None => None,
+        };
+        if cfg.security.mode != SecurityMode::None {
+            st.link = Some(crate::control::status::LinkStatus {
+                security: cfg.security.mode.as_str().to_string(),
+                link: link.as_ref().map(LinkInfo::describe),
+                peerfingerprint: link.and_then(|l| l.peer).map(|p| p.to_string()),
+            });
+        }
         let Some(active) = &self.active else {
             return st;
         };

@@ -1,43 +1,69 @@
-//! Dialing the peer (bound to `source`) and the primary's side of the
-//! version-2 handshake: hello, welcome, attach with the counters, the
-//! secondary's geometry and activemap merged into the sync map.
+//! Dialing the peer (bound to `source`, with TLS when the resource has
+//! `security tls`) and the primary's side of the version-2 handshake:
+//! hello, welcome, attach with the counters, the secondary's geometry and
+//! activemap merged into the sync map; with `security secret`, the
+//! challenges and answers of [`crate::security::secret`].
 
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 
 use crate::addr::{Addr, AddrKind};
-use crate::config::ResourceConfig;
+use crate::config::{ResourceConfig, SecurityMode};
 use crate::handshake::{Attach, Geometry, Hello, Welcome};
 use crate::proto::{self, Limits, HAST_PROTO_VERSION};
+use crate::security::secret::{self, Nonce, Secret, Step, Transcript};
+use crate::security::tls::{self, PinnedServerVerifier};
+use crate::security::Credentials;
 
-use super::{lock, LinkError, Replicator};
+use super::super::transport::{Conn, LinkInfo};
+use super::{lock, LinkError, Replicator, SecurityError};
+
+/// The two connections of an established link, the peer's answer and how
+/// the link is protected.
+pub(super) struct Connected {
+    pub(super) out: Conn,
+    pub(super) inc: Conn,
+    pub(super) geo: Geometry,
+    pub(super) info: LinkInfo,
+}
 
 impl Replicator {
-    /// The handshake; on success the two connections and the peer's answer.
+    /// The handshake; on success the two connections, the peer's answer
+    /// and how the link is protected.
     pub(super) async fn connect(
         &self,
         cfg: &ResourceConfig,
         remote: &Addr,
-    ) -> Result<(TcpStream, TcpStream, Geometry), LinkError> {
+    ) -> Result<Connected, LinkError> {
         let timeout = Duration::from_secs(u64::from(cfg.timeout.max(1)));
         let limits = Limits::HEADERS_ONLY;
-        let mut out = dial(cfg, remote, timeout).await?;
+        let secret = secret_of(cfg)?;
+        let mut out = open(cfg, remote, timeout).await?;
+        let primary_nonce = secret.map(|_| secret::nonce());
         let hello = Hello {
             resource: cfg.name.clone(),
             version: HAST_PROTO_VERSION,
+            nonce: primary_nonce,
         };
         proto::write_frame_async(&mut out, &hello.to_nv(), &[]).await?;
         let (nv, _) = tokio::time::timeout(timeout, proto::read_frame_async(&mut out, limits))
             .await
             .map_err(|_| LinkError::Timeout(remote.to_string()))??;
-        let token = match Welcome::from_nv(&nv)? {
-            Welcome::Accepted { token, .. } => token,
+        let (token, secondary_nonce) = match Welcome::from_nv(&nv)? {
+            Welcome::Accepted { token, nonce, .. } => (token, nonce),
             Welcome::Refused { errmsg, .. } => {
                 return Err(crate::handshake::HandshakeError::Refused(errmsg).into())
             }
         };
-        let mut inc = dial(cfg, remote, timeout).await?;
+        // With a shared secret, the secondary must have answered the
+        // challenge with its own.
+        let exchange = match (secret, primary_nonce, secondary_nonce) {
+            (Some(s), Some(p), Some(n)) => Some((s, p, n)),
+            (Some(_), _, _) => return Err(SecurityError::NoSecretAnswer.into()),
+            (None, _, _) => None,
+        };
+        let mut inc = open(cfg, remote, timeout).await?;
         let (virgin, resuid, localcnt, remotecnt) = {
             let m = lock(&self.md).clone();
             (m.resuid == 0, m.resuid, m.localcnt, m.remotecnt)
@@ -51,7 +77,7 @@ impl Replicator {
         } else {
             resuid
         };
-        let attach = Attach {
+        let mut attach = Attach {
             resource: cfg.name.clone(),
             token,
             virgin,
@@ -59,7 +85,12 @@ impl Replicator {
             localcnt,
             remotecnt,
             synctrack: true,
+            mac: None,
         };
+        if let Some((s, p, n)) = &exchange {
+            let t = transcript(&cfg.name, p, n, &token);
+            attach.mac = Some(s.mac(Step::Attach, &t, &attach.auth_fields(), &[]));
+        }
         proto::write_frame_async(&mut inc, &attach.to_nv(), &[]).await?;
         let (ours_size, ours_extent, mapsize) = {
             let m = lock(&self.md);
@@ -72,6 +103,15 @@ impl Replicator {
                 .await
                 .map_err(|_| LinkError::Timeout(remote.to_string()))??;
         let geo = Geometry::from_nv(&nv)?;
+        if let Some((s, p, n)) = &exchange {
+            let t = transcript(&cfg.name, p, n, &token);
+            let ok = geo
+                .mac
+                .is_some_and(|mac| s.verify(Step::Geometry, &t, &geo.auth_fields(), &map, &mac));
+            if !ok {
+                return Err(SecurityError::BadSecretAnswer.into());
+            }
+        }
         if u64::try_from(geo.datasize).ok() != Some(ours_size) {
             return Err(LinkError::Mismatch {
                 what: "data size",
@@ -104,7 +144,78 @@ impl Replicator {
                 .map_merge(&map)
                 .map_err(LinkError::local("merging the peer's activemap"))?;
         }
-        Ok((out, inc, geo))
+        let info = match &out {
+            Conn::Tls(_) => LinkInfo {
+                mode: SecurityMode::Tls,
+                suite: out.suite(),
+                peer: out
+                    .peer_certificates()
+                    .and_then(|c| c.first().and_then(|c| tls::PeerIdentity::of(c).ok()))
+                    .map(|id| id.key),
+            },
+            Conn::Plain(_) if exchange.is_some() => LinkInfo {
+                mode: SecurityMode::Secret,
+                suite: None,
+                peer: None,
+            },
+            Conn::Plain(_) => LinkInfo::default(),
+        };
+        Ok(Connected {
+            out,
+            inc,
+            geo,
+            info,
+        })
+    }
+}
+
+fn transcript<'a>(
+    resource: &'a str,
+    primary: &'a Nonce,
+    secondary: &'a Nonce,
+    token: &'a [u8],
+) -> Transcript<'a> {
+    Transcript {
+        resource,
+        primary_nonce: primary,
+        secondary_nonce: secondary,
+        token,
+    }
+}
+
+/// The shared secret of a resource with `security secret` (an error when
+/// it was not loaded), None for the other modes.
+pub(crate) fn secret_of(cfg: &ResourceConfig) -> Result<Option<&Secret>, LinkError> {
+    match (cfg.security.mode, cfg.security.credentials.as_deref()) {
+        (SecurityMode::Secret, Some(Credentials::Secret(s))) => Ok(Some(s)),
+        (SecurityMode::Secret, _) => Err(SecurityError::NotLoaded.into()),
+        _ => Ok(None),
+    }
+}
+
+/// A connection to the peer as the resource's `security` requires: plain
+/// TCP, or TLS whose peer the resource's policy accepts.
+pub(crate) async fn open(
+    cfg: &ResourceConfig,
+    remote: &Addr,
+    timeout: Duration,
+) -> Result<Conn, LinkError> {
+    let tcp = dial(cfg, remote, timeout).await?;
+    if cfg.security.mode != SecurityMode::Tls {
+        return Ok(Conn::Plain(tcp));
+    }
+    let Some(Credentials::Tls { key, peer }) = cfg.security.credentials.as_deref() else {
+        return Err(SecurityError::NotLoaded.into());
+    };
+    let verifier = PinnedServerVerifier::new(peer.clone());
+    let client = tls::client_config(key, verifier.clone()).map_err(SecurityError::Config)?;
+    match Conn::tls_connect(tcp, client, timeout).await {
+        Ok(c) => Ok(c),
+        Err(e) => Err(match verifier.refusal() {
+            Some(reason) => SecurityError::PeerRefused(reason),
+            None => SecurityError::handshake(remote, key.identity.key, e),
+        }
+        .into()),
     }
 }
 

@@ -14,7 +14,7 @@ mod record;
 mod resync;
 mod session;
 
-pub(crate) use connect::dial;
+pub(crate) use connect::{open, secret_of};
 pub use resync::Progress;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +28,10 @@ use crate::dataplane::{Dataplane, DataplaneError};
 use crate::hooks::{self, Event};
 use crate::metadata::Metadata;
 use crate::proto;
+use crate::security::tls::PeerRefused;
+use crate::security::Fingerprint;
+
+use super::transport::LinkInfo;
 
 use session::{Session, SYNC_SEQ_BASE};
 
@@ -93,6 +97,67 @@ pub enum LinkError {
     Unanswered(u64),
     #[error("session closed")]
     Closed,
+    #[error("{0}")]
+    Security(#[from] SecurityError),
+    /// The keys, pins or secrets changed (SIGHUP): the session is
+    /// re-established with the new ones.
+    #[error("the resource's security settings changed; reconnecting with the new ones")]
+    Rekey,
+}
+
+/// Why the link's protection could not be set up with the peer.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    #[error("the credentials of the resource are not loaded")]
+    NotLoaded,
+    #[error("the TLS configuration cannot be built: {0}")]
+    Config(rustls::Error),
+    #[error("TLS handshake refused: {0}")]
+    PeerRefused(PeerRefused),
+    #[error("TLS handshake with {addr} failed: {source}{hint}")]
+    Handshake {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+        hint: String,
+    },
+    #[error("the peer did not answer the shared-secret challenge: it runs without `security secret` for this resource (or is a FreeBSD hastd); set `security secret` and the same `secretfile` for it there")]
+    NoSecretAnswer,
+    #[error("the peer's answer to the shared-secret challenge is wrong: the `secretfile`s of the two nodes differ (or the answer was forged)")]
+    BadSecretAnswer,
+}
+
+impl SecurityError {
+    /// A failed TLS handshake toward `remote`, with what to change.
+    pub(super) fn handshake(
+        remote: &crate::addr::Addr,
+        ours: Fingerprint,
+        source: std::io::Error,
+    ) -> SecurityError {
+        use rustls::AlertDescription as A;
+        let tls = source
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        let hint = match (source.kind(), tls) {
+            (_, Some(rustls::Error::AlertReceived(
+                A::BadCertificate | A::UnknownCA | A::CertificateUnknown | A::AccessDenied,
+            ))) => format!(
+                " (the peer does not accept this node's key {ours}: put it in the peer's `peerfingerprint` for the resource, or check its `cafile`)"
+            ),
+            (_, Some(rustls::Error::InvalidMessage(_))) => {
+                " (the peer did not answer in TLS: set `security tls`, `keyfile` and `peerfingerprint` for the resource on it)".to_string()
+            }
+            (std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset, _) => {
+                " (the peer closed the connection during the TLS handshake: it does not accept TLS (`security none` for the resource, no `keyfile`, or a FreeBSD hastd): set `security tls`, `keyfile` and `peerfingerprint` for it there)".to_string()
+            }
+            _ => String::new(),
+        };
+        SecurityError::Handshake {
+            addr: remote.to_string(),
+            source,
+            hint,
+        }
+    }
 }
 
 impl LinkError {
@@ -124,6 +189,11 @@ pub struct Replicator {
     first_attempt: watch::Sender<bool>,
     /// Bytes of writes sent to the peer since the last flush of both sides.
     unflushed_bytes: AtomicU64,
+    /// How the current session's link is protected.
+    link: Mutex<Option<LinkInfo>>,
+    /// Counts changes of the security settings: a session started before
+    /// a change ends, and the link is re-established with the new keys.
+    rekey: watch::Sender<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -147,6 +217,8 @@ impl Replicator {
             connected: AtomicBool::new(false),
             first_attempt: watch::channel(false).0,
             unflushed_bytes: AtomicU64::new(0),
+            link: Mutex::new(None),
+            rekey: watch::channel(0).0,
         })
     }
 
@@ -161,9 +233,24 @@ impl Replicator {
         self.connected.load(Ordering::SeqCst)
     }
 
-    /// Take new replication settings (SIGHUP on a primary).
+    /// Take new replication settings (SIGHUP on a primary). New keys,
+    /// pins or secrets end the running session: it is re-established with
+    /// them, never left on the old ones.
     pub fn set_config(&self, cfg: ResourceConfig) {
-        *lock(&self.cfg) = cfg;
+        let rekey = {
+            let mut cur = lock(&self.cfg);
+            let changed = cur.security != cfg.security;
+            *cur = cfg;
+            changed
+        };
+        if rekey {
+            self.rekey.send_modify(|g| *g = g.wrapping_add(1));
+        }
+    }
+
+    /// How the current session's link is protected (None without one).
+    pub fn link_info(&self) -> Option<LinkInfo> {
+        lock(&self.link).clone()
     }
 
     fn cfg(&self) -> ResourceConfig {
@@ -179,6 +266,10 @@ impl Replicator {
             if *stop.borrow() {
                 return;
             }
+            // Subscribed before the settings are read: a change after this
+            // point ends the session that uses them.
+            let mut rekey = self.rekey.subscribe();
+            rekey.borrow_and_update();
             let cfg = self.cfg();
             let Some(remote) = cfg.remote_addr.clone() else {
                 // `remote none`: stay degraded.
@@ -191,13 +282,31 @@ impl Replicator {
                     attempt = 0;
                     last_error.clear();
                     split_brain_reported = false;
+                    if parts.info.mode != crate::config::SecurityMode::None {
+                        tracing::info!(
+                            "link to {remote}: {}{}",
+                            parts.info.describe(),
+                            parts
+                                .info
+                                .peer
+                                .map_or(String::new(), |p| format!(", peer key {p}"))
+                        );
+                    }
+                    *lock(&self.link) = Some(parts.info.clone());
                     let ended = tokio::select! {
                         r = self.clone().session(parts, &cfg) => r,
                         _ = stop.changed() => LinkError::Closed,
+                        _ = rekey.changed() => LinkError::Rekey,
                     };
+                    *lock(&self.link) = None;
+                    let rekeyed = matches!(ended, LinkError::Rekey);
                     self.disconnect(&cfg, &ended);
                     if *stop.borrow() {
                         return;
+                    }
+                    if rekeyed {
+                        // Reconnect at once with the new settings.
+                        continue;
                     }
                 }
                 Err(e) => {

@@ -9,18 +9,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Checksum, Compression, ResourceConfig};
 use crate::core::{SyncDir, Upcall, UpcallKind};
 use crate::dataplane::{Dataplane, HostUpcall};
-use crate::handshake::Geometry;
 use crate::hooks::{self, Event};
 use crate::proto::{self, Limits};
 use crate::splitbrain::SyncSrc;
 use crate::wire::{Cmd, Reply, Request};
 
+use super::connect::Connected;
 use super::{lock, LinkError, Replicator};
 use crate::wire::{MAX_IO, MAX_IO_BYTES};
 
@@ -253,10 +253,10 @@ impl Replicator {
     /// Run a connected session until it fails.
     pub(super) async fn session(
         self: Arc<Self>,
-        parts: (TcpStream, TcpStream, Geometry),
+        parts: Connected,
         cfg: &ResourceConfig,
     ) -> LinkError {
-        let (out, inc, geo) = parts;
+        let Connected { out, inc, geo, .. } = parts;
         let (tx, rx) = mpsc::unbounded_channel();
         let waiters = Arc::new(Mutex::new(HashMap::new()));
         *lock(&self.session) = Some(Session {
@@ -381,8 +381,8 @@ fn flush_unsupported(error: i16) -> bool {
 
 /// Write requests to connection 1, in the order they were queued, with a
 /// keepalive after [`KEEPALIVE`] idle.
-async fn send_loop(
-    mut out: TcpStream,
+async fn send_loop<W: AsyncWrite + Unpin>(
+    mut out: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     compression: Compression,
     checksum: Checksum,
@@ -419,8 +419,8 @@ async fn send_loop(
 }
 
 /// Read replies from connection 2 and hand them to their waiters.
-async fn recv_loop(
-    mut inc: TcpStream,
+async fn recv_loop<R: AsyncRead + Unpin>(
+    mut inc: R,
     waiters: Arc<Mutex<HashMap<u64, (Waiter, Instant)>>>,
     dp: Arc<dyn Dataplane>,
 ) -> LinkError {

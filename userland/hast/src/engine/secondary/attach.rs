@@ -9,14 +9,18 @@ use crate::metadata::METADATA_SIZE;
 use crate::proto::{self};
 use crate::splitbrain::{self, Counters, Decision, MapToSend, SPLIT_BRAIN_MSG};
 
+use super::super::admission::SecretExchange;
 use super::{Local, SessionError, MAX_IO};
 
 /// Step 2 on the secondary: decide, answer with the geometry and the map
-/// on `conn_in` (connection 1). Returns the decision on success.
+/// on `conn_in` (connection 1), sealed with the shared secret's MAC when
+/// the connection attempt is an `exchange`. Returns the decision on
+/// success.
 pub async fn answer_attach<W: AsyncWrite + Unpin>(
     conn_in: &mut W,
     local: &Local,
     attach: &Attach,
+    exchange: Option<&SecretExchange>,
 ) -> Result<Decision, SessionError> {
     let (mine, datasize, extentsize) = local.counters();
     let theirs = Counters {
@@ -100,7 +104,7 @@ pub async fn answer_attach<W: AsyncWrite + Unpin>(
             })?
         }
     };
-    let geo = Geometry {
+    let mut geo = Geometry {
         datasize: i64::try_from(datasize).unwrap_or(i64::MAX),
         extentsize: i32::try_from(extentsize).unwrap_or(i32::MAX),
         localcnt: mine.localcnt,
@@ -110,7 +114,11 @@ pub async fn answer_attach<W: AsyncWrite + Unpin>(
         mapsize: u32::try_from(map.len()).unwrap_or(0),
         maxio: u32::try_from(MAX_IO).ok(),
         synctrack: true,
+        mac: None,
     };
+    if let Some(x) = exchange {
+        geo.mac = x.seal_geometry(&geo, &map);
+    }
     proto::write_frame_async(conn_in, &geo.to_nv(), &map).await?;
     Ok(decision)
 }
