@@ -14,7 +14,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hast_tests::cluster::{Cluster, Mode};
 
@@ -287,4 +287,622 @@ fn tls_pair_syncs_fails_over_and_resyncs_with_identical_data() {
     same_data(&c);
     assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
     assert!(c.running("alpha") && c.running("beta"));
+}
+
+// ---------------------------------------------------------------------------
+// Refusals
+
+/// Connect from `node`'s namespace to `to`, send `bytes` (then close the
+/// writing half when `close`), and read until the peer closes or 10 s
+/// pass: what it answered.
+fn send_from(c: &Cluster, node: &str, to: SocketAddr, bytes: Vec<u8>, close: bool) -> Vec<u8> {
+    in_netns(c, node, move || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(&bytes);
+        if close {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    })
+}
+
+/// A TLS client with `key` (a key pair file) pinning `peer`: completes the
+/// handshake with `to` from `node`'s namespace, then writes `raw` bytes
+/// (records of its own making) on the TCP stream and reads until the
+/// peer closes. Returns whether the handshake completed.
+fn tls_then_raw(
+    c: &Cluster,
+    node: &str,
+    to: SocketAddr,
+    key: &Path,
+    peer: &str,
+    raw: Vec<u8>,
+    close: bool,
+) -> bool {
+    use hast::security::tls::{self, NodeKey, PeerPolicy, PinnedServerVerifier};
+    let key = NodeKey::from_pem(&std::fs::read(key).unwrap()).unwrap();
+    let policy = PeerPolicy {
+        pin: Some(hast::security::Fingerprint::parse(peer).unwrap()),
+        ca: None,
+    };
+    let cfg = tls::client_config(&key, PinnedServerVerifier::new(Arc::new(policy))).unwrap();
+    in_netns(c, node, move || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut conn = rustls::ClientConnection::new(cfg, tls::peer_name()).unwrap();
+        while conn.is_handshaking() {
+            if conn.complete_io(&mut s).is_err() {
+                return false;
+            }
+        }
+        let _ = s.write_all(&raw);
+        if close {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        true
+    })
+}
+
+/// Pseudo-random bytes (splitmix64).
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            (z ^ (z >> 31)) as u8
+        })
+        .collect()
+}
+
+/// After a refused attempt: nothing written on beta, both daemons up,
+/// alpha degraded (when it is primary).
+fn nothing_happened(c: &mut Cluster, before: &[u8], alpha_primary: bool) {
+    assert!(c.running("alpha") && c.running("beta"), "a daemon died");
+    assert!(
+        beta_provider(c) == before,
+        "a refused peer changed beta's provider"
+    );
+    let b = c.list_res("beta", "r0").unwrap();
+    assert_eq!(b.role, "secondary");
+    assert!(b.status.is_none(), "beta counts a connected primary: {b}");
+    if alpha_primary {
+        let a = c.list_res("alpha", "r0").unwrap();
+        assert_eq!(a.status.as_deref(), Some("degraded"), "{a}");
+    }
+}
+
+/// Start alpha as primary with the current hast.conf, wait for `alpha_says`
+/// and `beta_says` in the logs, check nothing happened, and take alpha
+/// back down.
+fn refused(c: &mut Cluster, before: &[u8], alpha_says: &str, beta_says: &str) {
+    c.start("alpha").unwrap();
+    c.role("alpha", "r0", "primary").unwrap();
+    wait_log(c, "alpha", alpha_says);
+    wait_log(c, "beta", beta_says);
+    // A few more attempts (quick retries) change nothing either.
+    std::thread::sleep(Duration::from_secs(2));
+    nothing_happened(c, before, true);
+    c.stop("alpha").unwrap();
+}
+
+/// Every way a TLS connection can be refused: a primary with the wrong
+/// key, a secondary whose key the primary does not know, a plain primary
+/// toward a TLS resource and a TLS primary toward a plain one, garbage
+/// and truncated TLS records in and after the handshake. Each time both
+/// daemons log why (and what to change), nothing is written on the
+/// secondary, and both stay up; then the right configuration pairs.
+#[test]
+fn tls_refusals_write_nothing_and_keep_both_daemons_up() {
+    let mut c = cluster(32 * MIB);
+    let k = keys(&c);
+    let (other, other_fp) = keygen(&c, "alpha", "other.key");
+    let good = tls_conf(&k);
+    append_conf(&c, &good);
+    let base = std::fs::read_to_string(c.conf()).unwrap();
+    let base = base.strip_suffix(&format!("{good}\n")).unwrap().to_string();
+    let conf = c.conf().to_path_buf();
+    let with = |extra: &str| {
+        std::fs::write(&conf, format!("{base}{good}\n{extra}\n")).unwrap();
+    };
+    c.start("beta").unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    let before = beta_provider(&c);
+
+    // The wrong key on the primary: the secondary refuses it after the
+    // hello names the resource, and says so to the primary.
+    with(&format!("on alpha {{\n\tkeyfile {}\n}}", other.display()));
+    refused(
+        &mut c,
+        &before,
+        &format!(
+            "peer refused: resource r0: the primary's certificate is refused: the peer's key is {other_fp}, not the pinned {}",
+            k.alpha_fp
+        ),
+        "[r0] connection from 10.77.1.1",
+    );
+    assert!(log_has(&c, "beta", "the primary's certificate is refused"));
+
+    // An unknown fingerprint: the secondary's key is not the one the
+    // primary pins; the primary aborts the handshake.
+    with(&format!("on alpha {{\n\tpeerfingerprint {other_fp}\n}}"));
+    refused(
+        &mut c,
+        &before,
+        &format!(
+            "TLS handshake refused: the peer's key is {}, not the pinned {other_fp}",
+            k.beta_fp
+        ),
+        &format!(
+            "(the primary does not accept this node's key {}: put it in the primary's `peerfingerprint`",
+            k.beta_fp
+        ),
+    );
+
+    // A plain primary toward the TLS resource.
+    with("on alpha {\n\tsecurity none\n}");
+    refused(
+        &mut c,
+        &before,
+        "peer refused: resource r0 requires TLS (security tls) and the primary connected without it",
+        "refused: resource r0 requires TLS (security tls) and the primary connected without it",
+    );
+
+    // Garbage and truncated TLS records, from alpha's address.
+    let beta = beta_addr(&c);
+    let mut garbage = vec![0x16, 0x03, 0x01, 0x00, 0x40];
+    garbage.extend(noise(64, 1));
+    assert!(send_from(&c, "alpha", beta, garbage, false).len() < 64);
+    wait_log(&c, "beta", "TLS handshake with 10.77.1.1");
+    let handshakes = log_count(&c, "beta", "TLS handshake with 10.77.1.1");
+    let mut truncated = vec![0x16, 0x03, 0x01, 0x02, 0x00];
+    truncated.extend(noise(100, 2));
+    send_from(&c, "alpha", beta, truncated, true);
+    c.wait_for("beta logs the truncated handshake", T, |c| {
+        log_count(c, "beta", "TLS handshake with 10.77.1.1") > handshakes
+    })
+    .unwrap();
+    // A complete handshake with alpha's key, then records that do not
+    // decrypt, and a record cut short.
+    let headers = log_count(
+        &c,
+        "beta",
+        "unable to receive the handshake header from 10.77.1.1",
+    );
+    let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x40];
+    record.extend(noise(64, 3));
+    assert!(tls_then_raw(
+        &c, "alpha", beta, &k.alpha, &k.beta_fp, record, false
+    ));
+    let mut short = vec![0x17, 0x03, 0x03, 0x10, 0x00];
+    short.extend(noise(200, 4));
+    assert!(tls_then_raw(
+        &c, "alpha", beta, &k.alpha, &k.beta_fp, short, true
+    ));
+    c.wait_for("beta logs both bad records", T, |c| {
+        log_count(
+            c,
+            "beta",
+            "unable to receive the handshake header from 10.77.1.1",
+        ) >= headers + 2
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log("beta").unwrap()));
+    c.start("alpha").unwrap();
+    nothing_happened(&mut c, &before, false);
+    c.stop("alpha").unwrap();
+
+    // A TLS primary toward a plain resource (beta has no TLS resource and
+    // no key at all).
+    std::fs::write(
+        c.conf(),
+        format!(
+            "{base}on alpha {{\n\tsecurity tls\n\tkeyfile {}\n\tpeerfingerprint {}\n}}\n",
+            k.alpha.display(),
+            k.beta_fp
+        ),
+    )
+    .unwrap();
+    c.restart("beta").unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    assert!(beta_provider(&c) == before);
+    refused(
+        &mut c,
+        &before,
+        "(the peer closed the connection during the TLS handshake: it does not accept TLS",
+        "TLS connection from 10.77.1.1",
+    );
+    assert!(log_has(
+        &c,
+        "beta",
+        "no resource of this node has `security tls`"
+    ));
+
+    // The right configuration pairs, and replicates.
+    with("");
+    c.restart("beta").unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    c.start("alpha").unwrap();
+    c.role("alpha", "r0", "primary").unwrap();
+    wait_in_sync(&c, "alpha");
+    let reference = reference_image(&c);
+    write(&c, "alpha", &reference, 0x5c, MIB, 2 * MIB);
+    c.wait_list("alpha", "r0", T, |s| s.dirty == 0).unwrap();
+    same_data(&c);
+}
+
+// ---------------------------------------------------------------------------
+// A proxy between the nodes
+
+/// A TCP proxy in a node's namespace toward `target`: it records what
+/// each connection's client sent (its first 256 KiB) and, when armed,
+/// flips one byte of the client's stream once more than 64 KiB have
+/// passed (past any handshake).
+struct Proxy {
+    port: u16,
+    flip: Arc<AtomicBool>,
+    flipped: Arc<AtomicU64>,
+    /// Client-to-server bytes of each connection, in accept order.
+    sent: Arc<Mutex<Vec<Vec<u8>>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+const RECORD: usize = 256 * 1024;
+const FLIP_AFTER: u64 = 64 * 1024;
+
+fn proxy(c: &Cluster, node: &str, listen: std::net::Ipv4Addr, target: SocketAddr) -> Proxy {
+    let ns = c.netns(node).unwrap().expect("netns mode");
+    let flip = Arc::new(AtomicBool::new(false));
+    let flipped = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (f, fd, s, st) = (flip.clone(), flipped.clone(), sent.clone(), stop.clone());
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        // SAFETY: setns(2) on this thread only, with a namespace file we hold open.
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let l = TcpListener::bind((listen, 0)).unwrap();
+        l.set_nonblocking(true).unwrap();
+        tx.send(l.local_addr().unwrap().port()).unwrap();
+        while !st.load(Ordering::SeqCst) {
+            let (client, _) = match l.accept() {
+                Ok(a) => a,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            client.set_nonblocking(false).unwrap();
+            let Ok(server) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
+                continue;
+            };
+            let idx = {
+                let mut v = s.lock().unwrap();
+                v.push(Vec::new());
+                v.len() - 1
+            };
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (f, fd, s) = (f.clone(), fd.clone(), s.clone());
+            // Client to server: recorded, maybe flipped.
+            std::thread::spawn(move || {
+                let (mut from, mut to) = (client, server);
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut total = 0u64;
+                loop {
+                    let n = match from.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let chunk = &mut buf[..n];
+                    {
+                        let mut v = s.lock().unwrap();
+                        let rec = &mut v[idx];
+                        let room = RECORD.saturating_sub(rec.len()).min(n);
+                        rec.extend_from_slice(&chunk[..room]);
+                    }
+                    total += n as u64;
+                    if total > FLIP_AFTER && f.swap(false, Ordering::SeqCst) {
+                        chunk[n / 2] ^= 0x01;
+                        fd.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if to.write_all(chunk).is_err() {
+                        break;
+                    }
+                }
+                let _ = to.shutdown(std::net::Shutdown::Both);
+                let _ = from.shutdown(std::net::Shutdown::Both);
+            });
+            // Server to client: as it is.
+            std::thread::spawn(move || {
+                let (mut from, mut to) = (s2, c2);
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(std::net::Shutdown::Both);
+                let _ = from.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    let port = rx.recv_timeout(T).expect("the proxy listens");
+    Proxy {
+        port,
+        flip,
+        flipped,
+        sent,
+        stop,
+    }
+}
+
+/// Point alpha's `remote` for r0 at a proxy in alpha's namespace that
+/// forwards to beta.
+fn through_proxy(c: &Cluster) -> Proxy {
+    let alpha_ip = c.addr("alpha", "beta").unwrap();
+    let beta = beta_addr(c);
+    let p = proxy(c, "alpha", alpha_ip, beta);
+    edit_conf(
+        c,
+        &format!("remote tcp4://{}:{}", beta.ip(), beta.port()),
+        &format!("remote tcp4://{alpha_ip}:{}", p.port),
+    );
+    p
+}
+
+/// A proxy that flips one bit of a TLS record on its way to the
+/// secondary: the record does not decrypt, the session drops and is
+/// re-established, and the data ends identical. Then what the primary
+/// sent on both connections, replayed to the secondary, is refused (a
+/// fresh handshake with new randoms) and writes nothing.
+#[test]
+fn flipped_tls_byte_drops_the_session_and_replayed_handshakes_are_refused() {
+    let mut c = cluster(64 * MIB);
+    let k = keys(&c);
+    append_conf(&c, &tls_conf(&k));
+    let p = through_proxy(&c);
+    c.start_all().unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    c.role("alpha", "r0", "primary").unwrap();
+    wait_in_sync(&c, "alpha");
+    let reference = reference_image(&c);
+    write(&c, "alpha", &reference, 0x61, 0, 4 * MIB);
+    let sessions = log_count(&c, "alpha", "connected to ");
+
+    p.flip.store(true, Ordering::SeqCst);
+    write(&c, "alpha", &reference, 0x62, 8 * MIB, 16 * MIB);
+    c.wait_for("the proxy flips a byte", T, |_| {
+        p.flipped.load(Ordering::SeqCst) == 1
+    })
+    .unwrap();
+    wait_log(&c, "beta", "cannot decrypt peer's message");
+    c.wait_for("alpha reconnects", T, |c| {
+        log_count(c, "alpha", "connected to ") > sessions
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log("alpha").unwrap()));
+    wait_in_sync(&c, "alpha");
+    same_data(&c);
+    assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
+    assert!(c.running("alpha") && c.running("beta"));
+
+    // Replays: what alpha sent on the first two connections of a session.
+    // The promotion probe, then the session's two connections.
+    let sent = p.sent.lock().unwrap().clone();
+    assert!(sent.len() >= 3, "{} connections", sent.len());
+    c.stop("alpha").unwrap();
+    c.wait_list("beta", "r0", T, |s| s.status.is_none())
+        .unwrap();
+    let before = beta_provider(&c);
+    let beta = beta_addr(&c);
+    let failed = log_count(&c, "beta", "TLS handshake with 10.77.1.1");
+    for conn in &sent[1..3] {
+        assert_eq!(conn[0], 0x16, "a TLS client's first record");
+        send_from(&c, "alpha", beta, conn.clone(), true);
+    }
+    c.wait_for("beta refuses both replays", T, |c| {
+        log_count(c, "beta", "TLS handshake with 10.77.1.1") >= failed + 2
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log("beta").unwrap()));
+    assert!(c.running("beta"));
+    assert!(
+        beta_provider(&c) == before,
+        "a replay changed beta's provider"
+    );
+    assert!(c.list_res("beta", "r0").unwrap().status.is_none());
+}
+
+// ---------------------------------------------------------------------------
+// The shared-secret mode
+
+/// Write a secret file of mode 0600.
+fn secret_file(c: &Cluster, name: &str, secret: &str) -> PathBuf {
+    let path = c.dir().join(name);
+    std::fs::write(&path, format!("{secret}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// The first frame of `bytes` (a version-2 frame without payload).
+fn first_frame(bytes: &[u8]) -> Vec<u8> {
+    let size = u32::from_le_bytes(bytes[1..5].try_into().unwrap()) as usize;
+    bytes[..5 + size].to_vec()
+}
+
+/// A shared-secret pair authenticates both nodes and replicates (not
+/// encrypted, and `hastctl list` says so); a wrong secret, a primary
+/// without the mode and a secondary without it are refused with a log
+/// line on both sides; a recorded handshake replayed, as it was or with
+/// the new token, is refused; nothing is written on the secondary and
+/// both daemons stay up.
+#[test]
+fn shared_secret_authenticates_and_refuses_wrong_secrets_and_replays() {
+    let mut c = cluster(32 * MIB);
+    let good = secret_file(&c, "secret", "correct horse battery staple 42");
+    let bad = secret_file(&c, "wrong", "incorrect horse battery staple");
+    let p = through_proxy(&c);
+    let base = std::fs::read_to_string(c.conf()).unwrap();
+    let conf = c.conf().to_path_buf();
+    let with = |extra: &str| {
+        std::fs::write(
+            &conf,
+            format!(
+                "{base}security secret\nsecretfile {}\n{extra}\n",
+                good.display()
+            ),
+        )
+        .unwrap();
+    };
+    with("");
+    c.start_all().unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    c.role("alpha", "r0", "primary").unwrap();
+    wait_in_sync(&c, "alpha");
+    let reference = reference_image(&c);
+    write(&c, "alpha", &reference, 0x71, 2 * MIB, 4 * MIB);
+    c.wait_list("alpha", "r0", T, |s| s.dirty == 0).unwrap();
+    same_data(&c);
+    for node in ["alpha", "beta"] {
+        let (sec, peer) = link_lines(&c, node);
+        assert_eq!(
+            sec, "secret (authenticated handshake (shared secret), not encrypted)",
+            "{node}"
+        );
+        assert_eq!(peer, "", "no key to show");
+    }
+    let sent = p.sent.lock().unwrap().clone();
+    c.stop("alpha").unwrap();
+    c.wait_list("beta", "r0", T, |s| s.status.is_none())
+        .unwrap();
+    let before = beta_provider(&c);
+
+    // Replays of the recorded hello and attach.
+    // The session's hello (not the promotion probe's) and attach.
+    let frames: Vec<(Vec<u8>, hast::nv::Nv)> = sent
+        .iter()
+        .map(|conn| {
+            let f = first_frame(conn);
+            let (nv, _) =
+                hast::proto::read_frame(&mut &f[..], hast::proto::Limits::HEADERS_ONLY).unwrap();
+            (f, nv)
+        })
+        .collect();
+    let hello = frames
+        .iter()
+        .find(|(_, nv)| nv.get("probe").is_none() && nv.get("token").is_none())
+        .expect("a recorded hello")
+        .0
+        .clone();
+    let attach = frames
+        .iter()
+        .find(|(_, nv)| nv.get("token").is_some())
+        .expect("a recorded attach")
+        .0
+        .clone();
+    let beta = beta_addr(&c);
+    let (h, a) = (hello.clone(), attach.clone());
+    let answers = in_netns(&c, "alpha", move || {
+        use hast::proto::{read_frame, Limits};
+        let connect = || {
+            let s = TcpStream::connect_timeout(&beta, Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        };
+        // As recorded: the token is an old one.
+        let mut s1 = connect();
+        s1.write_all(&h).unwrap();
+        let (welcome, _) = read_frame(&mut s1, Limits::HEADERS_ONLY).unwrap();
+        let mut s2 = connect();
+        s2.write_all(&a).unwrap();
+        let mut rest = Vec::new();
+        let _ = s2.read_to_end(&mut rest);
+        drop(s1);
+        // With the new token put in: the MAC covers the new nonce and
+        // token, which the recording cannot know.
+        let mut s1 = connect();
+        s1.write_all(&h).unwrap();
+        let (welcome2, _) = read_frame(&mut s1, Limits::HEADERS_ONLY).unwrap();
+        let (old, _) = read_frame(&mut &a[..], Limits::HEADERS_ONLY).unwrap();
+        let mut forged = hast::nv::Nv::new();
+        for (name, value) in old.iter() {
+            if name == "token" {
+                forged.add_u8_array("token", welcome2.get_u8_array("token").unwrap().to_vec());
+            } else {
+                forged.add(name, value.clone());
+            }
+        }
+        let mut s2 = connect();
+        s2.write_all(&hast::proto::encode_frame(&forged, &[]).unwrap())
+            .unwrap();
+        let refusal = read_frame(&mut s1, Limits::HEADERS_ONLY).map(|(nv, _)| nv);
+        (welcome, welcome2, refusal)
+    });
+    let (w1, w2, refusal) = answers;
+    assert!(w1.get_u8_array("nonce").is_some() && w2.get_u8_array("nonce").is_some());
+    assert_ne!(
+        w1.get_u8_array("nonce"),
+        w2.get_u8_array("nonce"),
+        "fresh nonces"
+    );
+    wait_log(&c, "beta", "token received from 10.77.1.1");
+    wait_log(&c, "beta", "the primary failed the shared-secret challenge");
+    let refusal = refusal.expect("beta answers the forged attach on connection 1");
+    assert!(
+        refusal
+            .get_string("errmsg")
+            .is_some_and(|m| m.contains("failed the shared-secret challenge")),
+        "{refusal:?}"
+    );
+    c.start("alpha").unwrap();
+    nothing_happened(&mut c, &before, false);
+    c.stop("alpha").unwrap();
+
+    // A wrong secret on the primary.
+    with(&format!("on alpha {{\n\tsecretfile {}\n}}", bad.display()));
+    refused(
+        &mut c,
+        &before,
+        "peer refused: resource r0: the primary failed the shared-secret challenge",
+        "refused: resource r0: the primary failed the shared-secret challenge",
+    );
+    // A primary without the mode.
+    with("on alpha {\n\tsecurity none\n}");
+    refused(
+        &mut c,
+        &before,
+        "peer refused: resource r0 requires shared-secret authentication",
+        "refused: resource r0 requires shared-secret authentication",
+    );
+    // A secondary without it.
+    with("on beta {\n\tsecurity none\n}");
+    c.restart("beta").unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    refused(
+        &mut c,
+        &before,
+        "peer refused: resource r0 has `security none` on this node but the primary asks for shared-secret authentication",
+        "refused: resource r0 has `security none` on this node but the primary asks",
+    );
+    // Back to the same secret: the pair resumes where it was.
+    with("");
+    c.restart("beta").unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    c.start("alpha").unwrap();
+    c.role("alpha", "r0", "primary").unwrap();
+    wait_in_sync(&c, "alpha");
+    write(&c, "alpha", &reference, 0x72, 20 * MIB, MIB);
+    c.wait_list("alpha", "r0", T, |s| s.dirty == 0).unwrap();
+    same_data(&c);
+    assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
 }
