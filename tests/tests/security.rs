@@ -906,3 +906,256 @@ fn shared_secret_authenticates_and_refuses_wrong_secrets_and_replays() {
     same_data(&c);
     assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
 }
+
+// ---------------------------------------------------------------------------
+// Key and secret files, key rotation
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// `hastd -F -c CONF --node NODE` in this namespace: its exit code and
+/// standard error (for a start that must fail before it binds anything
+/// of the node's network).
+fn hastd_fails(c: &Cluster, node: &str) -> (i32, String) {
+    let out = std::process::Command::new(hast_tests::bin("hastd"))
+        .args(["-F", "-c"])
+        .arg(c.conf())
+        .args(["--node", node])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The line of hast.conf holding `what`.
+fn conf_line(c: &Cluster, what: &str) -> usize {
+    std::fs::read_to_string(c.conf())
+        .unwrap()
+        .lines()
+        .position(|l| l.contains(what))
+        .expect("the statement is in hast.conf")
+        + 1
+}
+
+/// A key or secret file that group or others can read is refused when
+/// hastd starts (exit 78, the file's configuration line and the chmod to
+/// run) and on SIGHUP (the configuration is not reloaded; the running
+/// link goes on).
+#[test]
+fn loose_key_or_secret_files_are_refused_at_start_and_on_reload() {
+    let mut c = cluster(16 * MIB);
+    let k = keys(&c);
+    append_conf(&c, &tls_conf(&k));
+    let conf = c.conf().display().to_string();
+    chmod(&k.alpha, 0o640);
+    let (code, err) = hastd_fails(&c, "alpha");
+    let line = conf_line(&c, &format!("keyfile {}", k.alpha.display()));
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains(&format!(
+            "hastd: {conf}:{line}: keyfile: {} has mode 0640: it must not be readable or writable by group or others (chmod 600 {})",
+            k.alpha.display(),
+            k.alpha.display()
+        )),
+        "{err}"
+    );
+    chmod(&k.alpha, 0o600);
+    // A secret file too.
+    let secret = secret_file(&c, "secret", "correct horse battery staple 42");
+    chmod(&secret, 0o604);
+    let text = std::fs::read_to_string(c.conf()).unwrap();
+    std::fs::write(
+        c.conf(),
+        format!(
+            "{text}on beta {{\n\tsecurity secret\n\tsecretfile {}\n}}\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let (code, err) = hastd_fails(&c, "beta");
+    let line = conf_line(&c, &format!("secretfile {}", secret.display()));
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{conf}:{line}: secretfile: {} has mode 0604",
+            secret.display()
+        )),
+        "{err}"
+    );
+    std::fs::write(c.conf(), text).unwrap();
+
+    // Started right, then loosened and reloaded: refused, the link stays.
+    c.start_all().unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    c.role("alpha", "r0", "primary").unwrap();
+    wait_in_sync(&c, "alpha");
+    chmod(&k.alpha, 0o644);
+    c.signal("alpha", libc::SIGHUP).unwrap();
+    wait_log(&c, "alpha", "configuration not reloaded");
+    assert!(log_has(
+        &c,
+        "alpha",
+        &format!("keyfile: {} has mode 0644", k.alpha.display())
+    ));
+    let reference = reference_image(&c);
+    write(&c, "alpha", &reference, 0x81, 0, 2 * MIB);
+    wait_in_sync(&c, "alpha");
+    same_data(&c);
+    chmod(&k.alpha, 0o600);
+    c.signal("alpha", libc::SIGHUP).unwrap();
+    wait_log(&c, "alpha", "configuration reloaded successfully");
+    assert!(c.running("alpha") && c.running("beta"));
+}
+
+/// New keys and pins on SIGHUP: the running sessions are re-established
+/// with them (the secondary shows the primary's new key), whether the key
+/// moved to a new file or was replaced in place; data written after is
+/// replicated.
+#[test]
+fn keys_rotated_on_sighup_re_establish_the_session() {
+    let mut c = cluster(16 * MIB);
+    let k = keys(&c);
+    append_conf(&c, &tls_conf(&k));
+    c.start_all().unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    c.role("alpha", "r0", "primary").unwrap();
+    wait_in_sync(&c, "alpha");
+    assert_eq!(link_lines(&c, "beta").1, k.alpha_fp);
+    let reference = reference_image(&c);
+
+    // alpha's key moves to a new file; beta pins it.
+    let (new_key, new_fp) = keygen(&c, "alpha", "alpha-2026.key");
+    edit_conf(
+        &c,
+        &format!("keyfile {}", k.alpha.display()),
+        &format!("keyfile {}", new_key.display()),
+    );
+    edit_conf(
+        &c,
+        &format!("peerfingerprint {}", k.alpha_fp),
+        &format!("peerfingerprint {new_fp}"),
+    );
+    // The primary first: its running session ends at once (the
+    // secondary refuses the new key until it reloads too).
+    c.signal("alpha", libc::SIGHUP).unwrap();
+    wait_log(&c, "alpha", "security settings changed; reconnecting");
+    wait_log(
+        &c,
+        "alpha",
+        &format!("the peer's key is {new_fp}, not the pinned {}", k.alpha_fp),
+    );
+    c.signal("beta", libc::SIGHUP).unwrap();
+    c.wait_for("beta shows alpha's new key", T, |c| {
+        link_lines(c, "beta").1 == new_fp
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log("beta").unwrap()));
+    wait_in_sync(&c, "alpha");
+    write(&c, "alpha", &reference, 0x91, 0, 2 * MIB);
+    wait_in_sync(&c, "alpha");
+    same_data(&c);
+
+    // beta's key replaced in place (same file); alpha pins the new one.
+    let out = c
+        .hastctl_ok("beta", &["keygen", "-f", &k.beta.display().to_string()])
+        .unwrap();
+    let beta_fp = out.trim().to_string();
+    assert_ne!(beta_fp, k.beta_fp);
+    edit_conf(
+        &c,
+        &format!("peerfingerprint {}", k.beta_fp),
+        &format!("peerfingerprint {beta_fp}"),
+    );
+    let rekeys = log_count(&c, "alpha", "security settings changed; reconnecting");
+    c.signal("alpha", libc::SIGHUP).unwrap();
+    // The running session ends; beta still presents its old key.
+    wait_log(
+        &c,
+        "alpha",
+        &format!(
+            "TLS handshake refused: the peer's key is {}, not the pinned {beta_fp}",
+            k.beta_fp
+        ),
+    );
+    c.signal("beta", libc::SIGHUP).unwrap();
+    c.wait_for("alpha shows beta's new key", T, |c| {
+        link_lines(c, "alpha").1 == beta_fp
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log("alpha").unwrap()));
+    assert!(log_count(&c, "alpha", "security settings changed; reconnecting") > rekeys);
+    wait_in_sync(&c, "alpha");
+    write(&c, "alpha", &reference, 0x92, 4 * MIB, 2 * MIB);
+    wait_in_sync(&c, "alpha");
+    same_data(&c);
+    assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
+}
+
+// ---------------------------------------------------------------------------
+// The control socket
+
+/// `hastctl status` run as nobody (setpriv): its exit code.
+fn hastctl_as_nobody(c: &Cluster, node: &str) -> hast_tests::Run {
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(hast_tests::bin("hastctl"))
+        .arg("status")
+        .arg("-c")
+        .arg(c.conf())
+        .args(["--node", node])
+        .output()
+        .unwrap();
+    out.into()
+}
+
+/// A client running as another user is refused: by the socket's mode
+/// as hastd creates it, and, when an administrator loosened the socket,
+/// by hastd itself from the client's peer credentials, with a log line.
+/// A control socket directory others could write to is refused at start.
+#[test]
+fn control_socket_refuses_other_users() {
+    let mut c = cluster(16 * MIB);
+    c.start("alpha").unwrap();
+    let ctl = c.dir().join("alpha.ctl");
+    let mode = std::fs::metadata(&ctl).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the socket's mode");
+    let r = hastctl_as_nobody(&c, "alpha");
+    assert_ne!(r.code, 0, "nobody reached hastd: {}", r.stdout);
+
+    // Loosened by hand: nobody can connect, hastd refuses to serve.
+    chmod(c.dir(), 0o711);
+    chmod(c.conf(), 0o644);
+    chmod(&ctl, 0o666);
+    let r = hastctl_as_nobody(&c, "alpha");
+    assert_ne!(r.code, 0, "nobody was served: {}", r.stdout);
+    assert!(!r.stdout.contains("r0"), "{}", r.stdout);
+    wait_log(
+        &c,
+        "alpha",
+        "control connection refused: the client runs as uid 65534",
+    );
+    // Root is served.
+    assert_eq!(c.status("alpha").unwrap().len(), 1);
+    c.stop("alpha").unwrap();
+    chmod(c.dir(), 0o700);
+
+    // At start: a directory that others may write to.
+    let open = c.dir().join("open");
+    std::fs::create_dir(&open).unwrap();
+    chmod(&open, 0o777);
+    edit_conf(
+        &c,
+        &format!("control uds://{}", ctl.display()),
+        &format!("control uds://{}/alpha.ctl", open.display()),
+    );
+    let (code, err) = hastd_fails(&c, "alpha");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!(
+            "control socket directory {}: mode 0777 lets group or others replace the socket; chmod go-w it",
+            open.display()
+        )),
+        "{err}"
+    );
+}
