@@ -1159,3 +1159,201 @@ fn control_socket_refuses_other_users() {
         "{err}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// FreeBSD's hastd still pairs
+
+/// A FreeBSD primary (emulated from the bytes it sends: plain version 2,
+/// first frame version byte 1, no extension field) pairs with a plain
+/// resource of a node whose other resource requires TLS, on the same
+/// port, while a TLS primary replicates that other resource; toward the
+/// TLS resource the FreeBSD primary is refused with a message.
+#[test]
+fn plain_freebsd_primary_pairs_next_to_a_tls_resource() {
+    use hast_tests::freebsd::{self, HIO_FLUSH, HIO_WRITE};
+    let mut c = Cluster::builder(Mode::Netns)
+        .resource("r0", 16 * MIB)
+        .resource("r1", 16 * MIB)
+        .replication("memsync")
+        .timeout(5)
+        .build()
+        .unwrap();
+    let k = keys(&c);
+    edit_conf(&c, "resource r1 {", "resource r1 {\n\tsecurity tls");
+    append_conf(
+        &c,
+        &format!(
+            "on alpha {{\n\tkeyfile {}\n\tpeerfingerprint {}\n}}\n\
+             on beta {{\n\tkeyfile {}\n\tpeerfingerprint {}\n}}",
+            k.alpha.display(),
+            k.beta_fp,
+            k.beta.display(),
+            k.alpha_fp
+        ),
+    );
+    c.start_all().unwrap();
+    c.role("beta", "all", "secondary").unwrap();
+    c.role("alpha", "r1", "primary").unwrap();
+    c.wait_list("alpha", "r1", T, |s| s.in_sync()).unwrap();
+
+    let beta = beta_addr(&c);
+    let connect = move || {
+        let s = TcpStream::connect_timeout(&beta, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s
+    };
+    let block: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8 + 1).collect();
+    let b = block.clone();
+    let (answer, replies, refused) = in_netns(&c, "alpha", move || {
+        let mut p = freebsd::Primary::connect(connect(), connect, "r0", (0x5eed, 0, 0, true))
+            .expect("a FreeBSD primary pairs with the plain resource");
+        let w = p
+            .request(HIO_WRITE, 1, 8192, &b, 4096, ("none", "none"))
+            .unwrap();
+        let f = p
+            .request(HIO_FLUSH, 2, 0, &[], 0, ("none", "none"))
+            .unwrap();
+        let answer = p.answer.clone();
+        let refused = freebsd::Primary::connect(connect(), connect, "r1", (0x5eed, 0, 0, true))
+            .err()
+            .map(|e| e.to_string());
+        // The session ends when the emulated primary goes.
+        drop(p);
+        (answer, (w.0, f.0), refused)
+    });
+    assert_eq!(answer.get_string("errmsg"), None, "{answer:?}");
+    assert_eq!(answer.get_u8("syncsrc"), Some(freebsd::SYNCSRC_PRIMARY));
+    assert_eq!(replies.0.get_u64("seq"), Some(1));
+    assert_eq!(replies.0.get_i16("error"), None, "{:?}", replies.0);
+    assert_eq!(replies.1.get_u64("seq"), Some(2));
+    assert_eq!(c.read_data("beta", "r0", 8192, 4096).unwrap(), block);
+    let refused = refused.expect("the TLS resource refuses a FreeBSD primary");
+    assert!(
+        refused.contains("resource r1 requires TLS (security tls)")
+            && refused.contains("a FreeBSD hastd cannot do TLS"),
+        "{refused}"
+    );
+    // The TLS resource replicated all along, on the same port.
+    let s = c.list_res("alpha", "r1").unwrap();
+    assert!(s.in_sync(), "{s}");
+    assert!(s.raw["security"].starts_with("tls (encrypted"), "{s}");
+    let s = c.list_res("beta", "r0").unwrap();
+    assert!(
+        !s.raw.contains_key("security"),
+        "plain r0 prints as FreeBSD's: {s}"
+    );
+    assert!(c.running("alpha") && c.running("beta"));
+}
+
+// ---------------------------------------------------------------------------
+// A CA instead of pins
+
+/// A CA (rcgen) and a function that issues node key pairs (PEM) from it.
+struct Ca {
+    pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+fn ca(name: &str) -> Ca {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key).unwrap();
+    Ca {
+        pem: cert.pem(),
+        issuer: rcgen::Issuer::new(params, key),
+    }
+}
+
+/// A key pair for `node` issued by `ca`, written with mode 0600; its key
+/// fingerprint.
+fn issue(c: &Cluster, ca: &Ca, node: &str, file: &str) -> (PathBuf, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![node.to_string()])
+        .unwrap()
+        .signed_by(&key, &ca.issuer)
+        .unwrap();
+    let path = c.dir().join(file);
+    std::fs::write(&path, format!("{}{}", key.serialize_pem(), cert.pem())).unwrap();
+    chmod(&path, 0o600);
+    let out = c
+        .hastctl_ok(node, &["fingerprint", &path.display().to_string()])
+        .unwrap();
+    (path, out.trim().to_string())
+}
+
+/// `cafile` instead of pins: keys issued by the CA pair; the primary's
+/// key replaced by another the CA issued is taken on SIGHUP by
+/// re-establishing the running session; a key from another CA is refused
+/// on both sides and writes nothing.
+#[test]
+fn a_ca_vouches_for_keys_instead_of_pins() {
+    let mut c = cluster(16 * MIB);
+    let ours = ca("hast test CA");
+    let theirs = ca("another CA");
+    let ca_file = c.dir().join("ca.pem");
+    std::fs::write(&ca_file, &ours.pem).unwrap();
+    let (alpha_key, alpha_fp) = issue(&c, &ours, "alpha", "alpha.pem");
+    let (beta_key, beta_fp) = issue(&c, &ours, "beta", "beta.pem");
+    append_conf(
+        &c,
+        &format!(
+            "security tls\ncafile {}\n\
+             on alpha {{\n\tkeyfile {}\n}}\non beta {{\n\tkeyfile {}\n}}",
+            ca_file.display(),
+            alpha_key.display(),
+            beta_key.display()
+        ),
+    );
+    c.start_all().unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    c.role("alpha", "r0", "primary").unwrap();
+    wait_in_sync(&c, "alpha");
+    assert_eq!(link_lines(&c, "alpha").1, beta_fp);
+    assert_eq!(link_lines(&c, "beta").1, alpha_fp);
+
+    // A new key for alpha from the same CA: only alpha reloads.
+    let (new_key, new_fp) = issue(&c, &ours, "alpha", "alpha-new.pem");
+    edit_conf(
+        &c,
+        &format!("keyfile {}", alpha_key.display()),
+        &format!("keyfile {}", new_key.display()),
+    );
+    c.signal("alpha", libc::SIGHUP).unwrap();
+    wait_log(&c, "alpha", "security settings changed; reconnecting");
+    c.wait_for("beta shows alpha's new key", T, |c| {
+        link_lines(c, "beta").1 == new_fp
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.log("beta").unwrap()));
+    wait_in_sync(&c, "alpha");
+    let reference = reference_image(&c);
+    write(&c, "alpha", &reference, 0xa1, 0, 2 * MIB);
+    wait_in_sync(&c, "alpha");
+    same_data(&c);
+
+    // A key from another CA.
+    c.role("alpha", "r0", "init").unwrap();
+    c.wait_list("beta", "r0", T, |s| s.status.is_none())
+        .unwrap();
+    let before = beta_provider(&c);
+    let (foreign, _) = issue(&c, &theirs, "alpha", "foreign.pem");
+    edit_conf(
+        &c,
+        &format!("keyfile {}", new_key.display()),
+        &format!("keyfile {}", foreign.display()),
+    );
+    c.stop("alpha").unwrap();
+    refused(
+        &mut c,
+        &before,
+        "peer refused: resource r0: the primary's certificate is refused: the peer's certificate",
+        "is not issued by the CA of cafile",
+    );
+}
