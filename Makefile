@@ -4,7 +4,8 @@
 #   make         build hastd and hastctl (release)
 #   make test    install what is needed, then run every test
 #   make demo    set up two nodes on this machine and walk through the main job
-#   make bench   NBD export of a primary vs qemu-nbd with fio, as ratios (BENCHMARKS.md)
+#   make bench   NBD export of a primary vs qemu-nbd with fio, replication,
+#                and TLS vs plain replication, as ratios (BENCHMARKS.md)
 #   make install install binaries, man pages and the sample configuration
 #   make fuzz FUZZ_SECONDS=N
 #                run every fuzz target of fuzz/ for N seconds (nightly
@@ -133,6 +134,7 @@ bench: deps
 	$(CARGO) build --release -p hast-tests --bin replbench
 	sh tests/bench/nbd.sh
 	sh tests/bench/replication.sh
+	sh tests/bench/tls.sh
 
 install: build
 	install -d $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(PREFIX)/share/man/man4 $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/man/man8 $(DESTDIR)$(PREFIX)/share/examples/hast

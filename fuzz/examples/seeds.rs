@@ -156,8 +156,23 @@ fn handshake_frames() -> Vec<(&'static str, Vec<u8>)> {
     let hello = Hello {
         resource: "data".into(),
         version: 2,
+        nonce: None,
     };
-    let welcome = Welcome::Accepted { version: 2, token };
+    let welcome = Welcome::Accepted {
+        version: 2,
+        token,
+        nonce: None,
+    };
+    // `security secret`: the challenges and answers.
+    let secret_hello = Hello {
+        nonce: Some([0x11; 32]),
+        ..hello.clone()
+    };
+    let secret_welcome = Welcome::Accepted {
+        version: 2,
+        token,
+        nonce: Some([0x22; 32]),
+    };
     let refused = Welcome::Refused {
         errmsg: "Remote node acts as primary for the resource and not as secondary.".into(),
         wait: true,
@@ -170,6 +185,12 @@ fn handshake_frames() -> Vec<(&'static str, Vec<u8>)> {
         localcnt: 1,
         remotecnt: 0,
         synctrack: false,
+        mac: None,
+    };
+    let secret_attach = Attach {
+        synctrack: true,
+        mac: Some([0x33; 32]),
+        ..attach.clone()
     };
     let geometry = |maxio, synctrack| Geometry {
         datasize: 1_073_737_216,
@@ -181,6 +202,7 @@ fn handshake_frames() -> Vec<(&'static str, Vec<u8>)> {
         mapsize: 512,
         maxio,
         synctrack,
+        mac: None,
     };
     // The map through the data pipeline: clean (a hole), dirty and plain,
     // with checksums.
@@ -224,6 +246,21 @@ fn handshake_frames() -> Vec<(&'static str, Vec<u8>)> {
             ),
         ),
         ("probe", frame(&probe_hello, &[])),
+        ("hello-secret", frame(&secret_hello.to_nv(), &[])),
+        ("welcome-secret", frame(&secret_welcome.to_nv(), &[])),
+        ("attach-secret", frame(&secret_attach.to_nv(), &[])),
+        (
+            "geometry-secret",
+            geo_frame(
+                &Geometry {
+                    mac: Some([0x44; 32]),
+                    ..geometry(Some(1 << 20), true)
+                },
+                &clean,
+                Compression::Hole,
+                Checksum::None,
+            ),
+        ),
         (
             "probe-answer",
             frame(&probe::answer(Role::Secondary, counters), &[]),
@@ -290,6 +327,7 @@ fn seeds_frame(o: &mut Out) {
     let hello = Hello {
         resource: "data".into(),
         version: 2,
+        nonce: None,
     };
     o.put("frame", "hello-freebsd", &frame_v(1, &hello.to_nv(), &[]));
 }
@@ -323,6 +361,24 @@ fn seeds_config(o: &mut Out) {
         "node-blocks",
         b"on hasta {\n\tcontrol uds:///tmp/a.sock\n\tpidfile /tmp/a.pid\n\tlisten tcp://127.0.0.1:8457\n}\ntimeout 5\nchecksum sha256\ncompression lzf\nreplication async\nresource r {\n\tlocal /tmp/r.img\n\ton hasta { remote tcp6://[::1]:9000 source 127.0.0.2 nbd tcp://127.0.0.1:10809 }\n\ton hostid7 { remote none }\n}\n",
     );
+    o.put(
+        "config",
+        "security",
+        b"security tls\non hasta {\n\tkeyfile /etc/hast/a.pem\n\tpeerfingerprint sha256:5f0c8e0000000000000000000000000000000000000000000000000000000ae1\n}\ncafile /etc/hast/ca.pem\nresource r {\n\tlocal /tmp/r.img\n\ton hasta { remote 10.0.0.2 peerfingerprint 5F:0C:8E:00:00:00:00:00:00:00:00:00:00:00:00:00:00:00:00:00:00:00:00:00:00:00:00:00:00:00:0A:E1 }\n}\nresource s {\n\tsecurity secret\n\tsecretfile /etc/hast/s\n\tlocal /tmp/s.img\n\ton hasta { remote none security none }\n}\n",
+    );
+}
+
+/// Inputs of the security target: fingerprints as hast.conf writes them,
+/// a key pair as hastctl keygen writes it, a CA file.
+fn seeds_security(o: &mut Out) {
+    let (pem, fp) = hast::security::keygen::generate("hast").expect("a key pair");
+    o.put("security", "fingerprint", fp.to_string().as_bytes());
+    let colons: Vec<String> = fp.0.iter().map(|b| format!("{b:02X}")).collect();
+    o.put("security", "fingerprint-colons", colons.join(":").as_bytes());
+    o.put("security", "keypair", pem.as_bytes());
+    let cert = &pem[pem.find("-----BEGIN CERTIFICATE").unwrap_or(0)..];
+    o.put("security", "certificate", cert.as_bytes());
+    o.put("security", "secret", b"correct horse battery staple\n");
 }
 
 /// An NBD option: header and data.
@@ -497,5 +553,6 @@ fn main() {
     seeds_payload(&mut o);
     seeds_control(&mut o);
     seeds_metadata(&mut o);
+    seeds_security(&mut o);
     println!("{} seeds written to {}", o.count, dir.display());
 }

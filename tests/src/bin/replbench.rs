@@ -7,6 +7,12 @@
 //! is timed against dd copying the same number of bytes. Every result is a
 //! ratio to its baseline of the same run (median of the rounds).
 //!
+//! Mode `tls` compares link security with itself instead: the same pair in
+//! fullsync, switched between `security none` and `security tls` by a
+//! reload before each round (alternating), the same fio jobs and resync;
+//! the ratios are TLS over plain, with the CPU time both daemons spend per
+//! request.
+//!
 //! Settings come from the environment (tests/bench/replication.sh passes
 //! them through):
 //!
@@ -20,7 +26,8 @@
 //! HAST_BENCH_RESYNC_ROUNDS  rounds of the resync and of dd, alternating (5)
 //! HAST_BENCH_MODES    comma-separated modes (fullsync,memsync,async);
 //!                     `degraded` adds a primary without its peer, `resync`
-//!                     times only the resync (fullsync mode runs it too)
+//!                     times only the resync (fullsync mode runs it too),
+//!                     `tls` compares TLS with plain (see above)
 //! HAST_BENCH_KEEPDIRTY  `hastctl create -k` value (the default, 64, if unset)
 //! HAST_BENCH_STRICT   1: exit 1 when a result is BELOW its target
 //! ```
@@ -142,7 +149,7 @@ impl Settings {
                         .collect();
                     m.iter()
                         .all(|x| {
-                            ["fullsync", "memsync", "async", "degraded", "resync"]
+                            ["fullsync", "memsync", "async", "degraded", "resync", "tls"]
                                 .contains(&x.as_str())
                         })
                         .then_some(m)
@@ -217,6 +224,8 @@ const WORKLOADS: [Workload; 2] = [
 struct FioResult {
     bw: f64,
     iops: f64,
+    /// Requests completed in the timed part of the run.
+    ios: f64,
     clat_mean_us: f64,
     clat_p99_us: f64,
     cpu_pct: f64,
@@ -269,6 +278,7 @@ fn fio(uri: &str, w: &Workload, size: u64, s: &Settings) -> Result<FioResult> {
     Ok(FioResult {
         bw: need(&["write", "bw_bytes"])?,
         iops: need(&["write", "iops"])?,
+        ios: num(&["write", "total_ios"]).unwrap_or(0.0),
         clat_mean_us: need(&["write", "clat_ns", "mean"])? / 1000.0,
         clat_p99_us: num(&["write", "clat_ns", "percentile", "99.000000"]).unwrap_or(0.0) / 1000.0,
         cpu_pct: num(&["usr_cpu"]).unwrap_or(0.0) + num(&["sys_cpu"]).unwrap_or(0.0),
@@ -460,10 +470,16 @@ fn fmt_rate(v: f64, unit: &str) -> String {
 }
 
 fn table(rows: &[Row]) -> String {
+    table_of(rows, "hast", "baseline")
+}
+
+/// The rows with columns named `a` (the measured side) and `b` (its
+/// baseline).
+fn table_of(rows: &[Row], a: &str, b: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| workload | hast | baseline | ratio | target | result |\n|---|---|---|---|---|---|"
+        "| workload | {a} | {b} | ratio | target | result |\n|---|---|---|---|---|---|"
     );
     for r in rows {
         let _ = writeln!(
@@ -504,6 +520,11 @@ struct Bench {
     s: Settings,
     rows: Vec<Row>,
     diags: Vec<(String, String, Diag, Diag)>,
+    /// Mode `tls`: TLS over plain.
+    tls_rows: Vec<Row>,
+    /// Mode `tls`: (workload, link, primary's and secondary's CPU
+    /// microseconds per request; medians).
+    tls_cpu: Vec<(String, &'static str, f64, f64)>,
 }
 
 fn build_cluster(s: &Settings, replication: &str) -> Result<Cluster> {
@@ -552,6 +573,9 @@ fn map_updates(c: &Cluster) -> u64 {
 
 impl Bench {
     fn mode(&mut self, mode: &str) -> Result<()> {
+        if mode == "tls" {
+            return self.tls();
+        }
         let s = self.s.clone();
         eprintln!(
             "replbench: {mode}: setting up two nodes, {} MiB provider",
@@ -795,6 +819,177 @@ impl Bench {
     }
 }
 
+/// The hast.conf statements of mode `tls`: both nodes' keys and pins, and
+/// `security` as `mode` (the last line, switched by [`switch_link`]).
+fn security_conf(c: &Cluster) -> Result<String> {
+    let mut keys = Vec::new();
+    for node in ["alpha", "beta"] {
+        let path = c.dir().join(format!("{node}.pem"));
+        let out = c.hastctl_ok(node, &["keygen", &path.display().to_string()])?;
+        keys.push((path, out.trim().to_string()));
+    }
+    Ok(format!(
+        "on alpha {{\n\tkeyfile {}\n\tpeerfingerprint {}\n}}\non beta {{\n\tkeyfile {}\n\tpeerfingerprint {}\n}}\n",
+        keys[0].0.display(),
+        keys[1].1,
+        keys[1].0.display(),
+        keys[0].1
+    ))
+}
+
+/// Reconfigure the pair to `security tls` or `none` (a reload of both
+/// nodes), and wait until it reconnected that way and is in sync.
+fn switch_link(c: &Cluster, base: &str, keys: &str, tls: bool) -> Result<()> {
+    let mode = if tls { "tls" } else { "none" };
+    fs::write(c.conf(), format!("{base}{keys}security {mode}\n"))
+        .map_err(io_err(format!("write {}", c.conf().display())))?;
+    let sessions = c.log("alpha")?.matches("connected to ").count();
+    c.signal("beta", libc::SIGHUP)?;
+    c.signal("alpha", libc::SIGHUP)?;
+    c.wait_for(&format!("a {mode} link"), SYNC_TIMEOUT, |c| {
+        c.log("alpha")
+            .is_ok_and(|l| l.matches("connected to ").count() > sessions)
+            && c.list_res("alpha", RES).is_ok_and(|r| {
+                r.in_sync()
+                    && r.raw
+                        .get("security")
+                        .is_some_and(|v| v.starts_with("tls (encrypted"))
+                        == tls
+            })
+    })?;
+    Ok(())
+}
+
+impl Bench {
+    /// Mode `tls`: TLS against plain on the same pair, rounds alternating.
+    fn tls(&mut self) -> Result<()> {
+        let s = self.s.clone();
+        eprintln!(
+            "replbench: tls: setting up two nodes, {} MiB provider, fullsync",
+            s.size / MIB
+        );
+        let mut c = build_cluster(&s, "fullsync")?;
+        let base =
+            fs::read_to_string(c.conf()).map_err(io_err(format!("read {}", c.conf().display())))?;
+        let keys = security_conf(&c)?;
+        fs::write(c.conf(), format!("{base}{keys}security none\n"))
+            .map_err(io_err(format!("write {}", c.conf().display())))?;
+        bring_up(&mut c, false)?;
+        let area = c.data_area("alpha", RES)?;
+        let uri = c.nbd_uri("alpha", RES)?;
+        eprintln!("replbench: tls: writing every block once");
+        fill(&uri, area.size)?;
+        c.wait_list("alpha", RES, SYNC_TIMEOUT, |r| r.in_sync())?;
+        for w in &WORKLOADS {
+            let (unit, get): (&'static str, fn(&FioResult) -> f64) = if w.bs == "1M" {
+                ("MiB/s", |r| r.bw)
+            } else {
+                ("IOPS", |r| r.iops)
+            };
+            let mut row = Row {
+                workload: format!("fullsync {}", w.name),
+                hast: Vec::new(),
+                base: Vec::new(),
+                unit,
+                target: Some(if w.bs == "1M" { 0.9 } else { 0.85 }),
+            };
+            let mut cpu: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+            for round in 0..s.rounds {
+                let order = if round % 2 == 0 {
+                    [true, false]
+                } else {
+                    [false, true]
+                };
+                for tls in order {
+                    switch_link(&c, &base, &keys, tls)?;
+                    let (alpha, beta) = (c.pid("alpha").unwrap_or(0), c.pid("beta").unwrap_or(0));
+                    let (a0, b0) = (cpu_seconds(alpha), cpu_seconds(beta));
+                    let r = fio(&uri, w, area.size, &s)?;
+                    let (da, db) = (cpu_seconds(alpha) - a0, cpu_seconds(beta) - b0);
+                    // The CPU time covers the ramp too; so do the requests.
+                    let reqs = r.ios * (s.seconds + s.ramp) as f64 / s.seconds.max(1) as f64;
+                    let per = |cpu: f64| if reqs > 0.0 { cpu * 1e6 / reqs } else { 0.0 };
+                    eprintln!(
+                        "replbench: tls {} round {} {}: {} (CPU per request: primary {:.1} us, secondary {:.1} us)",
+                        w.name,
+                        round + 1,
+                        if tls { "TLS" } else { "plain" },
+                        fmt_rate(get(&r), unit),
+                        per(da),
+                        per(db)
+                    );
+                    if tls {
+                        row.hast.push(get(&r));
+                    } else {
+                        row.base.push(get(&r));
+                    }
+                    cpu[usize::from(tls)].push((per(da), per(db)));
+                }
+            }
+            for (i, side) in [(0, "plain"), (1, "TLS")] {
+                let v = &cpu[i];
+                self.tls_cpu.push((
+                    w.name.to_string(),
+                    side,
+                    median(&v.iter().map(|x| x.0).collect::<Vec<_>>()),
+                    median(&v.iter().map(|x| x.1).collect::<Vec<_>>()),
+                ));
+            }
+            self.tls_rows.push(row);
+        }
+        // The resync: TLS against plain, alternating.
+        let len = s.resync.min(area.size);
+        let mut row = Row {
+            workload: format!(
+                "resync {} MiB (fullsync, {} rounds)",
+                len / MIB,
+                s.resync_rounds
+            ),
+            hast: Vec::new(),
+            base: Vec::new(),
+            unit: "MiB/s",
+            target: Some(0.9),
+        };
+        for round in 0..s.resync_rounds {
+            let order = if round % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            for tls in order {
+                switch_link(&c, &base, &keys, tls)?;
+                let (bytes, secs) = self.one_resync(&mut c, &uri, len)?;
+                let rate = bytes as f64 / secs;
+                eprintln!(
+                    "replbench: tls resync round {} {}: {bytes} bytes in {secs:.2} s = {}",
+                    round + 1,
+                    if tls { "TLS" } else { "plain" },
+                    fmt_rate(rate, "MiB/s")
+                );
+                if tls {
+                    row.hast.push(rate);
+                } else {
+                    row.base.push(rate);
+                }
+            }
+        }
+        self.tls_rows.push(row);
+        Ok(())
+    }
+}
+
+fn tls_cpu_table(cpu: &[(String, &'static str, f64, f64)]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| workload | link | primary CPU per request (us) | secondary CPU per request (us) |\n|---|---|---|---|"
+    );
+    for (w, side, a, b) in cpu {
+        let _ = writeln!(s, "| {w} | {side} | {a:.1} | {b:.1} |");
+    }
+    s
+}
+
 /// (bytes, seconds) from the first `synchronization started` and the next
 /// `synchronization complete: N bytes` line of a hastd log (timestamps in
 /// RFC 3339 at the start of each line).
@@ -935,6 +1130,8 @@ fn main() -> ExitCode {
         s: s.clone(),
         rows: Vec::new(),
         diags: Vec::new(),
+        tls_rows: Vec::new(),
+        tls_cpu: Vec::new(),
     };
     let mut failed = None;
     for mode in &s.modes {
@@ -947,16 +1144,32 @@ fn main() -> ExitCode {
         "\nReplication over a veth pair: hast (alpha primary -> beta secondary, network namespaces) vs qemu-nbd on a file of the same size, same fio job; medians of {} round(s)\n",
         s.rounds
     );
-    print!("{}", table(&b.rows));
-    println!("\nWhere the time goes (medians; CPU in cores busy over the run):\n");
-    print!("{}", diag_table(&b.diags));
+    if !b.rows.is_empty() {
+        print!("{}", table(&b.rows));
+        println!("\nWhere the time goes (medians; CPU in cores busy over the run):\n");
+        print!("{}", diag_table(&b.diags));
+    }
+    if !b.tls_rows.is_empty() {
+        println!(
+            "\nLink security: the same pair with `security tls` vs `security none`, switched by a reload before each round; medians of {} round(s) ({} for the resync)\n",
+            s.rounds, s.resync_rounds
+        );
+        print!("{}", table_of(&b.tls_rows, "TLS", "plain"));
+        println!("\nCPU time of each daemon per request (medians; the primary's includes its NBD server):\n");
+        print!("{}", tls_cpu_table(&b.tls_cpu));
+    }
     let _ = std::io::Write::flush(&mut std::io::stdout());
     if let Some(e) = failed {
         eprintln!("replbench: stopped: {e}");
         return ExitCode::from(2);
     }
     let strict = std::env::var("HAST_BENCH_STRICT").is_ok_and(|v| v == "1");
-    if strict && b.rows.iter().any(|r| r.pass() == Some(false)) {
+    if strict
+        && b.rows
+            .iter()
+            .chain(&b.tls_rows)
+            .any(|r| r.pass() == Some(false))
+    {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
