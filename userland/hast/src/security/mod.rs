@@ -6,7 +6,8 @@
 //! - `secret`: a shared-secret challenge-response authenticates both nodes
 //!   on both connections ([`secret`]); the data is not encrypted;
 //! - `tls`: TLS 1.3 on both connections with mutual authentication by
-//!   pinned key fingerprints or a CA ([`tls`]).
+//!   pinned key fingerprints or a CA ([`tls`]); rustls runs the handshake,
+//!   the application data goes through [`record`].
 //!
 //! A resource never falls back to less than it requires. Secrets and
 //! private keys are read only from files that no other user can read
@@ -32,6 +33,7 @@
 pub mod files;
 pub mod fingerprint;
 pub mod keygen;
+pub mod record;
 pub mod secret;
 pub mod tls;
 

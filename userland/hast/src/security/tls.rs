@@ -16,6 +16,7 @@
 //!
 //! Only TLS 1.3; no session resumption (every connection authenticates
 //! both sides in full), no 0-RTT data, no SNI (the secondary has one key).
+//! Once the handshake is done, the traffic keys go to [`super::record`].
 
 use std::sync::{Arc, Mutex};
 
@@ -408,6 +409,8 @@ pub fn client_config(
         .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(key.certified.clone())));
     cfg.enable_sni = false;
     cfg.resumption = rustls::client::Resumption::disabled();
+    // The record layer of the application data is `super::record`.
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
@@ -423,6 +426,7 @@ pub fn server_config(key: &NodeKey) -> Result<Arc<ServerConfig>, rustls::Error> 
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
     cfg.max_early_data_size = 0;
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
