@@ -301,9 +301,12 @@ impl AsyncWrite for TlsConn {
         me.tx
             .seal(&buf[..n], &mut me.wbuf)
             .map_err(io::Error::other)?;
-        // Start sending; the caller's flush finishes it.
-        if let Poll::Ready(Err(e)) = me.poll_drain(cx) {
-            return Poll::Ready(Err(e));
+        // A frame's header and payload go out together at the caller's
+        // flush; a large write starts going out now.
+        if me.wbuf.len() - me.wpos >= WRITE_CHUNK {
+            if let Poll::Ready(Err(e)) = me.poll_drain(cx) {
+                return Poll::Ready(Err(e));
+            }
         }
         Poll::Ready(Ok(n))
     }
