@@ -430,6 +430,8 @@ pub struct LinkSecurity {
 }
 
 impl PartialEq for LinkSecurity {
+    /// Only what the mode uses counts: a key changed for TLS resources
+    /// leaves a plain resource alone.
     fn eq(&self, other: &LinkSecurity) -> bool {
         let path = |f: &Option<FileRef>| f.as_ref().map(|f| f.path.clone());
         let creds = match (&self.credentials, &other.credentials) {
@@ -438,11 +440,16 @@ impl PartialEq for LinkSecurity {
             _ => false,
         };
         self.mode == other.mode
-            && path(&self.keyfile) == path(&other.keyfile)
-            && self.peerfingerprint == other.peerfingerprint
-            && path(&self.cafile) == path(&other.cafile)
-            && path(&self.secretfile) == path(&other.secretfile)
-            && creds
+            && match self.mode {
+                SecurityMode::None => true,
+                SecurityMode::Tls => {
+                    path(&self.keyfile) == path(&other.keyfile)
+                        && self.peerfingerprint == other.peerfingerprint
+                        && path(&self.cafile) == path(&other.cafile)
+                        && creds
+                }
+                SecurityMode::Secret => path(&self.secretfile) == path(&other.secretfile) && creds,
+            }
     }
 }
 

@@ -1751,3 +1751,30 @@ fn security_words_stay_usable_as_names() {
     assert_eq!(r.provname, "keyfile");
     assert_eq!(r.remote, "secret");
 }
+
+#[test]
+fn link_security_compares_only_what_its_mode_uses() {
+    let base = "resource r {\n local /dev/a\n on hasta {\n remote none\n }\n}\n";
+    let plain = |extra: &str| {
+        ok(&format!("{extra}\n{base}")).resources[0]
+            .security
+            .clone()
+    };
+    // A key or pin for TLS resources changes nothing for a plain one.
+    assert_eq!(plain("keyfile /k1"), plain("keyfile /k2\ncafile /ca"));
+    let tls = |extra: &str| {
+        ok(&format!("security tls\nkeyfile /k\n{extra}\n{base}")).resources[0]
+            .security
+            .clone()
+    };
+    assert_eq!(
+        tls("cafile /ca\nsecretfile /s1"),
+        tls("cafile /ca\nsecretfile /s2")
+    );
+    assert_ne!(tls("cafile /ca"), tls("cafile /ca2"));
+    assert_ne!(
+        tls(&format!("peerfingerprint {}", fp_text(1))),
+        tls(&format!("peerfingerprint {}", fp_text(2)))
+    );
+    assert_ne!(plain(""), tls("cafile /ca"));
+}
