@@ -905,6 +905,17 @@ fn shared_secret_authenticates_and_refuses_wrong_secrets_and_replays() {
     c.wait_list("alpha", "r0", T, |s| s.dirty == 0).unwrap();
     same_data(&c);
     assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
+    // The secret readable by others: a reload is refused, the pair goes on.
+    chmod(&good, 0o644);
+    c.signal("alpha", libc::SIGHUP).unwrap();
+    wait_log(&c, "alpha", "configuration not reloaded");
+    assert!(log_has(
+        &c,
+        "alpha",
+        &format!("secretfile: {} has mode 0644", good.display())
+    ));
+    chmod(&good, 0o600);
+    wait_in_sync(&c, "alpha");
 }
 
 // ---------------------------------------------------------------------------
