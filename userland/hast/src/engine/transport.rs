@@ -171,7 +171,7 @@ impl TlsConn {
             tcp,
             rx: Direction::new(rx, rx_seq).map_err(invalid)?,
             tx: Direction::new(tx, tx_seq).map_err(invalid)?,
-            rbuf: vec![0u8; READ_BUFFER + record::sealed_len(record::MAX_PLAINTEXT)],
+            rbuf: vec![0u8; READ_BUFFER + record::HEADER + record::MAX_CIPHERTEXT],
             rstart: 0,
             rend: 0,
             plain: 0..0,
@@ -257,7 +257,7 @@ impl AsyncRead for TlsConn {
                     if me.rstart == me.rend {
                         me.rstart = 0;
                         me.rend = 0;
-                    } else if me.rbuf.len() - me.rend < record::sealed_len(record::MAX_PLAINTEXT) {
+                    } else if me.rbuf.len() - me.rend < record::HEADER + record::MAX_CIPHERTEXT {
                         me.rbuf.copy_within(me.rstart..me.rend, 0);
                         me.rend -= me.rstart;
                         me.rstart = 0;
