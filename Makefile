@@ -4,6 +4,10 @@
 #   make         build hastd and hastctl (release)
 #   make test    install what is needed, then run every test
 #   make demo    set up two nodes on this machine and walk through the main job
+#   make campaign [FAULTS=N SEED=S]
+#                seeded random faults (kill -9, power cuts, partitions,
+#                restarts, disk errors, role swaps) against a pair under a
+#                checked workload; root and /dev/fuse; FAULTS=1000 takes hours
 #   make bench   NBD export of a primary vs qemu-nbd with fio, as ratios (BENCHMARKS.md)
 #   make install install binaries, man pages and the sample configuration
 #   make kmod-check SYSDIR=/path/to/freebsd/sys
@@ -20,7 +24,7 @@ DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
 	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc liblzf-dev
 PKG_PKGS = rust llvm qemu-tools libnbd fio shellcheck
 
-.PHONY: all build deps test test-rust test-scripts test-freebsd-check demo bench install clean kmod-check
+.PHONY: all build deps test test-rust test-scripts test-freebsd-check test-campaign campaign demo bench install clean kmod-check
 
 all: build
 
@@ -46,7 +50,7 @@ else
 endif
 	@command -v $(CARGO) >/dev/null || { echo "make deps: cargo not found; install Rust (rustup) first" >&2; exit 1; }
 
-test: deps test-scripts test-freebsd-check test-rust
+test: deps test-scripts test-freebsd-check test-rust test-campaign
 
 # Type-check the FreeBSD build (kernel transport, cfg'd file I/O) from any
 # host: needs the x86_64-unknown-freebsd target of rustup.
@@ -72,6 +76,21 @@ test-rust:
 
 test-scripts:
 	sh tests/lint.sh
+
+# The fault campaign: FAULTS faults from SEED (tests/src/bin/campaign.rs).
+# CI runs a short one with a fixed seed (test-campaign).
+FAULTS ?= 20
+SEED   ?= 1
+CI_CAMPAIGN_FAULTS = 20
+CI_CAMPAIGN_SEED   = 20261206
+
+campaign: deps
+	$(CARGO) build --workspace
+	nice -n 19 target/debug/campaign --faults $(FAULTS) --seed $(SEED)
+
+test-campaign:
+	$(CARGO) build --workspace
+	target/debug/campaign --faults $(CI_CAMPAIGN_FAULTS) --seed $(CI_CAMPAIGN_SEED)
 
 demo: deps
 	$(CARGO) build --workspace
