@@ -423,12 +423,15 @@ impl Ledger {
         n
     }
 
-    /// Every write so far is known to be on both nodes durably (the pair
-    /// was in sync, which needs a flush of both): nothing before this may
-    /// be excused any more, and in-flight outcomes are settled.
+    /// The pair was in sync again, which needs a flush of both: every
+    /// acknowledged write so far that had to survive is durable on both
+    /// nodes now. Writes that were excused stay so: the check may have
+    /// found them missing, and then they are gone for good.
     pub fn settle(&mut self) {
         for i in std::mem::take(&mut self.unflushed) {
-            self.entries[i].flushed = true;
+            if !self.entries[i].excused {
+                self.entries[i].flushed = true;
+            }
         }
     }
 
@@ -474,7 +477,8 @@ impl Ledger {
                     r.torn += 1;
                 } else {
                     r.corrupt.push(format!(
-                        "block {block}: a stamp with a bad checksum, not made of writes it may hold"
+                        "block {block}: a stamp with a bad checksum, not made of writes it may hold; its sectors: {}",
+                        self.sector_origins(block, blk, writes)
                     ));
                 }
                 return;
@@ -567,6 +571,61 @@ impl Ledger {
                     .iter()
                     .any(|a| a.get(at..at + sec.len()) == Some(sec))
         })
+    }
+
+    /// Which write each 512-byte sector of `blk` holds (by seq; `0` for
+    /// zeros, `?` for none), for messages.
+    fn sector_origins(&self, block: u64, blk: &[u8], writes: &[&Entry]) -> String {
+        let images: Vec<(u64, Vec<u8>)> = writes
+            .iter()
+            .map(|w| {
+                let mut b = vec![0u8; blk.len()];
+                stamp_block(
+                    &mut b,
+                    &Stamp {
+                        run: self.run,
+                        block,
+                        version: w.version,
+                        seq: w.seq,
+                    },
+                );
+                (w.seq, b)
+            })
+            .collect();
+        let sectors: Vec<String> = blk
+            .chunks(512)
+            .enumerate()
+            .map(|(i, sec)| {
+                let at = i * 512;
+                let mut m: Vec<String> = images
+                    .iter()
+                    .filter(|(_, b)| b.get(at..at + sec.len()) == Some(sec))
+                    .map(|(seq, _)| seq.to_string())
+                    .collect();
+                if sec.iter().all(|&b| b == 0) {
+                    m.push("0".into());
+                }
+                if m.is_empty() {
+                    "?".into()
+                } else {
+                    m.join("|")
+                }
+            })
+            .collect();
+        let hist: Vec<String> = writes
+            .iter()
+            .map(|w| {
+                format!(
+                    "seq {} v{} issued {} {:?}{}",
+                    w.seq,
+                    w.version,
+                    w.issued,
+                    w.answer,
+                    if w.flushed { " flushed" } else { "" }
+                )
+            })
+            .collect();
+        format!("[{}]; writes: {}", sectors.join(" "), hist.join("; "))
     }
 
     /// Verify through an NBD export.
@@ -670,6 +729,9 @@ mod tests {
         assert_eq!(r.lost.len(), 1, "{r}");
         // An unanswered write may or may not be there.
         assert!(check(&l, &image(&l, &[0, 2])).passed());
+        // Once the pair is in sync again, what was excused stays so.
+        l.settle();
+        assert!(check(&l, &image(&l, &[0])).passed());
         // A torn block is corrupt.
         let mut img = image(&l, &[0]);
         img[20] ^= 1;

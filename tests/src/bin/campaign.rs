@@ -539,6 +539,14 @@ impl Pair {
 fn post_mortem(c: &mut Cluster, seed: u64, i: u64) -> String {
     let base = std::env::var_os("CAMPAIGN_KEEP").map_or_else(std::env::temp_dir, Into::into);
     let dest = base.join(format!("campaign-{seed}-fault{i}"));
+    let _ = std::fs::create_dir_all(&dest);
+    for node in c.node_names() {
+        let list = c
+            .hastctl(&node, &["list"])
+            .map(|o| format!("{}{}", o.stdout, o.stderr))
+            .unwrap_or_else(|e| e.to_string());
+        let _ = std::fs::write(dest.join(format!("list-{node}.txt")), list);
+    }
     c.teardown();
     let src = c.dir().to_path_buf();
     let ok = std::fs::create_dir_all(&dest).is_ok()
