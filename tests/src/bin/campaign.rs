@@ -29,8 +29,9 @@ use hast_tests::power::Loss;
 
 const RES: &str = "r0";
 const BLOCK: u32 = 4096;
-/// Faults per cluster before a new pair (and a new replication mode).
-const FAULTS_PER_PAIR: u64 = 40;
+/// Faults per pair; each new pair takes the next replication mode.
+const FAULTS_PER_PAIR: u64 = 7;
+const MODES: [&str; 3] = ["fullsync", "memsync", "async"];
 /// How long the pair may take to be in sync again.
 const SYNC_LIMIT: Duration = Duration::from_secs(180);
 const T: Duration = Duration::from_secs(60);
@@ -102,11 +103,11 @@ impl Fault {
                 loss: r.loss(),
             },
             33..=40 => Fault::PowerSecondary { loss: r.loss() },
-            41..=48 => Fault::PowerSecondaryResync { loss: r.loss() },
-            49..=51 => Fault::PowerPrimaryResync { loss: r.loss() },
-            52..=53 => Fault::KillPrimaryResync,
-            54..=55 => Fault::PowerBoth { loss: r.loss() },
-            56..=75 => Fault::Partition {
+            41..=50 => Fault::PowerSecondaryResync { loss: r.loss() },
+            51..=53 => Fault::PowerPrimaryResync { loss: r.loss() },
+            54..=55 => Fault::KillPrimaryResync,
+            56..=57 => Fault::PowerBoth { loss: r.loss() },
+            58..=79 => Fault::Partition {
                 kind: if r.chance(500) {
                     PartitionKind::LinkDown
                 } else {
@@ -114,17 +115,17 @@ impl Fault {
                 },
                 ms: 300 + r.below(8000),
             },
-            76..=78 => Fault::PartitionPowerSecondary {
+            80..=82 => Fault::PartitionPowerSecondary {
                 loss: r.loss(),
                 ms: 300 + r.below(3000),
             },
-            79..=85 => Fault::Restart {
+            83..=88 => Fault::Restart {
                 primary: r.chance(500),
             },
-            86..=90 => Fault::SecondaryDiskError {
+            89..=92 => Fault::SecondaryDiskError {
                 ms: 200 + r.below(2000),
             },
-            91..=93 => Fault::PrimaryReadError,
+            93..=95 => Fault::PrimaryReadError,
             _ => Fault::RoleSwap,
         }
     }
@@ -321,13 +322,13 @@ impl Pair {
                 seen = true;
                 // Somewhere in the middle (a small device's resync is
                 // over in a fraction of a second).
-                std::thread::sleep(r.millis(0, 100));
+                std::thread::sleep(r.millis(0, 30));
                 break;
             }
             if st.in_sync() {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
         Ok(seen)
     }
@@ -602,16 +603,14 @@ fn run(args: &[String]) -> Result<bool, String> {
     let mut r = Rng(seed);
     let mut t = Totals::default();
     let mut pair: Option<Pair> = None;
+    let mut pairs = seed % 3;
     for i in 1..=faults {
         if pair.is_none() || (i - 1) % FAULTS_PER_PAIR == 0 {
             if let Some(old) = pair.take() {
                 t.acked += old.ledger.acked();
             }
-            let mode = match r.below(10) {
-                0..=3 => "fullsync",
-                4..=7 => "memsync",
-                _ => "async",
-            };
+            let mode = MODES[(pairs % 3) as usize];
+            pairs += 1;
             pair =
                 Some(Pair::new(mode, size, r.next()).map_err(|e| format!("set up a pair: {e}"))?);
         }
