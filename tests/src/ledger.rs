@@ -206,7 +206,7 @@ impl Ledger {
         first_block: u64,
         blocks: u64,
     ) -> Result<Ledger, LedgerError> {
-        if block_size < MIN_BLOCK as u32 || block_size % 8 != 0 || blocks == 0 {
+        if block_size < MIN_BLOCK as u32 || !block_size.is_multiple_of(8) || blocks == 0 {
             return Err(LedgerError::Options(format!(
                 "block size {block_size} (a multiple of 8, at least {MIN_BLOCK}) and {blocks} blocks"
             )));
@@ -274,7 +274,7 @@ impl Ledger {
             let may_issue = start.elapsed() < o.duration && seg.writes < o.max_writes;
             if may_issue && inflight.len() < qd {
                 handle += 1;
-                let flush = o.flush_every > 0 && splitmix(&mut rng) % o.flush_every == 0;
+                let flush = o.flush_every > 0 && splitmix(&mut rng).is_multiple_of(o.flush_every);
                 if flush {
                     let issued = self.tick();
                     inflight.insert(handle, InFlight::Flush { issued });

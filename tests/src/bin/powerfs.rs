@@ -153,7 +153,7 @@ impl State {
     /// The power goes: each volatile unit is lost with probability
     /// `permille`/1000 (all of them with 1000), the others are written.
     fn drop_volatile(&mut self, seed: u64, permille: u64) -> Result<(u64, u64), i32> {
-        let mut rng = seed ^ 0x706f_7765_7266_73;
+        let mut rng = seed ^ 0x0070_6f77_6572_6673;
         let mut lost = 0;
         let mut kept = 0;
         let mut inos: Vec<u64> = self.nodes.keys().copied().collect();
