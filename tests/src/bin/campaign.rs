@@ -10,8 +10,10 @@
 //! and once the pair is in sync again both data areas are compared.
 //!
 //! ```text
-//! campaign [--faults N] [--seed S] [--size MIB]
+//! campaign [--faults N] [--seed S] [--size MIB] [--only KIND]
 //! ```
+//! `--only` keeps the faults of one kind (`failback-pull`,
+//! `power-secondary-resync`, ...: see `Fault::kind`), to look at one.
 //! One line per fault; the last line is
 //! `faults N, acked W, lost L, corrupt C, divergent D`. Exit status 0 when
 //! nothing was lost, corrupt or divergent and every fault recovered, 1
@@ -75,20 +77,50 @@ impl Rng {
 /// One fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
-    KillPrimary { failover: bool },
+    KillPrimary {
+        failover: bool,
+    },
     KillSecondary,
-    PowerPrimary { failover: bool, loss: Loss },
-    PowerSecondary { loss: Loss },
-    PowerSecondaryResync { loss: Loss },
-    PowerPrimaryResync { loss: Loss },
+    PowerPrimary {
+        failover: bool,
+        loss: Loss,
+    },
+    PowerSecondary {
+        loss: Loss,
+    },
+    PowerSecondaryResync {
+        loss: Loss,
+    },
+    PowerPrimaryResync {
+        loss: Loss,
+    },
     KillPrimaryResync,
-    PowerBoth { loss: Loss },
-    Partition { kind: PartitionKind, ms: u64 },
-    PartitionPowerSecondary { loss: Loss, ms: u64 },
-    Restart { primary: bool },
-    SecondaryDiskError { ms: u64 },
+    PowerBoth {
+        loss: Loss,
+    },
+    Partition {
+        kind: PartitionKind,
+        ms: u64,
+    },
+    PartitionPowerSecondary {
+        loss: Loss,
+        ms: u64,
+    },
+    Restart {
+        primary: bool,
+    },
+    SecondaryDiskError {
+        ms: u64,
+    },
     PrimaryReadError,
     RoleSwap,
+    /// The primary dies and the secondary takes over and writes; it stops
+    /// too, the old primary comes back first as primary (its peer is
+    /// unreachable), so it pulls the newer data when the other returns as
+    /// secondary; its power goes during that synchronization.
+    FailbackPull {
+        loss: Loss,
+    },
 }
 
 impl Fault {
@@ -125,8 +157,30 @@ impl Fault {
             89..=92 => Fault::SecondaryDiskError {
                 ms: 200 + r.below(2000),
             },
-            93..=95 => Fault::PrimaryReadError,
+            93..=94 => Fault::PrimaryReadError,
+            95 => Fault::FailbackPull { loss: r.loss() },
             _ => Fault::RoleSwap,
+        }
+    }
+
+    /// The kind, for `--only`.
+    fn kind(&self) -> &'static str {
+        match self {
+            Fault::KillPrimary { .. } => "kill-primary",
+            Fault::KillSecondary => "kill-secondary",
+            Fault::PowerPrimary { .. } => "power-primary",
+            Fault::PowerSecondary { .. } => "power-secondary",
+            Fault::PowerSecondaryResync { .. } => "power-secondary-resync",
+            Fault::PowerPrimaryResync { .. } => "power-primary-resync",
+            Fault::KillPrimaryResync => "kill-primary-resync",
+            Fault::PowerBoth { .. } => "power-both",
+            Fault::Partition { .. } => "partition",
+            Fault::PartitionPowerSecondary { .. } => "partition-power-secondary",
+            Fault::Restart { .. } => "restart",
+            Fault::SecondaryDiskError { .. } => "secondary-disk-error",
+            Fault::PrimaryReadError => "primary-read-error",
+            Fault::RoleSwap => "role-swap",
+            Fault::FailbackPull { .. } => "failback-pull",
         }
     }
 
@@ -168,6 +222,10 @@ impl Fault {
             Fault::SecondaryDiskError { ms } => format!("secondary disk write errors {ms} ms"),
             Fault::PrimaryReadError => "primary disk read errors during the check".into(),
             Fault::RoleSwap => "role swap".into(),
+            Fault::FailbackPull { loss: l } => format!(
+                "kill -9 primary, failover, both down, old primary back first and pulling, its power cut ({} lost)",
+                loss(l)
+            ),
         }
     }
 }
@@ -509,6 +567,65 @@ impl Pair {
                 let p = self.primary.clone();
                 self.c.failpoint(&p, hast::failpoint::PRIMARY_READ, true);
             }
+            Fault::FailbackPull { loss } => {
+                t.kills += 1;
+                t.power_primary += 1;
+                if self.mode != "async" {
+                    t.power_primary_sync_modes += 1;
+                }
+                self.with_workload(r, seg, |c, p, _| {
+                    std::thread::sleep(at);
+                    c.kill9(p).map(drop).map_err(e2s)
+                })?;
+                if async_mode {
+                    self.ledger.excuse_since(seg_start);
+                }
+                let (p, s) = (self.primary.clone(), self.secondary.clone());
+                // The secondary takes over and writes alone.
+                self.c.role(&s, RES, "primary").map_err(e2s)?;
+                self.swap();
+                let d = r.millis(800, 1500);
+                self.with_workload(r, d, |_, _, _| Ok(()))?;
+                self.c.stop(&s).map_err(e2s)?;
+                // The old primary first, as primary: its peer is down.
+                self.c.start(&p).map_err(e2s)?;
+                self.c.role(&p, RES, "primary").map_err(e2s)?;
+                self.c.start(&s).map_err(e2s)?;
+                self.c.role(&s, RES, "secondary").map_err(e2s)?;
+                self.swap();
+                let mut seen = false;
+                let start = Instant::now();
+                while start.elapsed() < T {
+                    let st = self.c.list_res(&p, RES).map_err(e2s)?;
+                    if st.synchronizing() {
+                        seen = true;
+                        std::thread::sleep(r.millis(0, 30));
+                        break;
+                    }
+                    if st.in_sync() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let cut = self.c.power_cut(&p, loss).map_err(e2s)?;
+                self.c.start(&p).map_err(e2s)?;
+                // As hastctl(8) says: a copy whose synchronization from
+                // the peer did not finish is not promoted; the peer is,
+                // and synchronizes it.
+                let promoted = self.c.hastctl(&p, &["role", "primary", RES]).map_err(e2s)?;
+                note = format!(
+                    "{}lost {} kept {} units; promotion of the cut node: exit {}",
+                    if seen { "" } else { "pull ended first; " },
+                    cut.lost,
+                    cut.kept,
+                    promoted.code
+                );
+                if promoted.code != 0 {
+                    self.c.role(&p, RES, "secondary").map_err(e2s)?;
+                    self.c.role(&s, RES, "primary").map_err(e2s)?;
+                    self.swap();
+                }
+            }
             Fault::RoleSwap => {
                 self.with_workload(r, seg, |c, p, _| {
                     std::thread::sleep(at);
@@ -578,13 +695,18 @@ fn connect(uri: &str) -> Res<NbdClient> {
 }
 
 fn run(args: &[String]) -> Result<bool, String> {
-    const USAGE: &str = "usage: campaign [--faults N] [--seed S] [--size MIB]";
+    const USAGE: &str = "usage: campaign [--faults N] [--seed S] [--size MIB] [--only KIND]";
     let mut faults = 20u64;
     let mut seed = 1u64;
     let mut size = 32u64;
+    let mut only: Option<String> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let v = it.next().ok_or(USAGE)?;
+        if a == "--only" {
+            only = Some(v.clone());
+            continue;
+        }
         let n: u64 = v
             .parse()
             .map_err(|_| format!("{a}: not a number: {v}\n{USAGE}"))?;
@@ -615,7 +737,17 @@ fn run(args: &[String]) -> Result<bool, String> {
                 Some(Pair::new(mode, size, r.next()).map_err(|e| format!("set up a pair: {e}"))?);
         }
         let Some(p) = pair.as_mut() else { break };
-        let f = Fault::pick(&mut r);
+        let mut f = Fault::pick(&mut r);
+        if let Some(k) = &only {
+            let mut tries = 0;
+            while f.kind() != k.as_str() {
+                tries += 1;
+                if tries > 100_000 {
+                    return Err(format!("--only {k}: no such kind of fault"));
+                }
+                f = Fault::pick(&mut r);
+            }
+        }
         let t0 = Instant::now();
         t.faults += 1;
         let outcome = p.inject(f, &mut r, &mut t).and_then(|note| {
