@@ -136,17 +136,6 @@ where
     let (compression, checksum) = (local.cfg.compression, local.cfg.checksum);
     let pool = Arc::new(BufPool::default());
     let (writer_pool, writer_queue) = (pool.clone(), replies.clone());
-    let writer = tokio::spawn(async move {
-        write_replies(
-            &mut conn_out,
-            &writer_queue,
-            &writer_pool,
-            compression,
-            checksum,
-        )
-        .await
-        .err()
-    });
     let io = match IoThreads::start(request::Context {
         provider: local.provider.clone(),
         localoff,
@@ -154,12 +143,33 @@ where
         pool: pool.clone(),
         replies: replies.clone(),
     }) {
-        Ok(io) => io,
-        Err(e) => {
-            writer.abort();
-            return SessionError::Threads(e);
-        }
+        Ok(io) => Arc::new(io),
+        Err(e) => return SessionError::Threads(e),
     };
+    // The session's helper tasks end with it, also when it is aborted:
+    // the reply writer and the watch for a slow provider.
+    let mut helpers = tokio::task::JoinSet::new();
+    helpers.spawn(async move {
+        if let Err(e) = write_replies(
+            &mut conn_out,
+            &writer_queue,
+            &writer_pool,
+            compression,
+            checksum,
+        )
+        .await
+        {
+            tracing::debug!("reply writer stopped: {e}");
+        }
+    });
+    let watched = io.clone();
+    helpers.spawn(async move {
+        let mut tick = tokio::time::interval(request::STUCK);
+        loop {
+            tick.tick().await;
+            watched.grow_if_stuck();
+        }
+    });
     let mut conn_in = tokio::io::BufReader::with_capacity(READ_AHEAD, conn_in);
     let mut map_cleared = marks;
     let mut next_id: u64 = 0;
@@ -247,7 +257,7 @@ where
         // this one.
         io.admit(next_id, req, data, permit);
     };
+    drop(helpers);
     drop(io);
-    writer.abort();
     result
 }

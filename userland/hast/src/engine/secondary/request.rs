@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -20,10 +21,13 @@ use crate::wire::{Cmd, Reply, Request};
 /// inode lock in the kernel, so more threads buy nothing for buffered
 /// writes; a few keep reads, writes and flushes of different ranges going
 /// together.
-const IO_THREADS: usize = 4;
-/// When every thread is busy (a slow disk) and work waits, more are
-/// started, up to this many.
+const IO_THREADS: usize = 2;
+/// When work waits while every thread has been busy with one request for
+/// longer than [`STUCK`] (a slow disk), more threads are started, up to
+/// this many, so that no request waits behind a slow one for long.
 const IO_THREADS_MAX: usize = 64;
+/// See [`IO_THREADS_MAX`].
+pub(super) const STUCK: Duration = Duration::from_millis(20);
 
 /// What the I/O threads need besides the requests.
 pub(super) struct Context {
@@ -59,6 +63,8 @@ struct State {
     /// Threads started, and how many of them wait for work.
     threads: usize,
     idle: usize,
+    /// The jobs the threads carry out now, and since when.
+    running: Vec<(u64, Instant)>,
 }
 
 impl State {
@@ -77,6 +83,15 @@ impl State {
             .ranges
             .iter()
             .any(|&(i, s, e)| i < job.id && s < end && off < e)
+    }
+
+    /// Work waits while every thread has been stuck on one request for a
+    /// while: one more thread should start.
+    fn stuck(&self) -> bool {
+        !self.ready.is_empty()
+            && self.idle == 0
+            && self.threads < IO_THREADS_MAX
+            && self.running.iter().all(|(_, t)| t.elapsed() >= STUCK)
     }
 
     /// Admit a job (ids grow in arrival order); whether it is free to run.
@@ -165,18 +180,19 @@ impl IoThreads {
             data,
             slot,
         };
-        let (free, grow) = {
-            let mut st = lock(&self.shared.state);
-            let free = st.admit(job);
-            (free, st.idle == 0 && st.threads < IO_THREADS_MAX)
-        };
-        if free {
-            if grow {
-                if let Err(e) = spawn(&self.shared) {
-                    tracing::debug!("no more I/O threads: {e}");
-                }
-            }
+        if lock(&self.shared.state).admit(job) {
             self.shared.work.notify_one();
+        }
+    }
+
+    /// Start one more thread if every thread is stuck on a slow request
+    /// while work waits (called every [`STUCK`] by the session).
+    pub(super) fn grow_if_stuck(&self) {
+        if lock(&self.shared.state).stuck() {
+            match spawn(&self.shared) {
+                Ok(()) => tracing::debug!("the local provider is slow: one more I/O thread"),
+                Err(e) => tracing::debug!("no more I/O threads: {e}"),
+            }
         }
     }
 }
@@ -211,6 +227,7 @@ fn run(shared: &Shared) {
             let mut st = lock(&shared.state);
             loop {
                 if let Some(job) = st.ready.pop_front() {
+                    st.running.push((job.id, Instant::now()));
                     break job;
                 }
                 if st.stop && st.parked.is_empty() {
@@ -231,7 +248,11 @@ fn run(shared: &Shared) {
         // The reply is queued before the requests this one held back may
         // run: a flush is answered after every write received before it.
         shared.ctx.replies.push(carry_out(&shared.ctx, req, data));
-        let freed = lock(&shared.state).done(id);
+        let freed = {
+            let mut st = lock(&shared.state);
+            st.running.retain(|&(i, _)| i != id);
+            st.done(id)
+        };
         for _ in 0..freed {
             shared.work.notify_one();
         }
