@@ -5,6 +5,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod export;
 pub mod freebsd;
 pub mod ledger;
 pub mod power;
