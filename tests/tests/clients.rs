@@ -390,7 +390,15 @@ impl StackGuard {
                 Command::new("fusermount3").arg("-u").arg(&self.fuse_dir),
                 CLIENT_TIME,
             );
-            let r = g.wait_timeout(Duration::from_secs(10));
+            let r = g.wait_timeout(Duration::from_secs(30));
+            if r.code == -2 {
+                // Leave no mount behind, then fail.
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.fuse_dir)
+                    .stderr(Stdio::null())
+                    .status();
+            }
             assert_ne!(r.code, -2, "nbdfuse did not exit after fusermount3 -u");
         }
     }
