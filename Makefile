@@ -3,6 +3,7 @@
 #   make deps    install the system packages the build and the tests need
 #   make         build hastd and hastctl (release)
 #   make test    install what is needed, then run every test
+#   make test-kshim  the kernel module on the userland shim, plain, ASan, TSan
 #   make demo    set up two nodes on this machine and walk through the main job
 #   make bench   NBD export of a primary vs qemu-nbd with fio, as ratios (BENCHMARKS.md)
 #   make install install binaries, man pages and the sample configuration
@@ -20,7 +21,7 @@ DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
 	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc liblzf-dev
 PKG_PKGS = rust llvm qemu-tools libnbd fio shellcheck
 
-.PHONY: all build deps test test-rust test-scripts test-freebsd-check demo bench install clean kmod-check
+.PHONY: all build deps test test-rust test-scripts test-freebsd-check test-kshim demo bench install clean kmod-check
 
 all: build
 
@@ -46,7 +47,14 @@ else
 endif
 	@command -v $(CARGO) >/dev/null || { echo "make deps: cargo not found; install Rust (rustup) first" >&2; exit 1; }
 
-test: deps test-scripts test-freebsd-check test-rust
+test: deps test-scripts test-freebsd-check test-kshim test-rust
+
+# The kernel module itself (kmod/g_hast.c, hast_core.c, unchanged) on the
+# userland kernel shim (sys/kshim): its C driver plain, with
+# AddressSanitizer and with ThreadSanitizer, and bugs planted in a copy of
+# the module that the shim must catch.
+test-kshim:
+	sh tests/kshim-check.sh
 
 # Type-check the FreeBSD build (kernel transport, cfg'd file I/O) from any
 # host: needs the x86_64-unknown-freebsd target of rustup.
