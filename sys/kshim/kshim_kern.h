@@ -101,8 +101,8 @@ int	snprintf(char *, size_t, const char *, ...)
 
 #define	DEV_BSHIFT	9
 #define	DEV_BSIZE	(1 << DEV_BSHIFT)
-/* FreeBSD 12's MAXPHYS: the largest bio a client sends (g_dev splits). */
-#define	MAXPHYS		(128 * 1024)
+/* FreeBSD 13's MAXPHYS: the largest bio a client sends (g_dev splits). */
+#define	MAXPHYS		(1024 * 1024)
 #define	OFF_MAX		INT64_MAX
 #define	OFF_MIN		INT64_MIN
 

@@ -3,6 +3,10 @@
 //! upcalls through the [`Dataplane`] interface.
 //! - On FreeBSD with geom_hast loaded (`/dev/hastctl` exists), the kernel
 //!   module serves `/dev/hast/NAME` ([`KernelPlane`]).
+//! - In a test build with `HAST_KSHIM` set, the same module runs in hastd
+//!   on the userland kernel shim (`crate::kshim`): the local provider
+//!   becomes a GEOM disk of the shim and `hast/NAME` is exported over NBD,
+//!   every request entering the module's start method as a bio.
 //! - Otherwise the core runs in hastd ([`crate::uhost`]) behind an NBD
 //!   export at the resource's `nbd` address ([`UserPlane`]).
 //!
@@ -46,6 +50,9 @@ pub enum PrimaryError {
         #[source]
         source: std::io::Error,
     },
+    #[cfg(all(feature = "kshim", target_os = "linux"))]
+    #[error("kernel shim: {0}")]
+    Kshim(#[from] crate::kshim::KshimError),
 }
 
 /// The replication mode of the core for a configured mode.
@@ -60,17 +67,179 @@ pub fn mode_of(r: Replication) -> Mode {
 /// How long a role change waits for `/dev/hast/NAME` to be closed.
 const KERNEL_DESTROY_WAIT: Duration = Duration::from_secs(10);
 
+/// An NBD export of the data path.
+struct Export {
+    server: Server,
+    socket: Option<std::path::PathBuf>,
+    addr: Addr,
+}
+
+impl Export {
+    /// Serve `backend` as export `cfg.provname` at the resource's `nbd`
+    /// address (a Unix socket of mode 0600, or TCP).
+    async fn start(
+        cfg: &ResourceConfig,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Export, PrimaryError> {
+        let addr = cfg.nbd_addr();
+        let export_err = |source| PrimaryError::Export {
+            addr: addr.to_string(),
+            source,
+        };
+        let registry = Registry::new();
+        registry.add(&cfg.provname, backend).map_err(export_err)?;
+        let server = Server::new(registry, crate::nbd::Config::default()).map_err(export_err)?;
+        let socket = match &addr.kind {
+            AddrKind::Unix(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|source| PrimaryError::SocketDir {
+                        path: path.clone(),
+                        source,
+                    })?;
+                }
+                server.listen_unix(path).await.map_err(export_err)?;
+                // The export is the disk: only its owner may connect.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+                    |source| PrimaryError::SocketDir {
+                        path: path.clone(),
+                        source,
+                    },
+                )?;
+                Some(path.clone())
+            }
+            AddrKind::Tcp { host, port, .. } => {
+                let hostport = if host.contains(':') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                };
+                server.listen_tcp(&hostport).await.map_err(export_err)?;
+                None
+            }
+        };
+        tracing::info!("exporting {} over NBD at {addr}", cfg.provname);
+        Ok(Export {
+            server,
+            socket,
+            addr,
+        })
+    }
+
+    /// Refuse new clients, finish the requests in flight, disconnect.
+    async fn shutdown(&self) {
+        self.server.shutdown().await;
+    }
+
+    /// After [`Export::shutdown`]: remove the socket.
+    fn finish(self) {
+        drop(self.server);
+        if let Some(path) = self.socket {
+            let _ = std::fs::remove_file(path);
+        }
+        tracing::info!("NBD export at {} stopped", self.addr);
+    }
+}
+
+/// Tests only: what the kernel host adds on the userland kernel shim: the
+/// GEOM disk under the module and the NBD export of `hast/NAME`.
+#[cfg(all(feature = "kshim", target_os = "linux"))]
+struct Shim {
+    disk: Option<crate::kshim::Disk>,
+    backend: Option<Arc<crate::kshim::GeomBackend>>,
+    export: Option<Export>,
+}
+
+#[cfg(all(feature = "kshim", target_os = "linux"))]
+impl Shim {
+    /// Before the instance: the local provider as a GEOM disk. Blocking.
+    fn attach(local: &str, sectorsize: u32) -> Result<Shim, PrimaryError> {
+        crate::kshim::load()?;
+        let disk = crate::kshim::Disk::create(local, sectorsize)?;
+        Ok(Shim {
+            disk: Some(disk),
+            backend: None,
+            export: None,
+        })
+    }
+
+    /// After the instance: export `hast/NAME` over NBD.
+    async fn export(&mut self, cfg: &ResourceConfig) -> Result<(), PrimaryError> {
+        let backend = Arc::new(crate::kshim::GeomBackend::open(&format!(
+            "hast/{}",
+            cfg.provname
+        ))?);
+        self.backend = Some(backend.clone());
+        self.export = Some(Export::start(cfg, backend).await?);
+        Ok(())
+    }
+
+    /// Before the destroy: no client, `hast/NAME` closed.
+    async fn close(&mut self) {
+        if let Some(export) = self.export.take() {
+            export.shutdown().await;
+            export.finish();
+        }
+        if let Some(backend) = self.backend.take() {
+            let Some(backend) = release(backend).await else {
+                tracing::error!("hast/NAME on the kernel shim is still referenced");
+                return;
+            };
+            let r =
+                tokio::task::spawn_blocking(move || backend.close(Duration::from_secs(10))).await;
+            if !matches!(r, Ok(Ok(()))) {
+                tracing::error!("hast/NAME on the kernel shim is still open: {r:?}");
+            }
+        }
+    }
+
+    /// After the destroy: the disk goes. Blocking.
+    fn detach(&mut self) {
+        if let Some(disk) = self.disk.take() {
+            let name = disk.name().to_owned();
+            if let Err(e) = disk.destroy(Duration::from_secs(10)) {
+                tracing::error!("the kernel shim's disk {name} stays: {e}");
+            }
+        }
+    }
+}
+
+/// Without the kernel shim: nothing.
+#[cfg(not(all(feature = "kshim", target_os = "linux")))]
+struct Shim;
+
+#[cfg(not(all(feature = "kshim", target_os = "linux")))]
+impl Shim {
+    async fn close(&mut self) {}
+    fn detach(&mut self) {}
+}
+
+/// The only reference to `x` once the server's last tasks dropped theirs
+/// (they do just after reporting stopped); `None` if they never do.
+async fn release<T>(mut x: Arc<T>) -> Option<T> {
+    for _ in 0..500 {
+        match Arc::try_unwrap(x) {
+            Ok(v) => return Some(v),
+            Err(back) => x = back,
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
 /// Where the core runs and how clients reach it.
 enum Host {
     /// In hastd, behind the NBD export.
     User {
         plane: Arc<UserPlane>,
-        server: Server,
-        socket: Option<std::path::PathBuf>,
-        addr: Addr,
+        export: Export,
     },
-    /// In the kernel module, as `/dev/hast/NAME`.
-    Kernel(Arc<KernelPlane>),
+    /// In the kernel module, as `/dev/hast/NAME` (on the kernel shim in
+    /// test builds, with its NBD export).
+    Kernel {
+        plane: Arc<KernelPlane>,
+        shim: Option<Shim>,
+    },
 }
 
 /// A running primary data path.
@@ -89,7 +258,7 @@ impl Primary {
     /// its only reference to the provider, which is closed before the
     /// module opens the disk exclusively.
     pub fn kernel_host() -> bool {
-        KernelDevice::available(crate::kdev::DEFAULT_PATH)
+        KernelDevice::kernel_host()
     }
 
     /// Start the core on the opened provider: in the kernel module when
@@ -131,64 +300,15 @@ impl Primary {
         {
             tracing::warn!("no answer from {} yet; serving without it", cfg.remote);
         }
-        let addr = cfg.nbd_addr();
-        let export_err = |source| PrimaryError::Export {
-            addr: addr.to_string(),
-            source,
-        };
-        let registry = Registry::new();
-        let backend: Arc<dyn Backend> = uhost.clone();
-        let started = async {
-            registry.add(&cfg.provname, backend).map_err(export_err)?;
-            let server =
-                Server::new(registry, crate::nbd::Config::default()).map_err(export_err)?;
-            let socket = match &addr.kind {
-                AddrKind::Unix(path) => {
-                    if let Some(dir) = path.parent() {
-                        std::fs::create_dir_all(dir).map_err(|source| PrimaryError::SocketDir {
-                            path: path.clone(),
-                            source,
-                        })?;
-                    }
-                    server.listen_unix(path).await.map_err(export_err)?;
-                    // The export is the disk: only its owner may connect.
-                    use std::os::unix::fs::PermissionsExt;
-                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                        .map_err(|source| PrimaryError::SocketDir {
-                            path: path.clone(),
-                            source,
-                        })?;
-                    Some(path.clone())
-                }
-                AddrKind::Tcp { host, port, .. } => {
-                    let hostport = if host.contains(':') {
-                        format!("[{host}]:{port}")
-                    } else {
-                        format!("{host}:{port}")
-                    };
-                    server.listen_tcp(&hostport).await.map_err(export_err)?;
-                    None
-                }
-            };
-            Ok::<_, PrimaryError>((server, socket))
-        };
-        match started.await {
-            Ok((server, socket)) => {
-                tracing::info!("exporting {} over NBD at {addr}", cfg.provname);
-                Ok(Primary {
-                    host: Host::User {
-                        plane,
-                        server,
-                        socket,
-                        addr,
-                    },
-                    dp,
-                    replicator,
-                    upcalls,
-                    link,
-                    stop_link,
-                })
-            }
+        match Export::start(cfg, uhost.clone()).await {
+            Ok(export) => Ok(Primary {
+                host: Host::User { plane, export },
+                dp,
+                replicator,
+                upcalls,
+                link,
+                stop_link,
+            }),
             Err(e) => {
                 let _ = stop_link.send(true);
                 let _ = link.await;
@@ -227,8 +347,29 @@ impl Primary {
             metaflush: geo.metaflush,
             map: map.to_vec(),
         };
-        let plane = tokio::task::spawn_blocking(move || {
-            KernelPlane::create(std::path::Path::new(crate::kdev::DEFAULT_PATH), &spec)
+        let sectorsize = geo.sectorsize;
+        let created = tokio::task::spawn_blocking(move || -> Result<_, PrimaryError> {
+            #[cfg(all(feature = "kshim", target_os = "linux"))]
+            let mut shim = if crate::kshim::selected() {
+                Some(Shim::attach(&spec.local, sectorsize)?)
+            } else {
+                None
+            };
+            #[cfg(not(all(feature = "kshim", target_os = "linux")))]
+            let mut shim: Option<Shim> = {
+                let _ = sectorsize;
+                None
+            };
+            let plane = KernelDevice::open().and_then(|dev| KernelPlane::create_on(dev, &spec));
+            match plane {
+                Ok(plane) => Ok((plane, shim)),
+                Err(e) => {
+                    if let Some(s) = shim.as_mut() {
+                        s.detach();
+                    }
+                    Err(e.into())
+                }
+            }
         })
         .await
         .map_err(|e| {
@@ -236,16 +377,31 @@ impl Primary {
                 op: crate::kdev::Ioctl::Create,
                 what: e.to_string(),
             })
-        })??;
+        })?;
+        #[allow(unused_mut)] // mutated only on the kernel shim
+        let (plane, mut shim) = created?;
         let plane = Arc::new(plane);
         let dp: Arc<dyn Dataplane> = plane.clone();
         let replicator = Replicator::new(dp.clone(), md, cfg.clone());
         let upcalls = tokio::spawn(replicator.clone().upcalls());
         let (stop_link, stop_rx) = tokio::sync::watch::channel(false);
         let link = tokio::spawn(replicator.clone().run(stop_rx));
+        #[cfg(all(feature = "kshim", target_os = "linux"))]
+        if let Some(s) = shim.as_mut() {
+            if let Err(e) = s.export(cfg).await {
+                let _ = stop_link.send(true);
+                let _ = link.await;
+                upcalls.abort();
+                s.close().await;
+                let p = plane.clone();
+                let _ = tokio::task::spawn_blocking(move || p.destroy(KERNEL_DESTROY_WAIT)).await;
+                s.detach();
+                return Err(e);
+            }
+        }
         tracing::info!("serving /dev/hast/{} from the kernel module", cfg.provname);
         Ok(Primary {
-            host: Host::Kernel(plane),
+            host: Host::Kernel { plane, shim },
             dp,
             replicator,
             upcalls,
@@ -289,19 +445,19 @@ impl Primary {
     /// core. Afterwards hastd may open the local provider again.
     pub async fn stop(self) {
         let Primary {
-            host,
+            mut host,
             dp,
             replicator,
             upcalls,
             link,
             stop_link,
         } = self;
-        let server = match &host {
-            Host::User { server, .. } => Some(server),
-            Host::Kernel(_) => None,
-        };
-        if let Some(server) = server {
-            server.shutdown().await;
+        match &mut host {
+            Host::User { export, .. } => export.shutdown().await,
+            Host::Kernel {
+                shim: Some(shim), ..
+            } => shim.close().await,
+            Host::Kernel { shim: None, .. } => {}
         }
         let _ = stop_link.send(true);
         let _ = link.await;
@@ -310,35 +466,30 @@ impl Primary {
         drop(replicator);
         drop(dp);
         match host {
-            Host::User {
-                plane,
-                server,
-                socket,
-                addr,
-            } => {
-                drop(server);
+            Host::User { plane, export } => {
                 let uhost = plane.uhost().clone();
                 drop(plane);
+                let addr = export.addr.to_string();
+                export.finish();
                 // The server's last tasks release their handle on the export
                 // just after they report stopped.
-                for _ in 0..200 {
-                    if Arc::strong_count(&uhost) == 1 {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                match release(uhost).await {
+                    Some(u) => u.close(),
+                    None => tracing::warn!("NBD export {addr} still referenced after stop"),
                 }
-                if let Some(path) = socket {
-                    let _ = std::fs::remove_file(path);
-                }
-                match Arc::try_unwrap(uhost) {
-                    Ok(u) => u.close(),
-                    Err(_) => tracing::warn!("NBD export {addr} still referenced after stop"),
-                }
-                tracing::info!("NBD export at {addr} stopped");
             }
-            Host::Kernel(plane) => {
+            Host::Kernel { plane, mut shim } => {
                 let p = plane.clone();
-                let r = tokio::task::spawn_blocking(move || p.destroy(KERNEL_DESTROY_WAIT)).await;
+                let r = tokio::task::spawn_blocking(move || {
+                    let r = p.destroy(KERNEL_DESTROY_WAIT);
+                    if let Some(s) = shim.as_mut() {
+                        if r.is_ok() {
+                            s.detach();
+                        }
+                    }
+                    r
+                })
+                .await;
                 match r {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::error!(
