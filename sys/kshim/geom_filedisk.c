@@ -5,9 +5,10 @@
  * backed by a file or block device, like a vnode-backed md(4).  Its start
  * method queues bios for a pool of I/O threads, which do the positioned
  * I/O and complete each bio with g_io_deliver from their own thread (so
- * done routines run on g_up, never inside start).  Tests can slow every
- * I/O down, hold I/O until released, make commands fail with an error, or
- * pull the disk out: then its provider is orphaned (every consumer's
+ * done routines run on g_up, never inside start).  Tests can slow I/O down
+ * (each waits a random time up to a bound, so I/Os overtake each other),
+ * hold I/O until released, make commands fail with an error, or pull the
+ * disk out: then its provider is orphaned (every consumer's
  * orphan method runs) and queued and new I/O fails with ENXIO.
  */
 
@@ -31,6 +32,7 @@ struct filedisk {
 	int			 fd_gone;	/* orphaned */
 	int			 fd_dying;	/* provider destroyed */
 	uint32_t		 fd_delay_us;
+	uint64_t		 fd_rng;
 	uint32_t		 fd_failmask;
 	int			 fd_failerr;	/* kernel errno */
 	uint32_t		 fd_nthreads;
@@ -201,6 +203,12 @@ filedisk_worker(void *arg)
 		}
 		TAILQ_REMOVE(&d->fd_queue, bp, bio_queue);
 		delay = d->fd_delay_us;
+		if (delay > 0) {
+			/* Up to delay: I/Os overtake each other. */
+			d->fd_rng = d->fd_rng * 6364136223846793005ULL +
+			    1442695040888963407ULL;
+			delay = (uint32_t)((d->fd_rng >> 33) % (delay + 1));
+		}
 		mtx_unlock(&d->fd_mtx);
 		if (delay > 0)
 			(void)pause_sig("fddelay", (int)((uint64_t)delay * hz /

@@ -60,7 +60,7 @@ int	kshim_disk_create(const char *name, const char *path,
 int	kshim_disk_destroy(const char *name, uint32_t wait_ms);
 /* The disk is gone: its provider is orphaned, queued I/O fails (ENXIO). */
 int	kshim_disk_orphan(const char *name);
-/* Each I/O waits usec before it runs. */
+/* Each I/O waits a random time of up to usec before it runs. */
 int	kshim_disk_delay(const char *name, uint32_t usec);
 /* hold != 0: I/O waits until released (hold 0). */
 int	kshim_disk_hold(const char *name, int hold);

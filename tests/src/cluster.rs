@@ -194,7 +194,13 @@ pub struct ClusterBuilder {
     create_args: Vec<String>,
     extra: String,
     create: bool,
+    kernel_host: bool,
 }
+
+/// Set (to anything but `0`) in the tests' environment: every cluster runs
+/// its primaries in the kernel module on the userland kernel shim (as
+/// [`ClusterBuilder::kernel_host`]).
+pub const KERNEL_HOST_ENV: &str = "HAST_TEST_KSHIM";
 
 impl ClusterBuilder {
     /// Two nodes `alpha` and `beta`, no resource yet, memsync, no checksum,
@@ -211,7 +217,18 @@ impl ClusterBuilder {
             create_args: Vec::new(),
             extra: String::new(),
             create: true,
+            kernel_host: crate::kernel_host_selected(),
         }
+    }
+
+    /// Whether the primaries run in the geom_hast kernel module on the
+    /// userland kernel shim (hastd with `HAST_KSHIM`): the local provider
+    /// a GEOM disk of the shim, clients' requests entering the module's
+    /// start method, the engine talking to it through its ioctls. Default:
+    /// no, unless [`KERNEL_HOST_ENV`] is set.
+    pub fn kernel_host(mut self, yes: bool) -> Self {
+        self.kernel_host = yes;
+        self
     }
 
     /// The node names (at least two; letters, digits, `-`, `_`).
@@ -399,6 +416,7 @@ impl ClusterBuilder {
             nft_tables: Vec::new(),
             partitions: BTreeMap::new(),
             namespaces: Vec::new(),
+            kernel_host: self.kernel_host,
         };
         if c.mode == Mode::Netns {
             c.setup_netns()?;
@@ -507,6 +525,7 @@ pub struct Cluster {
     nft_tables: Vec<(Option<String>, String)>,
     partitions: BTreeMap<(usize, usize), PartitionKind>,
     namespaces: Vec<String>,
+    kernel_host: bool,
 }
 
 /// Where a provider's data area is: the file, the byte offset of the data
@@ -627,6 +646,11 @@ impl Cluster {
     /// Shorthand: `ClusterBuilder::new(mode)`.
     pub fn builder(mode: Mode) -> ClusterBuilder {
         ClusterBuilder::new(mode)
+    }
+
+    /// Whether primaries run in the kernel module on the kernel shim.
+    pub fn kernel_host(&self) -> bool {
+        self.kernel_host
     }
 
     /// Unique id of this instance (`hastt-<pid>-<n>`), the prefix of its
@@ -913,6 +937,7 @@ impl Cluster {
             .arg(&n.name)
             .env("HASTT_NODE", &n.name)
             .env("HAST_FAILPOINTS", self.failpoint_dir(node))
+            .env(hast::kshim::ENV, if self.kernel_host { "1" } else { "0" })
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);

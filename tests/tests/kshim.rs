@@ -53,10 +53,10 @@ fn inst(name: &str, mode: Mode, map: Vec<u8>) -> Inst {
         .set_len(LOCALOFF + SIZE)
         .unwrap();
     let local = path.display().to_string();
-    let disk = Disk::create(&local, 512).expect("a disk");
+    let disk = Disk::create_md(&local, 512).expect("a disk");
     let spec = CreateSpec {
         name: name.into(),
-        local,
+        local: disk.name().to_owned(),
         params: Params {
             mediasize: SIZE,
             extentsize: EXTENT as u32,

@@ -24,10 +24,10 @@ fn unload_is_refused_while_an_instance_exists() {
         .set_len(8192 + (4 << 20))
         .unwrap();
     let local = path.display().to_string();
-    let disk = Disk::create(&local, 512).unwrap();
+    let disk = Disk::create("kunload-disk", &local, 512).unwrap();
     let spec = CreateSpec {
         name: "kunload".into(),
-        local,
+        local: disk.name().to_owned(),
         params: Params {
             mediasize: 4 << 20,
             extentsize: 1 << 20,

@@ -423,6 +423,15 @@ impl KernelDevice {
         if crate::kshim::selected() {
             return true;
         }
+        #[cfg(not(all(feature = "kshim", target_os = "linux")))]
+        if std::env::var_os("HAST_KSHIM").is_some_and(|v| !v.is_empty() && v != "0") {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                tracing::warn!(
+                    "HAST_KSHIM is set, but this build has no kernel shim (only test builds do)"
+                );
+            });
+        }
         KernelDevice::available(DEFAULT_PATH)
     }
 

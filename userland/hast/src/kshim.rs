@@ -247,34 +247,48 @@ impl Drop for CtlFile {
     }
 }
 
-/// A GEOM disk of the shim backed by a file or block device; its provider
-/// is named like the device (`/dev/` dropped).
+/// A GEOM disk of the shim backed by a file or block device.
 #[derive(Debug)]
 pub struct Disk {
     name: String,
     cname: CString,
 }
 
-impl Disk {
-    /// The provider name a local path gets.
-    pub fn provider_name(path: &str) -> &str {
-        path.strip_prefix("/dev/").unwrap_or(path)
-    }
+/// The next `md` unit [`Disk::create_md`] tries.
+static MD_UNIT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-    /// Make the provider for `path` (size: the file's, in `sectorsize`
+impl Disk {
+    /// Make provider `name` for `path` (size: the file's, in `sectorsize`
     /// units), served by four I/O threads.
-    pub fn create(path: &str, sectorsize: u32) -> Result<Disk, KshimError> {
-        let name = Disk::provider_name(path).to_owned();
-        let cname = cstring(&name)?;
+    pub fn create(name: &str, path: &str, sectorsize: u32) -> Result<Disk, KshimError> {
+        let cname = cstring(name)?;
         let cpath = cstring(path)?;
         // SAFETY: NUL-terminated strings.
         errno(unsafe { sys::kshim_disk_create(cname.as_ptr(), cpath.as_ptr(), sectorsize, 4) })
             .map_err(|errno| KshimError::Disk {
                 what: "creating the disk",
-                name: name.clone(),
+                name: name.to_owned(),
                 errno,
             })?;
-        Ok(Disk { name, cname })
+        Ok(Disk {
+            name: name.to_owned(),
+            cname,
+        })
+    }
+
+    /// The disk of a file as `mdconfig -a -t vnode` makes it: the first
+    /// free `mdN`.
+    pub fn create_md(path: &str, sectorsize: u32) -> Result<Disk, KshimError> {
+        loop {
+            let unit = MD_UNIT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match Disk::create(&format!("md{unit}"), path, sectorsize) {
+                Err(KshimError::Disk {
+                    errno: Errno::EEXIST,
+                    ..
+                }) => continue,
+                r => return r,
+            }
+        }
     }
 
     /// The provider's name.
@@ -306,7 +320,8 @@ impl Disk {
         })
     }
 
-    /// Every I/O waits `delay` first.
+    /// Every I/O waits a random time of up to `delay` first (a disk that
+    /// completes requests out of order).
     pub fn delay(&self, delay: Duration) -> Result<(), KshimError> {
         let us = u32::try_from(delay.as_micros()).unwrap_or(u32::MAX);
         // SAFETY: as above.

@@ -145,22 +145,67 @@ impl Export {
 /// GEOM disk under the module and the NBD export of `hast/NAME`.
 #[cfg(all(feature = "kshim", target_os = "linux"))]
 struct Shim {
-    disk: Option<crate::kshim::Disk>,
+    disk: Option<Arc<crate::kshim::Disk>>,
     backend: Option<Arc<crate::kshim::GeomBackend>>,
     export: Option<Export>,
+    failpoints: Option<tokio::task::JoinHandle<()>>,
 }
 
 #[cfg(all(feature = "kshim", target_os = "linux"))]
 impl Shim {
-    /// Before the instance: the local provider as a GEOM disk. Blocking.
-    fn attach(local: &str, sectorsize: u32) -> Result<Shim, PrimaryError> {
+    /// Before the instance: the local provider as a GEOM disk (`mdN`, as
+    /// mdconfig would make it), whose name becomes the instance's local
+    /// provider. Blocking.
+    fn attach(spec: &mut CreateSpec, sectorsize: u32) -> Result<Shim, PrimaryError> {
         crate::kshim::load()?;
-        let disk = crate::kshim::Disk::create(local, sectorsize)?;
+        let disk = crate::kshim::Disk::create_md(&spec.local, sectorsize)?;
+        tracing::info!("{} is {} on the kernel shim", spec.local, disk.name());
+        spec.local = disk.name().to_owned();
         Ok(Shim {
-            disk: Some(disk),
+            disk: Some(Arc::new(disk)),
             backend: None,
             export: None,
+            failpoints: None,
         })
+    }
+
+    /// The userland host's local-disk fail points, on the shim's disk:
+    /// while `primary-read` is armed its reads fail with EIO, while
+    /// `primary-jitter` is armed each I/O waits a random time.
+    fn watch_failpoints(&mut self) {
+        use crate::failpoint::{check, PRIMARY_JITTER, PRIMARY_JITTER_MAX, PRIMARY_READ};
+        if !cfg!(feature = "failpoints") {
+            return;
+        }
+        let Some(disk) = self.disk.clone() else {
+            return;
+        };
+        self.failpoints = Some(tokio::spawn(async move {
+            let (mut read, mut jitter) = (false, false);
+            loop {
+                let r = check(PRIMARY_READ).is_some();
+                if r != read {
+                    read = r;
+                    let e = r.then_some(nix::errno::Errno::EIO);
+                    if let Err(e) = disk.fail(1 << 1, e) {
+                        tracing::warn!("fail point {PRIMARY_READ}: {e}");
+                    }
+                }
+                let j = check(PRIMARY_JITTER).is_some();
+                if j != jitter {
+                    jitter = j;
+                    let d = if j {
+                        PRIMARY_JITTER_MAX
+                    } else {
+                        Duration::ZERO
+                    };
+                    if let Err(e) = disk.delay(d) {
+                        tracing::warn!("fail point {PRIMARY_JITTER}: {e}");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
     }
 
     /// After the instance: export `hast/NAME` over NBD.
@@ -171,11 +216,16 @@ impl Shim {
         ))?);
         self.backend = Some(backend.clone());
         self.export = Some(Export::start(cfg, backend).await?);
+        self.watch_failpoints();
         Ok(())
     }
 
     /// Before the destroy: no client, `hast/NAME` closed.
     async fn close(&mut self) {
+        if let Some(f) = self.failpoints.take() {
+            f.abort();
+            let _ = f.await;
+        }
         if let Some(export) = self.export.take() {
             export.shutdown().await;
             export.finish();
@@ -195,11 +245,20 @@ impl Shim {
 
     /// After the destroy: the disk goes. Blocking.
     fn detach(&mut self) {
-        if let Some(disk) = self.disk.take() {
-            let name = disk.name().to_owned();
-            if let Err(e) = disk.destroy(Duration::from_secs(10)) {
-                tracing::error!("the kernel shim's disk {name} stays: {e}");
+        if let Some(f) = self.failpoints.take() {
+            f.abort();
+        }
+        let Some(disk) = self.disk.take() else {
+            return;
+        };
+        let name = disk.name().to_owned();
+        match Arc::try_unwrap(disk) {
+            Ok(disk) => {
+                if let Err(e) = disk.destroy(Duration::from_secs(10)) {
+                    tracing::error!("the kernel shim's disk {name} stays: {e}");
+                }
             }
+            Err(_) => tracing::error!("the kernel shim's disk {name} is still in use"),
         }
     }
 }
@@ -332,7 +391,8 @@ impl Primary {
     ) -> Result<Primary, PrimaryError> {
         let provider = Arc::try_unwrap(provider).map_err(|_| PrimaryError::ProviderBusy)?;
         drop(provider);
-        let spec = CreateSpec {
+        #[allow(unused_mut)] // the kernel shim names the local provider
+        let mut spec = CreateSpec {
             name: cfg.provname.clone(),
             local: cfg.local.display().to_string(),
             params: Params {
@@ -351,7 +411,7 @@ impl Primary {
         let created = tokio::task::spawn_blocking(move || -> Result<_, PrimaryError> {
             #[cfg(all(feature = "kshim", target_os = "linux"))]
             let mut shim = if crate::kshim::selected() {
-                Some(Shim::attach(&spec.local, sectorsize)?)
+                Some(Shim::attach(&mut spec, sectorsize)?)
             } else {
                 None
             };
