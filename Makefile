@@ -3,7 +3,7 @@
 #   make deps    install the system packages the build and the tests need
 #   make         build hastd and hastctl (release)
 #   make test    install what is needed, then run every test
-#   make test-kshim  the kernel module on the userland shim, plain, ASan, TSan
+#   make test-kshim  the kernel module on the userland kernel shim (C driver)
 #   make demo    set up two nodes on this machine and walk through the main job
 #   make bench   NBD export of a primary vs qemu-nbd with fio, as ratios (BENCHMARKS.md)
 #   make install install binaries, man pages and the sample configuration
@@ -50,11 +50,12 @@ endif
 test: deps test-scripts test-freebsd-check test-kshim test-rust
 
 # The kernel module itself (kmod/g_hast.c, hast_core.c, unchanged) on the
-# userland kernel shim (sys/kshim): its C driver plain, with
-# AddressSanitizer and with ThreadSanitizer, and bugs planted in a copy of
-# the module that the shim must catch.
+# userland kernel shim (sys/kshim): its C driver, and bugs planted in a copy
+# of the module that the shim must catch. The same driver built with
+# AddressSanitizer and ThreadSanitizer runs in cargo test
+# (tests/tests/kshim_sanitizers.rs); `sh tests/kshim-check.sh` runs all.
 test-kshim:
-	sh tests/kshim-check.sh
+	sh tests/kshim-check.sh plain plants
 
 # Type-check the FreeBSD build (kernel transport, cfg'd file I/O) from any
 # host: needs the x86_64-unknown-freebsd target of rustup.

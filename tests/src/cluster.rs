@@ -195,6 +195,7 @@ pub struct ClusterBuilder {
     extra: String,
     create: bool,
     kernel_host: bool,
+    kshim_fail: Option<String>,
 }
 
 /// Set (to anything but `0`) in the tests' environment: every cluster runs
@@ -218,7 +219,17 @@ impl ClusterBuilder {
             extra: String::new(),
             create: true,
             kernel_host: crate::kernel_host_selected(),
+            kshim_fail: None,
         }
+    }
+
+    /// On the kernel host: the shim fails that share of M_NOWAIT
+    /// allocations and g_clone_bio calls (`nowait=PPM,clone=PPM`, see
+    /// `hast::kshim::FAIL_ENV`); GEOM retries what the module answers
+    /// ENOMEM.
+    pub fn kshim_fail(mut self, spec: &str) -> Self {
+        self.kshim_fail = Some(spec.to_owned());
+        self
     }
 
     /// Whether the primaries run in the geom_hast kernel module on the
@@ -417,6 +428,7 @@ impl ClusterBuilder {
             partitions: BTreeMap::new(),
             namespaces: Vec::new(),
             kernel_host: self.kernel_host,
+            kshim_fail: self.kshim_fail.clone(),
         };
         if c.mode == Mode::Netns {
             c.setup_netns()?;
@@ -526,6 +538,7 @@ pub struct Cluster {
     partitions: BTreeMap<(usize, usize), PartitionKind>,
     namespaces: Vec<String>,
     kernel_host: bool,
+    kshim_fail: Option<String>,
 }
 
 /// Where a provider's data area is: the file, the byte offset of the data
@@ -938,6 +951,10 @@ impl Cluster {
             .env("HASTT_NODE", &n.name)
             .env("HAST_FAILPOINTS", self.failpoint_dir(node))
             .env(hast::kshim::ENV, if self.kernel_host { "1" } else { "0" })
+            .env(
+                hast::kshim::FAIL_ENV,
+                self.kshim_fail.as_deref().unwrap_or(""),
+            )
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);

@@ -270,6 +270,47 @@ fn kernel_host_memsync_acknowledged_writes_survive_primary_kill() {
     acked_writes_survive_kill_on("memsync", kernel_cluster("memsync", 32 * MIB));
 }
 
+/// The module short of memory: 2% of its M_NOWAIT allocations and
+/// g_clone_bio calls fail (GEOM retries the bios it answers ENOMEM), under
+/// the stamped-block workload and a kill -9; then a clean role change
+/// reports how many failures were injected.
+#[test]
+fn kernel_host_allocation_failures_lose_no_acknowledged_write() {
+    let c = Cluster::builder(Mode::auto())
+        .resource("r0", 32 * MIB)
+        .replication("memsync")
+        .timeout(5)
+        .kernel_host(true)
+        .kshim_fail("nowait=20000,clone=20000")
+        .build()
+        .expect("build the cluster");
+    let (mut c, history) = kill_primary_under_load_on(c, 16);
+    assert!(history.acked() > 100, "acked: {}", history.acked());
+    assert!(c.log("alpha").unwrap().contains("injecting failures"));
+    c.role("beta", "r0", "primary").unwrap();
+    let area = c.data_area("beta", "r0").unwrap();
+    let report = history.verify_file(&area.path, area.offset).unwrap();
+    assert!(report.passed(), "acknowledged writes lost: {report:?}");
+    // beta (also short of memory) serves, resyncs alpha, and stops.
+    c.restart("alpha").unwrap();
+    c.role("alpha", "r0", "secondary").unwrap();
+    c.wait_list("beta", "r0", T, |s| s.in_sync()).unwrap();
+    same_data(&c);
+    c.role("beta", "r0", "init").unwrap();
+    let log = c.log("beta").unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("failures injected"))
+        .unwrap_or_else(|| panic!("no failure report:\n{log}"));
+    eprintln!("beta: {line}");
+    let injected: u64 = line
+        .split_whitespace()
+        .filter_map(|w| w.parse::<u64>().ok())
+        .sum();
+    assert!(injected > 0, "{line}");
+    check_host(&c, "beta");
+}
+
 #[test]
 fn async_keeps_write_order() {
     let (c, history) = kill_primary_under_load("async", 1);

@@ -85,7 +85,7 @@ pub fn load() -> Result<(), KshimError> {
     // SAFETY: no argument; the shim serializes loads.
     errno(unsafe { sys::kshim_load() }).map_err(KshimError::Load)?;
     *loaded = true;
-    if let Ok(spec) = std::env::var(FAIL_ENV) {
+    if let Some(spec) = std::env::var(FAIL_ENV).ok().filter(|s| !s.is_empty()) {
         match parse_fail(&spec) {
             Ok(()) => tracing::warn!("kernel shim: injecting failures: {spec}"),
             Err(e) => tracing::error!("{e}; no failure injected"),
@@ -161,6 +161,15 @@ pub fn fault_rate(which: Fault, per_million: u32, seed: u64) {
 pub fn fault_hits(which: Fault) -> u64 {
     // SAFETY: plain value.
     unsafe { sys::kshim_fail_hits(which.raw()) }
+}
+
+/// What was injected so far, for a log line.
+pub fn fault_report() -> String {
+    format!(
+        "{} M_NOWAIT and {} g_clone_bio failures injected",
+        fault_hits(Fault::MallocNowait),
+        fault_hits(Fault::CloneBio)
+    )
 }
 
 /// Stop injecting.

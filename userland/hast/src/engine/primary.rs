@@ -226,6 +226,9 @@ impl Shim {
             f.abort();
             let _ = f.await;
         }
+        if std::env::var_os(crate::kshim::FAIL_ENV).is_some_and(|v| !v.is_empty()) {
+            tracing::info!("kernel shim: {}", crate::kshim::fault_report());
+        }
         if let Some(export) = self.export.take() {
             export.shutdown().await;
             export.finish();
