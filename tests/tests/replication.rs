@@ -729,6 +729,38 @@ fn stale_primary_pulls_on(mut c: Cluster, split: bool) {
     check_host(&c, "alpha");
 }
 
+/// A stale node promoted while its peer answers slowly: `role primary`
+/// returns once the first connection attempt is over, so the very first
+/// reads through the export already come from the peer.
+fn no_stale_read_right_after_promotion(mut c: Cluster) {
+    connected(&mut c);
+    let reference = reference_image(&c);
+    qemu_write(&c, "alpha", &reference, 0x10, 0, 4 * MIB);
+    c.wait_list("alpha", "r0", T, |s| s.dirty == 0).unwrap();
+    c.role("alpha", "r0", "init").unwrap();
+    c.role("beta", "r0", "primary").unwrap();
+    qemu_write(&c, "beta", &reference, 0x20, 0, 4 * MIB);
+    c.role("beta", "r0", "secondary").unwrap();
+    c.failpoint("beta", hast::failpoint::SECONDARY_SLOW_ATTACH, true);
+    c.hastctl_ok("alpha", &["role", "--force", "primary", "r0"])
+        .unwrap();
+    assert!(
+        export_matches(&c, "alpha", &reference),
+        "stale data served right after the promotion"
+    );
+    check_host(&c, "alpha");
+}
+
+#[test]
+fn no_stale_read_right_after_a_promotion() {
+    no_stale_read_right_after_promotion(cluster("memsync", 16 * MIB));
+}
+
+#[test]
+fn kernel_host_no_stale_read_right_after_a_promotion() {
+    no_stale_read_right_after_promotion(kernel_cluster("memsync", 16 * MIB));
+}
+
 #[test]
 fn safe_promotion_refuses_while_the_peer_is_primary() {
     let mut c = cluster("fullsync", 32 * MIB);

@@ -276,6 +276,19 @@ impl Shim {
     fn detach(&mut self) {}
 }
 
+/// Connect before serving, as the reference does: if the peer holds newer
+/// data, reads must go to it from the first request on. Waits for the
+/// first connection attempt, at most the resource's timeout and a second.
+async fn first_attempt(replicator: &Replicator, cfg: &ResourceConfig) {
+    let wait = Duration::from_secs(u64::from(cfg.timeout.max(1)) + 1);
+    if tokio::time::timeout(wait, replicator.first_attempt_done())
+        .await
+        .is_err()
+    {
+        tracing::warn!("no answer from {} yet; serving without it", cfg.remote);
+    }
+}
+
 /// The only reference to `x` once the server's last tasks dropped theirs
 /// (they do just after reporting stopped); `None` if they never do.
 async fn release<T>(mut x: Arc<T>) -> Option<T> {
@@ -351,17 +364,9 @@ impl Primary {
         let dp: Arc<dyn Dataplane> = plane.clone();
         let replicator = Replicator::new(dp.clone(), md, cfg.clone());
         let upcalls = tokio::spawn(replicator.clone().upcalls());
-        // Connect before serving, as the reference does: if the peer holds
-        // newer data, reads must go to it from the first request on.
         let (stop_link, stop_rx) = tokio::sync::watch::channel(false);
         let link = tokio::spawn(replicator.clone().run(stop_rx));
-        let wait = std::time::Duration::from_secs(u64::from(cfg.timeout.max(1)) + 1);
-        if tokio::time::timeout(wait, replicator.first_attempt_done())
-            .await
-            .is_err()
-        {
-            tracing::warn!("no answer from {} yet; serving without it", cfg.remote);
-        }
+        first_attempt(&replicator, cfg).await;
         match Export::start(cfg, uhost.clone()).await {
             Ok(export) => Ok(Primary {
                 host: Host::User { plane, export },
@@ -381,10 +386,12 @@ impl Primary {
     }
 
     /// The core in the kernel module: close hastd's descriptor of the
-    /// disk, create `hast/NAME`, then connect as on the userland host. The
-    /// device appears at once; writes wait for the first connection attempt
-    /// in the module (the owed localcnt bump), reads are local until the
-    /// sync direction says otherwise.
+    /// disk, create `hast/NAME`, then connect as on the userland host and
+    /// return (or, on the kernel shim, export) once the first attempt is
+    /// over. The device appears at CREATE: writes wait for the first
+    /// connection attempt in the module (the owed localcnt bump), but a
+    /// client that reads it before the role change returns may read a
+    /// stale copy.
     async fn start_kernel(
         cfg: &ResourceConfig,
         provider: Arc<Provider>,
@@ -449,6 +456,7 @@ impl Primary {
         let upcalls = tokio::spawn(replicator.clone().upcalls());
         let (stop_link, stop_rx) = tokio::sync::watch::channel(false);
         let link = tokio::spawn(replicator.clone().run(stop_rx));
+        first_attempt(&replicator, cfg).await;
         #[cfg(all(feature = "kshim", target_os = "linux"))]
         if let Some(s) = shim.as_mut() {
             if let Err(e) = s.export(cfg).await {
