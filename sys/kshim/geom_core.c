@@ -202,6 +202,14 @@ g_waitidle(void)
 	curthread->td_pflags &= ~TDP_GEOM;
 }
 
+void
+kshim_geom_settle(void)
+{
+
+	kshim_init();
+	g_waitidle();
+}
+
 static void g_orphan_register(struct g_provider *pp);
 
 /* One event or orphan; 0 when there is none (g_eventlock then held). */
@@ -944,6 +952,7 @@ kshim_confxml(char *buf, size_t len)
 	struct sbuf sb;
 	struct g_class *mp;
 	struct g_geom *gp;
+	struct g_consumer *cp;
 	struct g_provider *pp;
 
 	if (len == 0)
@@ -968,11 +977,18 @@ kshim_confxml(char *buf, size_t len)
 				    "a dumpconf method");
 				sbuf_printf(&sb, "      </config>\n");
 			}
+			LIST_FOREACH(cp, &gp->consumer, consumer)
+				sbuf_printf(&sb, "      <consumer><provider>%s"
+				    "</provider><mode>r%dw%de%d</mode>"
+				    "</consumer>\n", cp->provider != NULL ?
+				    cp->provider->name : "", cp->acr, cp->acw,
+				    cp->ace);
 			LIST_FOREACH(pp, &gp->provider, provider)
 				sbuf_printf(&sb, "      <provider><name>%s"
 				    "</name><mediasize>%jd</mediasize>"
-				    "</provider>\n", pp->name,
-				    (intmax_t)pp->mediasize);
+				    "<mode>r%dw%de%d</mode></provider>\n",
+				    pp->name, (intmax_t)pp->mediasize, pp->acr,
+				    pp->acw, pp->ace);
 			sbuf_printf(&sb, "    </geom>\n");
 		}
 		sbuf_printf(&sb, "  </class>\n");

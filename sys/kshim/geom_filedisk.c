@@ -193,7 +193,7 @@ filedisk_worker(void *arg)
 	for (;;) {
 		mtx_lock(&d->fd_mtx);
 		while (!d->fd_dying && (TAILQ_EMPTY(&d->fd_queue) ||
-		    (d->fd_hold && !d->fd_gone)))
+		    d->fd_hold))
 			msleep(d, &d->fd_mtx, PRIBIO, "fdwait", 0);
 		bp = TAILQ_FIRST(&d->fd_queue);
 		if (bp == NULL) {

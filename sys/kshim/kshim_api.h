@@ -58,7 +58,10 @@ int	kshim_disk_create(const char *name, const char *path,
 	    uint32_t sectorsize, uint32_t nthreads);
 /* Orphan the disk (if not yet) and wait up to wait_ms for it to go. */
 int	kshim_disk_destroy(const char *name, uint32_t wait_ms);
-/* The disk is gone: its provider is orphaned, queued I/O fails (ENXIO). */
+/*
+ * The disk is gone: its provider is orphaned; new and queued I/O fails
+ * with ENXIO (held I/O when released).
+ */
 int	kshim_disk_orphan(const char *name);
 /* Each I/O waits a random time of up to usec before it runs. */
 int	kshim_disk_delay(const char *name, uint32_t usec);
@@ -110,6 +113,9 @@ void	kshim_fail_rate(int which, uint32_t per_million, uint64_t seed);
 /* Failures injected so far. */
 uint64_t kshim_fail_hits(int which);
 void	kshim_fail_clear(void);
+
+/* Wait until GEOM's event queue is empty (orphans delivered, events run). */
+void	kshim_geom_settle(void);
 
 /* Interrupt the PCATCH sleeps waiting on wmesg (NULL: all), as a signal. */
 int	kshim_interrupt(const char *wmesg);

@@ -101,6 +101,7 @@ unsafe extern "C" {
     pub fn kshim_fail_hits(which: c_int) -> u64;
     pub fn kshim_fail_clear();
 
+    pub fn kshim_geom_settle();
     pub fn kshim_interrupt(wmesg: *const c_char) -> c_int;
     pub fn kshim_stats(st: *mut kshim_stats);
     pub fn kshim_check_idle(buf: *mut c_char, len: usize) -> c_int;

@@ -29,6 +29,15 @@ const T: Duration = Duration::from_secs(10);
 
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// No fault injection survives a test, even a failed one.
+struct NoFaults;
+
+impl Drop for NoFaults {
+    fn drop(&mut self) {
+        kshim::fault_clear();
+    }
+}
+
 /// One instance: its disk file, the plane and a client of hast/NAME.
 struct Inst {
     _dir: tempfile::TempDir,
@@ -157,6 +166,7 @@ async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_reads_resync_metadata_and_destroy_through_the_kernel_transport() {
     let _t = TURN.lock().await;
+    let _f = NoFaults;
     // Extent 1 dirty on disk: loaded at create, before any client.
     let mut map = vec![0u8; 512];
     map[0] = 0b10;
@@ -289,6 +299,7 @@ async fn writes_reads_resync_metadata_and_destroy_through_the_kernel_transport()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_lock_waiting_for_writes_is_cancelled_when_the_link_goes() {
     let _t = TURN.lock().await;
+    let _f = NoFaults;
     let i = inst("kcancel", Mode::FullSync, vec![0; 512]);
     bump_then_link_up(&i).await;
     {
@@ -320,6 +331,7 @@ async fn a_sync_lock_waiting_for_writes_is_cancelled_when_the_link_goes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enomem_from_g_clone_bio_and_m_nowait_is_retried_by_geom() {
     let _t = TURN.lock().await;
+    let _f = NoFaults;
     let i = inst("kenomem", Mode::MemSync, vec![0; 512]);
     bump_then_link_up(&i).await;
     let c = i.client();
@@ -364,6 +376,7 @@ async fn enomem_from_g_clone_bio_and_m_nowait_is_retried_by_geom() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_disk_orphaned_under_writes() {
     let _t = TURN.lock().await;
+    let _f = NoFaults;
     let i = inst("korphan", Mode::FullSync, vec![0; 512]);
     bump_then_link_up(&i).await;
     let c = i.client();
@@ -415,6 +428,7 @@ async fn the_local_disk_orphaned_under_writes() {
         }
         // The disk disappears: the held halves fail, the clients do not.
         i.disk().orphan().unwrap();
+        i.disk().hold(false).unwrap();
         within("the writes", all).await;
         // New writes: the local half fails at once, the peer has them.
         c.write(0, pattern(EXTENT as usize, 9)).await.unwrap();
@@ -443,6 +457,7 @@ async fn the_local_disk_orphaned_under_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroy_with_requests_in_flight() {
     let _t = TURN.lock().await;
+    let _f = NoFaults;
     let i = inst("kdestroy", Mode::FullSync, vec![0; 512]);
     bump_then_link_up(&i).await;
     let lock = {
@@ -522,6 +537,7 @@ async fn destroy_with_requests_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copyout_fault_on_upcall_keeps_the_extent_dirty() {
     let _t = TURN.lock().await;
+    let _f = NoFaults;
     let i = inst("kcopyout", Mode::FullSync, vec![0; 512]);
     bump_then_link_up(&i).await;
     {
@@ -562,6 +578,7 @@ async fn a_copyout_fault_on_upcall_keeps_the_extent_dirty() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_in_upcall_is_survived() {
     let _t = TURN.lock().await;
+    let _f = NoFaults;
     let i = inst("ksignal", Mode::FullSync, vec![0; 512]);
     let start = Instant::now();
     while kshim::interrupt(Some("hastup")) == 0 {
@@ -570,4 +587,183 @@ async fn a_signal_in_upcall_is_survived() {
     }
     bump_then_link_up(&i).await;
     i.teardown().await;
+}
+
+fn spec(name: &str, local: &str) -> CreateSpec {
+    CreateSpec {
+        name: name.into(),
+        local: local.into(),
+        params: Params {
+            mediasize: SIZE,
+            extentsize: EXTENT as u32,
+            sectorsize: 512,
+            keepdirty: 4,
+            mode: Mode::FullSync,
+        },
+        localoff: LOCALOFF,
+        mapoff: MAPOFF,
+        metaflush: false,
+        map: vec![0; 512],
+    }
+}
+
+/// HAST_IOC_CREATE's refusals, each with its errno and nothing left behind:
+/// a taken name, a local provider that does not exist or is open
+/// exclusively elsewhere, a geometry that does not fit it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_refusals_leave_nothing_behind() {
+    use nix::errno::Errno;
+    let _t = TURN.lock().await;
+    let _f = NoFaults;
+    let i = inst("kcreate", Mode::FullSync, vec![0; 512]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(LOCALOFF + SIZE)
+        .unwrap();
+    let other = Disk::create_md(&path.display().to_string(), 512).unwrap();
+    let dev = KernelDevice::open_kshim(true).unwrap();
+    let errno = |r: Result<hast::kdev::Unit, hast::kdev::KdevError>| r.unwrap_err().errno();
+    assert_eq!(
+        errno(dev.create(&spec("kcreate", other.name()))),
+        Some(Errno::EEXIST)
+    );
+    assert_eq!(
+        errno(dev.create(&spec("kcreate2", "no-such-disk"))),
+        Some(Errno::ENOENT)
+    );
+    let mut s = spec("kcreate2", other.name());
+    s.params.mediasize = 2 * SIZE;
+    assert_eq!(errno(dev.create(&s)), Some(Errno::EINVAL));
+    // Someone holds the disk exclusively: GEOM refuses the module's open.
+    let excl = Client::open(other.name(), 1, 1, 1).unwrap();
+    assert_eq!(
+        errno(dev.create(&spec("kcreate2", other.name()))),
+        Some(Errno::EPERM)
+    );
+    excl.close(T).unwrap();
+    // A read-only descriptor may only ask for statistics.
+    let ro = KernelDevice::open_kshim(false).unwrap();
+    assert_eq!(
+        errno(ro.create(&spec("kcreate2", other.name()))),
+        Some(Errno::EBADF)
+    );
+    assert!(ro.stats(i.plane.unit()).is_ok());
+    drop((ro, dev));
+    other.destroy(T).unwrap();
+    i.teardown().await;
+}
+
+/// The engine goes away (its descriptor's last close) with an instance
+/// alive: the instance's link goes down, so the next write waits for a
+/// counter bump instead of a remote half nobody would finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_control_device_takes_the_link_down() {
+    let _t = TURN.lock().await;
+    let _f = NoFaults;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kclose.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(LOCALOFF + SIZE)
+        .unwrap();
+    let disk = Disk::create_md(&path.display().to_string(), 512).unwrap();
+    let creator = KernelDevice::open_kshim(true).unwrap();
+    let unit = creator.create(&spec("kclose", disk.name())).unwrap();
+    let other = KernelDevice::open_kshim(true).unwrap();
+    other.set_link(unit, true).unwrap();
+    assert!(other.stats(unit).unwrap().link_up);
+    drop(creator);
+    assert!(!other.stats(unit).unwrap().link_up, "the link stayed up");
+    other.destroy(unit).unwrap();
+    drop(other);
+    disk.destroy(T).unwrap();
+    idle().await;
+}
+
+/// A peer read answered with the wrong number of bytes is refused
+/// (EINVAL) and changes nothing; the right answer then completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_read_of_the_wrong_length_is_refused() {
+    use nix::errno::Errno;
+    let _t = TURN.lock().await;
+    let _f = NoFaults;
+    let mut map = vec![0u8; 512];
+    map[0] = 1;
+    let i = inst("kshort", Mode::FullSync, map);
+    bump_then_link_up(&i).await;
+    i.plane.set_sync_dir(SyncDir::FromPeer);
+    let dev = KernelDevice::open_kshim(true).unwrap();
+    let r = i.client().read(0, 8192);
+    let h = upcall(&i.plane).await;
+    assert_eq!(h.up.kind, UpcallKind::Read);
+    let e = dev
+        .remote_done(i.plane.unit(), h.up.seq, 0, &[7u8; 4096])
+        .unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::EINVAL), "{e}");
+    dev.remote_done(i.plane.unit(), h.up.seq, 0, &[7u8; 8192])
+        .unwrap();
+    assert_eq!(within("the read", r).await.unwrap(), vec![7u8; 8192]);
+    drop(dev);
+    i.teardown().await;
+}
+
+/// The local disk is orphaned with I/O in flight and, when the last of it
+/// ends, there is no memory for the event that detaches the consumer: the
+/// module leaves it to destroy, which detaches it; every access count and
+/// bio is accounted for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detach_event_lost_to_a_memory_shortage_is_done_by_destroy() {
+    let _t = TURN.lock().await;
+    let _f = NoFaults;
+    let i = inst("kdetach", Mode::FullSync, vec![0; 512]);
+    bump_then_link_up(&i).await;
+    let engine = async {
+        loop {
+            let h = upcall(&i.plane).await;
+            match h.up.kind {
+                UpcallKind::Bump => i.plane.bump_done(0),
+                _ => i.plane.remote_done(&h.up, 0, None),
+            }
+        }
+    };
+    let test = async {
+        let c = i.client();
+        c.write(0, vec![1; 8192]).await.unwrap();
+        i.disk().hold(true).unwrap();
+        let w = c.write(0, vec![2; 8192]);
+        let start = Instant::now();
+        while i.disk().queued() < 1 {
+            assert!(start.elapsed() < T, "the local half never queued");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The orphan reaches the module while the local half is in
+        // flight; then nothing but g_post_event allocates, and cannot.
+        i.disk().orphan().unwrap();
+        kshim::settle();
+        kshim::fault_set(Fault::MallocNowait, 0, u32::MAX);
+        i.disk().hold(false).unwrap();
+        w.await.unwrap();
+        let start = Instant::now();
+        while kshim::fault_hits(Fault::MallocNowait) == 0 {
+            assert!(start.elapsed() < T, "no detach event was attempted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        kshim::fault_clear();
+    };
+    tokio::select! {
+        () = test => {}
+        () = engine => unreachable!(),
+    }
+    // The module's consumer still holds the orphaned disk open: destroy
+    // closes and detaches it.
+    let xml = kshim::confxml();
+    let consumer = format!(
+        "<consumer><provider>{}</provider><mode>r1w1e1</mode></consumer>",
+        i.disk().name()
+    );
+    assert!(xml.contains(&consumer), "{xml}");
+    i.teardown().await;
+    assert!(!kshim::confxml().contains(&consumer));
 }

@@ -875,8 +875,9 @@ t_orphan(void)
 	}
 	CHECK(queued == 8, "local halves queued: %u", queued);
 	engine_wait(&in.eng, &in.eng.nwrite, 8 + 8, "remote halves");
-	/* The disk disappears. */
+	/* The disk disappears; the held I/O fails when it runs. */
 	CHECK0(kshim_disk_orphan(in.disk));
+	CHECK0(kshim_disk_hold(in.disk, 0));
 	for (i = 0; i < 8; i++)
 		CHECK(cio_wait(&ws[i], 20000) == 0, "write %d failed after the "
 		    "orphan", i);

@@ -178,6 +178,12 @@ pub fn fault_clear() {
     unsafe { sys::kshim_fail_clear() }
 }
 
+/// Wait until GEOM's events (orphans among them) have all run.
+pub fn settle() {
+    // SAFETY: no argument.
+    unsafe { sys::kshim_geom_settle() }
+}
+
 /// Interrupt the PCATCH sleeps waiting on `wmesg` (all: `None`), as a
 /// signal would; returns how many.
 pub fn interrupt(wmesg: Option<&str>) -> i32 {
