@@ -17,6 +17,7 @@
  *   copyout    a copyout fault on UPCALL: the extent stays dirty
  *   stress     clients, engine, link flaps, flushes, resync and injected
  *              allocation failures at once (for ThreadSanitizer)
+ *   orphanstress  the same, the local disk pulled out halfway
  *
  * Usage: kshim_test DIR [scenario...]   (DIR: where disk files go)
  * Exit 0 when every scenario passed; a failed check prints and exits 1; a
@@ -1147,6 +1148,8 @@ struct stress {
 	int		 stop;		/* atomic */
 	unsigned	 seed;
 	uint64_t	 ops;
+	uint64_t	 errors;
+	int		*orphaned;	/* atomic: errors allowed from now */
 };
 
 static unsigned
@@ -1190,8 +1193,13 @@ stress_client(void *arg)
 		error = cio_sync(st->in->client, cmd, off, len,
 		    cmd == KSHIM_BIO_WRITE || cmd == KSHIM_BIO_READ ? buf :
 		    NULL);
-		CHECK(error == 0, "client cmd %d at %ju+%ju: %s", cmd,
-		    (uintmax_t)off, (uintmax_t)len, strerror(error));
+		/* Once the disk is gone, a request fails when the link is. */
+		if (error != 0 && st->orphaned != NULL &&
+		    __atomic_load_n(st->orphaned, __ATOMIC_RELAXED))
+			st->errors++;
+		else
+			CHECK(error == 0, "client cmd %d at %ju+%ju: %s", cmd,
+			    (uintmax_t)off, (uintmax_t)len, strerror(error));
 		__atomic_add_fetch(&st->ops, 1, __ATOMIC_RELAXED);
 	}
 	free(buf);
@@ -1255,8 +1263,8 @@ stress_chaos(void *arg)
 		} else if (op == 1) {
 			error = down(in->fp, in->unit, HAST_DOWN_FLUSH, 0, 0,
 			    0);
-			CHECK(error == 0 || error == EBUSY || error == ENOMEM,
-			    "DOWN_FLUSH: %s", strerror(error));
+			CHECK(error == 0 || error == EBUSY || error == ENOMEM ||
+			    error == EIO, "DOWN_FLUSH: %s", strerror(error));
 		} else {
 			ext = rnd(&seed) % (DATASIZE / EXTENT);
 			lk = 0;
@@ -1268,8 +1276,10 @@ stress_chaos(void *arg)
 			wait_grant(&in->eng, lk);
 			error = range_op(in->fp, in->unit, HAST_RANGE_IO, &lk,
 			    ext * EXTENT, EXTENT, HAST_CMD_READ, 0, buf);
-			CHECK(error == 0 || error == ENOMEM, "RANGE_IO: %s",
-			    strerror(error));
+			CHECK(error == 0 || error == ENOMEM ||
+			    (st->orphaned != NULL && __atomic_load_n(
+			    st->orphaned, __ATOMIC_RELAXED) && error == ENXIO),
+			    "RANGE_IO: %s", strerror(error));
 			error = range_op(in->fp, in->unit, HAST_RANGE_RELEASE,
 			    &lk, 0, 0, 0, 0, NULL);
 			CHECK(error == 0 || error == EIO, "RANGE_RELEASE: %s",
@@ -1281,9 +1291,10 @@ stress_chaos(void *arg)
 }
 
 static void
-t_stress(void)
+stress_run(int orphan)
 {
 	struct stress cl[3], chaos;
+	int orphaned;
 	pthread_t tc[3], tx;
 	struct inst in;
 	uint8_t *local, map[512], *w;
@@ -1293,7 +1304,9 @@ t_stress(void)
 
 	env = getenv("KSHIM_STRESS_SECONDS");
 	seconds = env != NULL ? strtoull(env, NULL, 10) : 3;
-	inst_create(&in, "stress", HAST_REPL_MEMSYNC, 1);
+	inst_create(&in, orphan ? "orphanstress" : "stress",
+	    HAST_REPL_MEMSYNC, 1);
+	orphaned = 0;
 	w = malloc(4 * KIB);
 	CHECK(w != NULL, "malloc");
 	inst_up(&in, w);
@@ -1302,14 +1315,23 @@ t_stress(void)
 	for (i = 0; i < 3; i++) {
 		memset(&cl[i], 0, sizeof(cl[i]));
 		cl[i].in = &in;
+		cl[i].orphaned = &orphaned;
 		cl[i].seed = (unsigned)(i + 1) * 7919u;
 		CHECK0(pthread_create(&tc[i], NULL, stress_client, &cl[i]));
 	}
 	memset(&chaos, 0, sizeof(chaos));
 	chaos.in = &in;
+	chaos.orphaned = &orphaned;
 	chaos.seed = 4242;
 	CHECK0(pthread_create(&tx, NULL, stress_chaos, &chaos));
-	msleep_ms((unsigned)(seconds * 1000));
+	if (orphan) {
+		/* The disk goes in the middle of it all. */
+		msleep_ms((unsigned)(seconds * 500));
+		__atomic_store_n(&orphaned, 1, __ATOMIC_RELAXED);
+		CHECK0(kshim_disk_orphan(in.disk));
+		msleep_ms((unsigned)(seconds * 500));
+	} else
+		msleep_ms((unsigned)(seconds * 1000));
 	__atomic_store_n(&chaos.stop, 1, __ATOMIC_RELAXED);
 	CHECK0(pthread_join(tx, NULL));
 	for (i = 0; i < 3; i++)
@@ -1323,10 +1345,25 @@ t_stress(void)
 	CHECK(kshim_fail_hits(KSHIM_FAIL_MALLOC_NOWAIT) > 0 &&
 	    kshim_fail_hits(KSHIM_FAIL_CLONE_BIO) > 0, "no failure injected");
 	kshim_fail_clear();
-	fprintf(stderr, "kshim_test: stress: %ju client requests, %ju and "
-	    "%ju allocation failures injected\n", (uintmax_t)total,
+	fprintf(stderr, "kshim_test: %s: %ju client requests, %ju and "
+	    "%ju allocation failures injected\n", scenario, (uintmax_t)total,
 	    (uintmax_t)kshim_fail_hits(KSHIM_FAIL_MALLOC_NOWAIT),
 	    (uintmax_t)kshim_fail_hits(KSHIM_FAIL_CLONE_BIO));
+	if (orphan) {
+		/* The peer has it all: a read comes from there. */
+		CHECK0(down(in.fp, in.unit, HAST_DOWN_LINK, 0, 0,
+		    HAST_LINK_UP));
+		pattern(w, 4 * KIB, 0, 77);
+		CHECK0(cio_sync(in.client, KSHIM_BIO_WRITE, 0, 4 * KIB, w));
+		memset(w, 0, 4 * KIB);
+		CHECK0(cio_sync(in.client, KSHIM_BIO_READ, 0, 4 * KIB, w));
+		pthread_mutex_lock(&in.eng.mtx);
+		CHECK(memcmp(w, in.eng.peer, 4 * KIB) == 0, "peer read");
+		pthread_mutex_unlock(&in.eng.mtx);
+		free(w);
+		inst_teardown(&in);
+		return;
+	}
 
 	/* A flush of both sides, then compare what the map calls clean. */
 	CHECK0(down(in.fp, in.unit, HAST_DOWN_LINK, 0, 0, HAST_LINK_UP));
@@ -1354,11 +1391,26 @@ t_stress(void)
 }
 
 static void
+t_stress(void)
+{
+
+	stress_run(0);
+}
+
+/* The same with the local disk pulled out halfway. */
+static void
+t_orphan_stress(void)
+{
+
+	stress_run(1);
+}
+
+static void
 usage(void)
 {
 
 	fprintf(stderr, "usage: kshim_test DIR [basic|enomem|orphan|destroy|"
-	    "unload|copyout|stress]...\n");
+	    "unload|copyout|stress|orphanstress]...\n");
 	exit(2);
 }
 
@@ -1376,6 +1428,7 @@ main(int argc, char **argv)
 		{ "unload", t_unload },
 		{ "copyout", t_copyout },
 		{ "stress", t_stress },
+		{ "orphanstress", t_orphan_stress },
 	};
 	size_t i;
 	int a, ran;
