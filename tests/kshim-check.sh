@@ -7,7 +7,7 @@
 #   sh tests/kshim-check.sh [plain|asan|tsan|plants]...   (default: all)
 #
 #   plain   the driver's scenarios (basic, enomem, orphan, destroy, unload,
-#           copyout, stress, orphanstress)
+#           copyout, stress, orphanstress, destroystress)
 #   asan    the same with AddressSanitizer (and LeakSanitizer)
 #   tsan    the same with ThreadSanitizer
 #   plants  each planted bug must make the driver fail with the shim's

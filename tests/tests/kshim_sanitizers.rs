@@ -4,9 +4,10 @@
 //! writes and the counter bump, peer reads, resync, ENOMEM from g_clone_bio
 //! and M_NOWAIT, the local disk orphaned under writes, destroy with
 //! requests in flight, unload refused while an instance exists, a copyout
-//! fault on UPCALL, and stress runs with link flaps and injected
-//! allocation failures, one losing the local disk halfway): zero reports
-//! from either (tests/kshim-check.sh;
+//! fault on UPCALL, and stress runs with link flaps, resync locks, flushes,
+//! injected allocation failures and copyout faults, one losing the local
+//! disk halfway, one destroying the instance under the engine's requests):
+//! zero reports from either (tests/kshim-check.sh;
 //! `make test-kshim` runs the plain build and the planted bugs).
 
 use std::process::Command;

@@ -15,9 +15,12 @@
  *              a map write in flight
  *   unload     refused while an instance exists; the open control file
  *   copyout    a copyout fault on UPCALL: the extent stays dirty
- *   stress     clients, engine, link flaps, flushes, resync and injected
- *              allocation failures at once (for ThreadSanitizer)
+ *   stress     clients, engine, link flaps, flushes, resync, injected
+ *              allocation failures and copyout faults at once (for
+ *              ThreadSanitizer)
  *   orphanstress  the same, the local disk pulled out halfway
+ *   destroystress the same, then a destroy while the engine's link flaps,
+ *              sync locks, sync I/O and flushes go on
  *
  * Usage: kshim_test DIR [scenario...]   (DIR: where disk files go)
  * Exit 0 when every scenario passed; a failed check prints and exits 1; a
@@ -1150,6 +1153,7 @@ struct stress {
 	uint64_t	 ops;
 	uint64_t	 errors;
 	int		*orphaned;	/* atomic: errors allowed from now */
+	int		 destroying;	/* atomic: ENXIO allowed from now */
 };
 
 static unsigned
@@ -1206,8 +1210,8 @@ stress_client(void *arg)
 	return (NULL);
 }
 
-/* Wait for lock lk's grant in the engine's list. */
-static void
+/* Wait for lock lk's grant in the engine's list; 0 if the instance went. */
+static int
 wait_grant(struct engine *e, uint64_t lk)
 {
 	struct timespec ts;
@@ -1225,6 +1229,10 @@ wait_grant(struct engine *e, uint64_t lk)
 		}
 		if (found)
 			break;
+		if (e->exited) {
+			pthread_mutex_unlock(&e->mtx);
+			return (0);
+		}
 		clock_gettime(CLOCK_REALTIME, &ts);
 		ts.tv_sec += 20;
 		if (pthread_cond_timedwait(&e->cv, &e->mtx, &ts) != 0) {
@@ -1234,7 +1242,13 @@ wait_grant(struct engine *e, uint64_t lk)
 		}
 	}
 	pthread_mutex_unlock(&e->mtx);
+	return (1);
 }
+
+/* In the chaos thread: an answer of a destroyed instance ends it. */
+#define	CHAOS_GONE(st, error)						\
+	((error) == ENXIO && __atomic_load_n(&(st)->destroying,		\
+	    __ATOMIC_RELAXED))
 
 static void *
 stress_chaos(void *arg)
@@ -1244,7 +1258,7 @@ stress_chaos(void *arg)
 	uint8_t *buf;
 	uint64_t lk, ext;
 	unsigned seed, op;
-	int error;
+	int error, orphaned;
 
 	st = arg;
 	in = st->in;
@@ -1255,14 +1269,22 @@ stress_chaos(void *arg)
 		msleep_ms(5 + rnd(&seed) % 20);
 		op = rnd(&seed) % 3;
 		if (op == 0) {
-			CHECK0(down(in->fp, in->unit, HAST_DOWN_LINK, 0, 0,
-			    HAST_LINK_DOWN));
+			error = down(in->fp, in->unit, HAST_DOWN_LINK, 0, 0,
+			    HAST_LINK_DOWN);
+			if (CHAOS_GONE(st, error))
+				break;
+			CHECK0(error);
 			msleep_ms(rnd(&seed) % 20);
-			CHECK0(down(in->fp, in->unit, HAST_DOWN_LINK, 0, 0,
-			    HAST_LINK_UP));
+			error = down(in->fp, in->unit, HAST_DOWN_LINK, 0, 0,
+			    HAST_LINK_UP);
+			if (CHAOS_GONE(st, error))
+				break;
+			CHECK0(error);
 		} else if (op == 1) {
 			error = down(in->fp, in->unit, HAST_DOWN_FLUSH, 0, 0,
 			    0);
+			if (CHAOS_GONE(st, error))
+				break;
 			CHECK(error == 0 || error == EBUSY || error == ENOMEM ||
 			    error == EIO, "DOWN_FLUSH: %s", strerror(error));
 		} else {
@@ -1272,17 +1294,30 @@ stress_chaos(void *arg)
 			    ext * EXTENT, EXTENT, 0, 0, NULL);
 			if (error == ENOMEM)
 				continue;
+			if (CHAOS_GONE(st, error))
+				break;
 			CHECK0(error);
-			wait_grant(&in->eng, lk);
+			if (!wait_grant(&in->eng, lk))
+				break;
 			error = range_op(in->fp, in->unit, HAST_RANGE_IO, &lk,
 			    ext * EXTENT, EXTENT, HAST_CMD_READ, 0, buf);
-			CHECK(error == 0 || error == ENOMEM ||
-			    (st->orphaned != NULL && __atomic_load_n(
-			    st->orphaned, __ATOMIC_RELAXED) && error == ENXIO),
+			if (CHAOS_GONE(st, error))
+				break;
+			/* EINVAL: the destroy released the lock meanwhile. */
+			/* The flag is set before the disk goes: read it now. */
+			orphaned = st->orphaned != NULL &&
+			    __atomic_load_n(st->orphaned, __ATOMIC_RELAXED);
+			CHECK(error == 0 || error == ENOMEM || error == EFAULT ||
+			    (orphaned && error == ENXIO) ||
+			    (__atomic_load_n(&st->destroying, __ATOMIC_RELAXED)
+			    && (error == EINVAL || error == ENOENT)),
 			    "RANGE_IO: %s", strerror(error));
 			error = range_op(in->fp, in->unit, HAST_RANGE_RELEASE,
 			    &lk, 0, 0, 0, 0, NULL);
-			CHECK(error == 0 || error == EIO, "RANGE_RELEASE: %s",
+			if (CHAOS_GONE(st, error))
+				break;
+			CHECK(error == 0 || error == EIO || error == ENOENT ||
+			    error == EINVAL, "RANGE_RELEASE: %s",
 			    strerror(error));
 		}
 	}
@@ -1290,8 +1325,11 @@ stress_chaos(void *arg)
 	return (NULL);
 }
 
+#define	STRESS_ORPHAN	1	/* the local disk goes halfway */
+#define	STRESS_DESTROY	2	/* destroy under the engine's chaos */
+
 static void
-stress_run(int orphan)
+stress_run(int mode)
 {
 	struct stress cl[3], chaos;
 	int orphaned;
@@ -1304,14 +1342,14 @@ stress_run(int orphan)
 
 	env = getenv("KSHIM_STRESS_SECONDS");
 	seconds = env != NULL ? strtoull(env, NULL, 10) : 3;
-	inst_create(&in, orphan ? "orphanstress" : "stress",
-	    HAST_REPL_MEMSYNC, 1);
+	inst_create(&in, scenario, HAST_REPL_MEMSYNC, 1);
 	orphaned = 0;
 	w = malloc(4 * KIB);
 	CHECK(w != NULL, "malloc");
 	inst_up(&in, w);
 	kshim_fail_rate(KSHIM_FAIL_MALLOC_NOWAIT, 20000, 7);
 	kshim_fail_rate(KSHIM_FAIL_CLONE_BIO, 20000, 11);
+	kshim_fail_rate(KSHIM_FAIL_COPYOUT, 10000, 13);
 	for (i = 0; i < 3; i++) {
 		memset(&cl[i], 0, sizeof(cl[i]));
 		cl[i].in = &in;
@@ -1324,7 +1362,7 @@ stress_run(int orphan)
 	chaos.orphaned = &orphaned;
 	chaos.seed = 4242;
 	CHECK0(pthread_create(&tx, NULL, stress_chaos, &chaos));
-	if (orphan) {
+	if (mode == STRESS_ORPHAN) {
 		/* The disk goes in the middle of it all. */
 		msleep_ms((unsigned)(seconds * 500));
 		__atomic_store_n(&orphaned, 1, __ATOMIC_RELAXED);
@@ -1332,8 +1370,10 @@ stress_run(int orphan)
 		msleep_ms((unsigned)(seconds * 500));
 	} else
 		msleep_ms((unsigned)(seconds * 1000));
-	__atomic_store_n(&chaos.stop, 1, __ATOMIC_RELAXED);
-	CHECK0(pthread_join(tx, NULL));
+	if (mode != STRESS_DESTROY) {
+		__atomic_store_n(&chaos.stop, 1, __ATOMIC_RELAXED);
+		CHECK0(pthread_join(tx, NULL));
+	}
 	for (i = 0; i < 3; i++)
 		__atomic_store_n(&cl[i].stop, 1, __ATOMIC_RELAXED);
 	total = 0;
@@ -1341,15 +1381,41 @@ stress_run(int orphan)
 		CHECK0(pthread_join(tc[i], NULL));
 		total += cl[i].ops;
 	}
+	if (mode == STRESS_DESTROY) {
+		/*
+		 * Clients gone, hast/NAME closed; the engine, link flaps, sync
+		 * locks and I/O and flushes go on while it is destroyed.
+		 */
+		CHECK0(kshim_client_close(in.client));
+		in.client = NULL;
+		__atomic_store_n(&chaos.destroying, 1, __ATOMIC_RELAXED);
+		msleep_ms(50);
+		CHECK0(inst_destroy_ioctl(&in));
+		CHECK0(pthread_join(tx, NULL));
+		kshim_fail_clear();
+		fprintf(stderr, "kshim_test: %s: %ju client requests before "
+		    "the destroy\n", scenario, (uintmax_t)total);
+		engine_join(&in.eng);
+		kshim_dev_close(in.fp);
+		CHECK0(kshim_disk_destroy(in.disk, 5000));
+		unlink(in.path);
+		check_idle();
+		free(w);
+		return;
+	}
 	CHECK(total > 50, "only %ju client requests", (uintmax_t)total);
 	CHECK(kshim_fail_hits(KSHIM_FAIL_MALLOC_NOWAIT) > 0 &&
-	    kshim_fail_hits(KSHIM_FAIL_CLONE_BIO) > 0, "no failure injected");
+	    kshim_fail_hits(KSHIM_FAIL_CLONE_BIO) > 0 &&
+	    kshim_fail_hits(KSHIM_FAIL_COPYOUT) > 0, "no failure injected");
+	pthread_mutex_lock(&in.eng.mtx);
+	CHECK(in.eng.nfault > 0, "no UPCALL saw a copyout fault");
+	pthread_mutex_unlock(&in.eng.mtx);
 	kshim_fail_clear();
 	fprintf(stderr, "kshim_test: %s: %ju client requests, %ju and "
 	    "%ju allocation failures injected\n", scenario, (uintmax_t)total,
 	    (uintmax_t)kshim_fail_hits(KSHIM_FAIL_MALLOC_NOWAIT),
 	    (uintmax_t)kshim_fail_hits(KSHIM_FAIL_CLONE_BIO));
-	if (orphan) {
+	if (mode == STRESS_ORPHAN) {
 		/* The peer has it all: a read comes from there. */
 		CHECK0(down(in.fp, in.unit, HAST_DOWN_LINK, 0, 0,
 		    HAST_LINK_UP));
@@ -1397,12 +1463,20 @@ t_stress(void)
 	stress_run(0);
 }
 
+/* Destroy while the engine's requests are all still going. */
+static void
+t_destroy_stress(void)
+{
+
+	stress_run(STRESS_DESTROY);
+}
+
 /* The same with the local disk pulled out halfway. */
 static void
 t_orphan_stress(void)
 {
 
-	stress_run(1);
+	stress_run(STRESS_ORPHAN);
 }
 
 static void
@@ -1410,7 +1484,7 @@ usage(void)
 {
 
 	fprintf(stderr, "usage: kshim_test DIR [basic|enomem|orphan|destroy|"
-	    "unload|copyout|stress|orphanstress]...\n");
+	    "unload|copyout|stress|orphanstress|destroystress]...\n");
 	exit(2);
 }
 
@@ -1429,6 +1503,7 @@ main(int argc, char **argv)
 		{ "copyout", t_copyout },
 		{ "stress", t_stress },
 		{ "orphanstress", t_orphan_stress },
+		{ "destroystress", t_destroy_stress },
 	};
 	size_t i;
 	int a, ran;
