@@ -7,6 +7,12 @@
 #   make demo    set up two nodes on this machine and walk through the main job
 #   make bench   NBD export of a primary vs qemu-nbd with fio, as ratios (BENCHMARKS.md)
 #   make install install binaries, man pages and the sample configuration
+#   make fuzz FUZZ_SECONDS=N
+#                run every fuzz target of fuzz/ for N seconds (nightly
+#                toolchain and cargo-fuzz; docs/FUZZING.md)
+#   make fuzz-corpus
+#                rebuild the seed inputs and minimize them, with what the
+#                fuzzer found in fuzz/found/, into fuzz/corpus/
 #   make kmod-check SYSDIR=/path/to/freebsd/sys
 #                compile-check the geom_hast kernel module against that tree
 #                (clang, kernel flags, -Werror, plain and INVARIANTS/WITNESS)
@@ -21,7 +27,18 @@ DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
 	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc liblzf-dev
 PKG_PKGS = rust llvm qemu-tools libnbd fio shellcheck
 
-.PHONY: all build deps test test-rust test-scripts test-freebsd-check test-kshim demo bench install clean kmod-check
+# Fuzzing: seconds per target (0: no limit), executions per target (empty:
+# no limit), memory bound (MB, also the largest single allocation), seconds
+# after which one input counts as a hang.
+FUZZ_SECONDS ?= 60
+FUZZ_RUNS    ?=
+FUZZ_RSS_MB  ?= 1024
+FUZZ_TIMEOUT ?= 10
+FUZZ_TARGETS ?=
+# Seconds per target in make test: enough to show the targets build and run.
+FUZZ_SMOKE_SECONDS ?= 3
+
+.PHONY: all build deps test test-rust test-scripts test-lint test-release test-freebsd-check test-kshim test-fuzz fuzz fuzz-corpus demo bench install clean kmod-check
 
 all: build
 
@@ -46,8 +63,14 @@ else
 	fi
 endif
 	@command -v $(CARGO) >/dev/null || { echo "make deps: cargo not found; install Rust (rustup) first" >&2; exit 1; }
+	@if ! $(CARGO) +nightly --version >/dev/null 2>&1; then \
+		echo "make deps: no nightly toolchain: the fuzz targets will be skipped"; \
+	elif ! $(CARGO) fuzz --version >/dev/null 2>&1; then \
+		echo "make deps: installing cargo-fuzz"; \
+		$(CARGO) install --locked cargo-fuzz; \
+	fi
 
-test: deps test-scripts test-freebsd-check test-kshim test-rust
+test: deps test-scripts test-lint test-freebsd-check test-release test-kshim test-rust test-fuzz
 
 # The kernel module itself (kmod/g_hast.c, hast_core.c, unchanged) on the
 # userland kernel shim (sys/kshim): its C driver, and bugs planted in a copy
@@ -81,6 +104,39 @@ test-rust:
 
 test-scripts:
 	sh tests/lint.sh
+
+# Formatting and clippy, warnings as errors.
+test-lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# A plain release build at the root has no fail points and no kernel shim
+# compiled in.
+test-release:
+	$(CARGO) build --release
+	@if grep -q HAST_FAILPOINTS target/release/hastd; then \
+		echo "test-release: target/release/hastd contains fail points" >&2; exit 1; \
+	else \
+		echo "test-release: target/release/hastd has no fail points"; \
+	fi
+	@if grep -q kshim_load target/release/hastd; then \
+		echo "test-release: target/release/hastd contains the kernel shim" >&2; exit 1; \
+	else \
+		echo "test-release: target/release/hastd has no kernel shim"; \
+	fi
+
+# Each fuzz target for a few seconds, so that they keep building and
+# running; skipped with a message when nightly or cargo-fuzz is missing.
+test-fuzz:
+	FUZZ_RSS_MB=$(FUZZ_RSS_MB) FUZZ_TIMEOUT=$(FUZZ_TIMEOUT) \
+	    sh tests/fuzz.sh --smoke $(FUZZ_SMOKE_SECONDS)
+
+fuzz:
+	FUZZ_RSS_MB=$(FUZZ_RSS_MB) FUZZ_TIMEOUT=$(FUZZ_TIMEOUT) FUZZ_RUNS=$(FUZZ_RUNS) \
+	    sh tests/fuzz.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+fuzz-corpus:
+	sh tests/fuzz-corpus.sh $(FUZZ_TARGETS)
 
 demo: deps
 	$(CARGO) build --workspace

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 status=0
 scripts=$(git ls-files 2>/dev/null | while read -r f; do
 	case "$f" in
-	rc.d/*.conf|rc.d/*.service) ;;
+	rc.d/*.conf|rc.d/*.service|fuzz/corpus/*|fuzz/regressions/*) ;;
 	*.sh|.ci/run|rc.d/*) echo "$f" ;;
 	*) head -n1 "$f" 2>/dev/null | grep -q '^#!.*sh' && echo "$f" ;;
 	esac

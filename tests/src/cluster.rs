@@ -28,6 +28,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+use hast::stats::{Queues, RequestStats};
+
 /// Prefix of every name the harness gives to namespaces, temporary
 /// directories (`hastt-<pid>-<n>-...`) and nft tables (`hastt_<pid>_<n>`).
 pub const PREFIX: &str = "hastt";
@@ -566,20 +568,6 @@ pub struct Dump {
     pub inconsistent: bool,
 }
 
-/// The `statistics:` part of `hastctl list`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Stats {
-    pub reads: u64,
-    pub writes: u64,
-    pub deletes: u64,
-    pub flushes: u64,
-    pub activemap_updates: u64,
-    /// Local errors: read, write, delete, flush.
-    pub local_errors: [u64; 4],
-    /// Queue sizes: local, send, recv, done, idle.
-    pub queues: [u64; 5],
-}
-
 /// One resource of `hastctl list`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ResourceStatus {
@@ -599,7 +587,10 @@ pub struct ResourceStatus {
     pub workerpid: Option<i32>,
     /// Dirty bytes.
     pub dirty: u64,
-    pub stats: Stats,
+    /// The `statistics:` part, without the queues.
+    pub stats: RequestStats,
+    /// The `queues:` line.
+    pub queues: Queues,
     /// Every `key: value` line as printed (statistics keys as printed too).
     pub raw: BTreeMap<String, String>,
 }
@@ -1769,10 +1760,23 @@ pub fn parse_list(text: &str) -> std::result::Result<Vec<ResourceStatus>, String
             "flushes" => cur.stats.flushes = num_before_paren(v)?,
             "activemap updates" => cur.stats.activemap_updates = num_before_paren(v)?,
             "local errors" => {
-                cur.stats.local_errors = parse_fields(v, ["read", "write", "delete", "flush"])?
+                let [read, write, delete, flush] =
+                    parse_fields(v, ["read", "write", "delete", "flush"])?;
+                cur.stats.read_errors = read;
+                cur.stats.write_errors = write;
+                cur.stats.delete_errors = delete;
+                cur.stats.flush_errors = flush;
             }
             "queues" => {
-                cur.stats.queues = parse_fields(v, ["local", "send", "recv", "done", "idle"])?
+                let [local, send, recv, done, idle] =
+                    parse_fields(v, ["local", "send", "recv", "done", "idle"])?;
+                cur.queues = Queues {
+                    idle,
+                    local,
+                    send,
+                    recv,
+                    done,
+                };
             }
             _ => {}
         }
@@ -2000,8 +2004,16 @@ mod tests {
         assert_eq!(r.workerpid, Some(42));
         assert_eq!(r.dirty, 4194304);
         assert_eq!(r.stats.writes, 7);
-        assert_eq!(r.stats.local_errors, [0, 1, 0, 0]);
-        assert_eq!(r.stats.queues[4], 5);
+        assert_eq!(
+            (
+                r.stats.read_errors,
+                r.stats.write_errors,
+                r.stats.delete_errors,
+                r.stats.flush_errors
+            ),
+            (0, 1, 0, 0)
+        );
+        assert_eq!(r.queues.idle, 5);
         assert_eq!(r.sourceaddr.as_deref(), Some("tcp4://127.0.0.1"));
         assert!(!r.synchronizing());
         assert!(!r.in_sync(), "degraded is not in sync");

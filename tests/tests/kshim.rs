@@ -263,7 +263,7 @@ async fn writes_reads_resync_metadata_and_destroy_through_the_kernel_transport()
         assert_eq!(Metadata::decode(&meta[..4096], "ktrans").unwrap(), md);
 
         let st = i.plane.stats().unwrap();
-        assert_eq!((st.writes, st.reads), (3, 1));
+        assert_eq!((st.requests.writes, st.requests.reads), (3, 1));
         assert!(!st.link_up);
         assert_eq!(c.getattr_int("GEOM::candelete").unwrap(), 1);
         let xml = kshim::confxml();

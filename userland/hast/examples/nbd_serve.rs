@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use hast::nbd::{Config, FileBackend, FileOptions, Registry, Server};
+use hast::nbd::{FileBackend, FileOptions, Registry, Server, ServerConfig};
 
 struct Args {
     file: PathBuf,
@@ -75,7 +75,7 @@ async fn serve(args: Args) -> Result<(), String> {
     registry
         .add(&args.export, Arc::new(backend))
         .map_err(|e| e.to_string())?;
-    let mut config = Config::default();
+    let mut config = ServerConfig::default();
     if let Some(m) = args.max_payload {
         config.max_payload = m;
         config.inflight_bytes = config.inflight_bytes.max(m);

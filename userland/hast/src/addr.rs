@@ -153,10 +153,24 @@ impl Addr {
         })
     }
 
-    /// Resolves a TCP address (DNS may be used), keeping only the addresses of the
-    /// family its scheme selects. A Unix-socket address is an `InvalidInput` error;
-    /// no address of the wanted family is a `NotFound` error.
+    /// Resolves a TCP address (DNS may be used: a blocking call), keeping only
+    /// the addresses of the family its scheme selects. A Unix-socket address is
+    /// an `InvalidInput` error; no address of the wanted family is a `NotFound`
+    /// error.
     pub fn socket_addrs(&self) -> std::io::Result<Vec<SocketAddr>> {
+        let (host, port) = self.tcp_target()?;
+        self.admitted((host, port).to_socket_addrs()?)
+    }
+
+    /// [`Addr::socket_addrs`] through tokio's resolver, for async code that
+    /// must not block a worker thread on DNS.
+    pub async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        let (host, port) = self.tcp_target()?;
+        self.admitted(tokio::net::lookup_host((host, port)).await?)
+    }
+
+    /// The host and port of a TCP address.
+    fn tcp_target(&self) -> std::io::Result<(&str, u16)> {
         match &self.kind {
             AddrKind::Unix(path) => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -166,23 +180,28 @@ impl Addr {
                     path.display()
                 ),
             )),
-            AddrKind::Tcp { family, host, port } => {
-                let all = (host.as_str(), *port).to_socket_addrs()?;
-                let found: Vec<SocketAddr> = all.filter(|sa| family.admits(sa)).collect();
-                if found.is_empty() {
-                    let what = match family {
-                        Family::Any => "",
-                        Family::V4 => "IPv4 ",
-                        Family::V6 => "IPv6 ",
-                    };
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!("{}: host {} has no {}address", self.raw, host, what),
-                    ));
-                }
-                Ok(found)
-            }
+            AddrKind::Tcp { host, port, .. } => Ok((host.as_str(), *port)),
         }
+    }
+
+    /// The resolved addresses of the family the scheme selects.
+    fn admitted(&self, all: impl Iterator<Item = SocketAddr>) -> std::io::Result<Vec<SocketAddr>> {
+        let AddrKind::Tcp { family, host, .. } = &self.kind else {
+            return Ok(Vec::new());
+        };
+        let found: Vec<SocketAddr> = all.filter(|sa| family.admits(sa)).collect();
+        if found.is_empty() {
+            let what = match family {
+                Family::Any => "",
+                Family::V4 => "IPv4 ",
+                Family::V6 => "IPv6 ",
+            };
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{}: host {} has no {}address", self.raw, host, what),
+            ));
+        }
+        Ok(found)
     }
 
     /// The socket path of a Unix-socket address, `None` for TCP.

@@ -48,7 +48,7 @@ fn check(what: &'static str, seq: u64, rc: i32) -> Result<(), CoreError> {
 
 /// A client request's command (the wire protocol's numbers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Cmd {
+pub enum IoCmd {
     Read,
     Write,
     Delete,
@@ -58,24 +58,24 @@ pub enum Cmd {
 // The ABI's numbers for these enums (ffi/hast_abi.h), for this wrapper,
 // the kernel transport (crate::kdev).
 
-impl Cmd {
+impl IoCmd {
     /// The ABI's `HAST_CMD_*`.
     pub fn raw(self) -> u32 {
         match self {
-            Cmd::Read => sys::HAST_CMD_READ,
-            Cmd::Write => sys::HAST_CMD_WRITE,
-            Cmd::Delete => sys::HAST_CMD_DELETE,
-            Cmd::Flush => sys::HAST_CMD_FLUSH,
+            IoCmd::Read => sys::HAST_CMD_READ,
+            IoCmd::Write => sys::HAST_CMD_WRITE,
+            IoCmd::Delete => sys::HAST_CMD_DELETE,
+            IoCmd::Flush => sys::HAST_CMD_FLUSH,
         }
     }
 
     /// From the ABI's `HAST_CMD_*`.
-    pub fn from_raw(v: u32) -> Option<Cmd> {
+    pub fn from_raw(v: u32) -> Option<IoCmd> {
         match v {
-            sys::HAST_CMD_READ => Some(Cmd::Read),
-            sys::HAST_CMD_WRITE => Some(Cmd::Write),
-            sys::HAST_CMD_DELETE => Some(Cmd::Delete),
-            sys::HAST_CMD_FLUSH => Some(Cmd::Flush),
+            sys::HAST_CMD_READ => Some(IoCmd::Read),
+            sys::HAST_CMD_WRITE => Some(IoCmd::Write),
+            sys::HAST_CMD_DELETE => Some(IoCmd::Delete),
+            sys::HAST_CMD_FLUSH => Some(IoCmd::Flush),
             _ => None,
         }
     }
@@ -194,7 +194,7 @@ pub struct Params {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LocalIo {
     pub seq: u64,
-    pub cmd: Cmd,
+    pub cmd: IoCmd,
     pub offset: u64,
     pub length: u64,
     pub cookie: u64,
@@ -260,18 +260,15 @@ impl Upcall {
     }
 }
 
+/// Flushes of both sides that must start after an extent's last write
+/// before it leaves the activemap (the core's `HAST_HOT_FLUSHES`).
+pub const HOT_FLUSHES: u32 = sys::HAST_HOT_FLUSHES;
+
 /// Counters and queue sizes (`hastctl list` statistics and more).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    pub reads: u64,
-    pub writes: u64,
-    pub deletes: u64,
-    pub flushes: u64,
-    pub activemap_updates: u64,
-    pub read_errors: u64,
-    pub write_errors: u64,
-    pub delete_errors: u64,
-    pub flush_errors: u64,
+    /// Client requests served and local errors (`hastctl list`).
+    pub requests: crate::stats::RequestStats,
     pub q_local: u64,
     pub q_send: u64,
     pub q_recv: u64,
@@ -287,7 +284,9 @@ pub struct Stats {
     /// Live writes whose remote copy failed or never left: their extents
     /// join the sync map when they finish.
     pub unsynced: u64,
-    /// Extents written on both sides that wait for a flush of both.
+    /// Extents that wait for flushes of both sides to leave the map: not
+    /// yet covered by one, or hot (written during the last few flushes, so
+    /// that the next write to them needs no map write).
     pub unflushed: u64,
     /// Flushes of both sides started, and the latest one that finished
     /// (see [`Core::flush`]).
@@ -301,15 +300,17 @@ impl From<&sys::hast_abi_stats> for Stats {
     /// The ABI's statistics struct (from the in-process core or the kernel).
     fn from(st: &sys::hast_abi_stats) -> Stats {
         Stats {
-            reads: st.hs_reads,
-            writes: st.hs_writes,
-            deletes: st.hs_deletes,
-            flushes: st.hs_flushes,
-            activemap_updates: st.hs_activemap_updates,
-            read_errors: st.hs_read_errors,
-            write_errors: st.hs_write_errors,
-            delete_errors: st.hs_delete_errors,
-            flush_errors: st.hs_flush_errors,
+            requests: crate::stats::RequestStats {
+                reads: st.hs_reads,
+                writes: st.hs_writes,
+                deletes: st.hs_deletes,
+                flushes: st.hs_flushes,
+                activemap_updates: st.hs_activemap_updates,
+                read_errors: st.hs_read_errors,
+                write_errors: st.hs_write_errors,
+                delete_errors: st.hs_delete_errors,
+                flush_errors: st.hs_flush_errors,
+            },
             q_local: st.hs_q_local,
             q_send: st.hs_q_send,
             q_recv: st.hs_q_recv,
@@ -375,7 +376,7 @@ fn host_of<'a>(arg: *mut c_void) -> &'a HostBox {
 unsafe extern "C" fn tr_local_io(arg: *mut c_void, io: *const sys::hast_core_io) {
     // SAFETY: the core passes a valid io for the duration of the call.
     let io = unsafe { &*io };
-    let Some(cmd) = Cmd::from_raw(io.hio_cmd) else {
+    let Some(cmd) = IoCmd::from_raw(io.hio_cmd) else {
         return;
     };
     host_of(arg).0.local_io(LocalIo {
@@ -454,7 +455,7 @@ impl Core {
     /// length 0.
     pub fn submit(
         &self,
-        cmd: Cmd,
+        cmd: IoCmd,
         offset: u64,
         length: u64,
         cookie: u64,
@@ -607,7 +608,7 @@ impl Core {
     pub fn sync_io(
         &self,
         lock: u64,
-        cmd: Cmd,
+        cmd: IoCmd,
         offset: u64,
         length: u64,
         cookie: u64,

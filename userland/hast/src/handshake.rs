@@ -4,6 +4,7 @@
 //! from the secondary); the token proves both come from the same node.
 
 use crate::nv::Nv;
+use crate::payload::PayloadError;
 use crate::splitbrain::SyncSrc;
 
 /// Size of the token the secondary hands out.
@@ -20,6 +21,10 @@ pub enum HandshakeError {
     Version(u8),
     #[error("peer refused: {0}")]
     Refused(String),
+    /// The secondary found that both copies were written while apart
+    /// (its refusal carries the reference's split-brain message).
+    #[error("peer refused: {SPLIT_BRAIN_MSG} (both nodes were written while apart; see hastctl(8) for the recovery)", SPLIT_BRAIN_MSG = crate::splitbrain::SPLIT_BRAIN_MSG)]
+    SplitBrain,
     #[error("invalid syncsrc {0} in handshake reply")]
     SyncSrc(u8),
 }
@@ -221,9 +226,13 @@ impl Geometry {
         nv
     }
 
-    /// Parse the answer; an `errmsg` is returned as [`HandshakeError::Refused`].
+    /// Parse the answer; an `errmsg` is returned as [`HandshakeError::SplitBrain`]
+    /// or [`HandshakeError::Refused`].
     pub fn from_nv(nv: &Nv) -> Result<Geometry, HandshakeError> {
         if let Some(msg) = nv.get_string("errmsg") {
+            if msg == crate::splitbrain::SPLIT_BRAIN_MSG {
+                return Err(HandshakeError::SplitBrain);
+            }
             return Err(HandshakeError::Refused(msg.to_string()));
         }
         let raw_src = nv
@@ -249,6 +258,31 @@ impl Geometry {
             synctrack: nv.get_u8(SYNCTRACK_FIELD) == Some(1),
         })
     }
+}
+
+/// How many bytes a peer's activemap may exceed this node's: a peer with a
+/// larger sector size rounds its map up further, by less than one 64 KiB
+/// sector.
+pub const MAP_SLACK: usize = 64 * 1024;
+
+/// Decodes the activemap a secondary sends after its [`Geometry`] (the
+/// payload of that message, through the data pipeline like any data
+/// payload: a clean map hole-compressed to 4 bytes, a checksum verified) to
+/// exactly `ours` bytes, this node's map size. Only `mapsize` tells its
+/// decoded length; bits past our extents (a peer with another sector size
+/// rounds the map up differently) are padding. A `mapsize` more than
+/// [`MAP_SLACK`] above `ours` is refused before anything is allocated for
+/// it.
+pub fn decode_peer_map(
+    nv: &Nv,
+    payload: Vec<u8>,
+    mapsize: u32,
+    ours: usize,
+) -> Result<Vec<u8>, PayloadError> {
+    let theirs = usize::try_from(mapsize).unwrap_or(usize::MAX);
+    let mut map = crate::payload::decode(nv, payload, theirs, ours.saturating_add(MAP_SLACK))?;
+    map.resize(ours, 0);
+    Ok(map)
 }
 
 #[cfg(test)]
@@ -313,6 +347,39 @@ mod tests {
         assert_eq!(Geometry::from_nv(&round(&nv)).unwrap(), g);
     }
 
+    /// A clean map of `len` bytes as a secondary sends it: hole-compressed
+    /// to its length, with the geometry's `mapsize`.
+    fn hole_map(len: u32) -> (Nv, Vec<u8>) {
+        let mut nv = Nv::new();
+        nv.add_u32("mapsize", len).add_string("compression", "hole");
+        (nv, len.to_le_bytes().to_vec())
+    }
+
+    #[test]
+    fn peer_map_is_bounded_by_ours_before_anything_is_allocated() {
+        let ours = 512;
+        // Up to one 64 KiB sector of rounding is the peer's padding.
+        for theirs in [512u32, 4096, 512 + MAP_SLACK as u32] {
+            let (nv, payload) = hole_map(theirs);
+            let map = decode_peer_map(&nv, payload, theirs, ours).unwrap();
+            assert_eq!(map, vec![0u8; ours], "mapsize {theirs}");
+        }
+        // Found by the handshake fuzz target: a hole-compressed map
+        // announced at nearly 4 GiB was allocated (and zeroed) in full.
+        for theirs in [512 + MAP_SLACK as u32 + 1, 2 << 20, u32::MAX] {
+            let (nv, payload) = hole_map(theirs);
+            let err = decode_peer_map(&nv, payload, theirs, ours).unwrap_err();
+            assert_eq!(
+                err.kind,
+                crate::payload::PayloadErrorKind::TooLarge {
+                    len: theirs as usize,
+                    max: ours + MAP_SLACK
+                },
+                "mapsize {theirs}"
+            );
+        }
+    }
+
     #[test]
     fn refusals_and_bad_headers() {
         let r = Welcome::Refused {
@@ -328,9 +395,14 @@ mod tests {
         assert_eq!(Welcome::from_nv(&nv), Err(HandshakeError::Version(3)));
         let mut nv = Nv::new();
         nv.add_string("errmsg", crate::splitbrain::SPLIT_BRAIN_MSG);
+        assert_eq!(Geometry::from_nv(&nv), Err(HandshakeError::SplitBrain));
+        let mut nv = Nv::new();
+        nv.add_string("errmsg", "Resource unique ID mismatch.");
         assert_eq!(
             Geometry::from_nv(&nv),
-            Err(HandshakeError::Refused("Split-brain condition!".into()))
+            Err(HandshakeError::Refused(
+                "Resource unique ID mismatch.".into()
+            ))
         );
         let mut nv = Nv::new();
         nv.add_string("resource", "r");

@@ -21,7 +21,7 @@ use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
 use nix::sys::stat::Mode as FileMode;
 
-use crate::core::{Cmd, MapKind, Mode, Params, Stats, SyncDir, Upcall, UpcallKind};
+use crate::core::{IoCmd, MapKind, Mode, Params, Stats, SyncDir, Upcall, UpcallKind};
 
 /// The control device the kernel module creates.
 pub const DEFAULT_PATH: &str = "/dev/hastctl";
@@ -29,8 +29,9 @@ pub const DEFAULT_PATH: &str = "/dev/hastctl";
 /// `_IOWR` group of every HAST ioctl (`HAST_IOC_GROUP`, 'H').
 pub const IOC_GROUP: u8 = b'H';
 
-/// Longest resync I/O the kernel accepts (its `G_HAST_SYNC_MAXIO`).
-pub const SYNC_MAX_IO: usize = 1024 * 1024;
+/// Longest resync I/O the kernel accepts (its `G_HAST_SYNC_MAXIO`, which
+/// is this project's request limit, [`crate::wire::MAX_IO`]).
+pub const SYNC_MAX_IO: usize = crate::wire::MAX_IO_BYTES;
 
 /// Largest write payload [`KernelDevice::next_upcall`] will grow its buffer
 /// to; far above any MAXPHYS, so only a confused kernel reaches it.
@@ -423,15 +424,6 @@ impl KernelDevice {
         if crate::kshim::selected() {
             return true;
         }
-        #[cfg(not(all(feature = "kshim", target_os = "linux")))]
-        if std::env::var_os("HAST_KSHIM").is_some_and(|v| !v.is_empty() && v != "0") {
-            static ONCE: std::sync::Once = std::sync::Once::new();
-            ONCE.call_once(|| {
-                tracing::warn!(
-                    "HAST_KSHIM is set, but this build has no kernel shim (only test builds do)"
-                );
-            });
-        }
         KernelDevice::available(DEFAULT_PATH)
     }
 
@@ -719,7 +711,7 @@ impl KernelDevice {
         &self,
         unit: Unit,
         lock: u64,
-        cmd: Cmd,
+        cmd: IoCmd,
         offset: u64,
         buf: *mut u8,
         len: usize,
@@ -755,7 +747,7 @@ impl KernelDevice {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<u64, KdevError> {
-        self.sync_io(unit, lock, Cmd::Read, offset, buf.as_mut_ptr(), buf.len())
+        self.sync_io(unit, lock, IoCmd::Read, offset, buf.as_mut_ptr(), buf.len())
     }
 
     /// Write `data` at `offset` to the local provider under lock `lock`;
@@ -771,7 +763,7 @@ impl KernelDevice {
         self.sync_io(
             unit,
             lock,
-            Cmd::Write,
+            IoCmd::Write,
             offset,
             data.as_ptr().cast_mut(),
             data.len(),
@@ -1193,15 +1185,15 @@ mod tests {
         };
         let s = decode_stats(&st);
         let got = [
-            s.reads,
-            s.writes,
-            s.deletes,
-            s.flushes,
-            s.activemap_updates,
-            s.read_errors,
-            s.write_errors,
-            s.delete_errors,
-            s.flush_errors,
+            s.requests.reads,
+            s.requests.writes,
+            s.requests.deletes,
+            s.requests.flushes,
+            s.requests.activemap_updates,
+            s.requests.read_errors,
+            s.requests.write_errors,
+            s.requests.delete_errors,
+            s.requests.flush_errors,
             s.q_local,
             s.q_send,
             s.q_recv,

@@ -2,15 +2,17 @@
 //! two hosts (network RAID1), compatible with FreeBSD's hastd/hastctl.
 //!
 //! Layers call down, never up:
-//! - bottom: [`sysexits`], [`size`], [`role`], [`nv`], [`proto`], [`addr`],
+//! - bottom: [`sysexits`], [`size`], [`role`], [`stats`], [`nv`], [`proto`], [`addr`],
 //!   [`config`], [`provider`], [`activemap`], [`metadata`];
-//! - then the control protocol ([`control`]), [`hooks`], [`pidfile`];
+//! - then the control protocol ([`control`]), [`hooks`], [`pidfile`], the
+//!   accept loop of every listening socket ([`accept`]);
 //! - the fast-path core ([`core`]) and its hosts ([`uhost`] with the NBD
 //!   server [`nbd`], the kernel transport [`kdev`]; in test builds also the
 //!   kernel module itself on a userland kernel shim, `kshim`), behind the
 //!   engine's [`dataplane`] interface;
 //! - then the daemon's engine ([`engine`]); the binaries sit on top.
 
+pub mod accept;
 pub mod activemap;
 pub mod addr;
 pub mod config;
@@ -33,7 +35,9 @@ pub mod proto;
 pub mod provider;
 pub mod role;
 pub mod size;
+pub mod split;
 pub mod splitbrain;
+pub mod stats;
 pub mod sysexits;
 pub mod uhost;
 pub mod wire;

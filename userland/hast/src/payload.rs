@@ -56,37 +56,37 @@ pub const SHA256_LEN: usize = 32;
 
 /// Which message a payload belonged to, for error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Request {
+pub enum Origin {
     /// A request or reply carrying nv `seq`.
     Seq(u64),
     /// A message without a `seq` (e.g. the handshake's activemap).
     Unnumbered,
 }
 
-impl Request {
+impl Origin {
     /// The `seq` of `nv` (uint64), if it has one.
-    pub fn of(nv: &Nv) -> Request {
+    pub fn of(nv: &Nv) -> Origin {
         match nv.get_u64("seq") {
-            Some(seq) => Request::Seq(seq),
-            None => Request::Unnumbered,
+            Some(seq) => Origin::Seq(seq),
+            None => Origin::Unnumbered,
         }
     }
 }
 
-impl fmt::Display for Request {
+impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Request::Seq(seq) => write!(f, "request seq {seq}"),
-            Request::Unnumbered => f.write_str("message without seq"),
+            Origin::Seq(seq) => write!(f, "request seq {seq}"),
+            Origin::Unnumbered => f.write_str("message without seq"),
         }
     }
 }
 
 /// A payload that could not be accepted, and the message it came with.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("payload of {request} refused: {kind}; the peer is faulty or the data was corrupted in transit (the connection should be dropped)")]
+#[error("payload of {origin} refused: {kind}; the peer is faulty or the data was corrupted in transit (the connection should be dropped)")]
 pub struct PayloadError {
-    pub request: Request,
+    pub origin: Origin,
     pub kind: PayloadErrorKind,
 }
 
@@ -368,7 +368,7 @@ pub fn decode(
     max: usize,
 ) -> Result<Vec<u8>, PayloadError> {
     let fail = |kind| PayloadError {
-        request: Request::of(nv),
+        origin: Origin::of(nv),
         kind,
     };
     let header = check(nv, &payload, expected_len, max).map_err(fail)?;
@@ -391,7 +391,7 @@ pub fn decode_into(
     max: usize,
 ) -> Result<(), PayloadError> {
     let fail = |kind| PayloadError {
-        request: Request::of(nv),
+        origin: Origin::of(nv),
         kind,
     };
     let header = check(nv, payload, out.len(), max).map_err(fail)?;

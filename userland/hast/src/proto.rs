@@ -29,8 +29,9 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Control socket: headers up to [`NV_MAX_SIZE`], no payload.
-    pub const CONTROL: Limits = Limits {
+    /// Headers up to [`NV_MAX_SIZE`], no payload: the control socket and
+    /// the handshake messages.
+    pub const HEADERS_ONLY: Limits = Limits {
         max_header: NV_MAX_SIZE,
         max_payload: 0,
     };
@@ -316,7 +317,7 @@ mod tests {
         let f = encode_frame(&cmd_nv(), &[]).unwrap();
         assert_eq!(&f[..5], &[2, 22, 0, 0, 0]);
         assert_eq!(&f[5..], &cmd_nv().encode().unwrap()[..]);
-        let (back, payload) = read_frame(&mut &f[..], Limits::CONTROL).unwrap();
+        let (back, payload) = read_frame(&mut &f[..], Limits::HEADERS_ONLY).unwrap();
         assert_eq!(back, cmd_nv());
         assert!(payload.is_empty());
     }
@@ -341,7 +342,7 @@ mod tests {
         assert_eq!(second, cmd_nv());
         assert!(p2.is_empty());
         assert!(matches!(
-            read_frame(&mut cur, Limits::CONTROL),
+            read_frame(&mut cur, Limits::HEADERS_ONLY),
             Err(ProtoError::Closed)
         ));
     }
@@ -354,7 +355,7 @@ mod tests {
             inner: &bytes,
             consumed: 0,
         };
-        match read_frame(&mut r, Limits::CONTROL) {
+        match read_frame(&mut r, Limits::HEADERS_ONLY) {
             Err(ProtoError::HeaderTooLarge { size, max }) => {
                 assert_eq!(size, u64::from(u32::MAX));
                 assert_eq!(max, NV_MAX_SIZE);
@@ -395,7 +396,7 @@ mod tests {
         // The control socket takes no payload at all.
         let f = encode_frame(&cmd_nv(), b"x").unwrap();
         assert!(matches!(
-            read_frame(&mut &f[..], Limits::CONTROL),
+            read_frame(&mut &f[..], Limits::HEADERS_ONLY),
             Err(ProtoError::PayloadTooLarge { size: 1, max: 0 })
         ));
         // A "size" of another type is refused rather than misread.
@@ -415,21 +416,21 @@ mod tests {
         // frame carries 1); above 2 refused.
         for v in [0, 1, 2] {
             f[0] = v;
-            let (nv, _) = read_frame(&mut &f[..], Limits::CONTROL).unwrap();
+            let (nv, _) = read_frame(&mut &f[..], Limits::HEADERS_ONLY).unwrap();
             assert_eq!(nv, cmd_nv());
         }
         f[0] = 3;
         assert!(matches!(
-            read_frame(&mut &f[..], Limits::CONTROL),
+            read_frame(&mut &f[..], Limits::HEADERS_ONLY),
             Err(ProtoError::BadVersion(3))
         ));
         f[0] = 2;
         assert!(matches!(
-            read_frame(&mut &[][..], Limits::CONTROL),
+            read_frame(&mut &[][..], Limits::HEADERS_ONLY),
             Err(ProtoError::Closed)
         ));
         for cut in [1, 4, 5, 10, f.len() - 1] {
-            match read_frame(&mut &f[..cut], Limits::CONTROL) {
+            match read_frame(&mut &f[..cut], Limits::HEADERS_ONLY) {
                 Err(ProtoError::Truncated { got, want, .. }) => assert!(got < want),
                 other => panic!("cut {cut}: unexpected {other:?}"),
             }
@@ -447,7 +448,7 @@ mod tests {
         let mut bad = f.clone();
         bad[5] = 0x55;
         assert!(matches!(
-            read_frame(&mut &bad[..], Limits::CONTROL),
+            read_frame(&mut &bad[..], Limits::HEADERS_ONLY),
             Err(ProtoError::Nv(NvError::BadType { ty: 0x55, .. }))
         ));
     }
@@ -465,7 +466,7 @@ mod tests {
         assert_eq!(nv.get_u8("cmd"), Some(1));
         assert_eq!(data, payload);
         assert!(matches!(
-            read_frame(&mut b, Limits::CONTROL),
+            read_frame(&mut b, Limits::HEADERS_ONLY),
             Err(ProtoError::Closed)
         ));
     }
@@ -484,11 +485,13 @@ mod tests {
             .unwrap();
         assert_eq!(nv.get_u32(SIZE_FIELD), Some(131072));
         assert_eq!(data, payload);
-        let (nv, size) = read_header_async(&mut b, Limits::CONTROL).await.unwrap();
+        let (nv, size) = read_header_async(&mut b, Limits::HEADERS_ONLY)
+            .await
+            .unwrap();
         assert_eq!((nv.get_u8("cmd"), size), (Some(1), 0));
         w.await.unwrap();
         assert!(matches!(
-            read_frame_async(&mut b, Limits::CONTROL).await,
+            read_frame_async(&mut b, Limits::HEADERS_ONLY).await,
             Err(ProtoError::Closed)
         ));
         // Bound checked before allocation on the async path as well.
@@ -497,7 +500,7 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(
-            read_frame_async(&mut b, Limits::CONTROL).await,
+            read_frame_async(&mut b, Limits::HEADERS_ONLY).await,
             Err(ProtoError::HeaderTooLarge {
                 size: 0x4000_0000,
                 ..

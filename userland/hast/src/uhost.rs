@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
 
-use crate::core::{Cmd, Core, CoreError, CoreHost, LocalIo, Mode, Params};
+use crate::core::{Core, CoreError, CoreHost, IoCmd, LocalIo, Mode, Params};
 use crate::metadata::METADATA_SIZE;
 use crate::nbd::{Backend, BoxFuture, Done, FileBackend, FileOptions, NbdError};
 use crate::provider::Provider;
 
 /// Where a provider's replicated data lives and how it is replicated.
 #[derive(Debug, Clone)]
-pub struct Geometry {
+pub struct HostGeometry {
     /// Offset of the data area in the provider (metadata + map before it).
     pub localoff: u64,
     /// Bytes of the data area.
@@ -46,7 +46,7 @@ pub enum UhostError {
 }
 
 /// Largest request handed to the core until a peer says what it accepts.
-pub const DEFAULT_MAX_REQUEST: u64 = 1 << 20;
+pub const DEFAULT_MAX_REQUEST: u64 = crate::wire::MAX_IO;
 
 /// What a client request needs while the core holds it.
 #[derive(Debug)]
@@ -515,7 +515,11 @@ impl Uhost {
     /// locked; data and activemap go through it). Must run inside a tokio
     /// runtime. The activemap read from disk (`map`) becomes the core's
     /// dirty and sync map.
-    pub fn new(provider: Arc<Provider>, geo: &Geometry, map: &[u8]) -> Result<Uhost, UhostError> {
+    pub fn new(
+        provider: Arc<Provider>,
+        geo: &HostGeometry,
+        map: &[u8],
+    ) -> Result<Uhost, UhostError> {
         let local = FileBackend::on(
             provider,
             &FileOptions {
@@ -579,16 +583,7 @@ impl Uhost {
 
     /// Split `[off, off + len)` into pieces no larger than the maximum.
     fn pieces(&self, off: u64, len: u64) -> Vec<(u64, u64)> {
-        let max = self.inner.max_request.load(Ordering::SeqCst).max(1);
-        let mut out = Vec::new();
-        let mut at = off;
-        let end = off.saturating_add(len);
-        while at < end {
-            let n = max.min(end - at);
-            out.push((at, n));
-            at += n;
-        }
-        out
+        crate::split::pieces(off, len, self.inner.max_request.load(Ordering::SeqCst)).collect()
     }
 
     /// Tell the core (and the FUA logic) whether the peer is connected.
@@ -620,19 +615,19 @@ impl Uhost {
     /// done (`SyncIoDone` upcall with that cookie) take the bytes with
     /// [`Uhost::take_sync`].
     pub fn sync_read(&self, lock: u64, off: u64, len: u64) -> Result<u64, CoreError> {
-        self.sync_submit(lock, Cmd::Read, off, len, SyncBuf::Read(None))
+        self.sync_submit(lock, IoCmd::Read, off, len, SyncBuf::Read(None))
     }
 
     /// Under granted sync lock `lock`, write `data` at `off` locally.
     pub fn sync_write(&self, lock: u64, off: u64, data: Bytes) -> Result<u64, CoreError> {
         let len = data.len() as u64;
-        self.sync_submit(lock, Cmd::Write, off, len, SyncBuf::Write(data))
+        self.sync_submit(lock, IoCmd::Write, off, len, SyncBuf::Write(data))
     }
 
     fn sync_submit(
         &self,
         lock: u64,
-        cmd: Cmd,
+        cmd: IoCmd,
         off: u64,
         len: u64,
         buf: SyncBuf,
@@ -668,7 +663,7 @@ impl Uhost {
 
     /// Put a request in the table and hand it to the core; `Err` when the
     /// core refused it (it is out of the table again then).
-    fn start(&self, cmd: Cmd, off: u64, len: u64, op: Op, answer: Waiter) -> Result<(), i32> {
+    fn start(&self, cmd: IoCmd, off: u64, len: u64, op: Op, answer: Waiter) -> Result<(), i32> {
         let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
         {
             let mut table = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -689,7 +684,7 @@ impl Uhost {
     }
 
     /// Hand a request to the core and wait for its answer.
-    async fn submit(&self, cmd: Cmd, off: u64, len: u64, op: Op) -> Answer {
+    async fn submit(&self, cmd: IoCmd, off: u64, len: u64, op: Op) -> Answer {
         let (tx, rx) = oneshot::channel();
         self.start(cmd, off, len, op, Waiter::Task(tx))?;
         rx.await.unwrap_or(Err(libc::EIO))
@@ -697,7 +692,7 @@ impl Uhost {
 
     /// Hand a client request that fits in one core request to the core;
     /// [`CoreHost::complete`] answers the client.
-    fn start_direct(&self, cmd: Cmd, off: u64, len: u64, op: Op, done: Done) {
+    fn start_direct(&self, cmd: IoCmd, off: u64, len: u64, op: Op, done: Done) {
         let table = &self.inner.pending;
         let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
         table.lock().unwrap_or_else(|p| p.into_inner()).insert(
@@ -728,7 +723,13 @@ impl Uhost {
         len <= self.inner.max_request.load(Ordering::Relaxed)
     }
 
-    async fn submit_io(&self, cmd: Cmd, off: u64, len: u64, op: Op) -> io::Result<Option<Vec<u8>>> {
+    async fn submit_io(
+        &self,
+        cmd: IoCmd,
+        off: u64,
+        len: u64,
+        op: Op,
+    ) -> io::Result<Option<Vec<u8>>> {
         self.submit(cmd, off, len, op)
             .await
             .map_err(io::Error::from_raw_os_error)
@@ -738,7 +739,7 @@ impl Uhost {
     /// connected a flush makes it durable there too.
     async fn fua_flush(&self, fua: bool) -> io::Result<()> {
         if fua && self.inner.link_up.load(Ordering::SeqCst) {
-            self.submit_io(Cmd::Flush, 0, 0, Op::Flush).await?;
+            self.submit_io(IoCmd::Flush, 0, 0, Op::Flush).await?;
         }
         Ok(())
     }
@@ -766,7 +767,7 @@ impl Backend for Uhost {
 
     fn start_read(self: Arc<Self>, off: u64, len: u32, done: Done) {
         if self.one_piece(u64::from(len)) {
-            self.start_direct(Cmd::Read, off, u64::from(len), Op::Read, done);
+            self.start_direct(IoCmd::Read, off, u64::from(len), Op::Read, done);
         } else {
             tokio::spawn(async move { done.finish(self.read(off, len).await.map(Some)) });
         }
@@ -781,7 +782,7 @@ impl Backend for Uhost {
                 data: Bytes::from(data),
                 fua,
             };
-            self.start_direct(Cmd::Write, off, len, op, done);
+            self.start_direct(IoCmd::Write, off, len, op, done);
         } else {
             tokio::spawn(async move {
                 done.finish(self.write(off, data, fua).await.map(|()| None));
@@ -798,13 +799,13 @@ impl Backend for Uhost {
             let parts = self.pieces(off, u64::from(len));
             if parts.len() == 1 {
                 let data = self
-                    .submit_io(Cmd::Read, off, u64::from(len), Op::Read)
+                    .submit_io(IoCmd::Read, off, u64::from(len), Op::Read)
                     .await?;
                 return data.ok_or_else(|| io::Error::from_raw_os_error(libc::EIO));
             }
             let reads = parts
                 .iter()
-                .map(|&(at, n)| self.submit_io(Cmd::Read, at, n, Op::Read));
+                .map(|&(at, n)| self.submit_io(IoCmd::Read, at, n, Op::Read));
             let mut out = Vec::with_capacity(len as usize);
             for r in join_all(reads).await {
                 out.extend_from_slice(&r?.ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?);
@@ -822,7 +823,7 @@ impl Backend for Uhost {
                 .map(|(at, n)| {
                     let start = (at - off) as usize;
                     let piece = data.slice(start..start + n as usize);
-                    self.submit_io(Cmd::Write, at, n, Op::Write { data: piece, fua })
+                    self.submit_io(IoCmd::Write, at, n, Op::Write { data: piece, fua })
                 });
             for r in join_all(writes).await {
                 r?;
@@ -833,14 +834,14 @@ impl Backend for Uhost {
 
     fn flush(&self) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(async move {
-            self.submit_io(Cmd::Flush, 0, 0, Op::Flush).await?;
+            self.submit_io(IoCmd::Flush, 0, 0, Op::Flush).await?;
             Ok(())
         })
     }
 
     fn trim(&self, off: u64, len: u32, fua: bool) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(async move {
-            self.submit_io(Cmd::Delete, off, u64::from(len), Op::Delete { fua })
+            self.submit_io(IoCmd::Delete, off, u64::from(len), Op::Delete { fua })
                 .await?;
             self.fua_flush(fua).await
         })
@@ -857,7 +858,7 @@ impl Backend for Uhost {
             let zeroes = self
                 .pieces(off, u64::from(len))
                 .into_iter()
-                .map(|(at, n)| self.submit_io(Cmd::Write, at, n, Op::Zeroes { no_hole, fua }));
+                .map(|(at, n)| self.submit_io(IoCmd::Write, at, n, Op::Zeroes { no_hole, fua }));
             for r in join_all(zeroes).await {
                 r?;
             }

@@ -83,9 +83,18 @@ pub enum RequestError {
     OutOfRange { end: u64, datasize: u64 },
 }
 
+/// The largest READ/WRITE this project accepts from a peer and sends as
+/// one request: FreeBSD 13's MAXPHYS (1 MiB). The one spelling of this
+/// limit: the secondary, the engine's pieces, the userland host's split
+/// and the kernel transport's resync buffers all use it.
+pub const MAX_IO: u64 = 1 << 20;
+/// [`MAX_IO`] as a buffer size.
+pub const MAX_IO_BYTES: usize = 1 << 20;
+const _: () = assert!(MAX_IO_BYTES as u64 == MAX_IO);
+
 /// What a secondary accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub struct RequestLimits {
     pub sectorsize: u32,
     pub datasize: u64,
     /// Largest READ/WRITE (the reference's MAXPHYS); DELETE is unbounded.
@@ -113,7 +122,7 @@ impl Request {
     /// Parse and validate a request header as the secondary must before
     /// any I/O. `Err` carries the seq when one was readable (so the error
     /// can be answered) and the reason.
-    pub fn from_nv(nv: &Nv, limits: &Limits) -> Result<Request, (u64, RequestError)> {
+    pub fn from_nv(nv: &Nv, limits: &RequestLimits) -> Result<Request, (u64, RequestError)> {
         let raw = nv
             .get_u8("cmd")
             .filter(|&c| c != 0)
@@ -205,7 +214,7 @@ impl Reply {
 mod tests {
     use super::*;
 
-    const L: Limits = Limits {
+    const L: RequestLimits = RequestLimits {
         sectorsize: 512,
         datasize: 1 << 20,
         max_length: 128 << 10,

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use hast::core::{
-    Cmd, Core, CoreError, CoreHost, LocalIo, MapKind, Mode, Params, SyncDir, UpcallKind,
+    Core, CoreError, CoreHost, IoCmd, LocalIo, MapKind, Mode, Params, SyncDir, UpcallKind,
 };
 use proptest::prelude::*;
 
@@ -114,7 +114,7 @@ impl Remote {
 #[derive(Debug, Clone)]
 struct Req {
     seq: u64,
-    cmd: Cmd,
+    cmd: IoCmd,
     off: u64,
     len: u64,
     e0: u32,
@@ -133,7 +133,7 @@ struct Req {
 
 impl Req {
     fn update(&self) -> bool {
-        matches!(self.cmd, Cmd::Write | Cmd::Delete)
+        matches!(self.cmd, IoCmd::Write | IoCmd::Delete)
     }
     /// Issued and not yet released: its extents must stay marked.
     fn in_flight(&self) -> bool {
@@ -183,6 +183,7 @@ struct Model {
     fgen: u32,                   // flushes of both sides started
     iflush_gen: Option<u32>,     // the core's own flush just started
     unflushed: Vec<Option<u32>>, // written on both sides at flush count n
+    hot: Vec<Option<u32>>,       // covered by a flush, last written at n
 }
 
 #[derive(Debug, Clone)]
@@ -299,16 +300,32 @@ impl Model {
             fgen: 0,
             iflush_gen: None,
             unflushed: vec![None; NEXT as usize],
+            hot: vec![None; NEXT as usize],
+        }
+    }
+
+    /// Both sides wrote extent `e` (a client write or a resync copy) while
+    /// `fgen` flushes had started: it waits for a flush, and a hot extent
+    /// stays hot from this write on.
+    fn written_on_both(&mut self, e: u32) {
+        self.unflushed[e as usize] = Some(self.fgen);
+        if self.hot[e as usize].is_some() {
+            self.hot[e as usize] = Some(self.fgen);
         }
     }
 
     /// A flush of both sides finished: what was written on both before it
-    /// started is durable and may leave the map.
+    /// started is durable; it stays hot until HOT_FLUSHES more flushes have
+    /// started after its last write, then may leave the map.
     fn flushed(&mut self, r: &Req) {
         if r.local == Local::Done(0) && r.remote == Remote::Done(0) {
-            for u in self.unflushed.iter_mut() {
-                if u.is_some_and(|g| g < r.fgen) {
+            for (u, h) in self.unflushed.iter_mut().zip(self.hot.iter_mut()) {
+                if let Some(g) = u.filter(|&g| g < r.fgen) {
                     *u = None;
+                    *h = Some(g);
+                }
+                if h.is_some_and(|g| g + hast::core::HOT_FLUSHES < r.fgen) {
+                    *h = None;
                 }
             }
         }
@@ -330,7 +347,7 @@ impl Model {
             cookie,
             Req {
                 seq,
-                cmd: Cmd::Flush,
+                cmd: IoCmd::Flush,
                 off: 0,
                 len: 0,
                 e0: 0,
@@ -385,12 +402,12 @@ impl Model {
                 nsect,
             } => {
                 let cmd = match cmd {
-                    0..=2 => Cmd::Write,
-                    3 | 4 => Cmd::Read,
-                    5 | 6 => Cmd::Delete,
-                    _ => Cmd::Flush,
+                    0..=2 => IoCmd::Write,
+                    3 | 4 => IoCmd::Read,
+                    5 | 6 => IoCmd::Delete,
+                    _ => IoCmd::Flush,
                 };
-                let (off, len) = if cmd == Cmd::Flush {
+                let (off, len) = if cmd == IoCmd::Flush {
                     (0, 0)
                 } else {
                     let off = (u64::from(ext) * EXT + u64::from(sect) * SECT).min(MEDIA - SECT);
@@ -400,7 +417,7 @@ impl Model {
                 let cookie = self.next_cookie;
                 self.next_cookie += 1;
                 let seq = self.core.submit(cmd, off, len, cookie).unwrap();
-                let fgen = if cmd == Cmd::Flush {
+                let fgen = if cmd == IoCmd::Flush {
                     self.fgen += 1;
                     self.fgen
                 } else {
@@ -576,7 +593,7 @@ impl Model {
                 } else {
                     l.len
                 };
-                let cmd = if write { Cmd::Write } else { Cmd::Read };
+                let cmd = if write { IoCmd::Write } else { IoCmd::Read };
                 let seq = self.core.sync_io(lseq, cmd, l.off, len, 77).unwrap();
                 l.nio += 1;
                 self.syncios.insert(seq, lseq);
@@ -611,7 +628,7 @@ impl Model {
                             self.must_disk[e as usize] = false;
                             // Copied: marked until a flush of both.
                             if bit(&before, e) {
-                                self.unflushed[e as usize] = Some(self.fgen);
+                                self.written_on_both(e);
                             }
                             assert!(
                                 !bit(&sync, e),
@@ -710,20 +727,20 @@ impl Model {
                     assert_eq!((up.offset, up.length, up.cookie), (r.off, r.len, cookie));
                     let memsync = match kind {
                         UpcallKind::Write { memsync } => {
-                            assert_eq!(r.cmd, Cmd::Write);
+                            assert_eq!(r.cmd, IoCmd::Write);
                             assert_eq!(memsync, r.mode == Mode::MemSync);
                             memsync
                         }
                         UpcallKind::Delete => {
-                            assert_eq!(r.cmd, Cmd::Delete);
+                            assert_eq!(r.cmd, IoCmd::Delete);
                             false
                         }
                         UpcallKind::Flush => {
-                            assert_eq!(r.cmd, Cmd::Flush);
+                            assert_eq!(r.cmd, IoCmd::Flush);
                             false
                         }
                         _ => {
-                            assert_eq!(r.cmd, Cmd::Read);
+                            assert_eq!(r.cmd, IoCmd::Read);
                             false
                         }
                     };
@@ -757,7 +774,7 @@ impl Model {
                         continue;
                     }
                     if io.internal {
-                        assert_eq!((io.cmd, io.cookie), (Cmd::Flush, 0));
+                        assert_eq!((io.cmd, io.cookie), (IoCmd::Flush, 0));
                         self.internal_req(io.seq);
                     }
                     let link = self.link;
@@ -817,14 +834,14 @@ impl Model {
                         for e in r.e0..=r.e1 {
                             if clean {
                                 // Both wrote it: marked until a flush.
-                                self.unflushed[e as usize] = Some(self.fgen);
+                                self.written_on_both(e);
                             } else {
                                 self.must_sync[e as usize] = true;
                                 self.must_disk[e as usize] = true;
                             }
                         }
                     }
-                    if r.cmd == Cmd::Flush {
+                    if r.cmd == IoCmd::Flush {
                         self.flushed(&r);
                     }
                 }
@@ -844,7 +861,7 @@ impl Model {
         match r.local {
             Local::Issued => panic!("acknowledged before the local I/O finished: {r:?}"),
             Local::NotIssued => {
-                if r.cmd == Cmd::Read {
+                if r.cmd == IoCmd::Read {
                     // A stale read served by the peer.
                     assert!(resolved, "stale read acknowledged before the peer answered");
                     assert_eq!(err, if rok { 0 } else { EIO });
@@ -868,8 +885,8 @@ impl Model {
             }
         }
         match r.cmd {
-            Cmd::Read => assert_eq!(err, 0),
-            Cmd::Flush => {
+            IoCmd::Read => assert_eq!(err, 0),
+            IoCmd::Flush => {
                 if r.mode != Mode::Async {
                     assert!(resolved, "flush acknowledged before the peer: {r:?}");
                 }
@@ -932,6 +949,9 @@ impl Model {
                     "extent {e} left the map before a flush of both sides covered it"
                 );
             }
+            if self.hot[e as usize].is_some() {
+                assert!(bit(&dirty, e), "hot extent {e} left the map");
+            }
             if self.must_sync[e as usize] {
                 assert!(bit(&sync, e), "extent {e} lost its sync mark");
             }
@@ -953,6 +973,7 @@ impl Model {
                 bit(&dirty, e)
                     && !bit(&sync, e)
                     && self.unflushed[e as usize].is_none()
+                    && self.hot[e as usize].is_none()
                     && !self
                         .reqs
                         .values()
@@ -966,8 +987,13 @@ impl Model {
         );
         let st = self.core.stats();
         assert!(st.keepdirty <= u64::from(self.keepdirty));
-        let waiting = self.unflushed.iter().filter(|u| u.is_some()).count() as u64;
-        assert_eq!(st.unflushed, waiting, "extents waiting for a flush");
+        let waiting = self
+            .unflushed
+            .iter()
+            .zip(&self.hot)
+            .filter(|(u, h)| u.is_some() || h.is_some())
+            .count() as u64;
+        assert_eq!(st.unflushed, waiting, "extents waiting for flushes");
         assert_eq!(
             (st.flush_gen, st.flush_busy),
             (
@@ -1113,14 +1139,14 @@ fn completes(evs: &[Ev]) -> Vec<(u64, i32)> {
 fn one_map_write_releases_every_waiting_write() {
     let (core, host) = new_core(Mode::FullSync, 8);
     core.set_link(true);
-    let s1 = core.submit(Cmd::Write, 0, 4096, 1).unwrap();
+    let s1 = core.submit(IoCmd::Write, 0, 4096, 1).unwrap();
     let ev = host.take();
     assert_eq!(maps(&ev).len(), 1, "first write starts a map write");
     assert!(locals(&ev).is_empty(), "no data before the map is on disk");
     // Three writes to three new extents arrive while it is in flight.
-    let s2 = core.submit(Cmd::Write, EXT, 512, 2).unwrap();
-    let s3 = core.submit(Cmd::Write, 2 * EXT, 512, 3).unwrap();
-    let s4 = core.submit(Cmd::Write, 3 * EXT + 512, 1024, 4).unwrap();
+    let s2 = core.submit(IoCmd::Write, EXT, 512, 2).unwrap();
+    let s3 = core.submit(IoCmd::Write, 2 * EXT, 512, 3).unwrap();
+    let s4 = core.submit(IoCmd::Write, 3 * EXT + 512, 1024, 4).unwrap();
     assert!(
         host.take().is_empty(),
         "they wait; still one map write in flight"
@@ -1141,7 +1167,7 @@ fn one_map_write_releases_every_waiting_write() {
         locals(&ev).iter().map(|io| io.seq).collect::<Vec<_>>(),
         vec![s2, s3, s4]
     );
-    assert_eq!(core.stats().activemap_updates, 2);
+    assert_eq!(core.stats().requests.activemap_updates, 2);
     assert_eq!(core.map(MapKind::Disk)[0] & 0x0f, 0x0f);
 }
 
@@ -1149,7 +1175,7 @@ fn one_map_write_releases_every_waiting_write() {
 fn memsync_acknowledges_on_received() {
     let (core, host) = new_core(Mode::MemSync, 4);
     core.set_link(true);
-    let seq = core.submit(Cmd::Write, 0, 4096, 9).unwrap();
+    let seq = core.submit(IoCmd::Write, 0, 4096, 9).unwrap();
     core.map_done(0).unwrap();
     let up = core.next_upcall().unwrap();
     assert_eq!(
@@ -1194,12 +1220,12 @@ fn overlapping_writes_reach_the_disk_in_submit_order() {
             .map(|u| u.seq)
             .collect()
     };
-    let a = core.submit(Cmd::Write, 0, 1024, 1).unwrap();
+    let a = core.submit(IoCmd::Write, 0, 1024, 1).unwrap();
     core.map_done(0).unwrap();
-    let b = core.submit(Cmd::Write, 512, 1024, 2).unwrap();
-    let c = core.submit(Cmd::Write, 2048, 512, 3).unwrap();
+    let b = core.submit(IoCmd::Write, 512, 1024, 2).unwrap();
+    let c = core.submit(IoCmd::Write, 2048, 512, 3).unwrap();
     // d overlaps both a and b.
-    let d = core.submit(Cmd::Delete, 512, 512, 4).unwrap();
+    let d = core.submit(IoCmd::Delete, 512, 512, 4).unwrap();
     assert_eq!(
         issued(&host),
         vec![a, c],
@@ -1218,7 +1244,7 @@ fn overlapping_writes_reach_the_disk_in_submit_order() {
     assert_eq!(issued(&host), vec![d]);
     assert_eq!(sent(), vec![d]);
     // A local failure releases the next one as well.
-    let e = core.submit(Cmd::Write, 2048, 512, 5).unwrap();
+    let e = core.submit(IoCmd::Write, 2048, 512, 5).unwrap();
     assert!(issued(&host).is_empty());
     core.local_done(c, 5).unwrap();
     assert_eq!(issued(&host), vec![e]);
@@ -1238,10 +1264,10 @@ fn overlapping_writes_reach_the_disk_in_submit_order() {
 fn async_acknowledges_on_local_and_sends_in_order() {
     let (core, host) = new_core(Mode::Async, 4);
     core.set_link(true);
-    let a = core.submit(Cmd::Write, 0, 512, 1).unwrap();
+    let a = core.submit(IoCmd::Write, 0, 512, 1).unwrap();
     core.map_done(0).unwrap();
-    let b = core.submit(Cmd::Write, 512, 512, 2).unwrap();
-    let c = core.submit(Cmd::Delete, 1024, 512, 3).unwrap();
+    let b = core.submit(IoCmd::Write, 512, 512, 2).unwrap();
+    let c = core.submit(IoCmd::Delete, 1024, 512, 3).unwrap();
     let order: Vec<u64> = std::iter::from_fn(|| core.next_upcall())
         .map(|u| u.seq)
         .collect();
@@ -1284,6 +1310,66 @@ fn flush_both(core: &Core, host: &Host) -> Vec<Ev> {
     evs
 }
 
+/// Run enough flushes of both sides for every extent written before to
+/// have left the hot set; the events they caused.
+fn flush_until_cold(core: &Core, host: &Host) -> Vec<Ev> {
+    (0..=hast::core::HOT_FLUSHES)
+        .flat_map(|_| flush_both(core, host))
+        .collect()
+}
+
+/// A hot extent (written on both sides during the last few flushes) stays
+/// marked on disk: the next writes to it need no map write, however many
+/// flushes cover them, as long as they keep coming; a link loss leaves it
+/// out of the sync map (both sides flushed it); once writes stop, it
+/// leaves the map after HOT_FLUSHES flushes.
+#[test]
+fn hot_extents_need_no_map_write_and_leave_once_idle() {
+    let (core, host) = new_core(Mode::FullSync, 0);
+    core.set_link(true);
+    let write = |seq: u64| {
+        let s = core.submit(IoCmd::Write, 5 * EXT, 4096, seq).unwrap();
+        let evs = host.take();
+        let m = maps(&evs);
+        if !m.is_empty() {
+            core.map_done(0).unwrap();
+        }
+        core.local_done(s, 0).unwrap();
+        core.remote_done(s, 0).unwrap();
+        host.take();
+        m.len()
+    };
+    assert_eq!(write(1), 1, "the first write marks the extent");
+    let before = core.stats().requests.activemap_updates;
+    for i in 0..3 * u64::from(hast::core::HOT_FLUSHES) {
+        assert_eq!(write(10 + i), 0, "write {i} to a hot extent wrote the map");
+        assert!(maps(&flush_both(&core, &host)).is_empty());
+    }
+    assert_eq!(core.stats().requests.activemap_updates, before);
+    // Flushed on both sides: a link loss does not resynchronize it.
+    assert_eq!(write(99), 0);
+    flush_both(&core, &host);
+    core.set_link(false);
+    assert!(!bit(&core.map(MapKind::Sync), 5));
+    assert!(bit(&core.map(MapKind::Disk), 5));
+    core.set_link(true);
+    host.take();
+    let mut cleaned = None;
+    for n in 1..=hast::core::HOT_FLUSHES + 1 {
+        if !maps(&flush_both(&core, &host)).is_empty() {
+            cleaned = Some(n);
+            core.map_done(0).unwrap();
+            break;
+        }
+    }
+    assert_eq!(
+        cleaned,
+        Some(hast::core::HOT_FLUSHES),
+        "idle flushes before it left"
+    );
+    assert!(!bit(&core.map(MapKind::Disk), 5));
+}
+
 /// An extent written on both sides leaves the on-disk map only after a
 /// flush of both sides that started after the write finished (either copy
 /// may hold it only in a volatile cache until then); a flush that started
@@ -1293,8 +1379,8 @@ fn flush_both(core: &Core, host: &Host) -> Vec<Ev> {
 fn extents_leave_the_map_only_after_a_flush_of_both_sides() {
     let (core, host) = new_core(Mode::FullSync, 0);
     core.set_link(true);
-    let early = core.submit(Cmd::Flush, 0, 0, 50).unwrap();
-    let s = core.submit(Cmd::Write, 2 * EXT, 512, 1).unwrap();
+    let early = core.submit(IoCmd::Flush, 0, 0, 50).unwrap();
+    let s = core.submit(IoCmd::Write, 2 * EXT, 512, 1).unwrap();
     core.map_done(0).unwrap();
     core.local_done(s, 0).unwrap();
     core.remote_done(s, 0).unwrap();
@@ -1309,22 +1395,38 @@ fn extents_leave_the_map_only_after_a_flush_of_both_sides() {
     );
     assert_eq!(core.stats().unflushed, 1);
     // A client flush that fails on the peer does not either.
-    let f = core.submit(Cmd::Flush, 0, 0, 51).unwrap();
+    let f = core.submit(IoCmd::Flush, 0, 0, 51).unwrap();
     core.local_done(f, 0).unwrap();
     core.remote_done(f, EIO).unwrap();
     host.take();
     assert!(bit(&core.map(MapKind::Disk), 2));
-    // A good one does: the map is rewritten clean.
-    let f = core.submit(Cmd::Flush, 0, 0, 52).unwrap();
+    // A good one covers it; the extent stays hot (marked, no map write)
+    // until HOT_FLUSHES more flushes have started without a write to it,
+    // then the map is rewritten clean.
+    let f = core.submit(IoCmd::Flush, 0, 0, 52).unwrap();
     core.local_done(f, 0).unwrap();
     core.remote_done(f, 0).unwrap();
-    let m = maps(&host.take());
+    assert!(maps(&host.take()).is_empty(), "hot extent cleaned at once");
+    assert!(bit(&core.map(MapKind::Disk), 2));
+    assert_eq!(core.stats().unflushed, 1);
+    assert_eq!(core.stats().dirty, 0, "a hot extent is not dirty");
+    // The write finished while flush 1 ran: it leaves the map with the
+    // first flush numbered past 1 + HOT_FLUSHES.
+    let mut m = Vec::new();
+    while m.is_empty() {
+        assert!(
+            core.stats().flush_gen <= 1 + hast::core::HOT_FLUSHES,
+            "still marked after its hot flushes"
+        );
+        m = maps(&flush_both(&core, &host));
+    }
+    assert_eq!(core.stats().flush_gen, 2 + hast::core::HOT_FLUSHES);
     assert_eq!(m.len(), 1);
     assert_eq!(m[0][0], 0);
     core.map_done(0).unwrap();
     assert_eq!(core.stats().unflushed, 0);
     // Unflushed when the link goes down: resynchronized.
-    let s = core.submit(Cmd::Write, 3 * EXT, 512, 2).unwrap();
+    let s = core.submit(IoCmd::Write, 3 * EXT, 512, 2).unwrap();
     core.map_done(0).unwrap();
     core.local_done(s, 0).unwrap();
     core.remote_done(s, 0).unwrap();
@@ -1355,7 +1457,7 @@ fn extents_leave_the_map_only_after_a_flush_of_both_sides() {
 fn extent_stays_dirty_after_remote_error() {
     let (core, host) = new_core(Mode::FullSync, 1);
     core.set_link(true);
-    let s = core.submit(Cmd::Write, 5 * EXT, 4096, 1).unwrap();
+    let s = core.submit(IoCmd::Write, 5 * EXT, 4096, 1).unwrap();
     core.map_done(0).unwrap();
     core.local_done(s, 0).unwrap();
     core.remote_done(s, EIO).unwrap();
@@ -1372,7 +1474,7 @@ fn extent_stays_dirty_after_remote_error() {
     // Push extent 5 out of the keepdirty list: it must stay on disk.
     for (i, e) in [6u64, 7, 8].iter().enumerate() {
         let s = core
-            .submit(Cmd::Write, e * EXT, 512, 10 + i as u64)
+            .submit(IoCmd::Write, e * EXT, 512, 10 + i as u64)
             .unwrap();
         if host.take().iter().any(|e| matches!(e, Ev::Map(_))) {
             core.map_done(0).unwrap();
@@ -1395,7 +1497,7 @@ fn extent_stays_dirty_after_remote_error() {
 fn local_failure_with_remote_success_keeps_extent_marked() {
     let (core, host) = new_core(Mode::FullSync, 0);
     core.set_link(true);
-    let s = core.submit(Cmd::Write, 0, 512, 1).unwrap();
+    let s = core.submit(IoCmd::Write, 0, 512, 1).unwrap();
     core.map_done(0).unwrap();
     core.local_done(s, EIO).unwrap();
     assert!(
@@ -1405,7 +1507,7 @@ fn local_failure_with_remote_success_keeps_extent_marked() {
     core.remote_done(s, 0).unwrap();
     assert_eq!(completes(&host.take()), vec![(1, 0)]);
     assert!(bit(&core.map(MapKind::Sync), 0) && bit(&core.map(MapKind::Disk), 0));
-    assert_eq!(core.stats().write_errors, 1);
+    assert_eq!(core.stats().requests.write_errors, 1);
 }
 
 #[test]
@@ -1414,14 +1516,15 @@ fn keepdirty_evicts_the_least_recently_used_extent() {
     core.set_link(true);
     let mut written = Vec::new();
     for (i, e) in [0u64, 1, 2].iter().enumerate() {
-        let s = core.submit(Cmd::Write, e * EXT, 512, i as u64).unwrap();
+        let s = core.submit(IoCmd::Write, e * EXT, 512, i as u64).unwrap();
         let m = maps(&host.take());
         assert_eq!(m.len(), 1, "a new extent needs a map write");
         written.push(m[0][0]);
         core.map_done(0).unwrap();
         core.local_done(s, 0).unwrap();
         core.remote_done(s, 0).unwrap();
-        assert!(maps(&flush_both(&core, &host)).is_empty());
+        // No longer hot, the extent stays marked as a keepdirty one.
+        assert!(maps(&flush_until_cold(&core, &host)).is_empty());
     }
     // The third map write marks extent 2 and drops idle extent 0.
     assert_eq!(written, vec![0b001, 0b011, 0b110]);
@@ -1429,18 +1532,18 @@ fn keepdirty_evicts_the_least_recently_used_extent() {
     assert_eq!(core.map(MapKind::Disk)[0], 0b110);
     assert_eq!(core.stats().keepdirty, 2);
     // A hot extent in the list needs no map write.
-    let s = core.submit(Cmd::Write, EXT, 512, 9).unwrap();
+    let s = core.submit(IoCmd::Write, EXT, 512, 9).unwrap();
     assert!(maps(&host.take()).is_empty());
     core.local_done(s, 0).unwrap();
     core.remote_done(s, 0).unwrap();
-    assert_eq!(core.stats().activemap_updates, 3);
+    assert_eq!(core.stats().requests.activemap_updates, 3);
     // While extents 0, 3 and 4 are busy the list still holds only two
     // idle ones; when they finish, only the two most recent stay marked.
     let busy: Vec<u64> = [0u64, 3, 4]
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            core.submit(Cmd::Write, e * EXT, 512, 20 + i as u64)
+            core.submit(IoCmd::Write, e * EXT, 512, 20 + i as u64)
                 .unwrap()
         })
         .collect();
@@ -1451,8 +1554,9 @@ fn keepdirty_evicts_the_least_recently_used_extent() {
         core.local_done(s, 0).unwrap();
         core.remote_done(s, 0).unwrap();
     }
-    // Written on both sides: marked until a flush of both.
-    let mut evs = flush_both(&core, &host);
+    // Written on both sides: marked until a flush of both, and hot for a
+    // few more.
+    let mut evs = flush_until_cold(&core, &host);
     while !maps(&evs).is_empty() {
         core.map_done(0).unwrap();
         evs = host.take();
@@ -1469,10 +1573,10 @@ fn first_write_of_an_outage_waits_for_the_bump() {
     let (core, host) = new_core(Mode::FullSync, 4);
     core.set_link(true);
     core.set_link(false);
-    let a = core.submit(Cmd::Write, 0, 512, 1).unwrap();
+    let a = core.submit(IoCmd::Write, 0, 512, 1).unwrap();
     core.map_done(0).unwrap();
     assert_eq!(core.next_upcall().map(|u| u.kind), Some(UpcallKind::Bump));
-    let b = core.submit(Cmd::Write, 512, 512, 2).unwrap();
+    let b = core.submit(IoCmd::Write, 512, 512, 2).unwrap();
     assert!(core.next_upcall().is_none(), "one bump per outage");
     assert!(
         locals(&host.take()).is_empty(),
@@ -1495,7 +1599,7 @@ fn first_write_of_an_outage_waits_for_the_bump() {
     assert_eq!(completes(&host.take()), vec![(1, 0), (2, 0)]);
     assert!(bit(&core.map(MapKind::Sync), 0));
     // Later writes of the same outage go straight through.
-    let c = core.submit(Cmd::Write, EXT, 512, 3).unwrap();
+    let c = core.submit(IoCmd::Write, EXT, 512, 3).unwrap();
     core.map_done(0).unwrap();
     assert_eq!(locals(&host.take()).len(), 1);
     assert!(core.next_upcall().is_none());
@@ -1506,7 +1610,7 @@ fn first_write_of_an_outage_waits_for_the_bump() {
 fn sync_lock_and_writes_wait_for_each_other() {
     let (core, host) = new_core(Mode::FullSync, 4);
     core.set_link(true);
-    let w = core.submit(Cmd::Write, 0, 512, 1).unwrap();
+    let w = core.submit(IoCmd::Write, 0, 512, 1).unwrap();
     core.map_done(0).unwrap();
     while core.next_upcall().is_some() {}
     let l = core.sync_lock(0, EXT).unwrap();
@@ -1514,7 +1618,7 @@ fn sync_lock_and_writes_wait_for_each_other() {
         core.next_upcall().is_none(),
         "lock waits for the write in flight"
     );
-    let w2 = core.submit(Cmd::Write, 1024, 512, 2).unwrap();
+    let w2 = core.submit(IoCmd::Write, 1024, 512, 2).unwrap();
     core.local_done(w, 0).unwrap();
     core.remote_done(w, 0).unwrap();
     let up = core.next_upcall().unwrap();
@@ -1523,7 +1627,7 @@ fn sync_lock_and_writes_wait_for_each_other() {
         !locals(&host.take()).iter().any(|io| io.seq == w2),
         "write waits for the lock"
     );
-    let io = core.sync_io(l, Cmd::Read, 0, EXT, 5).unwrap();
+    let io = core.sync_io(l, IoCmd::Read, 0, EXT, 5).unwrap();
     let ev = host.take();
     assert_eq!(locals(&ev)[0].seq, io);
     assert!(locals(&ev)[0].sync);
@@ -1551,7 +1655,7 @@ fn failed_resync_chunk_leaves_extent_dirty() {
         core.next_upcall().map(|u| u.kind),
         Some(UpcallKind::SyncLocked)
     );
-    let io = core.sync_io(l, Cmd::Write, 3 * EXT, EXT, 0).unwrap();
+    let io = core.sync_io(l, IoCmd::Write, 3 * EXT, EXT, 0).unwrap();
     core.local_done(io, EIO).unwrap();
     assert_eq!(
         core.next_upcall().map(|u| u.kind),
@@ -1565,15 +1669,16 @@ fn failed_resync_chunk_leaves_extent_dirty() {
     // A good pass clears it, and the map is rewritten clean.
     let l = core.sync_lock(3 * EXT, EXT).unwrap();
     core.next_upcall();
-    let io = core.sync_io(l, Cmd::Write, 3 * EXT, EXT, 0).unwrap();
+    let io = core.sync_io(l, IoCmd::Write, 3 * EXT, EXT, 0).unwrap();
     core.local_done(io, 0).unwrap();
     core.next_upcall();
     core.sync_release(l, true).unwrap();
     assert!(!bit(&core.map(MapKind::Sync), 3));
-    // Copied, and durable on both once flushed: then the map is clean.
+    // Copied, and durable on both once flushed: then, no longer hot, the
+    // map is clean.
     assert!(maps(&host.take()).is_empty(), "clean before the flush");
     assert_eq!(
-        maps(&flush_both(&core, &host)).last().map(|m| m[0]),
+        maps(&flush_until_cold(&core, &host)).last().map(|m| m[0]),
         Some(0)
     );
 }
@@ -1582,7 +1687,7 @@ fn failed_resync_chunk_leaves_extent_dirty() {
 fn link_loss_fails_remote_halves_and_keeps_extents_dirty() {
     let (core, host) = new_core(Mode::FullSync, 4);
     core.set_link(true);
-    let s = core.submit(Cmd::Write, 2 * EXT, 512, 1).unwrap();
+    let s = core.submit(IoCmd::Write, 2 * EXT, 512, 1).unwrap();
     core.map_done(0).unwrap();
     core.local_done(s, 0).unwrap();
     assert!(completes(&host.take()).is_empty());
@@ -1608,43 +1713,43 @@ fn stale_reads_go_to_the_peer() {
     peer[0] = 0b10;
     core.map_merge(&peer).unwrap();
     core.set_sync_dir(SyncDir::FromPeer);
-    let r = core.submit(Cmd::Read, EXT, 512, 1).unwrap();
+    let r = core.submit(IoCmd::Read, EXT, 512, 1).unwrap();
     let up = core.next_upcall().unwrap();
     assert_eq!((up.kind, up.seq), (UpcallKind::Read, r));
     assert!(locals(&host.take()).is_empty());
     core.remote_done(r, 0).unwrap();
     assert_eq!(completes(&host.take()), vec![(1, 0)]);
     // A fresh extent reads locally; a local failure falls back to the peer.
-    let r = core.submit(Cmd::Read, 0, 512, 2).unwrap();
+    let r = core.submit(IoCmd::Read, 0, 512, 2).unwrap();
     assert_eq!(locals(&host.take()).len(), 1);
     core.local_done(r, EIO).unwrap();
     assert_eq!(core.next_upcall().map(|u| u.kind), Some(UpcallKind::Read));
     core.remote_done(r, 0).unwrap();
     assert_eq!(completes(&host.take()), vec![(2, 0)]);
-    assert_eq!(core.stats().read_errors, 1);
+    assert_eq!(core.stats().requests.read_errors, 1);
 }
 
 #[test]
 fn rejects_bad_requests_and_busy_close() {
     let (core, _host) = new_core(Mode::FullSync, 4);
     assert_eq!(
-        core.submit(Cmd::Write, 100, 512, 1),
+        core.submit(IoCmd::Write, 100, 512, 1),
         Err(CoreError::Invalid("submit"))
     );
     assert_eq!(
-        core.submit(Cmd::Write, MEDIA - 512, 1024, 1),
+        core.submit(IoCmd::Write, MEDIA - 512, 1024, 1),
         Err(CoreError::Invalid("submit"))
     );
     assert_eq!(
-        core.submit(Cmd::Read, 0, 0, 1),
+        core.submit(IoCmd::Read, 0, 0, 1),
         Err(CoreError::Invalid("submit"))
     );
     assert_eq!(
-        core.submit(Cmd::Flush, 512, 0, 1),
+        core.submit(IoCmd::Flush, 512, 0, 1),
         Err(CoreError::Invalid("submit"))
     );
     core.set_link(true);
-    let _ = core.submit(Cmd::Write, 0, 512, 1).unwrap();
+    let _ = core.submit(IoCmd::Write, 0, 512, 1).unwrap();
     let Err((core, e)) = core.close() else {
         panic!("closed with a write in flight")
     };
@@ -1733,9 +1838,14 @@ fn callbacks_may_reenter_the_core_from_many_threads() {
             std::thread::spawn(move || {
                 for i in 0..PER {
                     let n = t * PER + i;
-                    let cmd = [Cmd::Write, Cmd::Write, Cmd::Read, Cmd::Delete, Cmd::Flush]
-                        [(n % 5) as usize];
-                    let (off, len) = if cmd == Cmd::Flush {
+                    let cmd = [
+                        IoCmd::Write,
+                        IoCmd::Write,
+                        IoCmd::Read,
+                        IoCmd::Delete,
+                        IoCmd::Flush,
+                    ][(n % 5) as usize];
+                    let (off, len) = if cmd == IoCmd::Flush {
                         (0, 0)
                     } else {
                         ((n * 7 % 80) * SECT, SECT * (1 + n % 9))
@@ -1765,7 +1875,7 @@ fn callbacks_may_reenter_the_core_from_many_threads() {
     assert_eq!(core.map(MapKind::Disk), core.map(MapKind::Dirty));
     let st = core.stats();
     assert_eq!(
-        (st.writes + st.reads + st.deletes + st.flushes),
+        (st.requests.writes + st.requests.reads + st.requests.deletes + st.requests.flushes),
         THREADS * PER
     );
     let core = Arc::try_unwrap(core).ok().unwrap();

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hast::nbd::{proto, Backend, BoxFuture, Config, FileBackend, FileOptions, Registry, Server};
+use hast::nbd::{
+    proto, Backend, BoxFuture, FileBackend, FileOptions, Registry, Server, ServerConfig,
+};
 
 /// Bytes before the export inside the provider (HAST's localoff).
 const HEAD: u64 = 1 << 20;
@@ -94,10 +96,10 @@ struct Harness {
 
 impl Harness {
     fn new(exports: &[(&str, u64)]) -> Harness {
-        Harness::with_config(exports, Config::default())
+        Harness::with_config(exports, ServerConfig::default())
     }
 
-    fn with_config(exports: &[(&str, u64)], config: Config) -> Harness {
+    fn with_config(exports: &[(&str, u64)], config: ServerConfig) -> Harness {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -327,7 +329,7 @@ impl Raw {
         length: u32,
         payload: &[u8],
     ) {
-        let req = proto::Request {
+        let req = proto::NbdRequest {
             magic: proto::REQUEST_MAGIC,
             flags,
             kind,
@@ -682,9 +684,9 @@ h.shutdown()
 fn bad_requests_get_errors_and_the_connection_carries_on() {
     need!("python3-libnbd");
     let size = 8 * MIB;
-    let config = Config {
+    let config = ServerConfig {
         max_payload: MIB as u32,
-        ..Config::default()
+        ..ServerConfig::default()
     };
     let h = Harness::with_config(&[("r0", size)], config);
     let r = py(
@@ -803,7 +805,7 @@ fn garbage_handshakes_are_dropped_while_a_client_carries_on() {
     drop(r);
     // Bad request magic in transmission.
     let (mut r, _, _) = Raw::go(&h.sock, "r0");
-    let bad = proto::Request {
+    let bad = proto::NbdRequest {
         magic: 0x1256_0953,
         flags: 0,
         kind: proto::CMD_READ,
@@ -1552,9 +1554,9 @@ fn backend_errors_and_panics_become_nbd_errors() {
 
 #[test]
 fn silent_client_is_dropped_after_the_handshake_timeout() {
-    let config = Config {
+    let config = ServerConfig {
         handshake_timeout: Some(Duration::from_millis(1500)),
-        ..Config::default()
+        ..ServerConfig::default()
     };
     let h = Harness::with_config(&[("r0", MIB)], config);
     let t = Instant::now();

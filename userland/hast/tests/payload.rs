@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use hast::config::{Checksum, Compression};
 use hast::nv::{Nv, Value};
 use hast::payload::lzf::{self, LzfError};
-use hast::payload::{self, decode, decode_into, encode, PayloadErrorKind, Request};
+use hast::payload::{self, decode, decode_into, encode, Origin, PayloadErrorKind};
 use proptest::prelude::*;
 
 const ALL_COMPRESSION: [Compression; 3] = [Compression::None, Compression::Hole, Compression::Lzf];
@@ -562,7 +562,7 @@ fn checksum_mismatch_names_the_request() {
             let last = wire.len() - 1;
             wire[last] ^= 0x01;
             let err = decode(&over_the_wire(&nv), wire, 8192, MAXPHYS).unwrap_err();
-            assert_eq!(err.request, Request::Seq(4242));
+            assert_eq!(err.origin, Origin::Seq(4242));
             assert!(matches!(err.kind, PayloadErrorKind::HashMismatch { .. }));
             let msg = err.to_string();
             assert!(msg.contains("request seq 4242"), "{msg}");
@@ -772,7 +772,7 @@ fn uncompressed_length_must_match_the_request() {
         }
     );
     let err = decode(&Nv::new(), vec![0; 1], 2, MAXPHYS).unwrap_err();
-    assert_eq!(err.request, Request::Unnumbered);
+    assert_eq!(err.origin, Origin::Unnumbered);
     assert!(err.to_string().contains("message without seq"));
 }
 
@@ -845,7 +845,7 @@ proptest! {
         }
         match decode(&nv, payload, expected, 16384) {
             Ok(out) => prop_assert_eq!(out.len(), expected),
-            Err(e) => prop_assert_eq!(e.request, Request::Seq(77)),
+            Err(e) => prop_assert_eq!(e.origin, Origin::Seq(77)),
         }
     }
 

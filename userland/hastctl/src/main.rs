@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use hast::config::{Config, HostIdentity, ResourceConfig, DEFAULT_CONFIG};
 use hast::control;
+use hast::control::role::RoleReply;
+use hast::control::status::StatusReply;
 use hast::metadata::{self, Layout, Metadata};
 use hast::nv::Nv;
 use hast::provider::Provider;
@@ -298,124 +300,92 @@ fn talk(cfg: &Config, req: &Nv) -> Result<Nv, i32> {
     Ok(reply)
 }
 
-/// The per-resource error of a reply, printed; 0 when there is none.
-fn resource_error(nv: &Nv, no: usize, name: &str) -> i32 {
-    let error = nv.get_i16(&format!("error{no}")).unwrap_or(0);
-    if error != 0 {
-        match nv.get_string(&format!("errmsg{no}")) {
-            Some(msg) => eprintln!("[{name}] Received error {error} from hastd: {msg}"),
-            None => eprintln!("[{name}] Received error {error} from hastd."),
-        }
-    }
-    i32::from(error)
-}
-
 fn print_setrole(nv: &Nv, newrole: Role) -> i32 {
     let mut ret = 0;
-    for (no, name) in control::resource_names(nv).iter().enumerate() {
-        let error = resource_error(nv, no, name);
-        if error != 0 {
+    for e in RoleReply::from_nv(nv).entries {
+        if let Some(err) = &e.error {
+            match &err.message {
+                Some(msg) => {
+                    eprintln!("[{}] Received error {} from hastd: {msg}", e.name, err.code)
+                }
+                None => eprintln!("[{}] Received error {} from hastd.", e.name, err.code),
+            }
             if ret == 0 {
-                ret = error;
+                ret = i32::from(err.code);
             }
             continue;
         }
-        let old = nv.get_string(&format!("role{no}")).unwrap_or("unknown");
+        let old = e.old_role.as_deref().unwrap_or("unknown");
         if old == newrole.as_str() {
-            tracing::debug!("[{name}] Role unchanged ({old}).");
+            tracing::debug!("[{}] Role unchanged ({old}).", e.name);
         } else {
-            tracing::debug!("[{name}] Role changed from {old} to {newrole}.");
+            tracing::debug!("[{}] Role changed from {old} to {newrole}.", e.name);
         }
     }
     ret
-}
-
-fn str_field<'a>(nv: &'a Nv, name: &str, no: usize) -> &'a str {
-    nv.get_string(&format!("{name}{no}")).unwrap_or("")
-}
-
-fn u64_field(nv: &Nv, name: &str, no: usize) -> u64 {
-    nv.get_u64(&format!("{name}{no}")).unwrap_or(0)
 }
 
 fn print_list(nv: &Nv) -> i32 {
     use std::fmt::Write;
     let mut ret = 0;
     let mut out = String::new();
-    for (no, name) in control::resource_names(nv).iter().enumerate() {
-        let _ = writeln!(out, "{name}:");
-        let error = nv.get_i16(&format!("error{no}")).unwrap_or(0);
-        if error != 0 {
-            if ret == 0 {
-                ret = i32::from(error);
+    for e in StatusReply::from_nv(nv).entries {
+        let _ = writeln!(out, "{}:", e.name);
+        let st = match e.status {
+            Ok(st) => st,
+            Err(err) => {
+                if ret == 0 {
+                    ret = i32::from(err.code);
+                }
+                let _ = writeln!(out, "  error: {}", err.code);
+                continue;
             }
-            let _ = writeln!(out, "  error: {error}");
-            continue;
-        }
-        let extentsize = u64::from(nv.get_u32(&format!("extentsize{no}")).unwrap_or(0));
-        let keepdirty = nv.get_u32(&format!("keepdirty{no}")).unwrap_or(0);
-        let _ = writeln!(out, "  role: {}", str_field(nv, "role", no));
-        let _ = writeln!(out, "  provname: {}", str_field(nv, "provname", no));
-        let _ = writeln!(out, "  localpath: {}", str_field(nv, "localpath", no));
+        };
+        let a = st.activity.clone().unwrap_or_default();
+        let extentsize = u64::from(a.extentsize);
+        let _ = writeln!(out, "  role: {}", st.role);
+        let _ = writeln!(out, "  provname: {}", st.provname);
+        let _ = writeln!(out, "  localpath: {}", st.localpath);
         let _ = writeln!(
             out,
             "  extentsize: {extentsize} ({}B)",
             humanize(extentsize)
         );
-        let _ = writeln!(out, "  keepdirty: {keepdirty}");
-        let _ = writeln!(out, "  remoteaddr: {}", str_field(nv, "remoteaddr", no));
-        if let Some(s) = nv.get_string(&format!("sourceaddr{no}")) {
+        let _ = writeln!(out, "  keepdirty: {}", a.keepdirty);
+        let _ = writeln!(out, "  remoteaddr: {}", st.remoteaddr);
+        if let Some(s) = &st.sourceaddr {
             let _ = writeln!(out, "  sourceaddr: {s}");
         }
-        let _ = writeln!(out, "  replication: {}", str_field(nv, "replication", no));
-        if let Some(s) = nv.get_string(&format!("status{no}")) {
-            let _ = writeln!(out, "  status: {s}");
+        let _ = writeln!(out, "  replication: {}", st.replication);
+        if let Some(act) = &st.activity {
+            let _ = writeln!(out, "  status: {}", act.status);
         }
-        let pid = nv.get_i32(&format!("workerpid{no}")).unwrap_or(0);
-        if pid != 0 {
-            let _ = writeln!(out, "  workerpid: {pid}");
+        if st.workerpid != 0 {
+            let _ = writeln!(out, "  workerpid: {}", st.workerpid);
         }
-        let dirty = u64_field(nv, "dirty", no);
-        let _ = writeln!(out, "  dirty: {dirty} ({}B)", humanize(dirty));
+        let _ = writeln!(out, "  dirty: {} ({}B)", a.dirty, humanize(a.dirty));
+        let r = &a.requests;
+        let q = &a.queues;
         let _ = writeln!(out, "  statistics:");
-        let _ = writeln!(out, "    reads: {}", u64_field(nv, "stat_read", no));
-        let _ = writeln!(out, "    writes: {}", u64_field(nv, "stat_write", no));
-        let _ = writeln!(out, "    deletes: {}", u64_field(nv, "stat_delete", no));
-        let _ = writeln!(out, "    flushes: {}", u64_field(nv, "stat_flush", no));
-        let _ = writeln!(
-            out,
-            "    activemap updates: {}",
-            u64_field(nv, "stat_activemap_update", no)
-        );
+        let _ = writeln!(out, "    reads: {}", r.reads);
+        let _ = writeln!(out, "    writes: {}", r.writes);
+        let _ = writeln!(out, "    deletes: {}", r.deletes);
+        let _ = writeln!(out, "    flushes: {}", r.flushes);
+        let _ = writeln!(out, "    activemap updates: {}", r.activemap_updates);
         let _ = writeln!(
             out,
             "    local errors: read: {}, write: {}, delete: {}, flush: {}",
-            u64_field(nv, "stat_read_error", no),
-            u64_field(nv, "stat_write_error", no),
-            u64_field(nv, "stat_delete_error", no),
-            u64_field(nv, "stat_flush_error", no)
+            r.read_errors, r.write_errors, r.delete_errors, r.flush_errors
         );
         let _ = writeln!(
             out,
             "    queues: local: {}, send: {}, recv: {}, done: {}, idle: {}",
-            u64_field(nv, "local_queue_size", no),
-            u64_field(nv, "send_queue_size", no),
-            u64_field(nv, "recv_queue_size", no),
-            u64_field(nv, "done_queue_size", no),
-            u64_field(nv, "idle_queue_size", no)
+            q.local, q.send, q.recv, q.done, q.idle
         );
-        if let Some(total) = nv.get_u64(&format!("sync_total{no}")) {
-            let _ = writeln!(
-                out,
-                "{}",
-                sync_line(
-                    total,
-                    u64_field(nv, "sync_done", no),
-                    u64_field(nv, "sync_msecs", no)
-                )
-            );
+        if let Some(p) = &a.sync {
+            let _ = writeln!(out, "{}", sync_line(p.total, p.done, p.msecs));
         }
-        if nv.get_u8(&format!("inconsistent{no}")) == Some(1) {
+        if st.inconsistent {
             let _ = writeln!(out, "  {}", hast::metadata::INCONSISTENT_LINE);
         }
     }
@@ -450,26 +420,26 @@ fn print_status(nv: &Nv) -> i32 {
     use std::fmt::Write;
     let mut ret = 0;
     let mut out = String::new();
-    for (no, name) in control::resource_names(nv).iter().enumerate() {
+    for (no, e) in StatusReply::from_nv(nv).entries.into_iter().enumerate() {
         if no == 0 {
             out.push_str("Name\tStatus\t Role\t\tComponents\n");
         }
-        let _ = write!(out, "{name}\t");
-        let error = nv.get_i16(&format!("error{no}")).unwrap_or(0);
-        if error != 0 {
-            if ret == 0 {
-                ret = i32::from(error);
+        let _ = write!(out, "{}\t", e.name);
+        let st = match e.status {
+            Ok(st) => st,
+            Err(err) => {
+                if ret == 0 {
+                    ret = i32::from(err.code);
+                }
+                let _ = writeln!(out, "ERR{}", err.code);
+                continue;
             }
-            let _ = writeln!(out, "ERR{error}");
-            continue;
-        }
-        let status = nv.get_string(&format!("status{no}")).unwrap_or("-");
+        };
+        let status = st.activity.as_ref().map_or("-", |a| a.status.as_str());
         let _ = writeln!(
             out,
             "{status:<9}{:<15}{}\t{}",
-            str_field(nv, "role", no),
-            str_field(nv, "localpath", no),
-            str_field(nv, "remoteaddr", no)
+            st.role, st.localpath, st.remoteaddr
         );
     }
     print!("{out}");

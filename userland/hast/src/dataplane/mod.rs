@@ -55,6 +55,10 @@ pub enum DataplaneError {
     Closed,
     #[error("a flush of both sides is already running")]
     Busy,
+    /// A blocking task doing the host's work (a metadata write, a kernel
+    /// ioctl) did not run to its end.
+    #[error("the host's blocking task failed: {0}")]
+    Task(String),
 }
 
 /// An upcall for the engine, with a write's payload.

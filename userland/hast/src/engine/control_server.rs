@@ -17,7 +17,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Failure to set up the control socket.
 #[derive(Debug, thiserror::Error)]
-pub enum ListenError {
+pub enum ControlBindError {
     /// Another process already serves this Unix socket.
     #[error("control socket {0} is in use by another process (another hastd with this control address?)")]
     InUse(PathBuf),
@@ -31,7 +31,7 @@ pub enum ListenError {
 }
 
 /// A request read from a client, with the channel for its reply.
-pub struct Request {
+pub struct ControlRequest {
     pub nv: Nv,
     pub reply: oneshot::Sender<Nv>,
 }
@@ -50,15 +50,15 @@ pub enum ControlListener {
 impl ControlListener {
     /// Bind `addr`. A Unix socket path left by a dead daemon is replaced; one
     /// that still accepts connections is refused. The socket is mode 0600.
-    pub fn bind(addr: &Addr) -> Result<ControlListener, ListenError> {
-        let io = |source| ListenError::Io {
+    pub fn bind(addr: &Addr) -> Result<ControlListener, ControlBindError> {
+        let io = |source| ControlBindError::Io {
             addr: addr.to_string(),
             source,
         };
         match &addr.kind {
             AddrKind::Unix(path) => {
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(ListenError::InUse(path.clone()));
+                    return Err(ControlBindError::InUse(path.clone()));
                 }
                 match std::fs::remove_file(path) {
                     Ok(()) => {}
@@ -100,41 +100,27 @@ impl ControlListener {
     /// is handed to `requests`. Must run inside a tokio runtime.
     pub fn serve(
         self,
-        requests: mpsc::Sender<Request>,
+        requests: mpsc::Sender<ControlRequest>,
     ) -> std::io::Result<(tokio::task::JoinHandle<()>, Option<PathBuf>)> {
         match self {
             ControlListener::Unix { listener, path } => {
                 let listener = UnixListener::from_std(listener)?;
                 let task = tokio::spawn(async move {
-                    loop {
-                        match listener.accept().await {
-                            Ok((stream, _)) => {
-                                tokio::spawn(handle_client(stream, requests.clone()));
-                            }
-                            Err(e) => {
-                                tracing::error!("unable to accept control connection: {e}");
-                                tokio::time::sleep(Duration::from_millis(100)).await;
-                            }
-                        }
-                    }
+                    crate::accept::serve(listener, "the control socket", None, |stream, _| {
+                        tokio::spawn(handle_client(stream, requests.clone()));
+                    })
+                    .await;
                 });
                 Ok((task, Some(path)))
             }
             ControlListener::Tcp(listener) => {
                 let listener = TcpListener::from_std(listener)?;
                 let task = tokio::spawn(async move {
-                    loop {
-                        match listener.accept().await {
-                            Ok((stream, peer)) => {
-                                tracing::debug!(%peer, "control connection");
-                                tokio::spawn(handle_client(stream, requests.clone()));
-                            }
-                            Err(e) => {
-                                tracing::error!("unable to accept control connection: {e}");
-                                tokio::time::sleep(Duration::from_millis(100)).await;
-                            }
-                        }
-                    }
+                    crate::accept::serve(listener, "the control socket", None, |stream, peer| {
+                        tracing::debug!(%peer, "control connection");
+                        tokio::spawn(handle_client(stream, requests.clone()));
+                    })
+                    .await;
                 });
                 Ok((task, None))
             }
@@ -151,13 +137,17 @@ pub fn remove_socket(path: &Path) {
     }
 }
 
-async fn handle_client<S: AsyncRead + AsyncWrite + Unpin>(
+/// Serves one control client on `stream`: reads one request (bounded by
+/// [`Limits::CONTROL`] and [`CLIENT_TIMEOUT`]), hands it to `requests` and
+/// writes the reply that comes back, if any. Public so that the request
+/// path can be driven over an in-memory stream (the fuzz targets).
+pub async fn handle_client<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
-    requests: mpsc::Sender<Request>,
+    requests: mpsc::Sender<ControlRequest>,
 ) {
     let nv = match tokio::time::timeout(
         CLIENT_TIMEOUT,
-        proto::read_frame_async(&mut stream, Limits::CONTROL),
+        proto::read_frame_async(&mut stream, Limits::HEADERS_ONLY),
     )
     .await
     {
@@ -174,7 +164,11 @@ async fn handle_client<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let (tx, rx) = oneshot::channel();
-    if requests.send(Request { nv, reply: tx }).await.is_err() {
+    if requests
+        .send(ControlRequest { nv, reply: tx })
+        .await
+        .is_err()
+    {
         return;
     }
     let Ok(reply) = rx.await else {

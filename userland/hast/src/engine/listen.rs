@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::addr::{Addr, AddrKind, Family};
-use crate::nv::{Nv, NV_MAX_SIZE};
+use crate::nv::Nv;
 use crate::proto::{self, Limits};
 
 /// How long a new connection may take to send its first header.
@@ -91,17 +91,10 @@ impl Listeners {
             };
             tracing::info!("listening for primaries on {name}");
             tasks.push(tokio::spawn(async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((stream, peer)) => {
-                            tokio::spawn(first_header(stream, peer, tx.clone()));
-                        }
-                        Err(e) => {
-                            tracing::error!("unable to accept a connection on {name}: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                }
+                crate::accept::serve(listener, &name, None, |stream, peer| {
+                    tokio::spawn(first_header(stream, peer, tx.clone()));
+                })
+                .await;
             }));
         }
         tasks
@@ -134,10 +127,7 @@ fn bind_one(target: SocketAddr, family: Family) -> std::io::Result<std::net::Tcp
 }
 
 async fn first_header(mut stream: TcpStream, peer: SocketAddr, tx: mpsc::Sender<Incoming>) {
-    let limits = Limits {
-        max_header: NV_MAX_SIZE,
-        max_payload: 0,
-    };
+    let limits = Limits::HEADERS_ONLY;
     match tokio::time::timeout(
         FIRST_HEADER_TIMEOUT,
         proto::read_frame_async(&mut stream, limits),

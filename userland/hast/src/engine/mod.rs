@@ -17,24 +17,37 @@ use std::path::PathBuf;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::config::{Config, HostIdentity};
-use crate::control::{
-    resource_names, EHAST_INVALID, EHAST_NOENTRY, EHAST_UNIMPLEMENTED, HASTCTL_CMD_SETROLE,
-    HASTCTL_CMD_STATUS,
-};
+use crate::config::{Config, HostIdentity, ResourceConfig};
+use crate::control::role::{RoleEntry, RoleReply};
+use crate::control::status::{Entry, EntryError, StatusReply};
+use crate::control::{parse_request, EHAST_NOENTRY};
 use crate::nv::Nv;
 use crate::pidfile::Pidfile;
 use crate::role::Role;
-use control_server::{ControlListener, Request};
+use control_server::{ControlListener, ControlRequest};
 use listen::{Incoming, Listeners};
 use resource::Resource;
 
 /// Safe promotion: refuse a copy whose synchronization from the peer did
-/// not finish; ask the peer, refuse if it is primary or newer.
-async fn safe_to_promote(res: &Resource) -> Result<(), probe::Refusal> {
-    let Ok(md) = res.metadata() else {
-        // Metadata unreadable: set_role reports that.
-        return Ok(());
+/// not finish; ask the peer, refuse if it is primary or newer. Runs apart
+/// from the main loop (the probe can wait seconds for the peer).
+async fn safe_to_promote(cfg: ResourceConfig, md: MetadataSource) -> Result<(), probe::Refusal> {
+    let md = match md {
+        MetadataSource::Known(md) => md,
+        MetadataSource::Read => {
+            let path = cfg.local.clone();
+            let name = cfg.name.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let p = crate::provider::Provider::open(&path, false).ok()?;
+                crate::metadata::Metadata::read(&p, &name).ok()
+            })
+            .await;
+            match read {
+                Ok(Some(md)) => md,
+                // Metadata unreadable: set_role reports that.
+                _ => return Ok(()),
+            }
+        }
     };
     if md.syncing {
         return Err(probe::Refusal::Inconsistent);
@@ -44,9 +57,27 @@ async fn safe_to_promote(res: &Resource) -> Result<(), probe::Refusal> {
         localcnt: md.localcnt,
         remotecnt: md.remotecnt,
     };
-    let peer = probe::probe(res.config()).await;
-    tracing::info!("[{}] peer before promotion: {peer:?}", res.name());
-    probe::decide(&peer, ours, &res.config().remote)
+    let peer = probe::probe(&cfg).await;
+    tracing::info!("[{}] peer before promotion: {peer:?}", cfg.name);
+    probe::decide(&peer, ours, &cfg.remote)
+}
+
+/// Where a promotion check finds the metadata: in memory (an active
+/// resource), or on the provider (a resource in init).
+enum MetadataSource {
+    Known(crate::metadata::Metadata),
+    Read,
+}
+
+/// A SETROLE request whose promotion checks ran apart from the main loop;
+/// the main loop finishes it.
+struct PendingRole {
+    reply: tokio::sync::oneshot::Sender<Nv>,
+    new: Role,
+    force: bool,
+    names: Vec<String>,
+    /// The resources that may not become primary, and why.
+    refusals: Vec<(String, probe::Refusal)>,
 }
 
 /// How the daemon was started.
@@ -134,8 +165,9 @@ impl Daemon {
                 return crate::sysexits::EX_OSERR;
             }
         };
-        let (tx, mut rx) = mpsc::channel::<Request>(64);
+        let (tx, mut rx) = mpsc::channel::<ControlRequest>(64);
         let (itx, mut irx) = mpsc::channel::<Incoming>(64);
+        let (ptx, mut prx) = mpsc::channel::<PendingRole>(16);
         if let Some(l) = self.listeners.take() {
             self.listen_tasks = l.serve(itx.clone());
         }
@@ -152,11 +184,8 @@ impl Daemon {
         );
         loop {
             tokio::select! {
-                Some(req) = rx.recv() => {
-                    if let Some(reply) = self.handle(&req.nv).await {
-                        let _ = req.reply.send(reply);
-                    }
-                }
+                Some(req) = rx.recv() => self.request(req, &ptx),
+                Some(pending) = prx.recv() => self.finish_setrole(pending).await,
                 Some(inc) = irx.recv() => self.incoming(inc).await,
                 _ = hup.recv() => {
                     let (new_control, new_listeners) = self.reload().await;
@@ -194,7 +223,7 @@ impl Daemon {
         0
     }
 
-    fn start_serving(&mut self, tx: &mpsc::Sender<Request>) -> std::io::Result<Serving> {
+    fn start_serving(&mut self, tx: &mpsc::Sender<ControlRequest>) -> std::io::Result<Serving> {
         let listener = self
             .control
             .take()
@@ -211,13 +240,29 @@ impl Daemon {
             peer,
             header,
         } = inc;
-        if !self.resources.iter().any(|r| r.accepts_from(peer.ip())) {
+        // The resources whose `remote` is this peer.
+        let mut allowed = Vec::new();
+        for (i, r) in self.resources.iter().enumerate() {
+            if r.accepts_from(peer.ip()).await {
+                allowed.push(i);
+            }
+        }
+        if allowed.is_empty() {
             tracing::error!("client {peer} isn't known (no resource has it as remote)");
             return;
         }
         let refuse = |msg: &str| Welcome::Refused {
             errmsg: msg.to_string(),
             wait: false,
+        };
+        // The resource a header names, if it exists and admits this peer
+        // (`Err(true)`: it exists but does not).
+        let find = |resources: &[Resource], name: &str| -> Result<usize, bool> {
+            match resources.iter().position(|r| r.name() == name) {
+                Some(i) if allowed.contains(&i) => Ok(i),
+                Some(_) => Err(true),
+                None => Err(false),
+            }
         };
         if header.get("token").is_some() {
             let attach = match Attach::from_nv(&header) {
@@ -227,13 +272,9 @@ impl Daemon {
                     return;
                 }
             };
-            match self
-                .resources
-                .iter_mut()
-                .find(|r| r.name() == attach.resource)
-            {
-                Some(res) if res.accepts_from(peer.ip()) => res.attach(stream, peer, attach),
-                _ => tracing::error!(
+            match find(&self.resources, &attach.resource) {
+                Ok(i) => self.resources[i].attach(stream, peer, attach),
+                Err(_) => tracing::error!(
                     "client {peer} has no access to resource {:?}",
                     attach.resource
                 ),
@@ -242,12 +283,15 @@ impl Daemon {
         }
         if header.get_u8("probe") == Some(1) {
             let name = header.get_string("resource").unwrap_or("");
-            let answer = match self.resources.iter().find(|r| r.name() == name) {
-                Some(res) if res.accepts_from(peer.ip()) => match res.probe_counters() {
-                    Ok(c) => probe::answer(res.role(), c),
-                    Err(e) => refuse(&format!("Cannot read metadata: {e}")).to_nv(),
-                },
-                _ => refuse("Resource not configured.").to_nv(),
+            let answer = match find(&self.resources, name) {
+                Ok(i) => {
+                    let res = &self.resources[i];
+                    match res.probe_counters().await {
+                        Ok(c) => probe::answer(res.role(), c),
+                        Err(e) => refuse(&format!("Cannot read metadata: {e}")).to_nv(),
+                    }
+                }
+                Err(_) => refuse("Resource not configured.").to_nv(),
             };
             tracing::info!("promotion probe from {peer} for {name:?} answered");
             let _ = crate::proto::write_frame_async(&mut stream, &answer, &[]).await;
@@ -260,100 +304,159 @@ impl Daemon {
                 return;
             }
         };
-        let answer = match self
-            .resources
-            .iter_mut()
-            .find(|r| r.name() == hello.resource)
-        {
-            None => {
+        let answer = match find(&self.resources, &hello.resource) {
+            Err(false) => {
                 tracing::error!("no resource {:?} as requested by {peer}", hello.resource);
                 refuse("Resource not configured.")
             }
-            Some(res) if !res.accepts_from(peer.ip()) => {
+            Err(true) => {
                 tracing::error!("client {peer} has no access to resource {}", hello.resource);
                 refuse("No access to the resource.")
             }
-            Some(res) => {
-                res.hello(stream, peer).await;
+            Ok(i) => {
+                self.resources[i].hello(stream, peer).await;
                 return;
             }
         };
         let _ = crate::proto::write_frame_async(&mut stream, &answer.to_nv(), &[]).await;
     }
 
-    /// Answer one control request; None closes the connection unanswered
-    /// (a request without `cmd`, as the reference does).
-    async fn handle(&mut self, req: &Nv) -> Option<Nv> {
-        let cmd = req.get_u8("cmd").unwrap_or(0);
-        if cmd == 0 {
-            tracing::error!("control header is missing the 'cmd' field");
-            return None;
-        }
-        let mut out = Nv::new();
-        let Some(first) = req.get_string("resource0") else {
-            tracing::error!("control header is missing the 'resource0' field");
-            out.add_i16("error", EHAST_INVALID);
-            return Some(out);
-        };
-        let role = match cmd {
-            HASTCTL_CMD_SETROLE => match req.get_u8("role").and_then(Role::from_u8) {
-                Some(r @ (Role::Init | Role::Primary | Role::Secondary)) => Some(r),
-                _ => {
-                    tracing::error!("invalid role received ({:?})", req.get("role"));
-                    out.add_i16("error", EHAST_INVALID);
-                    return Some(out);
+    /// Answer one control request. A request without `cmd` is dropped
+    /// unanswered (the connection closes), as the reference does. A SETROLE
+    /// that promotes checks the peers apart from the main loop and is
+    /// finished by [`Daemon::finish_setrole`].
+    fn request(&mut self, req: ControlRequest, pending: &mpsc::Sender<PendingRole>) {
+        let ControlRequest { nv: req, reply } = req;
+        let cmd = match parse_request(&req) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("{e}");
+                // A request without `cmd` is dropped unanswered.
+                if let Some(out) = e.reply() {
+                    let _ = reply.send(out);
                 }
-            },
-            HASTCTL_CMD_STATUS => None,
-            _ => {
-                tracing::error!("invalid command received ({cmd})");
-                out.add_i16("error", EHAST_UNIMPLEMENTED);
-                return Some(out);
+                return;
             }
         };
-        // Extension: `force` skips the safe-promotion check.
-        let force = req.get_u8("force") == Some(1);
-        let names: Vec<String> = if first == "all" {
-            self.resources
+        let mut out = Nv::new();
+        let (role, force) = (cmd.role, cmd.force);
+        let names: Vec<String> = match cmd.resources {
+            None => self
+                .resources
                 .iter()
                 .map(|r| r.name().to_string())
+                .collect(),
+            Some(names) => names,
+        };
+        let Some(new) = role else {
+            let status = StatusReply {
+                entries: names
+                    .into_iter()
+                    .map(|name| {
+                        let status = match self.resources.iter().find(|r| r.name() == name) {
+                            Some(res) => Ok(res.status()),
+                            None => Err(unknown_resource(&name)),
+                        };
+                        Entry { name, status }
+                    })
+                    .collect(),
+            };
+            status.to_nv(&mut out);
+            let _ = reply.send(out);
+            return;
+        };
+        let checks: Vec<(ResourceConfig, MetadataSource)> = if new == Role::Primary && !force {
+            names
+                .iter()
+                .filter_map(|n| self.resources.iter().find(|r| r.name() == n))
+                .filter(|r| r.role() != Role::Primary)
+                .map(|r| {
+                    let md = match r.metadata_in_memory() {
+                        Some(md) => MetadataSource::Known(md),
+                        None => MetadataSource::Read,
+                    };
+                    (r.config().clone(), md)
+                })
                 .collect()
         } else {
-            resource_names(req)
+            Vec::new()
         };
-        for (no, name) in names.iter().enumerate() {
-            out.add_string(format!("resource{no}"), name.as_str());
+        let mut role_req = PendingRole {
+            reply,
+            new,
+            force,
+            names,
+            refusals: Vec::new(),
+        };
+        let pending = pending.clone();
+        tokio::spawn(async move {
+            for (cfg, md) in checks {
+                let name = cfg.name.clone();
+                if let Err(refusal) = safe_to_promote(cfg, md).await {
+                    tracing::error!("[{name}] refusing to become primary: {refusal}");
+                    role_req.refusals.push((name, refusal));
+                }
+            }
+            let _ = pending.send(role_req).await;
+        });
+    }
+
+    /// Change the roles of a SETROLE request whose checks are done, and
+    /// answer it.
+    async fn finish_setrole(&mut self, pending: PendingRole) {
+        let PendingRole {
+            reply,
+            new,
+            force,
+            names,
+            refusals,
+        } = pending;
+        let mut out = RoleReply::default();
+        for name in names {
             let Some(res) = self.resources.iter_mut().find(|r| r.name() == name) else {
-                out.add_i16(format!("error{no}"), EHAST_NOENTRY);
-                out.add_string(
-                    format!("errmsg{no}"),
-                    format!("no resource {name} in the configuration"),
-                );
+                let error = Some(unknown_resource(&name));
+                out.entries.push(RoleEntry {
+                    name,
+                    old_role: None,
+                    error,
+                });
                 continue;
             };
-            match role {
-                Some(new) => {
-                    out.add_string(format!("role{no}"), res.role().as_str());
-                    if new == Role::Primary && res.role() != Role::Primary && !force {
-                        if let Err(refusal) = safe_to_promote(res).await {
-                            tracing::error!("[{name}] refusing to become primary: {refusal}");
-                            out.add_i16(format!("error{no}"), crate::sysexits::EX_TEMPFAIL as i16);
-                            out.add_string(format!("errmsg{no}"), refusal.to_string());
-                            continue;
-                        }
-                    }
+            let old_role = Some(res.role().as_str().to_string());
+            let refused = refusals.iter().find(|(n, _)| *n == name);
+            let error = match refused {
+                // A resource that became primary meanwhile needs no check.
+                Some((_, refusal)) if res.role() != Role::Primary => Some(EntryError {
+                    code: crate::sysexits::EX_TEMPFAIL as i16,
+                    message: Some(refusal.to_string()),
+                }),
+                _ => {
                     let mut result = res.set_role(new).await;
                     if result.is_ok() && new == Role::Primary && force {
                         result = res.accept_inconsistent_copy().await;
                     }
-                    if let Err(e) = result {
-                        out.add_i16(format!("error{no}"), e.code());
-                        out.add_string(format!("errmsg{no}"), e.to_string());
-                    }
+                    result.err().map(|e| EntryError {
+                        code: e.code(),
+                        message: Some(e.to_string()),
+                    })
                 }
-                None => res.status_into(&mut out, no),
-            }
+            };
+            out.entries.push(RoleEntry {
+                name,
+                old_role,
+                error,
+            });
         }
-        Some(out)
+        let mut nv = Nv::new();
+        out.to_nv(&mut nv);
+        let _ = reply.send(nv);
+    }
+}
+
+/// The error of a request naming a resource that is not configured.
+fn unknown_resource(name: &str) -> EntryError {
+    EntryError {
+        code: EHAST_NOENTRY,
+        message: Some(format!("no resource {name} in the configuration")),
     }
 }

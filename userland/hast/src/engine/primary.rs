@@ -25,7 +25,7 @@ use crate::kdev::{CreateSpec, KdevError, KernelDevice};
 use crate::metadata::{Metadata, METADATA_SIZE};
 use crate::nbd::{Backend, Registry, Server};
 use crate::provider::Provider;
-use crate::uhost::{Geometry, Uhost, UhostError};
+use crate::uhost::{HostGeometry, Uhost, UhostError};
 
 use super::link::Replicator;
 
@@ -36,6 +36,10 @@ pub enum PrimaryError {
     Host(#[from] UhostError),
     #[error("kernel host: {0}")]
     Kernel(#[from] KdevError),
+    /// The blocking task creating the kernel instance did not run to its
+    /// end.
+    #[error("the kernel host's create task failed: {0}")]
+    Task(String),
     #[error("the local provider is still open in hastd; the kernel module needs it exclusively")]
     ProviderBusy,
     #[error("NBD export {addr}: {source}")]
@@ -88,7 +92,8 @@ impl Export {
         };
         let registry = Registry::new();
         registry.add(&cfg.provname, backend).map_err(export_err)?;
-        let server = Server::new(registry, crate::nbd::Config::default()).map_err(export_err)?;
+        let server =
+            Server::new(registry, crate::nbd::ServerConfig::default()).map_err(export_err)?;
         let socket = match &addr.kind {
             AddrKind::Unix(path) => {
                 if let Some(dir) = path.parent() {
@@ -346,7 +351,7 @@ impl Primary {
     ) -> Result<Primary, PrimaryError> {
         let geo = {
             let m = md.lock().unwrap_or_else(|p| p.into_inner());
-            Geometry {
+            HostGeometry {
                 localoff: m.localoff,
                 datasize: m.datasize,
                 extentsize: m.extentsize,
@@ -396,7 +401,7 @@ impl Primary {
         cfg: &ResourceConfig,
         provider: Arc<Provider>,
         md: Arc<Mutex<Metadata>>,
-        geo: &Geometry,
+        geo: &HostGeometry,
         map: &[u8],
     ) -> Result<Primary, PrimaryError> {
         let provider = Arc::try_unwrap(provider).map_err(|_| PrimaryError::ProviderBusy)?;
@@ -442,12 +447,7 @@ impl Primary {
             }
         })
         .await
-        .map_err(|e| {
-            PrimaryError::Kernel(KdevError::Invalid {
-                op: crate::kdev::Ioctl::Create,
-                what: e.to_string(),
-            })
-        })?;
+        .map_err(|e| PrimaryError::Task(e.to_string()))?;
         #[allow(unused_mut)] // mutated only on the kernel shim
         let (plane, mut shim) = created?;
         let plane = Arc::new(plane);

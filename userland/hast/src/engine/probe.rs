@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::config::ResourceConfig;
 use crate::handshake::Hello;
-use crate::nv::{Nv, NV_MAX_SIZE};
+use crate::nv::Nv;
 use crate::proto::{self, Limits, HAST_PROTO_VERSION};
 use crate::role::Role;
 use crate::splitbrain::{self, Counters, Decision, SyncSrc};
@@ -59,7 +59,8 @@ pub fn answer(role: Role, counters: Counters) -> Nv {
     nv
 }
 
-fn parse(nv: &Nv) -> PeerState {
+/// What a peer's answer to a probe says about it.
+pub fn parse(nv: &Nv) -> PeerState {
     if nv.get_u8("probe") == Some(1) {
         let role = nv
             .get_string("role")
@@ -101,10 +102,7 @@ pub async fn probe(cfg: &ResourceConfig) -> PeerState {
     }
     .to_nv();
     hello.add_u8("probe", 1);
-    let limits = Limits {
-        max_header: NV_MAX_SIZE,
-        max_payload: 0,
-    };
+    let limits = Limits::HEADERS_ONLY;
     let exchange = async {
         proto::write_frame_async(&mut s, &hello, &[]).await?;
         proto::read_frame_async(&mut s, limits).await

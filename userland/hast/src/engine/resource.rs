@@ -6,15 +6,16 @@
 use std::sync::{Arc, Mutex};
 
 use crate::config::ResourceConfig;
+use crate::control::status::{Activity, ResourceStatus, SyncProgress};
 use crate::hooks::{self, Event};
 use crate::metadata::{Metadata, MetadataError};
-use crate::nv::Nv;
 use crate::provider::{Provider, ProviderError};
 use crate::role::Role;
+use crate::stats::{AtomicRequestStats, Queues};
 use crate::sysexits;
 
 use super::primary::{Primary, PrimaryError};
-use super::secondary::{self, Local, SecondaryStats};
+use super::secondary::{self, Local};
 use crate::handshake::{Attach, Welcome, TOKEN_SIZE};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpStream;
@@ -34,6 +35,10 @@ pub enum RoleError {
     /// The new role could not be recorded through the kernel host.
     #[error("recording the role: {0}")]
     Record(crate::dataplane::DataplaneError),
+    /// The blocking work of a role change (opening the provider, reading
+    /// or writing the metadata) did not run to its end.
+    #[error("the provider's I/O task failed: {0}")]
+    Task(String),
 }
 
 impl RoleError {
@@ -45,33 +50,34 @@ impl RoleError {
             RoleError::Metadata(e) => e.exit_code(),
             RoleError::DataPath(_) => sysexits::EX_OSERR,
             RoleError::Record(_) => sysexits::EX_IOERR,
+            RoleError::Task(_) => sysexits::EX_SOFTWARE,
         };
         i16::try_from(code).unwrap_or(i16::MAX)
     }
 }
 
-/// Counters reported by `hastctl list`.
-#[derive(Debug, Default, Clone)]
-pub struct Stats {
-    pub read: u64,
-    pub write: u64,
-    pub delete: u64,
-    pub flush: u64,
-    pub activemap_update: u64,
-    pub read_error: u64,
-    pub write_error: u64,
-    pub delete_error: u64,
-    pub flush_error: u64,
+/// The local side of an active resource, by role.
+enum Active {
+    Primary {
+        /// hastd's descriptor of the local provider; `None` while the
+        /// kernel module holds it (a primary on the kernel host).
+        provider: Option<Arc<Provider>>,
+        md: Arc<Mutex<Metadata>>,
+        primary: Primary,
+    },
+    Secondary {
+        provider: Arc<Provider>,
+        md: Arc<Mutex<Metadata>>,
+        sec: SecondaryState,
+    },
 }
 
-/// The local side of an active (primary or secondary) resource.
-struct Active {
-    /// hastd's descriptor of the local provider; `None` while the kernel
-    /// module holds it (a primary on the kernel host).
-    provider: Option<Arc<Provider>>,
-    md: Arc<Mutex<Metadata>>,
-    primary: Option<Primary>,
-    secondary: Option<SecondaryState>,
+impl Active {
+    fn md(&self) -> &Arc<Mutex<Metadata>> {
+        match self {
+            Active::Primary { md, .. } | Active::Secondary { md, .. } => md,
+        }
+    }
 }
 
 /// A secondary's connection state: the first connection of a primary
@@ -81,7 +87,7 @@ struct SecondaryState {
     pending: Option<(TcpStream, [u8; TOKEN_SIZE])>,
     session: Option<tokio::task::JoinHandle<()>>,
     connected: Arc<AtomicBool>,
-    stats: Arc<SecondaryStats>,
+    stats: Arc<AtomicRequestStats>,
     slots: secondary::Slots,
 }
 
@@ -175,60 +181,66 @@ impl Resource {
     }
 
     async fn activate(&mut self, role: Role) -> Result<(), RoleError> {
-        let provider = Arc::new(Provider::open(&self.cfg.local, true)?);
-        let md = Metadata::read(&provider, &self.cfg.name)?;
-        let map = md.read_map(&provider)?;
+        // Opening the provider and reading its metadata and map are
+        // blocking I/O: off the daemon's main loop.
+        let (local, name) = (self.cfg.local.clone(), self.cfg.name.clone());
+        let opened = tokio::task::spawn_blocking(move || {
+            let provider = Provider::open(&local, true)?;
+            let md = Metadata::read(&provider, &name)?;
+            let map = md.read_map(&provider)?;
+            Ok::<_, RoleError>((provider, md, map))
+        })
+        .await
+        .map_err(|e| RoleError::Task(e.to_string()))??;
+        let (provider, md, map) = opened;
+        let provider = Arc::new(provider);
+        let dirty = map.count();
         let md = Arc::new(Mutex::new(md));
-        // On the kernel host the module takes the disk: hastd keeps no
-        // descriptor of it.
-        let keep = role != Role::Primary || !Primary::kernel_host();
-        let (primary, provider) = match role {
-            Role::Primary => {
-                let kept = keep.then(|| provider.clone());
-                let p = Primary::start(&self.cfg, provider, md.clone(), map.as_bytes()).await?;
-                (Some(p), kept)
-            }
-            _ => (None, Some(provider)),
-        };
-        // The role is recorded only once the resource really has it.
         let flush = self.cfg.metaflush;
-        let recorded = match (&primary, &provider) {
-            (Some(p), _) => {
-                p.record(move |m| m.prevrole = role, flush)
+        let active = match role {
+            Role::Primary => {
+                // On the kernel host the module takes the disk: hastd keeps
+                // no descriptor of it.
+                let kept = (!Primary::kernel_host()).then(|| provider.clone());
+                let primary =
+                    Primary::start(&self.cfg, provider, md.clone(), map.as_bytes()).await?;
+                // The role is recorded only once the resource really has it.
+                let recorded = primary
+                    .record(move |m| m.prevrole = role, flush)
                     .await
                     .map_err(|e| match e {
                         crate::dataplane::DataplaneError::Metadata(m) => RoleError::Metadata(m),
                         other => RoleError::Record(other),
-                    })
+                    });
+                if let Err(e) = recorded {
+                    primary.stop().await;
+                    return Err(e);
+                }
+                Active::Primary {
+                    provider: kept,
+                    md,
+                    primary,
+                }
             }
-            (None, Some(prov)) => {
-                let mut m = md.lock().unwrap_or_else(|p| p.into_inner());
-                let mut next = m.clone();
-                next.prevrole = role;
-                next.write(prov, flush)
-                    .map(|()| *m = next)
-                    .map_err(RoleError::from)
+            _ => {
+                let (p, m) = (provider.clone(), md.clone());
+                tokio::task::spawn_blocking(move || {
+                    let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut next = m.clone();
+                    next.prevrole = role;
+                    next.write(&p, flush).map(|()| *m = next)
+                })
+                .await
+                .map_err(|e| RoleError::Task(e.to_string()))??;
+                Active::Secondary {
+                    provider,
+                    md,
+                    sec: SecondaryState::default(),
+                }
             }
-            (None, None) => Err(RoleError::Record(crate::dataplane::DataplaneError::Closed)),
         };
-        if let Err(e) = recorded {
-            if let Some(p) = primary {
-                p.stop().await;
-            }
-            return Err(e);
-        }
-        tracing::debug!(
-            dirty = map.count(),
-            "local provider {} opened",
-            self.cfg.local.display()
-        );
-        let secondary = (role == Role::Secondary).then(SecondaryState::default);
-        self.active = Some(Active {
-            provider,
-            md,
-            primary,
-            secondary,
-        });
+        tracing::debug!(dirty, "local provider {} opened", self.cfg.local.display());
+        self.active = Some(active);
         Ok(())
     }
 
@@ -236,32 +248,54 @@ impl Resource {
     /// new role is recorded as `prevrole` first; when the daemon stops
     /// (`next` is Undef) the metadata is left as it is, as after a crash.
     async fn deactivate(&mut self, next: Role) {
-        if let Some(mut active) = self.active.take() {
-            if let Some(primary) = active.primary.take() {
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        let (provider, md) = match active {
+            Active::Primary {
+                provider,
+                md,
+                primary,
+            } => {
                 primary.stop().await;
+                (provider, md)
             }
-            if let Some(mut sec) = active.secondary.take() {
+            Active::Secondary {
+                provider,
+                md,
+                mut sec,
+            } => {
                 sec.stop_and_drain().await;
+                (Some(provider), md)
             }
-            Self::close(active, next, &self.cfg);
-        }
+        };
+        let cfg = self.cfg.clone();
+        let _ = tokio::task::spawn_blocking(move || Self::close(provider, &md, next, &cfg)).await;
     }
 
-    /// This node's metadata: the copy in memory, or read from the provider
+    /// The metadata in memory of an active resource.
+    pub fn metadata_in_memory(&self) -> Option<Metadata> {
+        self.active
+            .as_ref()
+            .map(|a| a.md().lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// This node's counters for a peer's promotion probe: from the
+    /// metadata in memory, or read from the provider (off the main loop)
     /// when in init.
-    pub fn metadata(&self) -> Result<Metadata, RoleError> {
-        Ok(match &self.active {
-            Some(a) => a.md.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+    pub async fn probe_counters(&self) -> Result<crate::splitbrain::Counters, RoleError> {
+        let md = match self.metadata_in_memory() {
+            Some(md) => md,
             None => {
-                let p = Provider::open(&self.cfg.local, false)?;
-                Metadata::read(&p, &self.cfg.name)?
+                let (local, name) = (self.cfg.local.clone(), self.cfg.name.clone());
+                tokio::task::spawn_blocking(move || {
+                    let p = Provider::open(&local, false)?;
+                    Ok::<_, RoleError>(Metadata::read(&p, &name)?)
+                })
+                .await
+                .map_err(|e| RoleError::Task(e.to_string()))??
             }
-        })
-    }
-
-    /// This node's counters for a peer's promotion probe.
-    pub fn probe_counters(&self) -> Result<crate::splitbrain::Counters, RoleError> {
-        let md = self.metadata()?;
+        };
         Ok(crate::splitbrain::Counters {
             resuid: md.resuid,
             localcnt: md.localcnt,
@@ -273,12 +307,7 @@ impl Resource {
     /// records an interrupted synchronization (the administrator accepted
     /// the mix of old and new blocks).
     pub async fn accept_inconsistent_copy(&self) -> Result<(), RoleError> {
-        let Some(Active {
-            primary: Some(p),
-            md,
-            ..
-        }) = &self.active
-        else {
+        let Some(Active::Primary { primary, md, .. }) = &self.active else {
             return Ok(());
         };
         if !md.lock().unwrap_or_else(|p| p.into_inner()).syncing {
@@ -288,19 +317,22 @@ impl Resource {
             "[{}] promoted by force with an inconsistent copy (a synchronization from the peer did not finish): it is used as it is",
             self.cfg.name
         );
-        p.record(|m| m.syncing = false, true)
+        primary
+            .record(|m| m.syncing = false, true)
             .await
             .map_err(RoleError::Record)
     }
 
     /// Whether `ip` is this resource's `remote` (the access check of an
-    /// incoming replication connection).
-    pub fn accepts_from(&self, ip: std::net::IpAddr) -> bool {
-        self.cfg
-            .remote_addr
-            .as_ref()
-            .and_then(|a| a.socket_addrs().ok())
-            .is_some_and(|addrs| addrs.iter().any(|a| same_ip(a.ip(), ip)))
+    /// incoming replication connection), resolved with tokio's resolver.
+    pub async fn accepts_from(&self, ip: std::net::IpAddr) -> bool {
+        let Some(remote) = &self.cfg.remote_addr else {
+            return false;
+        };
+        remote
+            .resolve()
+            .await
+            .is_ok_and(|addrs| addrs.iter().any(|a| same_ip(a.ip(), ip)))
     }
 
     /// Step 1 of a primary's connection: answer on `stream` and keep it
@@ -308,14 +340,8 @@ impl Resource {
     pub async fn hello(&mut self, mut stream: TcpStream, peer: std::net::SocketAddr) {
         use crate::proto::write_frame_async;
         let role = self.role;
-        let refusal = match (&mut self.active, role) {
-            (
-                Some(Active {
-                    secondary: Some(sec),
-                    ..
-                }),
-                Role::Secondary,
-            ) => {
+        let refusal = match &mut self.active {
+            Some(Active::Secondary { sec, .. }) => {
                 if sec.session.is_some() || sec.pending.is_some() {
                     tracing::info!("new connection from {peer} replaces the current one");
                 }
@@ -348,13 +374,7 @@ impl Resource {
     /// Step 2: the second connection with its token; starts the session.
     pub fn attach(&mut self, stream: TcpStream, peer: std::net::SocketAddr, attach: Attach) {
         let cfg = self.cfg.clone();
-        let Some(Active {
-            provider: Some(provider),
-            md,
-            secondary: Some(sec),
-            ..
-        }) = &mut self.active
-        else {
+        let Some(Active::Secondary { provider, md, sec }) = &mut self.active else {
             tracing::error!("connection from {peer} with a token, but we are not secondary");
             return;
         };
@@ -403,11 +423,8 @@ impl Resource {
 
     /// Take changed replication settings in place (a primary on SIGHUP).
     pub fn reload_in_place(&mut self) {
-        if let Some(Active {
-            primary: Some(p), ..
-        }) = &self.active
-        {
-            p.reload(&self.cfg);
+        if let Some(Active::Primary { primary, .. }) = &self.active {
+            primary.reload(&self.cfg);
         }
     }
 
@@ -417,158 +434,121 @@ impl Resource {
         self.deactivate(Role::Undef).await;
     }
 
-    fn close(active: Active, next: Role, cfg: &ResourceConfig) {
-        {
-            // After a kernel primary the module has let the disk go.
-            let provider = match active.provider {
-                Some(p) => Some(p),
-                None => Provider::open(&cfg.local, true)
-                    .map(Arc::new)
-                    .map_err(|e| tracing::warn!("unable to reopen the local provider: {e}"))
-                    .ok(),
-            };
-            let Some(provider) = provider else { return };
-            if next == Role::Init {
-                let mut md = active.md.lock().unwrap_or_else(|p| p.into_inner());
-                md.prevrole = Role::Init;
-                if let Err(e) = md.write(&provider, cfg.metaflush) {
-                    tracing::warn!("unable to record prevrole init: {e}");
+    /// Record `next` as `prevrole` when it is init, and flush the provider
+    /// (blocking). After a kernel primary the module has let the disk go:
+    /// it is opened again for this.
+    fn close(
+        provider: Option<Arc<Provider>>,
+        md: &Mutex<Metadata>,
+        next: Role,
+        cfg: &ResourceConfig,
+    ) {
+        let provider = match provider {
+            Some(p) => p,
+            None => match Provider::open(&cfg.local, true) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    tracing::warn!("unable to reopen the local provider: {e}");
+                    return;
                 }
+            },
+        };
+        if next == Role::Init {
+            let mut md = md.lock().unwrap_or_else(|p| p.into_inner());
+            md.prevrole = Role::Init;
+            if let Err(e) = md.write(&provider, cfg.metaflush) {
+                tracing::warn!("unable to record prevrole init: {e}");
             }
-            if let Err(e) = provider.flush() {
-                tracing::warn!("flushing {} failed: {e}", cfg.local.display());
-            }
-            tracing::debug!("local provider {} closed", cfg.local.display());
         }
+        if let Err(e) = provider.flush() {
+            tracing::warn!("flushing {} failed: {e}", cfg.local.display());
+        }
+        tracing::debug!("local provider {} closed", cfg.local.display());
     }
 
-    /// Append this resource's `hastctl status`/`list` fields with index `no`
-    /// to a control reply (the reference's field names and types).
-    pub fn status_into(&self, nv: &mut Nv, no: usize) {
+    /// This resource's `hastctl status`/`list` status.
+    pub fn status(&self) -> ResourceStatus {
         let cfg = &self.cfg;
-        nv.add_string(format!("provname{no}"), cfg.provname.as_str());
-        nv.add_string(format!("localpath{no}"), cfg.local.display().to_string());
-        nv.add_string(format!("remoteaddr{no}"), cfg.remote.as_str());
-        if let Some(src) = &cfg.source {
-            nv.add_string(format!("sourceaddr{no}"), src.raw.as_str());
-        }
-        nv.add_string(format!("replication{no}"), cfg.replication.as_str());
-        nv.add_string(format!("checksum{no}"), cfg.checksum.as_str());
-        nv.add_string(format!("compression{no}"), cfg.compression.as_str());
-        nv.add_string(format!("role{no}"), self.role.as_str());
+        let mut st = ResourceStatus {
+            provname: cfg.provname.clone(),
+            localpath: cfg.local.display().to_string(),
+            remoteaddr: cfg.remote.clone(),
+            sourceaddr: cfg.source.as_ref().map(|s| s.raw.clone()),
+            replication: cfg.replication.as_str().to_string(),
+            checksum: cfg.checksum.as_str().to_string(),
+            compression: cfg.compression.as_str().to_string(),
+            role: self.role.as_str().to_string(),
+            ..Default::default()
+        };
         let Some(active) = &self.active else {
-            nv.add_i32(format!("workerpid{no}"), 0);
-            return;
+            return st;
         };
         // hastd serves every resource itself; its pid is the worker's. A
         // FreeBSD secondary has a worker only while a primary is connected
         // (hastctl prints no workerpid line without one).
-        let worker = match &active.secondary {
-            Some(sec) => sec.connected.load(Ordering::SeqCst),
-            None => true,
+        let worker = match active {
+            Active::Secondary { sec, .. } => sec.connected.load(Ordering::SeqCst),
+            Active::Primary { .. } => true,
         };
-        let pid = if worker {
-            i32::try_from(std::process::id()).unwrap_or(0)
-        } else {
-            0
-        };
-        nv.add_i32(format!("workerpid{no}"), pid);
-        let (extentsize, syncing) = {
-            let m = active.md.lock().unwrap_or_else(|p| p.into_inner());
-            (m.extentsize, m.syncing)
-        };
-        // Extension: this copy's synchronization from the peer did not
-        // finish (hastctl prints it after the reference's lines).
-        if syncing {
-            nv.add_u8(format!("inconsistent{no}"), 1);
+        if worker {
+            st.workerpid = i32::try_from(std::process::id()).unwrap_or(0);
         }
-        let (status, dirty, keepdirty, s, queues) = if let Some(sec) = &active.secondary {
+        let (extentsize, keepdirty) = {
+            let m = active.md().lock().unwrap_or_else(|p| p.into_inner());
+            st.inconsistent = m.syncing;
+            (m.extentsize, m.keepdirty)
+        };
+        st.activity = match active {
             // Like the reference, a secondary reports status only while its
             // primary is connected, and no dirty count.
-            if !sec.connected.load(Ordering::SeqCst) {
-                return;
+            Active::Secondary { sec, .. } => {
+                sec.connected.load(Ordering::SeqCst).then(|| Activity {
+                    status: "complete".into(),
+                    extentsize,
+                    requests: sec.stats.snapshot(),
+                    ..Default::default()
+                })
             }
-            let st = &sec.stats;
-            let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-            let s = Stats {
-                read: get(&st.read),
-                write: get(&st.write),
-                delete: get(&st.delete),
-                flush: get(&st.flush),
-                activemap_update: 0,
-                read_error: get(&st.read_error),
-                write_error: get(&st.write_error),
-                delete_error: get(&st.delete_error),
-                flush_error: get(&st.flush_error),
-            };
-            ("complete", 0, 0, s, [0u64; 5])
-        } else if let Some(primary) = &active.primary {
-            let c = primary.stats();
-            let s = Stats {
-                read: c.reads,
-                write: c.writes,
-                delete: c.deletes,
-                flush: c.flushes,
-                activemap_update: c.activemap_updates,
-                read_error: c.read_errors,
-                write_error: c.write_errors,
-                delete_error: c.delete_errors,
-                flush_error: c.flush_errors,
-            };
-            let status = if primary.replicator().is_connected() {
-                "complete"
-            } else {
-                "degraded"
-            };
-            let p = &primary.replicator().progress;
-            if p.active.load(Ordering::SeqCst) {
-                let total = p.total.load(Ordering::Relaxed);
-                let done = p.done.load(Ordering::Relaxed).min(total);
-                let secs = p
-                    .started
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .map_or(0.0, |t| t.elapsed().as_secs_f64());
-                nv.add_u64(format!("sync_total{no}"), total);
-                nv.add_u64(format!("sync_done{no}"), done);
-                nv.add_u64(format!("sync_msecs{no}"), (secs * 1000.0) as u64);
+            Active::Primary { primary, .. } => {
+                let c = primary.stats();
+                let p = &primary.replicator().progress;
+                let sync = p.active.load(Ordering::SeqCst).then(|| {
+                    let total = p.total.load(Ordering::Relaxed);
+                    let secs = p
+                        .started
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .map_or(0.0, |t| t.elapsed().as_secs_f64());
+                    SyncProgress {
+                        total,
+                        done: p.done.load(Ordering::Relaxed).min(total),
+                        msecs: (secs * 1000.0) as u64,
+                    }
+                });
+                Some(Activity {
+                    status: if primary.replicator().is_connected() {
+                        "complete"
+                    } else {
+                        "degraded"
+                    }
+                    .into(),
+                    dirty: c.dirty.saturating_mul(u64::from(extentsize)),
+                    extentsize,
+                    keepdirty,
+                    requests: c.requests,
+                    // idle: requests are not pooled, so there is no idle queue.
+                    queues: Queues {
+                        idle: 0,
+                        local: c.q_local + c.q_held,
+                        send: c.q_send,
+                        recv: c.q_recv,
+                        done: c.q_done,
+                    },
+                    sync,
+                })
             }
-            let keepdirty = active
-                .md
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .keepdirty;
-            // idle: requests are not pooled, so there is no idle queue.
-            let queues = [0, c.q_local + c.q_held, c.q_send, c.q_recv, c.q_done];
-            (status, c.dirty, keepdirty, s, queues)
-        } else {
-            return;
         };
-        nv.add_string(format!("status{no}"), status);
-        nv.add_u64(
-            format!("dirty{no}"),
-            dirty.saturating_mul(u64::from(extentsize)),
-        );
-        nv.add_u32(format!("extentsize{no}"), extentsize);
-        nv.add_u32(format!("keepdirty{no}"), keepdirty);
-        for (name, v) in [
-            ("stat_read", s.read),
-            ("stat_write", s.write),
-            ("stat_delete", s.delete),
-            ("stat_flush", s.flush),
-            ("stat_activemap_update", s.activemap_update),
-            ("stat_read_error", s.read_error),
-            ("stat_write_error", s.write_error),
-            ("stat_delete_error", s.delete_error),
-            ("stat_flush_error", s.flush_error),
-            ("idle_queue_size", queues[0]),
-            ("local_queue_size", queues[1]),
-            ("send_queue_size", queues[2]),
-            ("recv_queue_size", queues[3]),
-            ("done_queue_size", queues[4]),
-        ] {
-            nv.add_u64(format!("{name}{no}"), v);
-        }
+        st
     }
 }
 
@@ -576,13 +556,28 @@ impl Drop for Resource {
     /// Last resort when a resource is dropped without [`Resource::shutdown`]:
     /// the export stops in the background, the provider is flushed.
     fn drop(&mut self) {
-        if let Some(mut active) = self.active.take() {
-            drop(active.primary.take());
-            if let Some(mut sec) = active.secondary.take() {
-                sec.stop_session();
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        let (provider, md) = match active {
+            Active::Primary {
+                provider,
+                md,
+                primary,
+            } => {
+                drop(primary);
+                (provider, md)
             }
-            Self::close(active, Role::Undef, &self.cfg);
-        }
+            Active::Secondary {
+                provider,
+                md,
+                mut sec,
+            } => {
+                sec.stop_session();
+                (Some(provider), md)
+            }
+        };
+        Self::close(provider, &md, Role::Undef, &self.cfg);
     }
 }
 

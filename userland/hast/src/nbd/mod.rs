@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 pub use export::Registry;
 pub use file::{FileBackend, FileOptions};
-pub use server::{Config, Done, Server};
+pub use server::{Done, Server, ServerConfig};
 
 /// A boxed, sendable future, the return type of [`Backend`] operations (so
 /// exports of different backend types can sit in one [`Registry`]).

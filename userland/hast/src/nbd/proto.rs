@@ -128,7 +128,7 @@ pub const DEFAULT_MAX_PAYLOAD: u32 = 1 << 25;
 
 /// A transmission request header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Request {
+pub struct NbdRequest {
     /// Must be [`REQUEST_MAGIC`].
     pub magic: u32,
     /// Command flags (`CMD_FLAG_*`).
@@ -147,15 +147,15 @@ fn be_u16(b: &[u8; 2]) -> u16 {
     u16::from_be_bytes(*b)
 }
 
-impl Request {
+impl NbdRequest {
     /// Decodes a request header.
-    pub fn decode(b: &[u8; REQUEST_LEN]) -> Request {
+    pub fn decode(b: &[u8; REQUEST_LEN]) -> NbdRequest {
         let (magic, rest) = b.split_at(4);
         let (flags, rest) = rest.split_at(2);
         let (kind, rest) = rest.split_at(2);
         let (cookie, rest) = rest.split_at(8);
         let (offset, length) = rest.split_at(8);
-        Request {
+        NbdRequest {
             magic: u32::from_be_bytes(arr(magic)),
             flags: be_u16(&arr(flags)),
             kind: be_u16(&arr(kind)),
@@ -372,7 +372,7 @@ mod tests {
 
     #[test]
     fn request_round_trip() {
-        let r = Request {
+        let r = NbdRequest {
             magic: REQUEST_MAGIC,
             flags: CMD_FLAG_FUA,
             kind: CMD_WRITE,
@@ -383,7 +383,7 @@ mod tests {
         let b = r.encode();
         assert_eq!(&b[..4], &[0x25, 0x60, 0x95, 0x13]);
         assert_eq!(&b[4..8], &[0, 1, 0, 1]);
-        assert_eq!(Request::decode(&b), r);
+        assert_eq!(NbdRequest::decode(&b), r);
     }
 
     #[test]

@@ -16,12 +16,13 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::export::{Attached, Registry, MAX_NAME_LEN};
-use super::proto::{self, Request};
+use super::proto::{self, NbdRequest};
 use super::{Backend, NbdError};
+use crate::accept::stopped;
 
 /// Server settings.
 #[derive(Debug, Clone)]
-pub struct Config {
+pub struct ServerConfig {
     /// Largest READ/WRITE payload accepted (the advertised maximum block
     /// size). Default 32 MiB; at least 64 KiB.
     pub max_payload: u32,
@@ -36,9 +37,9 @@ pub struct Config {
     pub handshake_timeout: Option<Duration>,
 }
 
-impl Default for Config {
-    fn default() -> Config {
-        Config {
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
             max_payload: proto::DEFAULT_MAX_PAYLOAD,
             preferred_block: 4096,
             inflight_bytes: 256 << 20,
@@ -56,7 +57,7 @@ const MIN_REQUEST_COST: u32 = 4096;
 
 struct Shared {
     registry: Registry,
-    config: Config,
+    config: ServerConfig,
     stop: watch::Sender<bool>,
 }
 
@@ -68,7 +69,7 @@ pub struct Server {
 
 impl Server {
     /// A server for the exports of `registry`.
-    pub fn new(registry: Registry, config: Config) -> Result<Server, NbdError> {
+    pub fn new(registry: Registry, config: ServerConfig) -> Result<Server, NbdError> {
         // At least the largest legal block size, so that one block of any
         // export fits and the preferred size never exceeds the maximum.
         if config.max_payload < 65536 {
@@ -187,68 +188,50 @@ impl Drop for Server {
 async fn accept_unix(
     shared: Arc<Shared>,
     listener: UnixListener,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     path: PathBuf,
 ) {
     let mut n: u64 = 0;
-    loop {
-        let accepted = tokio::select! {
-            _ = stopped(&mut stop) => break,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                n = n.wrapping_add(1);
-                let (r, w) = stream.into_split();
-                let peer = format!("{}#{n}", path.display());
-                tokio::spawn(connection(Arc::clone(&shared), r, w, stop.clone(), peer));
-            }
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let what = path.display().to_string();
+    let conn_stop = stop.clone();
+    let listener = crate::accept::serve(listener, &what, Some(stop), |stream, _| {
+        n = n.wrapping_add(1);
+        let (r, w) = stream.into_split();
+        let peer = format!("{what}#{n}");
+        tokio::spawn(connection(
+            Arc::clone(&shared),
+            r,
+            w,
+            conn_stop.clone(),
+            peer,
+        ));
+    })
+    .await;
     drop(listener);
     if let Err(e) = std::fs::remove_file(&path) {
         debug!(path = %path.display(), error = %e, "cannot remove socket file");
     }
 }
 
-async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stopped(&mut stop) => break,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                if let Err(e) = stream.set_nodelay(true) {
-                    debug!(%peer, error = %e, "cannot set TCP_NODELAY");
-                }
-                let (r, w) = stream.into_split();
-                tokio::spawn(connection(
-                    Arc::clone(&shared),
-                    r,
-                    w,
-                    stop.clone(),
-                    peer.to_string(),
-                ));
-            }
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener, stop: watch::Receiver<bool>) {
+    let what = listener
+        .local_addr()
+        .map_or_else(|_| "the NBD export".to_string(), |a| a.to_string());
+    let conn_stop = stop.clone();
+    crate::accept::serve(listener, &what, Some(stop), |stream, peer| {
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(%peer, error = %e, "cannot set TCP_NODELAY");
         }
-    }
-}
-
-/// Completes when the watched flag becomes true; never if its sender is
-/// gone without having set it.
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    if rx.wait_for(|v| *v).await.is_err() {
-        std::future::pending::<()>().await;
-    }
+        let (r, w) = stream.into_split();
+        tokio::spawn(connection(
+            Arc::clone(&shared),
+            r,
+            w,
+            conn_stop.clone(),
+            peer.to_string(),
+        ));
+    })
+    .await;
 }
 
 /// How the handshake ended.
@@ -521,7 +504,7 @@ pub(crate) enum Op {
 
 /// Checks a request against the export geometry and the payload limit.
 pub(crate) fn judge(
-    req: &Request,
+    req: &NbdRequest,
     size: u64,
     block: u32,
     max_payload: u32,
@@ -745,7 +728,7 @@ async fn transmission<R, W>(
     let reason: String = loop {
         let mut hdr = [0u8; proto::REQUEST_LEN];
         guard!(r.read_exact(&mut hdr), "client went away");
-        let req = Request::decode(&hdr);
+        let req = NbdRequest::decode(&hdr);
         let verdict = judge(
             &req,
             backend.size(),
@@ -881,8 +864,8 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
 
-    fn req(kind: u16, flags: u16, offset: u64, length: u32) -> Request {
-        Request {
+    fn req(kind: u16, flags: u16, offset: u64, length: u32) -> NbdRequest {
+        NbdRequest {
             magic: proto::REQUEST_MAGIC,
             flags,
             kind,
@@ -895,7 +878,7 @@ mod tests {
     const SIZE: u64 = 1 << 20;
     const MAX: u32 = 1 << 16;
 
-    fn j(r: Request) -> Verdict {
+    fn j(r: NbdRequest) -> Verdict {
         judge(&r, SIZE, 512, MAX, false)
     }
 
@@ -1004,21 +987,21 @@ mod tests {
 
     #[test]
     fn config_limits() {
-        let new = |c: Config| Server::new(Registry::new(), c).is_ok();
-        assert!(new(Config::default()));
-        let small = Config {
+        let new = |c: ServerConfig| Server::new(Registry::new(), c).is_ok();
+        assert!(new(ServerConfig::default()));
+        let small = ServerConfig {
             max_payload: 4096,
-            ..Config::default()
+            ..ServerConfig::default()
         };
         assert!(!new(small));
-        let budget = Config {
+        let budget = ServerConfig {
             inflight_bytes: 1 << 20,
-            ..Config::default()
+            ..ServerConfig::default()
         };
         assert!(!new(budget));
-        let pref = Config {
+        let pref = ServerConfig {
             preferred_block: 3000,
-            ..Config::default()
+            ..ServerConfig::default()
         };
         assert!(!new(pref));
     }

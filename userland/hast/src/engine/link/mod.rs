@@ -1,0 +1,251 @@
+//! The primary's replication link: connects to the secondary
+//! ([`connect`]: two TCP connections, the version-2 handshake), runs a
+//! session ([`session`]: the core's upcalls pipelined to the peer, replies
+//! handed back by seq, keepalives, the watchdog), resynchronizes dirty
+//! extents ([`resync`]), flushes both sides so written extents can leave
+//! the map ([`flush`]), and records counters and roles in the metadata
+//! ([`record`]). It reconnects with quick first retries, then every 10
+//! seconds. Without a session the upcalls get the degraded answers (the
+//! localcnt bump is persisted, peer reads fail).
+
+mod connect;
+mod flush;
+mod record;
+mod resync;
+mod session;
+
+pub(crate) use connect::dial;
+pub use resync::Progress;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::config::ResourceConfig;
+use crate::dataplane::{Dataplane, DataplaneError};
+use crate::hooks::{self, Event};
+use crate::metadata::Metadata;
+use crate::proto;
+
+use session::{Session, SYNC_SEQ_BASE};
+
+/// Reconnection delays: quick first retries, then the reference's 10 s.
+const BACKOFF: [u64; 5] = [0, 1, 1, 2, 5];
+
+const RETRY: Duration = Duration::from_secs(10);
+
+/// Why a connection attempt or a session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("unable to connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection to {0} timed out")]
+    Timeout(String),
+    #[error("{0}")]
+    Proto(#[from] proto::ProtoError),
+    #[error("{0}")]
+    Handshake(#[from] crate::handshake::HandshakeError),
+    /// The two providers do not have the same geometry.
+    #[error("{what} differs between nodes (local={local}, remote={remote})")]
+    Mismatch {
+        what: &'static str,
+        local: u64,
+        remote: i64,
+    },
+    /// A downcall to this node's data plane (the core's host) failed.
+    #[error("{during}: {source}")]
+    Local {
+        during: &'static str,
+        #[source]
+        source: DataplaneError,
+    },
+    /// A payload from the peer was refused.
+    #[error("{what}: {source}")]
+    Payload {
+        what: &'static str,
+        #[source]
+        source: crate::payload::PayloadError,
+    },
+    /// The peer answered a resync or flush request with an error.
+    #[error("peer failed {cmd}({offset}, {length}): errno {errno}")]
+    PeerFailed {
+        cmd: &'static str,
+        offset: u64,
+        length: u64,
+        errno: i16,
+    },
+    /// The peer answered a resync read without data.
+    #[error("peer sent no data for a resync read at {0}")]
+    NoData(u64),
+    /// A flush of both sides did not finish (the local provider or the peer
+    /// failed it, or it outlived twice the timeout).
+    #[error("a flush of both sides failed (the local provider or the peer)")]
+    FlushFailed,
+    #[error("reply without seq")]
+    ReplyWithoutSeq,
+    #[error("peer did not answer request seq {0} within the timeout")]
+    Unanswered(u64),
+    #[error("session closed")]
+    Closed,
+}
+
+impl LinkError {
+    /// A data plane error during `during`, `Closed` when the data plane
+    /// stopped.
+    fn local(during: &'static str) -> impl FnOnce(DataplaneError) -> LinkError {
+        move |source| match source {
+            DataplaneError::Closed => LinkError::Closed,
+            source => LinkError::Local { during, source },
+        }
+    }
+}
+
+/// The replication state of one primary resource.
+pub struct Replicator {
+    dp: Arc<dyn Dataplane>,
+    md: Arc<Mutex<Metadata>>,
+    cfg: Mutex<ResourceConfig>,
+    session: Mutex<Option<Session>>,
+    /// Wire seqs of resync requests and pieces of split requests.
+    sync_seq: AtomicU64,
+    /// The largest request the connected peer accepts.
+    max_io: AtomicU64,
+    pub progress: Progress,
+    connected: AtomicBool,
+    /// Turns true once the first connection attempt is over (connected, with
+    /// the sync direction known, or failed): only then may clients be
+    /// served, so a stale local copy is never read.
+    first_attempt: watch::Sender<bool>,
+    /// Bytes of writes sent to the peer since the last flush of both sides.
+    unflushed_bytes: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Replicator {
+    pub fn new(
+        dp: Arc<dyn Dataplane>,
+        md: Arc<Mutex<Metadata>>,
+        cfg: ResourceConfig,
+    ) -> Arc<Replicator> {
+        Arc::new(Replicator {
+            dp,
+            md,
+            cfg: Mutex::new(cfg),
+            session: Mutex::new(None),
+            sync_seq: AtomicU64::new(SYNC_SEQ_BASE),
+            max_io: AtomicU64::new(u64::from(crate::handshake::DEFAULT_MAXIO)),
+            progress: Progress::default(),
+            connected: AtomicBool::new(false),
+            first_attempt: watch::channel(false).0,
+            unflushed_bytes: AtomicU64::new(0),
+        })
+    }
+
+    /// Wait until the first connection attempt is over (see `first_attempt`).
+    pub async fn first_attempt_done(&self) {
+        let mut rx = self.first_attempt.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
+    /// Whether a session with the peer is established.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Take new replication settings (SIGHUP on a primary).
+    pub fn set_config(&self, cfg: ResourceConfig) {
+        *lock(&self.cfg) = cfg;
+    }
+
+    fn cfg(&self) -> ResourceConfig {
+        lock(&self.cfg).clone()
+    }
+
+    /// Connect, serve, reconnect, until `stop` turns true.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut attempt = 0usize;
+        let mut last_error = String::new();
+        let mut split_brain_reported = false;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let cfg = self.cfg();
+            let Some(remote) = cfg.remote_addr.clone() else {
+                // `remote none`: stay degraded.
+                self.first_attempt.send_replace(true);
+                let _ = stop.changed().await;
+                return;
+            };
+            match self.connect(&cfg, &remote).await {
+                Ok(parts) => {
+                    attempt = 0;
+                    last_error.clear();
+                    split_brain_reported = false;
+                    let ended = tokio::select! {
+                        r = self.clone().session(parts, &cfg) => r,
+                        _ = stop.changed() => LinkError::Closed,
+                    };
+                    self.disconnect(&cfg, &ended);
+                    if *stop.borrow() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    self.first_attempt.send_replace(true);
+                    let msg = e.to_string();
+                    let split_brain = matches!(
+                        e,
+                        LinkError::Handshake(crate::handshake::HandshakeError::SplitBrain)
+                    );
+                    if split_brain && !split_brain_reported {
+                        tracing::error!("split-brain detected with {remote}; both nodes refuse to synchronize (see hastctl(8) for the recovery)");
+                        hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SplitBrain);
+                        split_brain_reported = true;
+                    }
+                    if msg != last_error {
+                        tracing::warn!("replication to {remote} not established: {msg}");
+                        last_error = msg;
+                    } else {
+                        tracing::debug!("replication to {remote} not established: {msg}");
+                    }
+                }
+            }
+            let delay = BACKOFF
+                .get(attempt)
+                .map_or(RETRY, |&s| Duration::from_secs(s));
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    fn disconnect(&self, cfg: &ResourceConfig, why: &LinkError) {
+        if let Some(session) = lock(&self.session).take() {
+            lock(&session.waiters).clear();
+        }
+        self.connected.store(false, Ordering::SeqCst);
+        self.dp.set_link(false);
+        // Resync tasks waiting for a range learn the session is gone.
+        self.dp.sync_cancel();
+        tracing::warn!("disconnected from {}: {why}", cfg.remote);
+        // A synchronization that was running ends here, whatever ended the
+        // session.
+        if self.progress.active.swap(false, Ordering::SeqCst) {
+            tracing::warn!("synchronization interrupted; it goes on after the next connection");
+            hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncIntr);
+        }
+        hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::Disconnect);
+    }
+}
