@@ -36,6 +36,9 @@ struct kshim_file {
 	struct file		 kf_file;
 };
 
+/* d_open/d_close's devtype: a character device (S_IFCHR). */
+#define	KSHIM_DEVTYPE	0020000
+
 static struct mtx devmtx;
 static pthread_once_t devmtx_once = PTHREAD_ONCE_INIT;
 static LIST_HEAD(, cdev) cdevs = LIST_HEAD_INITIALIZER(cdevs);
@@ -285,7 +288,8 @@ kshim_dev_open(const char *name, int fflags, struct kshim_file **fpp)
 	td->td_fpop = fp;
 	error = 0;
 	if (dev->si_devsw->d_open != NULL)
-		error = dev->si_devsw->d_open(dev, fp->f_flag, 0x2000, td);
+		error = dev->si_devsw->d_open(dev, fp->f_flag, KSHIM_DEVTYPE,
+		    td);
 	dev_exit(fp);
 	if (error != 0) {
 		kshim_dev_close(kf);
@@ -359,7 +363,8 @@ kshim_dev_close(struct kshim_file *kf)
 		dtr(priv);
 	if (!destroyed && dev->si_devsw->d_close != NULL &&
 	    dev_enter(fp) == 0) {
-		(void)dev->si_devsw->d_close(dev, fp->f_flag, 0x2000, td);
+		(void)dev->si_devsw->d_close(dev, fp->f_flag,
+		    KSHIM_DEVTYPE, td);
 		dev_exit(fp);
 	}
 	dev_lock();
