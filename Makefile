@@ -5,6 +5,10 @@
 #   make test    install what is needed, then run every test
 #   make test-kshim  the kernel module on the userland kernel shim (C driver)
 #   make demo    set up two nodes on this machine and walk through the main job
+#   make campaign [FAULTS=N SEED=S]
+#                seeded random faults (kill -9, power cuts, partitions,
+#                restarts, disk errors, role swaps) against a pair under a
+#                checked workload; root and /dev/fuse; FAULTS=1000 takes hours
 #   make bench   NBD export of a primary vs qemu-nbd with fio, as ratios (BENCHMARKS.md)
 #   make install install binaries, man pages and the sample configuration
 #   make fuzz FUZZ_SECONDS=N
@@ -38,7 +42,7 @@ FUZZ_TARGETS ?=
 # Seconds per target in make test: enough to show the targets build and run.
 FUZZ_SMOKE_SECONDS ?= 3
 
-.PHONY: all build deps test test-rust test-scripts test-lint test-release test-freebsd-check test-kshim test-fuzz fuzz fuzz-corpus demo bench install clean kmod-check
+.PHONY: all build deps test test-rust test-scripts test-lint test-release test-freebsd-check test-kshim test-fuzz test-campaign fuzz fuzz-corpus campaign demo bench install clean kmod-check
 
 all: build
 
@@ -70,7 +74,7 @@ endif
 		$(CARGO) install --locked cargo-fuzz; \
 	fi
 
-test: deps test-scripts test-lint test-freebsd-check test-release test-kshim test-rust test-fuzz
+test: deps test-scripts test-lint test-freebsd-check test-release test-kshim test-rust test-fuzz test-campaign
 
 # The kernel module itself (kmod/g_hast.c, hast_core.c, unchanged) on the
 # userland kernel shim (sys/kshim): its C driver, and bugs planted in a copy
@@ -137,6 +141,26 @@ fuzz:
 
 fuzz-corpus:
 	sh tests/fuzz-corpus.sh $(FUZZ_TARGETS)
+
+# The fault campaign: FAULTS faults from SEED (tests/src/bin/campaign.rs).
+# CI runs a short one with a fixed seed (test-campaign).
+FAULTS ?= 20
+SEED   ?= 1
+CI_CAMPAIGN_FAULTS = 20
+CI_CAMPAIGN_SEED   = 20261206
+
+campaign: deps
+	$(CARGO) build --workspace
+	nice -n 19 target/debug/campaign --faults $(FAULTS) --seed $(SEED)
+
+test-campaign:
+	$(CARGO) build --workspace
+	@if [ "$$(id -u)" != 0 ] || [ ! -e /dev/fuse ]; then \
+		echo "test-campaign: SKIPPED: the campaign needs root and /dev/fuse"; \
+	else \
+		echo "target/debug/campaign --faults $(CI_CAMPAIGN_FAULTS) --seed $(CI_CAMPAIGN_SEED)"; \
+		target/debug/campaign --faults $(CI_CAMPAIGN_FAULTS) --seed $(CI_CAMPAIGN_SEED); \
+	fi
 
 demo: deps
 	$(CARGO) build --workspace
