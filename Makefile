@@ -25,6 +25,9 @@ CARGO    ?= cargo
 PREFIX   ?= /usr/local
 DESTDIR  ?=
 UNAME_S  := $(shell uname -s)
+# No incremental state: a clean build (CI) does not reuse it, and it doubles
+# the disk a build needs. Set CARGO_INCREMENTAL=1 for edit-compile loops.
+export CARGO_INCREMENTAL ?= 0
 
 DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
 	python3-libnbd nbdkit fio fuse3 nftables iproute2 mandoc \
