@@ -53,6 +53,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::io::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -391,6 +392,22 @@ fn fill(uri: &str, len: u64) -> Result<()> {
     .map(|_| ())
 }
 
+/// `cmd`'s process gets SIGKILL if this one dies first (a benchmark
+/// killed by a signal leaves no server behind; its namespaces go at the
+/// next harness start, which removes those of dead runs).
+fn die_with_us(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl(2) is async-signal-safe and touches no memory of ours;
+    // PR_SET_PDEATHSIG survives the exec of a program that is not setuid.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Kills and reaps a process started here when dropped.
 struct Guard(Option<Child>);
 
@@ -419,7 +436,7 @@ impl Drop for Guard {
 /// (writeback), thread-pool AIO (qemu-nbd's default).
 fn qemu_nbd(file: &Path, offset: u64, sock: &Path) -> Result<Guard> {
     let _ = fs::remove_file(sock);
-    let child = Command::new("qemu-nbd")
+    let child = die_with_us(&mut Command::new("qemu-nbd"))
         .args([
             "-f",
             "raw",
@@ -456,7 +473,7 @@ fn qemu_nbd(file: &Path, offset: u64, sock: &Path) -> Result<Guard> {
 /// execs the program), standard error to `log`.
 fn spawn_in(ns: &str, program: &str, args: &[String], log: &Path) -> Result<Guard> {
     let err = fs::File::create(log).map_err(io_err(format!("create {}", log.display())))?;
-    let child = Command::new("ip")
+    let child = die_with_us(&mut Command::new("ip"))
         .args(["netns", "exec", ns, program])
         .args(args)
         .stdin(Stdio::null())
@@ -1340,7 +1357,7 @@ impl Bench {
         // SAFETY: sync(2) takes no arguments and always succeeds.
         unsafe { libc::sync() };
         let mut cmd = Command::new("fio");
-        cmd.args(fio_args(&side.uri, w, size, s));
+        die_with_us(&mut cmd).args(fio_args(&side.uri, w, size, s));
         let shown = format!("{cmd:?}");
         let mut child = cmd
             .stdin(Stdio::null())
