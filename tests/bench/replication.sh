@@ -31,6 +31,9 @@
 #   HAST_BENCH_KEEPDIRTY     hastctl create -k (default 64)
 #   HAST_BENCH_STRICT [0]    1: exit 1 when a result is below its target
 # Needs root (namespaces, veth); without root it says so and exits 0.
+# Disk: 2 files per mode + 1 (qemu-nbd) + 2 (qsd) of HAST_BENCH_SIZE each,
+# fallocated in $TMPDIR (default /tmp): 9 GiB with the defaults; replbench
+# checks before it starts.
 set -eu
 cd "$(dirname "$0")/../.."
 

@@ -670,6 +670,40 @@ fn qsd_pair(c: &Cluster, dir: &Path, size: u64, offset: u64) -> Result<QsdPair> 
     })
 }
 
+/// Bytes an unprivileged user may still allocate in `dir`'s filesystem.
+fn free_bytes(dir: &Path) -> Result<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| BenchError::Other(format!("{} has a NUL byte", dir.display())))?;
+    // SAFETY: statvfs(3) writes only into the zeroed struct we pass.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a pointer to that struct.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(BenchError::Io {
+            what: format!("statvfs {}", dir.display()),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Fail before setting anything up when `files` files of `size` bytes do
+/// not fit in `dir` (a benchmark that fills the disk halfway through
+/// measured nothing and disturbed everyone else).
+fn enough_space(dir: &Path, files: u64, size: u64) -> Result<()> {
+    let need = files.saturating_mul(size);
+    let free = free_bytes(dir)?;
+    if free < need {
+        return Err(BenchError::Other(format!(
+            "{files} files of {} MiB need {} MiB in {} and {} MiB are free: free some space, or point TMPDIR elsewhere, or lower HAST_BENCH_SIZE, or run fewer HAST_BENCH_MODES",
+            size / MIB,
+            need / MIB,
+            dir.display(),
+            free / MIB
+        )));
+    }
+    Ok(())
+}
+
 /// Allocate every block of `path` (both sides pay the same allocation).
 fn preallocate(path: &Path, len: u64) -> Result<()> {
     let f = fs::OpenOptions::new()
@@ -1205,6 +1239,11 @@ impl Bench {
             modes.insert(0, "fullsync".into());
         }
         let home = modes.iter().position(|m| m == "fullsync").unwrap_or(0);
+        let with_fio = !fio_modes.is_empty() && !s.workloads.is_empty();
+        // Two providers per pair, the baseline's file, qsd's two: all
+        // fallocated in the temporary directory.
+        let files = 2 * modes.len() as u64 + 1 + if with_fio && s.qsd { 2 } else { 0 };
+        enough_space(&std::env::temp_dir(), files, s.size)?;
         for mode in &modes {
             eprintln!(
                 "replbench: {mode}: setting up two nodes, {} MiB provider",
@@ -1231,7 +1270,6 @@ impl Bench {
         let mut qemu = qemu_nbd(&base_file, area.offset, &base_sock)?;
         let base_uri = format!("nbd+unix:///{RES}?socket={}", base_sock.display());
 
-        let with_fio = !fio_modes.is_empty() && !s.workloads.is_empty();
         let mut qsd = None;
         if with_fio && s.qsd {
             eprintln!("replbench: qsd: quorum of two files over the veth link");
@@ -1845,6 +1883,17 @@ mod tests {
         assert!(!find("clat p99").pass, "400 us is above qsd's 350 us");
         assert!(!find("activemap writes").pass, "0.01 is not below 0.01");
         assert!(checks_table(&c).contains("| BELOW |"));
+    }
+
+    #[test]
+    fn refuses_files_that_do_not_fit() {
+        let dir = std::env::temp_dir();
+        assert!(free_bytes(&dir).is_ok());
+        assert!(enough_space(&dir, 0, MIB).is_ok());
+        // More than any filesystem holds (the product saturates).
+        let e = enough_space(&dir, 3, u64::MAX / 2).unwrap_err();
+        assert!(e.to_string().contains("MiB are free"), "{e}");
+        assert!(enough_space(Path::new("/nonexistent/dir"), 1, 1).is_err());
     }
 
     #[test]
