@@ -3,9 +3,16 @@
 #   make deps    install the system packages the build and the tests need
 #   make         build hastd and hastctl (release)
 #   make test    install what is needed, then run every test
+#   make test-kshim  the kernel module on the userland kernel shim (C driver)
 #   make demo    set up two nodes on this machine and walk through the main job
-#   make bench   NBD export of a primary vs qemu-nbd with fio, replication,
-#                and TLS vs plain replication, as ratios (BENCHMARKS.md)
+#   make campaign [FAULTS=N SEED=S]
+#                seeded random faults (kill -9, power cuts, partitions,
+#                restarts, disk errors, role swaps) against a pair under a
+#                checked workload; root and /dev/fuse; FAULTS=1000 takes hours
+#   make bench   NBD export of a primary vs qemu-nbd with fio, then replication
+#                (fullsync, memsync, async) vs qemu-storage-daemon's quorum
+#                and an unreplicated qemu-nbd, and TLS vs plain replication,
+#                as ratios (BENCHMARKS.md)
 #   make install install binaries, man pages and the sample configuration
 #   make fuzz FUZZ_SECONDS=N
 #                run every fuzz target of fuzz/ for N seconds (nightly
@@ -21,6 +28,9 @@ CARGO    ?= cargo
 PREFIX   ?= /usr/local
 DESTDIR  ?=
 UNAME_S  := $(shell uname -s)
+# No incremental state: a clean build (CI) does not reuse it, and it doubles
+# the disk a build needs. Set CARGO_INCREMENTAL=1 for edit-compile loops.
+export CARGO_INCREMENTAL ?= 0
 
 DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
 	python3-libnbd nbdkit fio fuse3 nftables iproute2 mandoc \
@@ -38,7 +48,7 @@ FUZZ_TARGETS ?=
 # Seconds per target in make test: enough to show the targets build and run.
 FUZZ_SMOKE_SECONDS ?= 3
 
-.PHONY: all build deps test test-rust test-scripts test-lint test-release test-freebsd-check test-fuzz fuzz fuzz-corpus demo bench install clean kmod-check
+.PHONY: all build deps test test-rust test-scripts test-lint test-release test-freebsd-check test-kshim test-fuzz test-campaign fuzz fuzz-corpus campaign demo bench install clean kmod-check
 
 all: build
 
@@ -70,7 +80,15 @@ endif
 		$(CARGO) install --locked cargo-fuzz; \
 	fi
 
-test: deps test-scripts test-lint test-freebsd-check test-release test-rust test-fuzz
+test: deps test-scripts test-lint test-freebsd-check test-release test-kshim test-rust test-fuzz test-campaign
+
+# The kernel module itself (kmod/g_hast.c, hast_core.c, unchanged) on the
+# userland kernel shim (sys/kshim): its C driver, and bugs planted in a copy
+# of the module that the shim must catch. The same driver built with
+# AddressSanitizer and ThreadSanitizer runs in cargo test
+# (tests/tests/kshim_sanitizers.rs); `sh tests/kshim-check.sh` runs all.
+test-kshim:
+	sh tests/kshim-check.sh plain plants
 
 # Type-check the FreeBSD build (kernel transport, cfg'd file I/O) from any
 # host: needs the x86_64-unknown-freebsd target of rustup.
@@ -102,13 +120,19 @@ test-lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# A plain release build at the root has no fail points compiled in.
+# A plain release build at the root has no fail points and no kernel shim
+# compiled in.
 test-release:
 	$(CARGO) build --release
 	@if grep -q HAST_FAILPOINTS target/release/hastd; then \
 		echo "test-release: target/release/hastd contains fail points" >&2; exit 1; \
 	else \
 		echo "test-release: target/release/hastd has no fail points"; \
+	fi
+	@if grep -q kshim_load target/release/hastd; then \
+		echo "test-release: target/release/hastd contains the kernel shim" >&2; exit 1; \
+	else \
+		echo "test-release: target/release/hastd has no kernel shim"; \
 	fi
 
 # Each fuzz target for a few seconds, so that they keep building and
@@ -124,11 +148,39 @@ fuzz:
 fuzz-corpus:
 	sh tests/fuzz-corpus.sh $(FUZZ_TARGETS)
 
+# The fault campaign: FAULTS faults from SEED (tests/src/bin/campaign.rs).
+# CI runs a short one with a fixed seed (test-campaign).
+FAULTS ?= 20
+SEED   ?= 1
+CI_CAMPAIGN_FAULTS = 20
+CI_CAMPAIGN_SEED   = 20261206
+
+campaign: deps
+	$(CARGO) build --workspace
+	nice -n 19 target/debug/campaign --faults $(FAULTS) --seed $(SEED)
+
+test-campaign:
+	$(CARGO) build --workspace
+	@if [ "$$(id -u)" != 0 ] || [ ! -e /dev/fuse ]; then \
+		echo "test-campaign: SKIPPED: the campaign needs root and /dev/fuse"; \
+	else \
+		echo "target/debug/campaign --faults $(CI_CAMPAIGN_FAULTS) --seed $(CI_CAMPAIGN_SEED)"; \
+		target/debug/campaign --faults $(CI_CAMPAIGN_FAULTS) --seed $(CI_CAMPAIGN_SEED); \
+	fi
+
 demo: deps
 	$(CARGO) build --workspace
 	sh tests/demo.sh
 
+# qemu-storage-daemon (the qsd peer of tests/bench/replication.sh) is in
+# qemu-utils from QEMU 8 on, in qemu-system-common before (Debian 12).
 bench: deps
+	@if [ "$(UNAME_S)" != FreeBSD ] && ! command -v qemu-storage-daemon >/dev/null 2>&1; then \
+		echo "make bench: installing qemu-system-common (qemu-storage-daemon)"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends qemu-system-common; \
+	fi
 	$(CARGO) build --release -p hastd -p hastctl
 	$(CARGO) build --release -p hast --examples
 	$(CARGO) build --release -p hast-tests --bin replbench

@@ -196,7 +196,15 @@ pub struct ClusterBuilder {
     create_args: Vec<String>,
     extra: String,
     create: bool,
+    kernel_host: bool,
+    kshim_fail: Option<String>,
+    power: bool,
 }
+
+/// Set (to anything but `0`) in the tests' environment: every cluster runs
+/// its primaries in the kernel module on the userland kernel shim (as
+/// [`ClusterBuilder::kernel_host`]).
+pub const KERNEL_HOST_ENV: &str = "HAST_TEST_KSHIM";
 
 impl ClusterBuilder {
     /// Two nodes `alpha` and `beta`, no resource yet, memsync, no checksum,
@@ -213,7 +221,29 @@ impl ClusterBuilder {
             create_args: Vec::new(),
             extra: String::new(),
             create: true,
+            kernel_host: crate::kernel_host_selected(),
+            kshim_fail: None,
+            power: false,
         }
+    }
+
+    /// On the kernel host: the shim fails that share of M_NOWAIT
+    /// allocations and g_clone_bio calls (`nowait=PPM,clone=PPM`, see
+    /// `hast::kshim::FAIL_ENV`); GEOM retries what the module answers
+    /// ENOMEM.
+    pub fn kshim_fail(mut self, spec: &str) -> Self {
+        self.kshim_fail = Some(spec.to_owned());
+        self
+    }
+
+    /// Whether the primaries run in the geom_hast kernel module on the
+    /// userland kernel shim (hastd with `HAST_KSHIM`): the local provider
+    /// a GEOM disk of the shim, clients' requests entering the module's
+    /// start method, the engine talking to it through its ioctls. Default:
+    /// no, unless [`KERNEL_HOST_ENV`] is set.
+    pub fn kernel_host(mut self, yes: bool) -> Self {
+        self.kernel_host = yes;
+        self
     }
 
     /// The node names (at least two; letters, digits, `-`, `_`).
@@ -276,6 +306,14 @@ impl ClusterBuilder {
     /// (default yes).
     pub fn create(mut self, yes: bool) -> Self {
         self.create = yes;
+        self
+    }
+
+    /// Put every node's providers on a power-loss disk (a `powerfs` FUSE
+    /// mount, see [`crate::power`]), so that [`Cluster::power_cut`] can
+    /// drop what a node wrote and did not flush. Needs /dev/fuse.
+    pub fn power_loss(mut self, yes: bool) -> Self {
+        self.power = yes;
         self
     }
 
@@ -369,6 +407,7 @@ impl ClusterBuilder {
                 log: dir.join(format!("{name}.log")),
                 hook_log: dir.join(format!("hooks-{name}.log")),
                 child: None,
+                disk: None,
             });
         }
         let mut links = Vec::new();
@@ -397,10 +436,13 @@ impl ClusterBuilder {
             nodes,
             links,
             resources,
+            power: self.power,
             replication: self.replication.clone(),
             nft_tables: Vec::new(),
             partitions: BTreeMap::new(),
             namespaces: Vec::new(),
+            kernel_host: self.kernel_host,
+            kshim_fail: self.kshim_fail.clone(),
         };
         if c.mode == Mode::Netns {
             c.setup_netns()?;
@@ -408,11 +450,34 @@ impl ClusterBuilder {
         write_hook(&c.dir)?;
         for r in &c.resources {
             for &i in &r.nodes {
-                let path = c.provider_path_idx(i, &r.name);
+                // On a power-loss disk the file is made in the backing
+                // directory, before the mount serves it.
+                let path = if c.power {
+                    let d = c.disk_dir(i);
+                    fs::create_dir_all(&d).map_err(io_err(format!("create {}", d.display())))?;
+                    d.join(format!("{}-{}.img", c.nodes[i].name, r.name))
+                } else {
+                    c.provider_path_idx(i, &r.name)
+                };
                 let f = fs::File::create(&path)
                     .map_err(io_err(format!("create provider {}", path.display())))?;
                 f.set_len(r.size)
                     .map_err(io_err(format!("size provider {}", path.display())))?;
+            }
+        }
+        if c.power {
+            let powerfs = c.bins.get("powerfs");
+            for i in 0..c.nodes.len() {
+                let name = c.nodes[i].name.clone();
+                let disk = crate::power::PowerDisk::mount(
+                    &powerfs,
+                    &c.disk_dir(i),
+                    &c.dir.join(format!("mnt-{name}")),
+                    &c.dir.join(format!("power-{name}.ctl")),
+                    &c.dir.join(format!("power-{name}.log")),
+                )
+                .map_err(|e| HarnessError::Setup(e.to_string()))?;
+                c.nodes[i].disk = Some(disk);
             }
         }
         let text = c.config_text(&self);
@@ -478,6 +543,8 @@ struct NodeState {
     log: PathBuf,
     hook_log: PathBuf,
     child: Option<Child>,
+    /// The power-loss disk holding this node's providers.
+    disk: Option<crate::power::PowerDisk>,
 }
 
 /// The veth link between nodes `a` < `b`: device `dev_a` in a's namespace
@@ -504,11 +571,15 @@ pub struct Cluster {
     nodes: Vec<NodeState>,
     links: Vec<Link>,
     resources: Vec<ResourceSpec>,
+    /// Providers live on power-loss disks.
+    power: bool,
     replication: String,
     /// nft tables created: (namespace or None for this one, table name).
     nft_tables: Vec<(Option<String>, String)>,
     partitions: BTreeMap<(usize, usize), PartitionKind>,
     namespaces: Vec<String>,
+    kernel_host: bool,
+    kshim_fail: Option<String>,
 }
 
 /// Where a provider's data area is: the file, the byte offset of the data
@@ -620,6 +691,11 @@ impl Cluster {
         ClusterBuilder::new(mode)
     }
 
+    /// Whether primaries run in the kernel module on the kernel shim.
+    pub fn kernel_host(&self) -> bool {
+        self.kernel_host
+    }
+
     /// Unique id of this instance (`hastt-<pid>-<n>`), the prefix of its
     /// namespaces and temporary directory.
     pub fn id(&self) -> &str {
@@ -727,7 +803,41 @@ impl Cluster {
     }
 
     fn provider_path_idx(&self, i: usize, res: &str) -> PathBuf {
-        self.dir.join(format!("{}-{res}.img", self.nodes[i].name))
+        let file = format!("{}-{res}.img", self.nodes[i].name);
+        if self.power {
+            self.dir
+                .join(format!("mnt-{}", self.nodes[i].name))
+                .join(file)
+        } else {
+            self.dir.join(file)
+        }
+    }
+
+    /// The backing directory of node `i`'s power-loss disk.
+    fn disk_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("disk-{}", self.nodes[i].name))
+    }
+
+    /// `node`'s power-loss disk (clusters built with `power_loss(true)`).
+    pub fn disk(&self, node: &str) -> Result<&crate::power::PowerDisk> {
+        let i = self.idx(node)?;
+        self.nodes[i].disk.as_ref().ok_or_else(|| {
+            HarnessError::Setup("the cluster was not built with power_loss(true)".into())
+        })
+    }
+
+    /// Cut `node`'s power: kill -9 its hastd (it writes nothing more),
+    /// then drop what `loss` says of what it wrote and did not flush.
+    pub fn power_cut(
+        &mut self,
+        node: &str,
+        loss: crate::power::Loss,
+    ) -> Result<crate::power::CutResult> {
+        self.disk(node)?;
+        self.kill9(node)?;
+        self.disk(node)?
+            .cut(loss)
+            .map_err(|e| HarnessError::Setup(e.to_string()))
     }
 
     /// The provider file of `res` on `node`.
@@ -904,6 +1014,11 @@ impl Cluster {
             .arg(&n.name)
             .env("HASTT_NODE", &n.name)
             .env("HAST_FAILPOINTS", self.failpoint_dir(node))
+            .env(hast::kshim::ENV, if self.kernel_host { "1" } else { "0" })
+            .env(
+                hast::kshim::FAIL_ENV,
+                self.kshim_fail.as_deref().unwrap_or(""),
+            )
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
@@ -1492,6 +1607,11 @@ impl Cluster {
         for i in 0..self.nodes.len() {
             self.kill_idx(i, libc::SIGKILL);
         }
+        for n in &mut self.nodes {
+            if let Some(mut d) = n.disk.take() {
+                d.unmount();
+            }
+        }
         for (ns, table) in std::mem::take(&mut self.nft_tables) {
             let _ = nft(ns.as_deref(), &format!("delete table inet {table}"));
         }
@@ -1854,6 +1974,20 @@ pub fn sweep() -> Vec<String> {
         let rest = name.strip_prefix(PREFIX)?.strip_prefix(sep)?;
         rest.split(sep).next().map(str::to_string)
     };
+    // Power-loss mounts of dead runs (before their directories go).
+    for m in crate::power::mounts() {
+        let marker = format!("/{PREFIX}-");
+        if let Some(pos) = m.find(&marker) {
+            let owner_pid: String = m[pos + marker.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            if dead(&owner_pid) {
+                crate::power::lazy_unmount(Path::new(&m));
+                removed.push(format!("mount {m}"));
+            }
+        }
+    }
     // Daemons of dead runs.
     if let Ok(rd) = fs::read_dir("/proc") {
         for e in rd.flatten() {

@@ -71,7 +71,9 @@ enum Active {
     Secondary {
         provider: Arc<Provider>,
         md: Arc<Mutex<Metadata>>,
-        sec: SecondaryState,
+        /// Boxed: its pending connection is several times the size of
+        /// the primary's variant.
+        sec: Box<SecondaryState>,
     },
 }
 
@@ -251,7 +253,7 @@ impl Resource {
                 Active::Secondary {
                     provider,
                     md,
-                    sec: SecondaryState::default(),
+                    sec: Box::default(),
                 }
             }
         };

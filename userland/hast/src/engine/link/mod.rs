@@ -194,6 +194,9 @@ pub struct Replicator {
     /// Counts changes of the security settings: a session started before
     /// a change ends, and the link is re-established with the new keys.
     rekey: watch::Sender<u64>,
+    /// Resync tasks of extents still running (they outlive their session:
+    /// each releases its range lock when it ends).
+    extent_tasks: Arc<resync::Live>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -219,7 +222,14 @@ impl Replicator {
             unflushed_bytes: AtomicU64::new(0),
             link: Mutex::new(None),
             rekey: watch::channel(0).0,
+            extent_tasks: Arc::default(),
         })
+    }
+
+    /// Wait until the resync tasks of extents a stopped session left have
+    /// ended (they let go of the dataplane then).
+    pub async fn extent_tasks_done(&self) {
+        self.extent_tasks.wait_none().await;
     }
 
     /// Wait until the first connection attempt is over (see `first_attempt`).
@@ -277,7 +287,12 @@ impl Replicator {
                 let _ = stop.changed().await;
                 return;
             };
-            match self.connect(&cfg, &remote).await {
+            // A stop does not wait for a connection attempt to time out.
+            let connected = tokio::select! {
+                c = self.connect(&cfg, &remote) => c,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match connected {
                 Ok(parts) => {
                     attempt = 0;
                     last_error.clear();
@@ -293,11 +308,7 @@ impl Replicator {
                         );
                     }
                     *lock(&self.link) = Some(parts.info.clone());
-                    let ended = tokio::select! {
-                        r = self.clone().session(parts, &cfg) => r,
-                        _ = stop.changed() => LinkError::Closed,
-                        _ = rekey.changed() => LinkError::Rekey,
-                    };
+                    let ended = self.clone().session(parts, &cfg, stop.clone(), rekey).await;
                     *lock(&self.link) = None;
                     let rekeyed = matches!(ended, LinkError::Rekey);
                     self.disconnect(&cfg, &ended);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Checksum, Compression, ResourceConfig};
 use crate::core::{SyncDir, Upcall, UpcallKind};
@@ -250,11 +250,14 @@ impl Replicator {
         }
     }
 
-    /// Run a connected session until it fails.
+    /// Run a connected session until it fails, `stop` turns true
+    /// (`Closed`) or the security settings change (`rekey`: `Rekey`).
     pub(super) async fn session(
         self: Arc<Self>,
         parts: Connected,
         cfg: &ResourceConfig,
+        mut stop: watch::Receiver<bool>,
+        mut rekey: watch::Receiver<u64>,
     ) -> LinkError {
         let Connected { out, inc, geo, .. } = parts;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -283,9 +286,9 @@ impl Replicator {
         tracing::info!("connected to {}", cfg.remote);
         hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::Connect);
         let timeout = Duration::from_secs(u64::from(cfg.timeout.max(1)));
-        // The session's tasks live in one set: when one ends (or the
-        // session is dropped) the others are aborted, and the connections
-        // they hold are closed, before anything reconnects.
+        // The session's tasks live in one set: when one ends the others
+        // are aborted and awaited, and the connections they hold are
+        // closed, before anything reconnects.
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(send_loop(out, rx, cfg.compression, cfg.checksum));
         tasks.spawn(recv_loop(inc, waiters.clone(), self.dp.clone()));
@@ -297,6 +300,20 @@ impl Replicator {
             LinkError::Closed
         });
         tasks.spawn(self.clone().flusher());
+        // A stop ends the session like a failure: its tasks are shut down
+        // (and awaited) before it returns.
+        tasks.spawn(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            LinkError::Closed
+        });
+        // So do new keys, pins or secrets: the link is re-established with
+        // them (the Replicator that sends them outlives the session).
+        tasks.spawn(async move {
+            if rekey.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            LinkError::Rekey
+        });
         let result = match tasks.join_next().await {
             Some(Ok(e)) => e,
             _ => LinkError::Closed,
