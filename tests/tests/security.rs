@@ -6,7 +6,8 @@
 //! the secondary and leaves both daemons up; a plain peer without any
 //! extension field (FreeBSD's hastd, emulated) still pairs with a plain
 //! resource; loose key and secret files are refused at start and on
-//! reload; keys rotate on SIGHUP; the control socket refuses other users.
+//! reload; keys rotate on SIGHUP; a connection is re-established at its
+//! key limit; the control socket refuses other users.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -286,6 +287,54 @@ fn tls_pair_syncs_fails_over_and_resyncs_with_identical_data() {
     ));
     same_data(&c);
     assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
+    assert!(c.running("alpha") && c.running("beta"));
+}
+
+/// A TLS connection is re-established before its keys wear out, not
+/// rekeyed in band: with the `tls-key-limit` fail point a connection sends
+/// 32 MiB instead of about 128 GiB. Three writes of 20 MiB, each followed
+/// by a flush, cross reconnections; what was in flight or not yet flushed
+/// on both sides at each is resynchronized, the pair gets back in sync by
+/// itself, and the data is identical.
+#[test]
+fn tls_connections_are_re_established_before_their_keys_wear_out() {
+    let mut c = cluster(64 * MIB);
+    let k = keys(&c);
+    append_conf(&c, &tls_conf(&k));
+    for node in ["alpha", "beta"] {
+        c.failpoint(node, "tls-key-limit", true);
+    }
+    let limit = "has sent half of what its cipher suite allows one key";
+    c.start_all().unwrap();
+    c.role("beta", "r0", "secondary").unwrap();
+    c.role("alpha", "r0", "primary").unwrap();
+    wait_in_sync(&c, "alpha");
+    let reference = reference_image(&c);
+    let uri = c.nbd_uri("alpha", "r0").unwrap();
+    for (i, offset) in [2u64, 22, 42].into_iter().enumerate() {
+        let cmd = format!("write -P {} {} {}", 0x51 + i, offset * MIB, 20 * MIB);
+        qemu_io(&uri, &[&cmd, "flush"]);
+        qemu_io(&reference.display().to_string(), &[&cmd]);
+    }
+    wait_in_sync(&c, "alpha");
+    same_data(&c);
+    assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
+    let n = log_count(&c, "alpha", limit);
+    eprintln!("{n} reconnections for the key limit");
+    assert!(
+        n >= 1,
+        "60 MiB of writes in 32 MiB connections: {n} reconnections for the limit:\n{}",
+        c.log("alpha").unwrap_or_default()
+    );
+    for node in ["alpha", "beta"] {
+        assert!(
+            !log_has(&c, node, "sent more than its cipher suite allows"),
+            "{node} saw a peer go past the limit:\n{}",
+            c.log(node).unwrap_or_default()
+        );
+    }
+    let (sec, _) = link_lines(&c, "alpha");
+    assert!(sec.starts_with("tls (encrypted"), "{sec}");
     assert!(c.running("alpha") && c.running("beta"));
 }
 

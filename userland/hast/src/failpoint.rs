@@ -55,6 +55,20 @@ pub const ENGINE_SPLIT: &str = "engine-split";
 /// The piece size of [`ENGINE_SPLIT`].
 pub const ENGINE_SPLIT_SIZE: u64 = 64 * 1024;
 
+/// Not a failure: while armed when a TLS connection's handshake ends, the
+/// connection takes [`TLS_KEY_LIMIT_RECORDS`] as its cipher suite's limit
+/// for one key instead of the crypto provider's, so that it sends half of
+/// that (32 MiB in records of the largest size) and is re-established, as
+/// it is after about 128 GiB with AES-GCM. (A connection cut before
+/// both sides flushed what it carried loses that to the next resync: a
+/// resync flushes both sides every 128 MiB, so with this point armed one
+/// that needs more than a connection never ends; with a real limit each
+/// connection carries a thousand times that.)
+pub const TLS_KEY_LIMIT: &str = "tls-key-limit";
+
+/// The limit of [`TLS_KEY_LIMIT`], in records of the largest size.
+pub const TLS_KEY_LIMIT_RECORDS: u64 = 4096;
+
 /// The error the point `name` injects now, if it is armed.
 #[cfg(feature = "failpoints")]
 pub fn check(name: &str) -> Option<std::io::Error> {

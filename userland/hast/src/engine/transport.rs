@@ -160,17 +160,29 @@ impl TlsConn {
             .peer_certificates()
             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
             .unwrap_or_default();
-        let suite = conn
+        let negotiated = conn
             .negotiated_cipher_suite()
-            .map(crate::security::tls::suite_name)
-            .unwrap_or_default();
+            .ok_or_else(|| invalid("no TLS cipher suite was negotiated"))?;
+        let suite = crate::security::tls::suite_name(negotiated);
+        // What the crypto provider allows one key of this suite, in
+        // records of the largest size (see security::record).
+        let limit = negotiated
+            .tls13()
+            .ok_or_else(|| invalid("the TLS connection is not TLS 1.3"))?
+            .common
+            .confidentiality_limit;
+        let send = if crate::failpoint::check(crate::failpoint::TLS_KEY_LIMIT).is_some() {
+            record::send_budget(crate::failpoint::TLS_KEY_LIMIT_RECORDS)
+        } else {
+            record::send_budget(limit)
+        };
         let secrets = conn.extract().map_err(invalid)?;
         let (rx_seq, rx) = secrets.rx;
         let (tx_seq, tx) = secrets.tx;
         Ok(TlsConn {
             tcp,
-            rx: Direction::new(rx, rx_seq).map_err(invalid)?,
-            tx: Direction::new(tx, tx_seq).map_err(invalid)?,
+            rx: Direction::new(rx, rx_seq, record::receive_budget(limit)).map_err(invalid)?,
+            tx: Direction::new(tx, tx_seq, send).map_err(invalid)?,
             rbuf: vec![0u8; READ_BUFFER + record::HEADER + record::MAX_CIPHERTEXT],
             rstart: 0,
             rend: 0,
@@ -580,6 +592,54 @@ mod tests {
         .unwrap();
         assert!(server.await.unwrap() == sent);
         assert!(back == sent[..1 << 20], "rustls read our records wrong");
+    }
+
+    /// A key update from rustls (what a peer that rekeys in band sends)
+    /// after some data: the data before it arrives, the read after it
+    /// fails with an error that names it, and nothing sent under the new
+    /// keys is returned.
+    #[tokio::test]
+    async fn a_key_update_is_refused_with_an_error_that_names_it() {
+        let (cc, sc) = configs();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = Duration::from_secs(10);
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut s = Conn::tls_accept(s, sc, t).await.unwrap();
+            let mut first = vec![0u8; 100_000];
+            s.read_exact(&mut first).await.unwrap();
+            let mut rest = Vec::new();
+            let err = s.read_to_end(&mut rest).await.unwrap_err();
+            (first, rest, err)
+        });
+        let (before, after) = (data(100_000, 3), data(50_000, 4));
+        let (b, a) = (before.clone(), after.clone());
+        let client = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let tcp = std::net::TcpStream::connect(addr).unwrap();
+            let conn = rustls::ClientConnection::new(cc, tls::peer_name()).unwrap();
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            s.write_all(&b).unwrap();
+            s.flush().unwrap();
+            s.conn.refresh_traffic_keys().unwrap();
+            // The server may already have closed: these may fail.
+            let _ = s.write_all(&a);
+            let _ = s.flush();
+        });
+        let (first, rest, err) = server.await.unwrap();
+        client.await.unwrap();
+        assert!(first == before, "the data before the key update differs");
+        assert!(
+            rest.is_empty(),
+            "{} bytes read after the key update",
+            rest.len()
+        );
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            err.to_string().contains("TLS key update"),
+            "the error does not name the key update: {err}"
+        );
     }
 
     /// A changed byte on the wire: the reader fails, it does not return
