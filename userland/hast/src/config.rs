@@ -7,10 +7,11 @@
 //! control <addr>          pidfile <path>          listen <addr> (repeatable)
 //! replication fullsync|memsync|async   checksum none|crc32|sha256
 //! compression none|hole|lzf            timeout <seconds>   exec <path>
-//! metaflush on|off
-//! on <node> { control <addr>  pidfile <path>  listen <addr> }
+//! metaflush on|off     metrics <addr>     probe_timeout <seconds>   connect_wait <seconds>
+//! on <node> { control <addr>  pidfile <path>  listen <addr>  metrics <addr> }
 //! resource <name> {
 //!     replication, checksum, compression, timeout, exec, metaflush,
+//!     probe_timeout, connect_wait,
 //!     name <provname>, local <path>, nbd <addr>
 //!     on <node> { name <provname>  local <path>  remote <addr>|none
 //!                 source <addr>  metaflush on|off  nbd <addr> }
@@ -31,7 +32,12 @@
 //! white space); addresses are checked when parsed, in every `on` block, not when first
 //! used; `timeout` must fit in 1..2147483647 (the reference overflows `atoi`).
 //! `nbd <addr>` is this project's extension, recognised only where a statement starts
-//! inside a resource (anywhere else `nbd` stays an ordinary word).
+//! inside a resource (anywhere else `nbd` stays an ordinary word). So are, where a
+//! statement starts, `metrics <addr>` (global and top-level `on` blocks: where hastd
+//! serves Prometheus metrics; node > global) and `probe_timeout <seconds>` and
+//! `connect_wait <seconds>` (global and resource: how long `hastctl role primary` waits
+//! for the peer's answer to its promotion probe, and for the first connection attempt
+//! before the device is served; resource > global).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -55,6 +61,11 @@ pub const MAX_TIMEOUT: u32 = i32::MAX as u32;
 pub const NBD_DEFAULT_PORT: u16 = 10809;
 /// Directory of the default NBD sockets: `<dir>/<provname>.nbd`.
 pub const DEFAULT_NBD_DIR: &str = "/var/run/hast";
+/// Default port of a `metrics` address (the one Prometheus' port
+/// allocations list leaves free for hast).
+pub const METRICS_DEFAULT_PORT: u16 = 9458;
+/// Default `probe_timeout` in seconds.
+pub const DEFAULT_PROBE_TIMEOUT: u32 = 5;
 
 /// Longest resource or provider name (`char [NAME_MAX]` in the reference).
 const MAX_NAME_LEN: usize = 254;
@@ -383,6 +394,9 @@ pub struct Config {
     pub listen: Vec<Addr>,
     /// In file order.
     pub resources: Vec<ResourceConfig>,
+    /// Extension: where hastd serves Prometheus metrics (`metrics`); off
+    /// when None.
+    pub metrics: Option<Addr>,
 }
 
 /// One resource, resolved for this host.
@@ -405,11 +419,32 @@ pub struct ResourceConfig {
     pub metaflush: bool,
     /// Extension: NBD export address; None = [`ResourceConfig::nbd_addr`]'s default.
     pub nbd: Option<Addr>,
+    /// Extension: seconds `role primary` waits for the peer's answer to
+    /// its promotion probe (`probe_timeout`, default 5).
+    pub probe_timeout: u32,
+    /// Extension: seconds a new primary waits for its first connection
+    /// attempt before it serves the device (`connect_wait`); None:
+    /// `timeout` + 1.
+    pub connect_wait: Option<u32>,
     /// Line of the `resource` keyword.
     pub line: u32,
 }
 
 impl ResourceConfig {
+    /// How long a new primary waits for its first connection attempt
+    /// before serving the device: `connect_wait`, else `timeout` + 1 s.
+    pub fn first_connect_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(
+            self.connect_wait
+                .unwrap_or_else(|| self.timeout.max(1).saturating_add(1)),
+        ))
+    }
+
+    /// How long `role primary` waits for the peer's answer to its probe.
+    pub fn probe_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.probe_timeout.max(1)))
+    }
+
     /// The NBD export address: `nbd` if set, else the Unix socket
     /// `/var/run/hast/<provname>.nbd`.
     pub fn nbd_addr(&self) -> Addr {
@@ -448,6 +483,12 @@ pub enum Problem {
     },
     #[error("timeout {0} is out of range (1 to 2147483647 seconds)")]
     BadTimeout(String),
+    #[error("{statement} {value} is out of range ({min} to 2147483647 seconds)")]
+    BadSeconds {
+        statement: &'static str,
+        value: String,
+        min: u32,
+    },
     #[error("{what} is too long ({len} bytes, at most {max})")]
     TooLong {
         what: &'static str,
@@ -692,9 +733,9 @@ enum Ctx {
 impl Ctx {
     fn expected(self) -> &'static str {
         match self {
-            Ctx::Top => "a statement (control, pidfile, listen, replication, checksum, compression, timeout, exec, metaflush, on, resource)",
-            Ctx::Node => "`}` or a node statement (control, pidfile, listen)",
-            Ctx::Resource => "`}` or a resource statement (replication, checksum, compression, timeout, exec, metaflush, name, local, nbd, on)",
+            Ctx::Top => "a statement (control, pidfile, listen, replication, checksum, compression, timeout, exec, metaflush, metrics, probe_timeout, connect_wait, on, resource)",
+            Ctx::Node => "`}` or a node statement (control, pidfile, listen, metrics)",
+            Ctx::Resource => "`}` or a resource statement (replication, checksum, compression, timeout, exec, metaflush, probe_timeout, connect_wait, name, local, nbd, on)",
             Ctx::ResNode => "`}` or a resource node statement (name, local, remote, source, metaflush, nbd)",
         }
     }
@@ -728,6 +769,9 @@ enum SKw {
     Source,
     On,
     Nbd,
+    Metrics,
+    ProbeTimeout,
+    ConnectWait,
 }
 
 impl SKw {
@@ -770,6 +814,21 @@ impl SKw {
             SKw::Source => "source",
             SKw::On => "on",
             SKw::Nbd => "nbd",
+            SKw::Metrics => "metrics",
+            SKw::ProbeTimeout => "probe_timeout",
+            SKw::ConnectWait => "connect_wait",
+        }
+    }
+
+    /// The extension statements: ordinary words (not keywords), taken as
+    /// statements only where a statement starts.
+    fn contextual(word: &str) -> Option<SKw> {
+        match word {
+            "nbd" => Some(SKw::Nbd),
+            "metrics" => Some(SKw::Metrics),
+            "probe_timeout" => Some(SKw::ProbeTimeout),
+            "connect_wait" => Some(SKw::ConnectWait),
+            _ => None,
         }
     }
 
@@ -785,6 +844,8 @@ impl SKw {
             SKw::Name | SKw::Local | SKw::Nbd => matches!(ctx, Resource | ResNode),
             SKw::Remote | SKw::Source => ctx == ResNode,
             SKw::On => matches!(ctx, Top | Resource),
+            SKw::Metrics => matches!(ctx, Top | Node),
+            SKw::ProbeTimeout | SKw::ConnectWait => matches!(ctx, Top | Resource),
         }
     }
 
@@ -801,6 +862,8 @@ impl SKw {
             SKw::Name | SKw::Local | SKw::Nbd => "in a `resource` block or in its `on` blocks",
             SKw::Remote | SKw::Source => "in an `on` block inside a `resource` block",
             SKw::On => "at top level or in a `resource` block",
+            SKw::Metrics => "at top level or in a top-level `on` block",
+            SKw::ProbeTimeout | SKw::ConnectWait => "at top level or in a `resource` block",
         }
     }
 }
@@ -824,6 +887,9 @@ enum Stmt {
     Source(Addr),
     On(String),
     Nbd(Addr),
+    Metrics(Addr),
+    ProbeTimeout(u32),
+    ConnectWait(u32),
 }
 
 type PResult<T> = Result<T, (u32, Problem)>;
@@ -842,6 +908,10 @@ struct Globals {
     timeout: Option<u32>,
     exec: Option<PathBuf>,
     metaflush: Option<bool>,
+    metrics: Option<Addr>,
+    node_metrics: Option<Addr>,
+    probe_timeout: Option<u32>,
+    connect_wait: Option<u32>,
 }
 
 /// What this host's `on` blocks of a resource set.
@@ -871,6 +941,8 @@ struct PendingResource {
     exec: Option<PathBuf>,
     metaflush: Option<bool>,
     nbd: Option<Addr>,
+    probe_timeout: Option<u32>,
+    connect_wait: Option<u32>,
 }
 
 struct Parser<'h> {
@@ -970,6 +1042,33 @@ impl Parser<'_> {
         Ok(PathBuf::from(s))
     }
 
+    /// A number of seconds from `min` to [`MAX_TIMEOUT`] after `statement`.
+    fn seconds(&mut self, statement: &'static str, min: u32) -> PResult<u32> {
+        let t = self.next();
+        match t.tok {
+            Tok::Num(n) => n
+                .parse::<u64>()
+                .ok()
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|v| (min..=MAX_TIMEOUT).contains(v))
+                .ok_or((
+                    t.line,
+                    Problem::BadSeconds {
+                        statement,
+                        value: n.clone(),
+                        min,
+                    },
+                )),
+            other => Err((
+                t.line,
+                Problem::Unexpected {
+                    found: describe(&other),
+                    expected: format!("a number of seconds after `{statement}`"),
+                },
+            )),
+        }
+    }
+
     fn open_brace(&mut self, what: &str) -> PResult<()> {
         let t = self.next();
         match t.tok {
@@ -1014,7 +1113,7 @@ impl Parser<'_> {
                 ))
             }
             Tok::Kw(k) => SKw::from_kw(*k),
-            Tok::Str(s) if s == "nbd" => Some(SKw::Nbd),
+            Tok::Str(s) => SKw::contextual(s),
             _ => None,
         };
         let Some(skw) = skw else {
@@ -1147,6 +1246,9 @@ impl Parser<'_> {
                 Stmt::On(name)
             }
             SKw::Nbd => Stmt::Nbd(self.address("nbd", NBD_DEFAULT_PORT)?),
+            SKw::Metrics => Stmt::Metrics(self.address("metrics", METRICS_DEFAULT_PORT)?),
+            SKw::ProbeTimeout => Stmt::ProbeTimeout(self.seconds("probe_timeout", 1)?),
+            SKw::ConnectWait => Stmt::ConnectWait(self.seconds("connect_wait", 0)?),
         };
         Ok(Some((stmt, line)))
     }
@@ -1166,6 +1268,9 @@ impl Parser<'_> {
                 Stmt::Timeout(v) => g.timeout = Some(v),
                 Stmt::Exec(p) => g.exec = Some(p),
                 Stmt::Metaflush(v) => g.metaflush = Some(v),
+                Stmt::Metrics(a) => g.metrics = Some(a),
+                Stmt::ProbeTimeout(v) => g.probe_timeout = Some(v),
+                Stmt::ConnectWait(v) => g.connect_wait = Some(v),
                 Stmt::On(node) => {
                     self.open_brace(&format!("`on {node}`"))?;
                     self.node_block(&node, line, &mut g)?;
@@ -1222,6 +1327,11 @@ impl Parser<'_> {
                 exec: p.exec.or_else(|| g.exec.clone()),
                 metaflush: p.metaflush.or(g.metaflush).unwrap_or(true),
                 nbd: p.nbd,
+                probe_timeout: p
+                    .probe_timeout
+                    .or(g.probe_timeout)
+                    .unwrap_or(DEFAULT_PROBE_TIMEOUT),
+                connect_wait: p.connect_wait.or(g.connect_wait),
                 line: p.line,
             })
             .collect();
@@ -1231,6 +1341,7 @@ impl Parser<'_> {
             pidfile,
             listen,
             resources,
+            metrics: g.node_metrics.or(g.metrics),
         })
     }
 
@@ -1246,6 +1357,7 @@ impl Parser<'_> {
                 Stmt::Control(a) => g.node_control = Some(a),
                 Stmt::Pidfile(p) => g.node_pidfile = Some(p),
                 Stmt::Listen(a) => g.listen.push(a),
+                Stmt::Metrics(a) => g.node_metrics = Some(a),
                 _ => {}
             }
         }
@@ -1262,6 +1374,8 @@ impl Parser<'_> {
         let mut provname = None;
         let mut local = None;
         let mut nbd = None;
+        let mut probe_timeout = None;
+        let mut connect_wait = None;
         let mut node = ResNodeVals::default();
         let mut had_mine = false;
         while let Some((stmt, sline)) = self.statement(Ctx::Resource, line)? {
@@ -1275,6 +1389,8 @@ impl Parser<'_> {
                 Stmt::Name(n) => provname = Some(n),
                 Stmt::Local(p) => local = Some(p),
                 Stmt::Nbd(a) => nbd = Some(a),
+                Stmt::ProbeTimeout(v) => probe_timeout = Some(v),
+                Stmt::ConnectWait(v) => connect_wait = Some(v),
                 Stmt::On(on_name) => {
                     self.open_brace(&format!("`on {on_name}`"))?;
                     let mine = self.host.matches(&on_name);
@@ -1314,6 +1430,8 @@ impl Parser<'_> {
             exec,
             metaflush: node.metaflush.or(metaflush),
             nbd: node.nbd.or(nbd),
+            probe_timeout,
+            connect_wait,
         })
     }
 

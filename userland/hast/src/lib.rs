@@ -4,8 +4,10 @@
 //! Layers call down, never up:
 //! - bottom: [`sysexits`], [`size`], [`role`], [`stats`], [`nv`], [`proto`], [`addr`],
 //!   [`config`], [`provider`], [`activemap`], [`metadata`];
-//! - then the control protocol ([`control`]), [`hooks`], [`pidfile`], the
-//!   accept loop of every listening socket ([`accept`]);
+//! - then the control protocol ([`control`]), wall-clock timestamps
+//!   ([`clock`]), the event stream ([`events`]), [`hooks`], [`pidfile`], the
+//!   accept loop of every listening socket ([`accept`]), the Prometheus
+//!   metrics and their HTTP server ([`metrics`]);
 //! - the fast-path core ([`core`]) and its hosts ([`uhost`] with the NBD
 //!   server [`nbd`], the kernel transport [`kdev`]), behind the engine's
 //!   [`dataplane`] interface;
@@ -14,16 +16,19 @@
 pub mod accept;
 pub mod activemap;
 pub mod addr;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod core;
 pub mod dataplane;
 pub mod engine;
+pub mod events;
 pub mod failpoint;
 pub mod handshake;
 pub mod hooks;
 pub mod kdev;
 pub mod metadata;
+pub mod metrics;
 pub mod nbd;
 pub mod nv;
 pub mod payload;

@@ -5,6 +5,7 @@
 //! Extensions are fields the reference ignores.
 
 use crate::nv::Nv;
+use crate::splitbrain::Counters;
 use crate::stats::{Queues, RequestStats};
 
 /// A STATUS reply: one entry per resource asked for, in order.
@@ -47,6 +48,36 @@ pub struct ResourceStatus {
     /// Present for a primary, and for a secondary while its primary is
     /// connected (the reference reports nothing more otherwise).
     pub activity: Option<Activity>,
+    /// Extension: the metadata's counters (`resuid%u`, `localcnt%u`,
+    /// `remotecnt%u`), for a resource whose provider is open.
+    pub counters: Option<Counters>,
+    /// Extension: the replication link of a primary or secondary.
+    pub link: Option<LinkStatus>,
+    /// Extension: the peer's and this node's data both changed while they
+    /// were apart; they refuse to connect (`split_brain%u`, uint8 1).
+    pub split_brain: bool,
+    /// Extension: bytes of extents a synchronization must copy, running or
+    /// not yet started (`sync_pending%u`; a primary).
+    pub sync_pending: Option<u64>,
+}
+
+/// Extension: what this node knows of its replication link.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkStatus {
+    /// Since when a session runs (milliseconds since the epoch;
+    /// `connected_since%u`); `None` while disconnected.
+    pub connected_since_ms: Option<u64>,
+    /// When the last session ended and why (`disconnect_time%u`,
+    /// `disconnect_reason%u`).
+    pub last_disconnect: Option<(u64, String)>,
+    /// Why the last attempt to connect failed, while disconnected
+    /// (`link_error%u`; a primary, which makes the attempts).
+    pub last_error: Option<String>,
+    /// How the link is protected, once it can be (`encryption%u`).
+    pub encryption: Option<String>,
+    /// Sessions established after an earlier one ended, since the
+    /// resource took its role (`reconnects%u`).
+    pub reconnects: u64,
 }
 
 /// The live part of a resource's status.
@@ -117,6 +148,7 @@ impl ResourceStatus {
         if self.inconsistent {
             nv.add_u8(format!("inconsistent{no}"), 1);
         }
+        self.extensions_to_nv(nv, no);
         let Some(a) = &self.activity else {
             return;
         };
@@ -146,6 +178,7 @@ impl ResourceStatus {
                 .to_string()
         };
         let u = |name: &str| nv.get_u64(&format!("{name}{no}")).unwrap_or(0);
+        let opt_string = |name: &str| nv.get_string(&format!("{name}{no}")).map(str::to_string);
         let activity = nv.get_string(&format!("status{no}")).map(|status| {
             let sync = nv
                 .get_u64(&format!("sync_total{no}"))
@@ -194,6 +227,63 @@ impl ResourceStatus {
             workerpid: nv.get_i32(&format!("workerpid{no}")).unwrap_or(0),
             inconsistent: nv.get_u8(&format!("inconsistent{no}")) == Some(1),
             activity,
+            counters: nv.get_u64(&format!("resuid{no}")).map(|resuid| Counters {
+                resuid,
+                localcnt: u("localcnt"),
+                remotecnt: u("remotecnt"),
+            }),
+            link: nv
+                .get_u8(&format!("link{no}"))
+                .filter(|&l| l == 1)
+                .map(|_| LinkStatus {
+                    connected_since_ms: nv.get_u64(&format!("connected_since{no}")),
+                    last_disconnect: nv.get_u64(&format!("disconnect_time{no}")).map(|t| {
+                        (
+                            t,
+                            nv.get_string(&format!("disconnect_reason{no}"))
+                                .unwrap_or("")
+                                .to_string(),
+                        )
+                    }),
+                    last_error: opt_string("link_error"),
+                    encryption: opt_string("encryption"),
+                    reconnects: u("reconnects"),
+                }),
+            split_brain: nv.get_u8(&format!("split_brain{no}")) == Some(1),
+            sync_pending: nv.get_u64(&format!("sync_pending{no}")),
+        }
+    }
+
+    /// The extension fields this project adds (the reference ignores
+    /// them): counters, link, split-brain, pending synchronization.
+    fn extensions_to_nv(&self, nv: &mut Nv, no: usize) {
+        if let Some(c) = &self.counters {
+            nv.add_u64(format!("resuid{no}"), c.resuid);
+            nv.add_u64(format!("localcnt{no}"), c.localcnt);
+            nv.add_u64(format!("remotecnt{no}"), c.remotecnt);
+        }
+        if let Some(l) = &self.link {
+            nv.add_u8(format!("link{no}"), 1);
+            if let Some(t) = l.connected_since_ms {
+                nv.add_u64(format!("connected_since{no}"), t);
+            }
+            if let Some((t, why)) = &l.last_disconnect {
+                nv.add_u64(format!("disconnect_time{no}"), *t);
+                nv.add_string(format!("disconnect_reason{no}"), why.as_str());
+            }
+            if let Some(e) = &l.last_error {
+                nv.add_string(format!("link_error{no}"), e.as_str());
+            }
+            if let Some(e) = &l.encryption {
+                nv.add_string(format!("encryption{no}"), e.as_str());
+            }
+            nv.add_u64(format!("reconnects{no}"), l.reconnects);
+        }
+        if self.split_brain {
+            nv.add_u8(format!("split_brain{no}"), 1);
+        }
+        if let Some(p) = self.sync_pending {
+            nv.add_u64(format!("sync_pending{no}"), p);
         }
     }
 }
@@ -291,6 +381,20 @@ mod tests {
                     msecs: 1500,
                 }),
             }),
+            counters: Some(Counters {
+                resuid: 0xdead_beef,
+                localcnt: 3,
+                remotecnt: 2,
+            }),
+            link: Some(LinkStatus {
+                connected_since_ms: Some(1_700_000_000_000),
+                last_disconnect: Some((1_699_999_999_000, "connection reset".into())),
+                last_error: Some("connection refused".into()),
+                encryption: None,
+                reconnects: 4,
+            }),
+            split_brain: true,
+            sync_pending: Some(60),
         }
     }
 
@@ -348,11 +452,24 @@ mod tests {
         let plain = ResourceStatus {
             inconsistent: false,
             activity: None,
+            counters: None,
+            link: None,
+            split_brain: false,
+            sync_pending: None,
             ..busy()
         };
         let mut nv = Nv::new();
         plain.to_nv(&mut nv, 0);
         assert!(nv.get("inconsistent0").is_none());
+        for ext in [
+            "resuid0",
+            "link0",
+            "split_brain0",
+            "sync_pending0",
+            "reconnects0",
+        ] {
+            assert!(nv.get(ext).is_none(), "{ext}");
+        }
         assert!(nv.get("status0").is_none());
         assert!(nv.get("sync_total0").is_none());
     }

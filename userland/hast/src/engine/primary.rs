@@ -19,6 +19,7 @@ use crate::core::{Mode, Params};
 use crate::dataplane::{Dataplane, DataplaneError, KernelPlane, UserPlane};
 use crate::kdev::{CreateSpec, KdevError, KernelDevice};
 use crate::metadata::{Metadata, METADATA_SIZE};
+use crate::metrics::ResourceMetrics;
 use crate::nbd::{Backend, Registry, Server};
 use crate::provider::Provider;
 use crate::uhost::{HostGeometry, Uhost, UhostError};
@@ -97,12 +98,14 @@ impl Primary {
     }
 
     /// Start the core on the opened provider: in the kernel module when
-    /// [`Primary::kernel_host`], else in hastd with an NBD export.
+    /// [`Primary::kernel_host`], else in hastd with an NBD export. The data
+    /// path and the link record into `metrics`.
     pub async fn start(
         cfg: &ResourceConfig,
         provider: Arc<Provider>,
         md: Arc<Mutex<Metadata>>,
         map: &[u8],
+        metrics: Arc<ResourceMetrics>,
     ) -> Result<Primary, PrimaryError> {
         let geo = {
             let m = md.lock().unwrap_or_else(|p| p.into_inner());
@@ -117,18 +120,18 @@ impl Primary {
             }
         };
         if Self::kernel_host() {
-            return Self::start_kernel(cfg, provider, md, &geo, map).await;
+            return Self::start_kernel(cfg, provider, md, &geo, map, metrics).await;
         }
-        let uhost = Arc::new(Uhost::new(provider.clone(), &geo, map)?);
+        let uhost = Arc::new(Uhost::new(provider.clone(), &geo, map, metrics.clone())?);
         let plane = Arc::new(UserPlane::new(uhost.clone(), provider));
         let dp: Arc<dyn Dataplane> = plane.clone();
-        let replicator = Replicator::new(dp.clone(), md, cfg.clone());
+        let replicator = Replicator::new(dp.clone(), md, cfg.clone(), metrics);
         let upcalls = tokio::spawn(replicator.clone().upcalls());
         // Connect before serving, as the reference does: if the peer holds
         // newer data, reads must go to it from the first request on.
         let (stop_link, stop_rx) = tokio::sync::watch::channel(false);
         let link = tokio::spawn(replicator.clone().run(stop_rx));
-        let wait = std::time::Duration::from_secs(u64::from(cfg.timeout.max(1)) + 1);
+        let wait = cfg.first_connect_wait();
         if tokio::time::timeout(wait, replicator.first_attempt_done())
             .await
             .is_err()
@@ -213,6 +216,7 @@ impl Primary {
         md: Arc<Mutex<Metadata>>,
         geo: &HostGeometry,
         map: &[u8],
+        metrics: Arc<ResourceMetrics>,
     ) -> Result<Primary, PrimaryError> {
         let provider = Arc::try_unwrap(provider).map_err(|_| PrimaryError::ProviderBusy)?;
         drop(provider);
@@ -238,7 +242,7 @@ impl Primary {
         .map_err(|e| PrimaryError::Task(e.to_string()))??;
         let plane = Arc::new(plane);
         let dp: Arc<dyn Dataplane> = plane.clone();
-        let replicator = Replicator::new(dp.clone(), md, cfg.clone());
+        let replicator = Replicator::new(dp.clone(), md, cfg.clone(), metrics);
         let upcalls = tokio::spawn(replicator.clone().upcalls());
         let (stop_link, stop_rx) = tokio::sync::watch::channel(false);
         let link = tokio::spawn(replicator.clone().run(stop_rx));

@@ -5,17 +5,12 @@
 //! tells when it is primary. Promotion is refused when the peer is primary
 //! or holds newer data; an unreachable peer does not stop it.
 
-use std::time::Duration;
-
 use crate::config::ResourceConfig;
 use crate::handshake::Hello;
 use crate::nv::Nv;
 use crate::proto::{self, Limits, HAST_PROTO_VERSION};
 use crate::role::Role;
 use crate::splitbrain::{self, Counters, Decision, SyncSrc};
-
-/// Longest wait for the peer's answer.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the peer said about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +87,9 @@ pub async fn probe(cfg: &ResourceConfig) -> PeerState {
     let Some(remote) = &cfg.remote_addr else {
         return PeerState::Unreachable("remote none".into());
     };
-    let mut s = match super::link::dial(cfg, remote, PROBE_TIMEOUT).await {
+    // `probe_timeout` (5 s by default) to connect, and again for the answer.
+    let wait = cfg.probe_wait();
+    let mut s = match super::link::dial(cfg, remote, wait).await {
         Ok(s) => s,
         Err(e) => return PeerState::Unreachable(e.to_string()),
     };
@@ -107,7 +104,7 @@ pub async fn probe(cfg: &ResourceConfig) -> PeerState {
         proto::write_frame_async(&mut s, &hello, &[]).await?;
         proto::read_frame_async(&mut s, limits).await
     };
-    match tokio::time::timeout(PROBE_TIMEOUT, exchange).await {
+    match tokio::time::timeout(wait, exchange).await {
         Ok(Ok((nv, _))) => parse(&nv),
         Ok(Err(e)) => PeerState::Unreachable(e.to_string()),
         Err(_) => PeerState::Unreachable("no answer".into()),

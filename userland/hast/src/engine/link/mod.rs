@@ -5,8 +5,12 @@
 //! extents ([`resync`]), flushes both sides so written extents can leave
 //! the map ([`flush`]), and records counters and roles in the metadata
 //! ([`record`]). It reconnects with quick first retries, then every 10
-//! seconds. Without a session the upcalls get the degraded answers (the
-//! localcnt bump is persisted, peer reads fail).
+//! seconds (`hastctl reconnect` cuts a wait short; the retries are quick
+//! again after a session was established). Without a session the upcalls
+//! get the degraded answers (the localcnt bump is persisted, peer reads
+//! fail). What happens to the link is reported as events
+//! ([`crate::hooks::notify`]) and kept for `hastctl list`
+//! ([`super::peer::PeerLink`]).
 
 mod connect;
 mod flush;
@@ -25,9 +29,13 @@ use tokio::sync::watch;
 
 use crate::config::ResourceConfig;
 use crate::dataplane::{Dataplane, DataplaneError};
-use crate::hooks::{self, Event};
+use crate::events::Kind;
+use crate::hooks;
 use crate::metadata::Metadata;
+use crate::metrics::ResourceMetrics;
 use crate::proto;
+
+use super::peer::PeerLink;
 
 use session::{Session, SYNC_SEQ_BASE};
 
@@ -124,6 +132,12 @@ pub struct Replicator {
     first_attempt: watch::Sender<bool>,
     /// Bytes of writes sent to the peer since the last flush of both sides.
     unflushed_bytes: AtomicU64,
+    /// The link's state for `hastctl list` and the metrics.
+    pub peer: PeerLink,
+    /// `hastctl reconnect`: end the wait before the next attempt.
+    reconnect: tokio::sync::Notify,
+    /// Latency of the peer's replies, and where the data path records.
+    metrics: Arc<ResourceMetrics>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -135,6 +149,7 @@ impl Replicator {
         dp: Arc<dyn Dataplane>,
         md: Arc<Mutex<Metadata>>,
         cfg: ResourceConfig,
+        metrics: Arc<ResourceMetrics>,
     ) -> Arc<Replicator> {
         Arc::new(Replicator {
             dp,
@@ -147,7 +162,17 @@ impl Replicator {
             connected: AtomicBool::new(false),
             first_attempt: watch::channel(false).0,
             unflushed_bytes: AtomicU64::new(0),
+            peer: PeerLink::default(),
+            reconnect: tokio::sync::Notify::new(),
+            metrics,
         })
+    }
+
+    /// `hastctl reconnect`: make the next connection attempt now instead
+    /// of at the end of the current wait. Nothing changes while a session
+    /// runs.
+    pub fn reconnect_now(&self) {
+        self.reconnect.notify_one();
     }
 
     /// Wait until the first connection attempt is over (see `first_attempt`).
@@ -207,9 +232,16 @@ impl Replicator {
                         e,
                         LinkError::Handshake(crate::handshake::HandshakeError::SplitBrain)
                     );
+                    self.peer.failed(&msg, split_brain);
                     if split_brain && !split_brain_reported {
                         tracing::error!("split-brain detected with {remote}; both nodes refuse to synchronize (see hastctl(8) for the recovery)");
-                        hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SplitBrain);
+                        hooks::notify(
+                            cfg.exec.as_deref(),
+                            &cfg.name,
+                            Kind::SplitBrain {
+                                peer: cfg.remote.clone(),
+                            },
+                        );
                         split_brain_reported = true;
                     }
                     if msg != last_error {
@@ -226,6 +258,9 @@ impl Replicator {
             attempt = attempt.saturating_add(1);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
+                _ = self.reconnect.notified() => {
+                    tracing::info!("reconnecting to {remote} now, as asked");
+                }
                 _ = stop.changed() => return,
             }
         }
@@ -240,12 +275,37 @@ impl Replicator {
         // Resync tasks waiting for a range learn the session is gone.
         self.dp.sync_cancel();
         tracing::warn!("disconnected from {}: {why}", cfg.remote);
+        let reason = why.to_string();
+        self.peer.disconnected(&reason);
+        if let LinkError::Unanswered(seq) = why {
+            crate::events::publish(
+                &cfg.name,
+                Kind::Timeout {
+                    what: format!("the peer did not answer request seq {seq}"),
+                    secs: u64::from(cfg.timeout.max(1)),
+                },
+            );
+        }
         // A synchronization that was running ends here, whatever ended the
         // session.
         if self.progress.active.swap(false, Ordering::SeqCst) {
             tracing::warn!("synchronization interrupted; it goes on after the next connection");
-            hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncIntr);
+            hooks::notify(
+                cfg.exec.as_deref(),
+                &cfg.name,
+                Kind::SyncInterrupted {
+                    done: self.progress.done.load(Ordering::Relaxed),
+                    total: self.progress.total.load(Ordering::Relaxed),
+                },
+            );
         }
-        hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::Disconnect);
+        hooks::notify(
+            cfg.exec.as_deref(),
+            &cfg.name,
+            Kind::Disconnect {
+                peer: cfg.remote.clone(),
+                reason,
+            },
+        );
     }
 }

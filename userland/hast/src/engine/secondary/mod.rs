@@ -88,6 +88,8 @@ pub struct Local {
     pub provider: Arc<Provider>,
     pub md: Arc<Mutex<Metadata>>,
     pub cfg: ResourceConfig,
+    /// Where requests' latency and the local provider's errors go.
+    pub metrics: Arc<crate::metrics::ResourceMetrics>,
 }
 
 impl Local {
@@ -244,6 +246,7 @@ where
             provider: local.provider.clone(),
             inflight: inflight.clone(),
             stats: stats.clone(),
+            metrics: local.metrics.clone(),
             pool: pool.clone(),
             replies: tx.clone(),
         };

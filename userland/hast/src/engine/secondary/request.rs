@@ -1,6 +1,7 @@
 //! One request of the primary applied to the local provider: after the
 //! earlier requests it overlaps (a flush after every earlier one), on a
-//! blocking thread, counted, and answered.
+//! blocking thread, counted (and timed, when metrics are on), and
+//! answered; a failure is published as an `io-error` event.
 
 use std::sync::{Arc, Mutex};
 
@@ -8,6 +9,7 @@ use tokio::sync::mpsc;
 
 use super::buffers::BufPool;
 use super::replies::Outgoing;
+use crate::metrics::ResourceMetrics;
 use crate::provider::Provider;
 use crate::stats::{AtomicRequestStats, RequestKind};
 use crate::wire::{Cmd, Reply, Request};
@@ -65,6 +67,7 @@ pub(super) struct Work {
     pub provider: Arc<Provider>,
     pub inflight: Arc<InFlight>,
     pub stats: Arc<AtomicRequestStats>,
+    pub metrics: Arc<ResourceMetrics>,
     pub pool: Arc<BufPool>,
     pub replies: mpsc::Sender<Outgoing>,
 }
@@ -81,9 +84,11 @@ impl Work {
             provider,
             inflight,
             stats,
+            metrics,
             pool,
             replies,
         } = self;
+        let since = metrics.start();
         let end = req.offset.saturating_add(req.length);
         // Wait for earlier requests to the same range; a flush waits for
         // every earlier request, so it covers each write received before
@@ -97,9 +102,14 @@ impl Work {
         let at = localoff.saturating_add(req.offset);
         let (cmd, len) = (req.cmd, req.length);
         let io_pool = pool.clone();
-        let io =
-            tokio::task::spawn_blocking(move || execute(&provider, &io_pool, cmd, at, len, data))
-                .await;
+        let write_metrics = metrics.clone();
+        let io = tokio::task::spawn_blocking(move || {
+            let started = (cmd == Cmd::Write).then(|| write_metrics.start()).flatten();
+            let r = execute(&provider, &io_pool, cmd, at, len, data);
+            write_metrics.local_write_done(started);
+            r
+        })
+        .await;
         inflight.remove(id);
         let (error, out) = match io {
             Ok(Ok(out)) => (0, out),
@@ -113,12 +123,14 @@ impl Work {
             _ => RequestKind::Flush,
         };
         stats.count(kind, error != 0);
+        metrics.request_done(kind, len, since);
         if error != 0 {
             tracing::error!(
                 "request failed: {}({}, {len}): errno {error}",
                 cmd.name(),
                 req.offset
             );
+            metrics.local_error(crate::metrics::kind_label(kind), req.offset, len, error);
         }
         let reply = Reply {
             seq: req.seq,
