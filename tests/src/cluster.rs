@@ -196,6 +196,7 @@ pub struct ClusterBuilder {
     create_args: Vec<String>,
     extra: String,
     create: bool,
+    metrics: bool,
 }
 
 impl ClusterBuilder {
@@ -213,7 +214,16 @@ impl ClusterBuilder {
             create_args: Vec::new(),
             extra: String::new(),
             create: true,
+            metrics: false,
         }
+    }
+
+    /// Whether every node serves Prometheus metrics (`metrics` in its
+    /// top-level `on` block, on 127.0.0.1 of its namespace; see
+    /// [`Cluster::metrics_addr`]). Default no.
+    pub fn metrics(mut self, yes: bool) -> Self {
+        self.metrics = yes;
+        self
     }
 
     /// The node names (at least two; letters, digits, `-`, `_`).
@@ -356,6 +366,11 @@ impl ClusterBuilder {
                 u8::try_from(i + 1).map_err(|_| HarnessError::Setup("too many nodes".into()))?;
             let lo_addr = Ipv4Addr::new(127, 0, 0, octet);
             let port = free_port(lo_addr)?;
+            let metrics_port = if self.metrics {
+                Some(free_port(Ipv4Addr::LOCALHOST)?)
+            } else {
+                None
+            };
             nodes.push(NodeState {
                 name: name.clone(),
                 netns: match self.mode {
@@ -369,6 +384,7 @@ impl ClusterBuilder {
                 log: dir.join(format!("{name}.log")),
                 hook_log: dir.join(format!("hooks-{name}.log")),
                 child: None,
+                metrics_port,
             });
         }
         let mut links = Vec::new();
@@ -478,6 +494,8 @@ struct NodeState {
     log: PathBuf,
     hook_log: PathBuf,
     child: Option<Child>,
+    /// Where the node serves metrics (127.0.0.1 of its namespace).
+    metrics_port: Option<u16>,
 }
 
 /// The veth link between nodes `a` < `b`: device `dev_a` in a's namespace
@@ -778,6 +796,9 @@ impl Cluster {
             let _ = writeln!(s, "on {} {{", n.name);
             let _ = writeln!(s, "\tcontrol uds://{}", n.ctl.display());
             let _ = writeln!(s, "\tpidfile {}", n.pidfile.display());
+            if let Some(port) = n.metrics_port {
+                let _ = writeln!(s, "\tmetrics tcp4://127.0.0.1:{port}");
+            }
             match self.mode {
                 Mode::Loopback => {
                     let _ = writeln!(s, "\tlisten tcp4://{}:{}", n.lo_addr, n.port);
@@ -1049,6 +1070,44 @@ impl Cluster {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
+    }
+
+    /// Start `hastctl ARGS... -c CONF --node NODE` in `node`'s namespace
+    /// without waiting for it (`hastctl events`), its output piped.
+    pub fn hastctl_spawn(&self, node: &str, args: &[&str]) -> Result<Child> {
+        let i = self.idx(node)?;
+        let hastctl = self.bins.get("hastctl");
+        let mut cmd = self.command_in(i, &hastctl);
+        if let Some((first, rest)) = args.split_first() {
+            cmd.arg(first)
+                .arg("-c")
+                .arg(&self.conf)
+                .arg("--node")
+                .arg(node)
+                .args(rest);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io_err(format!(
+                "spawn {} for node {node}",
+                hastctl.display()
+            )))
+    }
+
+    /// A command that runs `program` in `node`'s namespace (or here, in
+    /// loopback mode): for clients of the node's local addresses.
+    pub fn command(&self, node: &str, program: &str) -> Result<Command> {
+        let i = self.idx(node)?;
+        Ok(self.command_in(i, Path::new(program)))
+    }
+
+    /// Where `node` serves metrics (`127.0.0.1:PORT` in its namespace),
+    /// when the cluster was built with [`ClusterBuilder::metrics`].
+    pub fn metrics_addr(&self, node: &str) -> Result<Option<String>> {
+        let i = self.idx(node)?;
+        Ok(self.nodes[i].metrics_port.map(|p| format!("127.0.0.1:{p}")))
     }
 
     /// `hastctl` that must exit 0; its standard output.
