@@ -4,7 +4,8 @@
 #   make         build hastd and hastctl (release)
 #   make test    install what is needed, then run every test
 #   make demo    set up two nodes on this machine and walk through the main job
-#   make bench   NBD export of a primary vs qemu-nbd with fio, as ratios (BENCHMARKS.md)
+#   make bench   NBD export of a primary vs qemu-nbd with fio, as ratios (BENCHMARKS.md);
+#                replication; metrics on vs off (needs a quiet machine)
 #   make install install binaries, man pages and the sample configuration
 #   make fuzz FUZZ_SECONDS=N
 #                run every fuzz target of fuzz/ for N seconds (nightly
@@ -23,7 +24,8 @@ UNAME_S  := $(shell uname -s)
 
 DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
 	python3-libnbd nbdkit fio fuse3 nftables iproute2 mandoc \
-	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc liblzf-dev
+	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc liblzf-dev \
+	prometheus python3-jsonschema curl
 PKG_PKGS = rust llvm qemu-tools libnbd fio shellcheck
 
 # Fuzzing: seconds per target (0: no limit), executions per target (empty:
@@ -133,6 +135,7 @@ bench: deps
 	$(CARGO) build --release -p hast-tests --bin replbench
 	sh tests/bench/nbd.sh
 	sh tests/bench/replication.sh
+	sh tests/bench/metrics.sh
 
 install: build
 	install -d $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(PREFIX)/share/man/man4 $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/man/man8 $(DESTDIR)$(PREFIX)/share/examples/hast
