@@ -144,6 +144,8 @@ install: build
 	install -m 0444 docs/hast.conf.5 $(DESTDIR)$(PREFIX)/share/man/man5/
 	install -m 0444 docs/hastd.8 docs/hastctl.8 $(DESTDIR)$(PREFIX)/share/man/man8/
 	install -m 0444 docs/hast.conf.sample $(DESTDIR)$(PREFIX)/share/examples/hast/
+	install -d $(DESTDIR)$(PREFIX)/share/hast
+	install -m 0444 docs/hastctl.schema.json docs/grafana-hast.json $(DESTDIR)$(PREFIX)/share/hast/
 
 kmod-check:
 	@if [ -z "$(SYSDIR)" ]; then \
