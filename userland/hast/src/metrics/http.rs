@@ -157,7 +157,10 @@ fn run(
                 return;
             }
         };
-        tracing::info!("serving metrics at http://{addr}/metrics");
+        match listener.local_addr() {
+            Ok(at) => tracing::info!("serving metrics at http://{at}/metrics"),
+            Err(_) => tracing::info!("serving metrics at {addr}"),
+        }
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let what = format!("the metrics address {addr}");
         let conn_stop = stop.clone();
