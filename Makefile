@@ -4,6 +4,10 @@
 #   make         build hastd and hastctl (release)
 #   make test    install what is needed, then run every test
 #   make demo    set up two nodes on this machine and walk through the main job
+#   make campaign [FAULTS=N SEED=S]
+#                seeded random faults (kill -9, power cuts, partitions,
+#                restarts, disk errors, role swaps) against a pair under a
+#                checked workload; root and /dev/fuse; FAULTS=1000 takes hours
 #   make bench   NBD export of a primary vs qemu-nbd with fio, as ratios (BENCHMARKS.md);
 #                replication; metrics on vs off (needs a quiet machine)
 #   make install install binaries, man pages and the sample configuration
@@ -39,7 +43,7 @@ FUZZ_TARGETS ?=
 # Seconds per target in make test: enough to show the targets build and run.
 FUZZ_SMOKE_SECONDS ?= 3
 
-.PHONY: all build deps test test-rust test-scripts test-lint test-release test-freebsd-check test-fuzz fuzz fuzz-corpus demo bench install clean kmod-check
+.PHONY: all build deps test test-rust test-scripts test-lint test-release test-freebsd-check test-fuzz test-campaign fuzz fuzz-corpus campaign demo bench install clean kmod-check
 
 all: build
 
@@ -71,7 +75,7 @@ endif
 		$(CARGO) install --locked cargo-fuzz; \
 	fi
 
-test: deps test-scripts test-lint test-freebsd-check test-release test-rust test-fuzz
+test: deps test-scripts test-lint test-freebsd-check test-release test-rust test-fuzz test-campaign
 
 # Type-check the FreeBSD build (kernel transport, cfg'd file I/O) from any
 # host: needs the x86_64-unknown-freebsd target of rustup.
@@ -124,6 +128,26 @@ fuzz:
 
 fuzz-corpus:
 	sh tests/fuzz-corpus.sh $(FUZZ_TARGETS)
+
+# The fault campaign: FAULTS faults from SEED (tests/src/bin/campaign.rs).
+# CI runs a short one with a fixed seed (test-campaign).
+FAULTS ?= 20
+SEED   ?= 1
+CI_CAMPAIGN_FAULTS = 20
+CI_CAMPAIGN_SEED   = 20261206
+
+campaign: deps
+	$(CARGO) build --workspace
+	nice -n 19 target/debug/campaign --faults $(FAULTS) --seed $(SEED)
+
+test-campaign:
+	$(CARGO) build --workspace
+	@if [ "$$(id -u)" != 0 ] || [ ! -e /dev/fuse ]; then \
+		echo "test-campaign: SKIPPED: the campaign needs root and /dev/fuse"; \
+	else \
+		echo "target/debug/campaign --faults $(CI_CAMPAIGN_FAULTS) --seed $(CI_CAMPAIGN_SEED)"; \
+		target/debug/campaign --faults $(CI_CAMPAIGN_FAULTS) --seed $(CI_CAMPAIGN_SEED); \
+	fi
 
 demo: deps
 	$(CARGO) build --workspace

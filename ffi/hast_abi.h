@@ -204,8 +204,10 @@ struct hast_abi_stats {
 	uint64_t	hs_unsynced;	/* live updates whose remote copy
 					   failed or never left: their
 					   extents join the sync map */
-	uint64_t	hs_unflushed;	/* extents written on both sides,
-					   not yet covered by a flush */
+	uint64_t	hs_unflushed;	/* extents that wait for flushes of
+					   both sides to leave the map:
+					   not yet covered by one, or hot
+					   (written during the last few) */
 	uint32_t	hs_flush_gen;	/* flushes of both sides started */
 	uint32_t	hs_flush_done;	/* the latest one that finished on
 					   both sides (covers writes

@@ -28,6 +28,7 @@
 
 #define	HC_NHASH	1024		/* seq hash buckets, power of two */
 
+
 /* Object types. */
 #define	HC_T_REQ	1		/* client request */
 #define	HC_T_LOCK	2		/* sync range lock */
@@ -123,7 +124,10 @@ struct hast_core {
 	uint8_t		*hc_mapbuf;	/* bitmap being written */
 	uint8_t		*hc_ufmap;	/* written on both sides, not yet
 					   covered by a flush of both */
-	uint32_t	*hc_ufgen;	/* hc_fgen when it joined hc_ufmap */
+	uint8_t		*hc_hotmap;	/* covered by a flush of both but
+					   written during the last
+					   HAST_HOT_FLUSHES flushes */
+	uint32_t	*hc_ufgen;	/* hc_fgen at its last write */
 	uint32_t	*hc_kd;		/* keepdirty list, most recent first */
 	uint32_t	 hc_nkd;
 	uint32_t	 hc_keepdirty;
@@ -247,13 +251,27 @@ hc_byte_mask(const struct hast_core *hc, uint32_t i)
 	return ((uint8_t)((1u << (hc->hc_nextents - first)) - 1));
 }
 
-/* Is extent e wanted on disk: pending writes, keepdirty or to sync. */
+/*
+ * Is extent e wanted on disk: pending writes, keepdirty, to sync, waiting
+ * for a flush of both sides, or hot.
+ */
 static int
 hc_wanted(const struct hast_core *hc, uint32_t e)
 {
 
 	return (hc->hc_count[e] > 0 || hc_bit(hc->hc_kdmap, e) ||
-	    hc_bit(hc->hc_syncmap, e) || hc_bit(hc->hc_ufmap, e));
+	    hc_bit(hc->hc_syncmap, e) || hc_bit(hc->hc_ufmap, e) ||
+	    hc_bit(hc->hc_hotmap, e));
+}
+
+/* Bitmap byte i of the map wanted on disk. */
+static uint8_t
+hc_wanted_byte(const struct hast_core *hc, uint32_t i)
+{
+
+	return ((uint8_t)((hc->hc_memmap[i] | hc->hc_kdmap[i] |
+	    hc->hc_syncmap[i] | hc->hc_ufmap[i] | hc->hc_hotmap[i]) &
+	    hc_byte_mask(hc, i)));
 }
 
 /* Is extent e set on disk and not about to be cleared there? */
@@ -330,9 +348,7 @@ hc_map_start(struct hast_core *hc)
 	HC_ASSERT(!hc->hc_map_inflight);
 	differ = 0;
 	for (i = 0; i < hc->hc_mapsize; i++) {
-		hc->hc_mapbuf[i] = (uint8_t)((hc->hc_memmap[i] |
-		    hc->hc_kdmap[i] | hc->hc_syncmap[i] | hc->hc_ufmap[i]) &
-		    hc_byte_mask(hc, i));
+		hc->hc_mapbuf[i] = hc_wanted_byte(hc, i);
 		if (hc->hc_mapbuf[i] != hc->hc_diskmap[i])
 			differ = 1;
 	}
@@ -545,7 +561,9 @@ hc_gen_before(uint32_t a, uint32_t b)
 
 /*
  * Flush number fgen finished on both sides: every extent written on both
- * before it started is durable on both and may leave the map.
+ * before it started is durable on both.  It stays hot (marked) until
+ * HAST_HOT_FLUSHES more flushes have started without a write to it, then
+ * leaves the map.
  */
 static void
 hc_flushed(struct hast_core *hc, uint32_t fgen)
@@ -555,12 +573,18 @@ hc_flushed(struct hast_core *hc, uint32_t fgen)
 	if (hc_gen_before(hc->hc_fgen_done, fgen))
 		hc->hc_fgen_done = fgen;
 	for (i = 0; i < hc->hc_mapsize; i++) {
-		if (hc->hc_ufmap[i] == 0)
+		if ((hc->hc_ufmap[i] | hc->hc_hotmap[i]) == 0)
 			continue;
 		for (e = i * 8; e < i * 8 + 8 && e < hc->hc_nextents; e++) {
 			if (hc_bit(hc->hc_ufmap, e) &&
 			    hc_gen_before(hc->hc_ufgen[e], fgen)) {
 				hc_bit_clear(hc->hc_ufmap, e);
+				hc_bit_set(hc->hc_hotmap, e);
+			}
+			if (hc_bit(hc->hc_hotmap, e) &&
+			    hc_gen_before(hc->hc_ufgen[e] + HAST_HOT_FLUSHES,
+			    fgen)) {
+				hc_bit_clear(hc->hc_hotmap, e);
 				hc_maybe_clean(hc, e);
 			}
 		}
@@ -914,6 +938,7 @@ hc_free_all(struct hast_core *hc)
 	hast_shim_free(hc->hc_diskmap);
 	hast_shim_free(hc->hc_mapbuf);
 	hast_shim_free(hc->hc_ufmap);
+	hast_shim_free(hc->hc_hotmap);
 	hast_shim_free(hc->hc_ufgen);
 	hast_shim_free(hc->hc_kd);
 	if (hc->hc_lock != NULL)
@@ -979,6 +1004,7 @@ hast_core_create(const struct hast_core_params *p,
 	hc->hc_diskmap = hast_shim_alloc(disksize);
 	hc->hc_mapbuf = hast_shim_alloc(disksize);
 	hc->hc_ufmap = hast_shim_alloc(mapsize);
+	hc->hc_hotmap = hast_shim_alloc(mapsize);
 	hc->hc_ufgen = hast_shim_alloc(nextents * sizeof(hc->hc_ufgen[0]));
 	hc->hc_kd = hast_shim_alloc(((uint64_t)hc->hc_keepdirty + 1) *
 	    sizeof(hc->hc_kd[0]));
@@ -986,6 +1012,7 @@ hast_core_create(const struct hast_core_params *p,
 	    hc->hc_memmap == NULL || hc->hc_syncmap == NULL ||
 	    hc->hc_kdmap == NULL || hc->hc_diskmap == NULL ||
 	    hc->hc_mapbuf == NULL || hc->hc_ufmap == NULL ||
+	    hc->hc_hotmap == NULL ||
 	    hc->hc_ufgen == NULL || hc->hc_kd == NULL) {
 		hc_free_all(hc);
 		return (HAST_ENOMEM);
@@ -1479,8 +1506,7 @@ hast_core_map_get(struct hast_core *hc, uint32_t which, uint8_t *buf,
 		else if (which == HAST_MAP_SYNC)
 			b = hc->hc_syncmap[i];
 		else
-			b = (uint8_t)(hc->hc_memmap[i] | hc->hc_kdmap[i] |
-			    hc->hc_syncmap[i] | hc->hc_ufmap[i]);
+			b = hc_wanted_byte(hc, i);
 		buf[i] = (uint8_t)(b & hc_byte_mask(hc, i));
 	}
 	hast_shim_unlock(hc->hc_lock);
@@ -1719,7 +1745,8 @@ hast_core_stats(struct hast_core *hc, struct hast_abi_stats *st)
 			st->hs_dirty++;
 		if (hc_bit(hc->hc_syncmap, e))
 			st->hs_syncdirty++;
-		if (hc_bit(hc->hc_ufmap, e))
+		/* Waiting for flushes of both sides to leave the map. */
+		if (hc_bit(hc->hc_ufmap, e) || hc_bit(hc->hc_hotmap, e))
 			st->hs_unflushed++;
 	}
 	st->hs_flush_gen = hc->hc_fgen;

@@ -99,6 +99,13 @@
 #define	HAST_EBUSY	16	/* object still in use */
 #define	HAST_EINVAL	22	/* bad argument */
 
+/*
+ * An extent written on both sides leaves the map only once this many
+ * flushes of both sides have started after its last write and the last of
+ * them finished: a hot extent costs no map write per request.
+ */
+#define	HAST_HOT_FLUSHES	8
+
 /* hio_flags of a local I/O */
 #define	HAST_IOF_SYNC	0x00000001	/* resync I/O (hast_core_sync_io) */
 #define	HAST_IOF_INTERNAL 0x00000002	/* the core's own flush: no cookie,

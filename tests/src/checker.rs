@@ -257,6 +257,11 @@ impl NbdClient {
         )
     }
 
+    /// Send NBD_CMD_FLUSH with `handle` without waiting for its reply.
+    pub fn send_flush(&mut self, handle: u64) -> io::Result<()> {
+        self.send(CMD_FLUSH, 0, handle, 0, 0, &[])
+    }
+
     /// Receive the next simple reply header: (handle, error). Only for
     /// replies without payload (writes, flushes).
     pub fn recv_reply(&mut self) -> io::Result<(u64, u32)> {

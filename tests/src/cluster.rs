@@ -197,6 +197,7 @@ pub struct ClusterBuilder {
     extra: String,
     create: bool,
     metrics: bool,
+    power: bool,
 }
 
 impl ClusterBuilder {
@@ -215,6 +216,7 @@ impl ClusterBuilder {
             extra: String::new(),
             create: true,
             metrics: false,
+            power: false,
         }
     }
 
@@ -286,6 +288,14 @@ impl ClusterBuilder {
     /// (default yes).
     pub fn create(mut self, yes: bool) -> Self {
         self.create = yes;
+        self
+    }
+
+    /// Put every node's providers on a power-loss disk (a `powerfs` FUSE
+    /// mount, see [`crate::power`]), so that [`Cluster::power_cut`] can
+    /// drop what a node wrote and did not flush. Needs /dev/fuse.
+    pub fn power_loss(mut self, yes: bool) -> Self {
+        self.power = yes;
         self
     }
 
@@ -385,6 +395,7 @@ impl ClusterBuilder {
                 hook_log: dir.join(format!("hooks-{name}.log")),
                 child: None,
                 metrics_port,
+                disk: None,
             });
         }
         let mut links = Vec::new();
@@ -413,6 +424,7 @@ impl ClusterBuilder {
             nodes,
             links,
             resources,
+            power: self.power,
             replication: self.replication.clone(),
             nft_tables: Vec::new(),
             partitions: BTreeMap::new(),
@@ -424,11 +436,34 @@ impl ClusterBuilder {
         write_hook(&c.dir)?;
         for r in &c.resources {
             for &i in &r.nodes {
-                let path = c.provider_path_idx(i, &r.name);
+                // On a power-loss disk the file is made in the backing
+                // directory, before the mount serves it.
+                let path = if c.power {
+                    let d = c.disk_dir(i);
+                    fs::create_dir_all(&d).map_err(io_err(format!("create {}", d.display())))?;
+                    d.join(format!("{}-{}.img", c.nodes[i].name, r.name))
+                } else {
+                    c.provider_path_idx(i, &r.name)
+                };
                 let f = fs::File::create(&path)
                     .map_err(io_err(format!("create provider {}", path.display())))?;
                 f.set_len(r.size)
                     .map_err(io_err(format!("size provider {}", path.display())))?;
+            }
+        }
+        if c.power {
+            let powerfs = c.bins.get("powerfs");
+            for i in 0..c.nodes.len() {
+                let name = c.nodes[i].name.clone();
+                let disk = crate::power::PowerDisk::mount(
+                    &powerfs,
+                    &c.disk_dir(i),
+                    &c.dir.join(format!("mnt-{name}")),
+                    &c.dir.join(format!("power-{name}.ctl")),
+                    &c.dir.join(format!("power-{name}.log")),
+                )
+                .map_err(|e| HarnessError::Setup(e.to_string()))?;
+                c.nodes[i].disk = Some(disk);
             }
         }
         let text = c.config_text(&self);
@@ -496,6 +531,8 @@ struct NodeState {
     child: Option<Child>,
     /// Where the node serves metrics (127.0.0.1 of its namespace).
     metrics_port: Option<u16>,
+    /// The power-loss disk holding this node's providers.
+    disk: Option<crate::power::PowerDisk>,
 }
 
 /// The veth link between nodes `a` < `b`: device `dev_a` in a's namespace
@@ -522,6 +559,8 @@ pub struct Cluster {
     nodes: Vec<NodeState>,
     links: Vec<Link>,
     resources: Vec<ResourceSpec>,
+    /// Providers live on power-loss disks.
+    power: bool,
     replication: String,
     /// nft tables created: (namespace or None for this one, table name).
     nft_tables: Vec<(Option<String>, String)>,
@@ -745,7 +784,41 @@ impl Cluster {
     }
 
     fn provider_path_idx(&self, i: usize, res: &str) -> PathBuf {
-        self.dir.join(format!("{}-{res}.img", self.nodes[i].name))
+        let file = format!("{}-{res}.img", self.nodes[i].name);
+        if self.power {
+            self.dir
+                .join(format!("mnt-{}", self.nodes[i].name))
+                .join(file)
+        } else {
+            self.dir.join(file)
+        }
+    }
+
+    /// The backing directory of node `i`'s power-loss disk.
+    fn disk_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("disk-{}", self.nodes[i].name))
+    }
+
+    /// `node`'s power-loss disk (clusters built with `power_loss(true)`).
+    pub fn disk(&self, node: &str) -> Result<&crate::power::PowerDisk> {
+        let i = self.idx(node)?;
+        self.nodes[i].disk.as_ref().ok_or_else(|| {
+            HarnessError::Setup("the cluster was not built with power_loss(true)".into())
+        })
+    }
+
+    /// Cut `node`'s power: kill -9 its hastd (it writes nothing more),
+    /// then drop what `loss` says of what it wrote and did not flush.
+    pub fn power_cut(
+        &mut self,
+        node: &str,
+        loss: crate::power::Loss,
+    ) -> Result<crate::power::CutResult> {
+        self.disk(node)?;
+        self.kill9(node)?;
+        self.disk(node)?
+            .cut(loss)
+            .map_err(|e| HarnessError::Setup(e.to_string()))
     }
 
     /// The provider file of `res` on `node`.
@@ -1551,6 +1624,11 @@ impl Cluster {
         for i in 0..self.nodes.len() {
             self.kill_idx(i, libc::SIGKILL);
         }
+        for n in &mut self.nodes {
+            if let Some(mut d) = n.disk.take() {
+                d.unmount();
+            }
+        }
         for (ns, table) in std::mem::take(&mut self.nft_tables) {
             let _ = nft(ns.as_deref(), &format!("delete table inet {table}"));
         }
@@ -1913,6 +1991,20 @@ pub fn sweep() -> Vec<String> {
         let rest = name.strip_prefix(PREFIX)?.strip_prefix(sep)?;
         rest.split(sep).next().map(str::to_string)
     };
+    // Power-loss mounts of dead runs (before their directories go).
+    for m in crate::power::mounts() {
+        let marker = format!("/{PREFIX}-");
+        if let Some(pos) = m.find(&marker) {
+            let owner_pid: String = m[pos + marker.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            if dead(&owner_pid) {
+                crate::power::lazy_unmount(Path::new(&m));
+                removed.push(format!("mount {m}"));
+            }
+        }
+    }
     // Daemons of dead runs.
     if let Ok(rd) = fs::read_dir("/proc") {
         for e in rd.flatten() {

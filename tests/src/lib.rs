@@ -6,6 +6,8 @@
 pub mod checker;
 pub mod cluster;
 pub mod freebsd;
+pub mod ledger;
+pub mod power;
 
 use std::fs;
 use std::io::Write;

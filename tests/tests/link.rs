@@ -127,3 +127,34 @@ fn quick_reconnects_under_load_leave_nothing_dirty() {
     let report = history.verify_file(&beta.path, beta.offset).unwrap();
     assert!(report.passed(), "{report}");
 }
+
+/// Writes whose copy on the peer completes while the primary's own flush
+/// of both sides runs join the map after that flush started: a later
+/// flush must cover them even when no more writes come, or the pair never
+/// says it is in sync again (the campaign found it in async mode, where
+/// the peer's copies lag behind the acknowledgements).
+#[test]
+fn extents_flushed_later_when_their_copy_ends_during_a_flush() {
+    for mode in ["async", "fullsync"] {
+        let c = connected(mode, 10);
+        // The peer's writes take 2 s: the periodic flush (1 s after the
+        // first write) starts while they run.
+        c.failpoint("beta", hast::failpoint::SECONDARY_SLOW_WRITE, true);
+        let work = Workload::new(WorkloadOptions {
+            queue_depth: 4,
+            max_writes: Some(8),
+            ..WorkloadOptions::default()
+        });
+        let h = work.run_uri(&c.nbd_uri("alpha", "r0").unwrap()).unwrap();
+        assert_eq!(h.acked(), 8, "{h}");
+        c.wait_list("alpha", "r0", T, |s| s.in_sync())
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{mode}: extents stay dirty while idle: {e}\n{:?}",
+                    c.list_res("alpha", "r0")
+                )
+            });
+        c.failpoint("beta", hast::failpoint::SECONDARY_SLOW_WRITE, false);
+        assert_eq!(c.compare_data("r0", "alpha", "beta").unwrap(), None);
+    }
+}

@@ -260,6 +260,10 @@ impl Upcall {
     }
 }
 
+/// Flushes of both sides that must start after an extent's last write
+/// before it leaves the activemap (the core's `HAST_HOT_FLUSHES`).
+pub const HOT_FLUSHES: u32 = sys::HAST_HOT_FLUSHES;
+
 /// Counters and queue sizes (`hastctl list` statistics and more).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -280,7 +284,9 @@ pub struct Stats {
     /// Live writes whose remote copy failed or never left: their extents
     /// join the sync map when they finish.
     pub unsynced: u64,
-    /// Extents written on both sides that wait for a flush of both.
+    /// Extents that wait for flushes of both sides to leave the map: not
+    /// yet covered by one, or hot (written during the last few flushes, so
+    /// that the next write to them needs no map write).
     pub unflushed: u64,
     /// Flushes of both sides started, and the latest one that finished
     /// (see [`Core::flush`]).

@@ -183,6 +183,7 @@ struct Model {
     fgen: u32,                   // flushes of both sides started
     iflush_gen: Option<u32>,     // the core's own flush just started
     unflushed: Vec<Option<u32>>, // written on both sides at flush count n
+    hot: Vec<Option<u32>>,       // covered by a flush, last written at n
 }
 
 #[derive(Debug, Clone)]
@@ -299,16 +300,32 @@ impl Model {
             fgen: 0,
             iflush_gen: None,
             unflushed: vec![None; NEXT as usize],
+            hot: vec![None; NEXT as usize],
+        }
+    }
+
+    /// Both sides wrote extent `e` (a client write or a resync copy) while
+    /// `fgen` flushes had started: it waits for a flush, and a hot extent
+    /// stays hot from this write on.
+    fn written_on_both(&mut self, e: u32) {
+        self.unflushed[e as usize] = Some(self.fgen);
+        if self.hot[e as usize].is_some() {
+            self.hot[e as usize] = Some(self.fgen);
         }
     }
 
     /// A flush of both sides finished: what was written on both before it
-    /// started is durable and may leave the map.
+    /// started is durable; it stays hot until HOT_FLUSHES more flushes have
+    /// started after its last write, then may leave the map.
     fn flushed(&mut self, r: &Req) {
         if r.local == Local::Done(0) && r.remote == Remote::Done(0) {
-            for u in self.unflushed.iter_mut() {
-                if u.is_some_and(|g| g < r.fgen) {
+            for (u, h) in self.unflushed.iter_mut().zip(self.hot.iter_mut()) {
+                if let Some(g) = u.filter(|&g| g < r.fgen) {
                     *u = None;
+                    *h = Some(g);
+                }
+                if h.is_some_and(|g| g + hast::core::HOT_FLUSHES < r.fgen) {
+                    *h = None;
                 }
             }
         }
@@ -611,7 +628,7 @@ impl Model {
                             self.must_disk[e as usize] = false;
                             // Copied: marked until a flush of both.
                             if bit(&before, e) {
-                                self.unflushed[e as usize] = Some(self.fgen);
+                                self.written_on_both(e);
                             }
                             assert!(
                                 !bit(&sync, e),
@@ -817,7 +834,7 @@ impl Model {
                         for e in r.e0..=r.e1 {
                             if clean {
                                 // Both wrote it: marked until a flush.
-                                self.unflushed[e as usize] = Some(self.fgen);
+                                self.written_on_both(e);
                             } else {
                                 self.must_sync[e as usize] = true;
                                 self.must_disk[e as usize] = true;
@@ -932,6 +949,9 @@ impl Model {
                     "extent {e} left the map before a flush of both sides covered it"
                 );
             }
+            if self.hot[e as usize].is_some() {
+                assert!(bit(&dirty, e), "hot extent {e} left the map");
+            }
             if self.must_sync[e as usize] {
                 assert!(bit(&sync, e), "extent {e} lost its sync mark");
             }
@@ -953,6 +973,7 @@ impl Model {
                 bit(&dirty, e)
                     && !bit(&sync, e)
                     && self.unflushed[e as usize].is_none()
+                    && self.hot[e as usize].is_none()
                     && !self
                         .reqs
                         .values()
@@ -966,8 +987,13 @@ impl Model {
         );
         let st = self.core.stats();
         assert!(st.keepdirty <= u64::from(self.keepdirty));
-        let waiting = self.unflushed.iter().filter(|u| u.is_some()).count() as u64;
-        assert_eq!(st.unflushed, waiting, "extents waiting for a flush");
+        let waiting = self
+            .unflushed
+            .iter()
+            .zip(&self.hot)
+            .filter(|(u, h)| u.is_some() || h.is_some())
+            .count() as u64;
+        assert_eq!(st.unflushed, waiting, "extents waiting for flushes");
         assert_eq!(
             (st.flush_gen, st.flush_busy),
             (
@@ -1284,6 +1310,66 @@ fn flush_both(core: &Core, host: &Host) -> Vec<Ev> {
     evs
 }
 
+/// Run enough flushes of both sides for every extent written before to
+/// have left the hot set; the events they caused.
+fn flush_until_cold(core: &Core, host: &Host) -> Vec<Ev> {
+    (0..=hast::core::HOT_FLUSHES)
+        .flat_map(|_| flush_both(core, host))
+        .collect()
+}
+
+/// A hot extent (written on both sides during the last few flushes) stays
+/// marked on disk: the next writes to it need no map write, however many
+/// flushes cover them, as long as they keep coming; a link loss leaves it
+/// out of the sync map (both sides flushed it); once writes stop, it
+/// leaves the map after HOT_FLUSHES flushes.
+#[test]
+fn hot_extents_need_no_map_write_and_leave_once_idle() {
+    let (core, host) = new_core(Mode::FullSync, 0);
+    core.set_link(true);
+    let write = |seq: u64| {
+        let s = core.submit(IoCmd::Write, 5 * EXT, 4096, seq).unwrap();
+        let evs = host.take();
+        let m = maps(&evs);
+        if !m.is_empty() {
+            core.map_done(0).unwrap();
+        }
+        core.local_done(s, 0).unwrap();
+        core.remote_done(s, 0).unwrap();
+        host.take();
+        m.len()
+    };
+    assert_eq!(write(1), 1, "the first write marks the extent");
+    let before = core.stats().requests.activemap_updates;
+    for i in 0..3 * u64::from(hast::core::HOT_FLUSHES) {
+        assert_eq!(write(10 + i), 0, "write {i} to a hot extent wrote the map");
+        assert!(maps(&flush_both(&core, &host)).is_empty());
+    }
+    assert_eq!(core.stats().requests.activemap_updates, before);
+    // Flushed on both sides: a link loss does not resynchronize it.
+    assert_eq!(write(99), 0);
+    flush_both(&core, &host);
+    core.set_link(false);
+    assert!(!bit(&core.map(MapKind::Sync), 5));
+    assert!(bit(&core.map(MapKind::Disk), 5));
+    core.set_link(true);
+    host.take();
+    let mut cleaned = None;
+    for n in 1..=hast::core::HOT_FLUSHES + 1 {
+        if !maps(&flush_both(&core, &host)).is_empty() {
+            cleaned = Some(n);
+            core.map_done(0).unwrap();
+            break;
+        }
+    }
+    assert_eq!(
+        cleaned,
+        Some(hast::core::HOT_FLUSHES),
+        "idle flushes before it left"
+    );
+    assert!(!bit(&core.map(MapKind::Disk), 5));
+}
+
 /// An extent written on both sides leaves the on-disk map only after a
 /// flush of both sides that started after the write finished (either copy
 /// may hold it only in a volatile cache until then); a flush that started
@@ -1314,11 +1400,27 @@ fn extents_leave_the_map_only_after_a_flush_of_both_sides() {
     core.remote_done(f, EIO).unwrap();
     host.take();
     assert!(bit(&core.map(MapKind::Disk), 2));
-    // A good one does: the map is rewritten clean.
+    // A good one covers it; the extent stays hot (marked, no map write)
+    // until HOT_FLUSHES more flushes have started without a write to it,
+    // then the map is rewritten clean.
     let f = core.submit(IoCmd::Flush, 0, 0, 52).unwrap();
     core.local_done(f, 0).unwrap();
     core.remote_done(f, 0).unwrap();
-    let m = maps(&host.take());
+    assert!(maps(&host.take()).is_empty(), "hot extent cleaned at once");
+    assert!(bit(&core.map(MapKind::Disk), 2));
+    assert_eq!(core.stats().unflushed, 1);
+    assert_eq!(core.stats().dirty, 0, "a hot extent is not dirty");
+    // The write finished while flush 1 ran: it leaves the map with the
+    // first flush numbered past 1 + HOT_FLUSHES.
+    let mut m = Vec::new();
+    while m.is_empty() {
+        assert!(
+            core.stats().flush_gen <= 1 + hast::core::HOT_FLUSHES,
+            "still marked after its hot flushes"
+        );
+        m = maps(&flush_both(&core, &host));
+    }
+    assert_eq!(core.stats().flush_gen, 2 + hast::core::HOT_FLUSHES);
     assert_eq!(m.len(), 1);
     assert_eq!(m[0][0], 0);
     core.map_done(0).unwrap();
@@ -1421,7 +1523,8 @@ fn keepdirty_evicts_the_least_recently_used_extent() {
         core.map_done(0).unwrap();
         core.local_done(s, 0).unwrap();
         core.remote_done(s, 0).unwrap();
-        assert!(maps(&flush_both(&core, &host)).is_empty());
+        // No longer hot, the extent stays marked as a keepdirty one.
+        assert!(maps(&flush_until_cold(&core, &host)).is_empty());
     }
     // The third map write marks extent 2 and drops idle extent 0.
     assert_eq!(written, vec![0b001, 0b011, 0b110]);
@@ -1451,8 +1554,9 @@ fn keepdirty_evicts_the_least_recently_used_extent() {
         core.local_done(s, 0).unwrap();
         core.remote_done(s, 0).unwrap();
     }
-    // Written on both sides: marked until a flush of both.
-    let mut evs = flush_both(&core, &host);
+    // Written on both sides: marked until a flush of both, and hot for a
+    // few more.
+    let mut evs = flush_until_cold(&core, &host);
     while !maps(&evs).is_empty() {
         core.map_done(0).unwrap();
         evs = host.take();
@@ -1570,10 +1674,11 @@ fn failed_resync_chunk_leaves_extent_dirty() {
     core.next_upcall();
     core.sync_release(l, true).unwrap();
     assert!(!bit(&core.map(MapKind::Sync), 3));
-    // Copied, and durable on both once flushed: then the map is clean.
+    // Copied, and durable on both once flushed: then, no longer hot, the
+    // map is clean.
     assert!(maps(&host.take()).is_empty(), "clean before the flush");
     assert_eq!(
-        maps(&flush_both(&core, &host)).last().map(|m| m[0]),
+        maps(&flush_until_cold(&core, &host)).last().map(|m| m[0]),
         Some(0)
     );
 }

@@ -25,15 +25,33 @@ const FLUSH_TICK: Duration = Duration::from_millis(100);
 
 impl Replicator {
     /// Ask for a flush of both sides by time and by bytes written (see
-    /// [`FLUSH_INTERVAL`]); never returns.
+    /// [`FLUSH_INTERVAL`]); never returns. Extents whose copy on the peer
+    /// ended while a flush ran joined the map after it started and wait
+    /// for the next one, and hot extents wait for a few more: when no
+    /// write comes any more, the core's count of such extents asks for
+    /// flushes (looked at once per interval).
     pub(super) async fn flusher(self: Arc<Self>) -> LinkError {
         self.unflushed_bytes.store(0, Ordering::Relaxed);
         let mut since: Option<Instant> = None;
+        let mut looked = Instant::now();
         loop {
             tokio::time::sleep(FLUSH_TICK).await;
             let bytes = self.unflushed_bytes.load(Ordering::Relaxed);
-            if bytes == 0 {
-                continue;
+            if bytes == 0 && since.is_none() {
+                if looked.elapsed() < FLUSH_INTERVAL {
+                    continue;
+                }
+                looked = Instant::now();
+                let waiting = self
+                    .dp
+                    .stats()
+                    .is_ok_and(|s| s.unflushed > 0 && !s.flush_busy);
+                if !waiting {
+                    continue;
+                }
+                // Due at once: they waited an interval already.
+                let now = Instant::now();
+                since = Some(now.checked_sub(FLUSH_INTERVAL).unwrap_or(now));
             }
             let first = *since.get_or_insert_with(Instant::now);
             if bytes < FLUSH_BYTES && first.elapsed() < FLUSH_INTERVAL {

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 
 use crate::config::ResourceConfig;
 use crate::metadata::Metadata;
@@ -30,8 +29,8 @@ use crate::stats::AtomicRequestStats;
 use crate::wire::{self, Cmd, Reply, Request};
 
 use buffers::{read_request, BufPool};
-use replies::{write_replies, Outgoing};
-use request::InFlight;
+use replies::{write_replies, Outgoing, ReplyQueue};
+use request::IoThreads;
 
 /// Requests the secondary works on at once.
 const MAX_INFLIGHT: usize = 256;
@@ -76,8 +75,9 @@ pub enum SessionError {
     /// A blocking task did not run to its end.
     #[error("a blocking task failed: {0}")]
     Task(String),
-    #[error("the reply writer stopped")]
-    RepliesStopped,
+    /// The session's I/O threads could not be started.
+    #[error("unable to start the I/O threads: {0}")]
+    Threads(std::io::Error),
     #[error("the request slots were closed")]
     SlotsClosed,
 }
@@ -134,17 +134,46 @@ where
         max_length: MAX_IO,
     };
     let frame_limits = Limits::replication(MAX_IO_BYTES);
-    let (tx, mut rx) = mpsc::channel::<Outgoing>(MAX_INFLIGHT * 2);
+    let replies = Arc::new(ReplyQueue::default());
     let (compression, checksum) = (local.cfg.compression, local.cfg.checksum);
     let pool = Arc::new(BufPool::default());
-    let writer_pool = pool.clone();
-    let writer = tokio::spawn(async move {
-        write_replies(&mut conn_out, &mut rx, &writer_pool, compression, checksum)
-            .await
-            .err()
+    let (writer_pool, writer_queue) = (pool.clone(), replies.clone());
+    let io = match IoThreads::start(request::Context {
+        provider: local.provider.clone(),
+        localoff,
+        stats: stats.clone(),
+        metrics: local.metrics.clone(),
+        pool: pool.clone(),
+        replies: replies.clone(),
+    }) {
+        Ok(io) => Arc::new(io),
+        Err(e) => return SessionError::Threads(e),
+    };
+    // The session's helper tasks end with it, also when it is aborted:
+    // the reply writer and the watch for a slow provider.
+    let mut helpers = tokio::task::JoinSet::new();
+    helpers.spawn(async move {
+        if let Err(e) = write_replies(
+            &mut conn_out,
+            &writer_queue,
+            &writer_pool,
+            compression,
+            checksum,
+        )
+        .await
+        {
+            tracing::debug!("reply writer stopped: {e}");
+        }
+    });
+    let watched = io.clone();
+    helpers.spawn(async move {
+        let mut tick = tokio::time::interval(request::STUCK);
+        loop {
+            tick.tick().await;
+            watched.grow_if_stuck();
+        }
     });
     let mut conn_in = tokio::io::BufReader::with_capacity(READ_AHEAD, conn_in);
-    let inflight = Arc::new(InFlight::default());
     let mut map_cleared = marks;
     let mut next_id: u64 = 0;
     let result = loop {
@@ -170,9 +199,7 @@ where
                     received: false,
                     error: libc::EINVAL as i16,
                 };
-                if tx.send(Outgoing { reply, data: None }).await.is_err() {
-                    break SessionError::RepliesStopped;
-                }
+                replies.push_bounded(Outgoing { reply, data: None }).await;
                 continue;
             }
         };
@@ -208,9 +235,7 @@ where
                         received: false,
                         error: libc::EINVAL as i16,
                     };
-                    if tx.send(Outgoing { reply, data: None }).await.is_err() {
-                        break SessionError::RepliesStopped;
-                    }
+                    replies.push_bounded(Outgoing { reply, data: None }).await;
                     continue;
                 }
             }
@@ -228,31 +253,14 @@ where
                 received: true,
                 error: 0,
             };
-            if tx.send(Outgoing { reply, data: None }).await.is_err() {
-                break SessionError::RepliesStopped;
-            }
+            replies.push_bounded(Outgoing { reply, data: None }).await;
         }
         next_id += 1;
         // In arrival order: a later request to the same range waits for
         // this one.
-        if matches!(req.cmd, Cmd::Write | Cmd::Delete | Cmd::Read) {
-            inflight.add(next_id, req.offset, req.offset.saturating_add(req.length));
-        }
-        let work = request::Work {
-            id: next_id,
-            req,
-            data,
-            localoff,
-            provider: local.provider.clone(),
-            inflight: inflight.clone(),
-            stats: stats.clone(),
-            metrics: local.metrics.clone(),
-            pool: pool.clone(),
-            replies: tx.clone(),
-        };
-        tokio::spawn(work.run(permit));
+        io.admit(next_id, req, data, permit);
     };
-    drop(tx);
-    writer.abort();
+    drop(helpers);
+    drop(io);
     result
 }

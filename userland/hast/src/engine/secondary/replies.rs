@@ -1,16 +1,20 @@
-//! The reply writer: replies as they come, several per system call when
-//! they queue up.
+//! The replies of a session: queued by the session loop and the I/O
+//! threads, written by one task, every reply queued since its last write
+//! in one system call (a read's data on its own, not copied).
+
+use std::sync::Mutex;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::proto::{self, ProtoError};
 use crate::wire::Reply;
 
 use super::buffers::BufPool;
 
-/// Replies written with one system call at most.
-const REPLY_BATCH: usize = 64;
+/// Replies queued at most before the session loop waits for the writer
+/// (a primary that stops reading its replies stops being read).
+const QUEUE_LIMIT: usize = 1024;
 
 /// A reply waiting to be sent, with the data of a read.
 pub(super) struct Outgoing {
@@ -18,20 +22,65 @@ pub(super) struct Outgoing {
     pub(super) data: Option<Vec<u8>>,
 }
 
-/// Send replies as they come, several per system call when they queue up
-/// (a read's data is written on its own, not copied into the batch).
+/// The queue between the repliers and the writer.
+#[derive(Default)]
+pub(super) struct ReplyQueue {
+    pub(super) queue: Mutex<Vec<Outgoing>>,
+    /// The writer has replies to write.
+    ready: Notify,
+    /// The writer took the queue: there is room again.
+    room: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ReplyQueue {
+    /// Queue a reply (from any thread).
+    pub(super) fn push(&self, out: Outgoing) {
+        lock(&self.queue).push(out);
+        self.ready.notify_one();
+    }
+
+    /// Queue a reply from the session loop, waiting while the queue is
+    /// full.
+    pub(super) async fn push_bounded(&self, out: Outgoing) {
+        loop {
+            let room = self.room.notified();
+            if lock(&self.queue).len() < QUEUE_LIMIT {
+                break;
+            }
+            room.await;
+        }
+        self.push(out);
+    }
+
+    /// Every reply queued, once there is at least one.
+    async fn take(&self) -> Vec<Outgoing> {
+        loop {
+            let ready = self.ready.notified();
+            let batch = std::mem::take(&mut *lock(&self.queue));
+            if !batch.is_empty() {
+                self.room.notify_waiters();
+                return batch;
+            }
+            ready.await;
+        }
+    }
+}
+
+/// Write replies as they are queued, until the connection fails.
 pub(super) async fn write_replies<W: AsyncWrite + Unpin>(
     conn_out: &mut W,
-    rx: &mut mpsc::Receiver<Outgoing>,
+    queue: &ReplyQueue,
     pool: &BufPool,
     compression: crate::config::Compression,
     checksum: crate::config::Checksum,
 ) -> Result<(), ProtoError> {
-    let mut batch: Vec<u8> = Vec::with_capacity(REPLY_BATCH * 64);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut n = 0;
-        while let Some(out) = next.take() {
+    let mut batch: Vec<u8> = Vec::with_capacity(64 * 64);
+    loop {
+        for out in queue.take().await {
             let mut nv = out.reply.to_nv();
             match out.data {
                 Some(d) => {
@@ -47,10 +96,6 @@ pub(super) async fn write_replies<W: AsyncWrite + Unpin>(
                 }
                 None => batch.extend_from_slice(&proto::encode_frame(&nv, &[])?),
             }
-            n += 1;
-            if n < REPLY_BATCH {
-                next = rx.try_recv().ok();
-            }
         }
         if !batch.is_empty() {
             conn_out.write_all(&batch).await?;
@@ -58,5 +103,4 @@ pub(super) async fn write_replies<W: AsyncWrite + Unpin>(
         }
         conn_out.flush().await?;
     }
-    Ok(())
 }
