@@ -3,6 +3,7 @@
 #   make deps    install the system packages the build and the tests need
 #   make         build hastd and hastctl (release)
 #   make test    install what is needed, then run every test
+#   make test-kshim  the kernel module on the userland kernel shim (C driver)
 #   make demo    set up two nodes on this machine and walk through the main job
 #   make campaign [FAULTS=N SEED=S]
 #                seeded random faults (kill -9, power cuts, partitions,
@@ -43,7 +44,7 @@ FUZZ_TARGETS ?=
 # Seconds per target in make test: enough to show the targets build and run.
 FUZZ_SMOKE_SECONDS ?= 3
 
-.PHONY: all build deps test test-rust test-scripts test-lint test-release test-freebsd-check test-fuzz test-campaign fuzz fuzz-corpus campaign demo bench install clean kmod-check
+.PHONY: all build deps test test-rust test-scripts test-lint test-release test-freebsd-check test-kshim test-fuzz test-campaign fuzz fuzz-corpus campaign demo bench install clean kmod-check
 
 all: build
 
@@ -75,7 +76,15 @@ endif
 		$(CARGO) install --locked cargo-fuzz; \
 	fi
 
-test: deps test-scripts test-lint test-freebsd-check test-release test-rust test-fuzz test-campaign
+test: deps test-scripts test-lint test-freebsd-check test-release test-kshim test-rust test-fuzz test-campaign
+
+# The kernel module itself (kmod/g_hast.c, hast_core.c, unchanged) on the
+# userland kernel shim (sys/kshim): its C driver, and bugs planted in a copy
+# of the module that the shim must catch. The same driver built with
+# AddressSanitizer and ThreadSanitizer runs in cargo test
+# (tests/tests/kshim_sanitizers.rs); `sh tests/kshim-check.sh` runs all.
+test-kshim:
+	sh tests/kshim-check.sh plain plants
 
 # Type-check the FreeBSD build (kernel transport, cfg'd file I/O) from any
 # host: needs the x86_64-unknown-freebsd target of rustup.
@@ -107,13 +116,19 @@ test-lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# A plain release build at the root has no fail points compiled in.
+# A plain release build at the root has no fail points and no kernel shim
+# compiled in.
 test-release:
 	$(CARGO) build --release
 	@if grep -q HAST_FAILPOINTS target/release/hastd; then \
 		echo "test-release: target/release/hastd contains fail points" >&2; exit 1; \
 	else \
 		echo "test-release: target/release/hastd has no fail points"; \
+	fi
+	@if grep -q kshim_load target/release/hastd; then \
+		echo "test-release: target/release/hastd contains the kernel shim" >&2; exit 1; \
+	else \
+		echo "test-release: target/release/hastd has no kernel shim"; \
 	fi
 
 # Each fuzz target for a few seconds, so that they keep building and

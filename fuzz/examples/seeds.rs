@@ -345,7 +345,7 @@ fn info_data(name: &str, items: &[u16]) -> Vec<u8> {
 }
 
 fn nbd_request(kind: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
-    nbd::Request {
+    nbd::NbdRequest {
         magic: nbd::REQUEST_MAGIC,
         flags,
         kind,

@@ -1,7 +1,8 @@
 //! hast-sys: raw bindings to the ABI shared by the kernel module and userland
 //! (ffi/hast_abi.h) and to the portable fast-path core (kmod/hast_core.h),
 //! which build.rs compiles with a userland shim. The safe wrapper is
-//! `hast::core`.
+//! `hast::core`. With the test-only feature `kshim` (Linux), also the
+//! geom_hast kernel module itself on the userland kernel shim ([`kshim`]).
 #![allow(
     non_upper_case_globals,
     non_camel_case_types,
@@ -10,6 +11,9 @@
 )]
 
 include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
+
+#[cfg(all(feature = "kshim", target_os = "linux"))]
+pub mod kshim;
 
 #[cfg(test)]
 mod tests {

@@ -197,8 +197,15 @@ pub struct ClusterBuilder {
     extra: String,
     create: bool,
     metrics: bool,
+    kernel_host: bool,
+    kshim_fail: Option<String>,
     power: bool,
 }
+
+/// Set (to anything but `0`) in the tests' environment: every cluster runs
+/// its primaries in the kernel module on the userland kernel shim (as
+/// [`ClusterBuilder::kernel_host`]).
+pub const KERNEL_HOST_ENV: &str = "HAST_TEST_KSHIM";
 
 impl ClusterBuilder {
     /// Two nodes `alpha` and `beta`, no resource yet, memsync, no checksum,
@@ -216,6 +223,8 @@ impl ClusterBuilder {
             extra: String::new(),
             create: true,
             metrics: false,
+            kernel_host: crate::kernel_host_selected(),
+            kshim_fail: None,
             power: false,
         }
     }
@@ -225,6 +234,25 @@ impl ClusterBuilder {
     /// [`Cluster::metrics_addr`]). Default no.
     pub fn metrics(mut self, yes: bool) -> Self {
         self.metrics = yes;
+        self
+    }
+
+    /// On the kernel host: the shim fails that share of M_NOWAIT
+    /// allocations and g_clone_bio calls (`nowait=PPM,clone=PPM`, see
+    /// `hast::kshim::FAIL_ENV`); GEOM retries what the module answers
+    /// ENOMEM.
+    pub fn kshim_fail(mut self, spec: &str) -> Self {
+        self.kshim_fail = Some(spec.to_owned());
+        self
+    }
+
+    /// Whether the primaries run in the geom_hast kernel module on the
+    /// userland kernel shim (hastd with `HAST_KSHIM`): the local provider
+    /// a GEOM disk of the shim, clients' requests entering the module's
+    /// start method, the engine talking to it through its ioctls. Default:
+    /// no, unless [`KERNEL_HOST_ENV`] is set.
+    pub fn kernel_host(mut self, yes: bool) -> Self {
+        self.kernel_host = yes;
         self
     }
 
@@ -429,6 +457,8 @@ impl ClusterBuilder {
             nft_tables: Vec::new(),
             partitions: BTreeMap::new(),
             namespaces: Vec::new(),
+            kernel_host: self.kernel_host,
+            kshim_fail: self.kshim_fail.clone(),
         };
         if c.mode == Mode::Netns {
             c.setup_netns()?;
@@ -566,6 +596,8 @@ pub struct Cluster {
     nft_tables: Vec<(Option<String>, String)>,
     partitions: BTreeMap<(usize, usize), PartitionKind>,
     namespaces: Vec<String>,
+    kernel_host: bool,
+    kshim_fail: Option<String>,
 }
 
 /// Where a provider's data area is: the file, the byte offset of the data
@@ -675,6 +707,11 @@ impl Cluster {
     /// Shorthand: `ClusterBuilder::new(mode)`.
     pub fn builder(mode: Mode) -> ClusterBuilder {
         ClusterBuilder::new(mode)
+    }
+
+    /// Whether primaries run in the kernel module on the kernel shim.
+    pub fn kernel_host(&self) -> bool {
+        self.kernel_host
     }
 
     /// Unique id of this instance (`hastt-<pid>-<n>`), the prefix of its
@@ -998,6 +1035,11 @@ impl Cluster {
             .arg(&n.name)
             .env("HASTT_NODE", &n.name)
             .env("HAST_FAILPOINTS", self.failpoint_dir(node))
+            .env(hast::kshim::ENV, if self.kernel_host { "1" } else { "0" })
+            .env(
+                hast::kshim::FAIL_ENV,
+                self.kshim_fail.as_deref().unwrap_or(""),
+            )
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);

@@ -5,6 +5,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod export;
 pub mod freebsd;
 pub mod ledger;
 pub mod power;
@@ -126,6 +127,12 @@ pub fn hastd_starts(log: &str) -> usize {
         .count()
 }
 
+/// Whether the tests run every primary on the kernel host (the module on
+/// the userland kernel shim): [`cluster::KERNEL_HOST_ENV`] is set.
+pub fn kernel_host_selected() -> bool {
+    std::env::var_os(cluster::KERNEL_HOST_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// How long [`Node::stop`] waits for hastd to exit after SIGTERM: its
 /// exports drain for up to 5 s, then providers are flushed.
 pub const STOP_LIMIT: Duration = Duration::from_secs(30);
@@ -189,6 +196,10 @@ impl Node {
             .arg("--node")
             .arg(&self.name)
             .args(extra)
+            .env(
+                hast::kshim::ENV,
+                if kernel_host_selected() { "1" } else { "0" },
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
@@ -536,6 +547,12 @@ impl Solo {
             "NBD socket {} did not appear:\n{}",
             self.socket.display(),
             self.node.log_text()
+        );
+        let log = self.node.log_text();
+        assert_eq!(
+            log.contains("from the kernel module"),
+            kernel_host_selected(),
+            "the primary ran on the wrong host:\n{log}"
         );
     }
 

@@ -23,6 +23,29 @@ fn cluster(replication: &str, size: u64) -> Cluster {
         .expect("build the cluster")
 }
 
+/// The same on the kernel host: the primaries run the geom_hast module
+/// itself on the userland kernel shim.
+fn kernel_cluster(replication: &str, size: u64) -> Cluster {
+    Cluster::builder(Mode::auto())
+        .resource("r0", size)
+        .replication(replication)
+        .timeout(5)
+        .kernel_host(true)
+        .build()
+        .expect("build the cluster")
+}
+
+/// On the kernel host, `node`'s primary really ran in the module.
+fn check_host(c: &Cluster, node: &str) {
+    let log = c.log(node).unwrap();
+    let kernel = log.contains("serving /dev/hast/r0 from the kernel module");
+    assert_eq!(
+        kernel,
+        c.kernel_host(),
+        "{node}'s primary ran on the wrong host:\n{log}"
+    );
+}
+
 /// alpha primary, beta secondary, connected and in sync.
 fn connected(c: &mut Cluster) {
     c.start_all().unwrap();
@@ -99,8 +122,17 @@ fn same_data(c: &Cluster) {
 
 #[test]
 fn seeds_story_failover_and_back() {
-    let mut c = cluster("fullsync", 64 * MIB);
+    seeds_story(cluster("fullsync", 64 * MIB));
+}
+
+#[test]
+fn kernel_host_seeds_story_failover_and_back() {
+    seeds_story(kernel_cluster("fullsync", 64 * MIB));
+}
+
+fn seeds_story(mut c: Cluster) {
     connected(&mut c);
+    check_host(&c, "alpha");
     let reference = reference_image(&c);
     qemu_write(&c, "alpha", &reference, 0x11, 0, 8 * MIB);
     qemu_write(&c, "alpha", &reference, 0x22, 40 * MIB, 3 * MIB);
@@ -150,6 +182,7 @@ fn seeds_story_failover_and_back() {
     c.wait_list("alpha", "r0", T, |s| s.dirty == 0).unwrap();
     same_data(&c);
     assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
+    check_host(&c, "beta");
 }
 
 /// Connect a `mode` pair, run the stamped-block workload at `queue_depth`
@@ -159,8 +192,15 @@ fn kill_primary_under_load(
     mode: &str,
     queue_depth: usize,
 ) -> (Cluster, hast_tests::checker::History) {
-    let mut c = cluster(mode, 32 * MIB);
+    kill_primary_under_load_on(cluster(mode, 32 * MIB), queue_depth)
+}
+
+fn kill_primary_under_load_on(
+    mut c: Cluster,
+    queue_depth: usize,
+) -> (Cluster, hast_tests::checker::History) {
     connected(&mut c);
+    check_host(&c, "alpha");
     let uri = c.nbd_uri("alpha", "r0").unwrap();
     let w = Workload::new(WorkloadOptions {
         queue_depth,
@@ -189,7 +229,11 @@ fn kill_primary_under_load(
 }
 
 fn acked_writes_survive_kill(mode: &str) {
-    let (c, history) = kill_primary_under_load(mode, 16);
+    acked_writes_survive_kill_on(mode, cluster(mode, 32 * MIB));
+}
+
+fn acked_writes_survive_kill_on(mode: &str, c: Cluster) {
+    let (c, history) = kill_primary_under_load_on(c, 16);
     assert!(
         history.acked() > 100,
         "too few acknowledged writes to mean anything: {}",
@@ -212,6 +256,59 @@ fn fullsync_acknowledged_writes_survive_primary_kill() {
 #[test]
 fn memsync_acknowledged_writes_survive_primary_kill() {
     acked_writes_survive_kill("memsync");
+}
+
+/// On the kernel host, a kill -9 of hastd takes the module with it, as a
+/// crash of the node does.
+#[test]
+fn kernel_host_fullsync_acknowledged_writes_survive_primary_kill() {
+    acked_writes_survive_kill_on("fullsync", kernel_cluster("fullsync", 32 * MIB));
+}
+
+#[test]
+fn kernel_host_memsync_acknowledged_writes_survive_primary_kill() {
+    acked_writes_survive_kill_on("memsync", kernel_cluster("memsync", 32 * MIB));
+}
+
+/// The module short of memory: 2% of its M_NOWAIT allocations and
+/// g_clone_bio calls fail (GEOM retries the bios it answers ENOMEM), under
+/// the stamped-block workload and a kill -9; then a clean role change
+/// reports how many failures were injected.
+#[test]
+fn kernel_host_allocation_failures_lose_no_acknowledged_write() {
+    let c = Cluster::builder(Mode::auto())
+        .resource("r0", 32 * MIB)
+        .replication("memsync")
+        .timeout(5)
+        .kernel_host(true)
+        .kshim_fail("nowait=20000,clone=20000")
+        .build()
+        .expect("build the cluster");
+    let (mut c, history) = kill_primary_under_load_on(c, 16);
+    assert!(history.acked() > 100, "acked: {}", history.acked());
+    assert!(c.log("alpha").unwrap().contains("injecting failures"));
+    c.role("beta", "r0", "primary").unwrap();
+    let area = c.data_area("beta", "r0").unwrap();
+    let report = history.verify_file(&area.path, area.offset).unwrap();
+    assert!(report.passed(), "acknowledged writes lost: {report:?}");
+    // beta (also short of memory) serves, resyncs alpha, and stops.
+    c.restart("alpha").unwrap();
+    c.role("alpha", "r0", "secondary").unwrap();
+    c.wait_list("beta", "r0", T, |s| s.in_sync()).unwrap();
+    same_data(&c);
+    c.role("beta", "r0", "init").unwrap();
+    let log = c.log("beta").unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("failures injected"))
+        .unwrap_or_else(|| panic!("no failure report:\n{log}"));
+    eprintln!("beta: {line}");
+    let injected: u64 = line
+        .split_whitespace()
+        .filter_map(|w| w.parse::<u64>().ok())
+        .sum();
+    assert!(injected > 0, "{line}");
+    check_host(&c, "beta");
 }
 
 #[test]
@@ -361,8 +458,23 @@ fn secondary_write_error_leaves_the_extent_dirty_until_resync_repairs_it() {
 /// host's path) the peer's answers are put together from 64 KiB pieces.
 #[test]
 fn reads_the_primary_cannot_do_locally_come_from_the_secondary() {
+    reads_from_the_secondary(false);
+}
+
+/// The same in the kernel module: a failed local read becomes a
+/// HAST_UP_READ whose data the engine copies into the client's bio.
+#[test]
+fn kernel_host_reads_the_primary_cannot_do_locally_come_from_the_secondary() {
+    reads_from_the_secondary(true);
+}
+
+fn reads_from_the_secondary(kernel: bool) {
     for split in [false, true] {
-        let mut c = cluster("fullsync", 32 * MIB);
+        let mut c = if kernel {
+            kernel_cluster("fullsync", 32 * MIB)
+        } else {
+            cluster("fullsync", 32 * MIB)
+        };
         if split {
             c.failpoint("alpha", hast::failpoint::ENGINE_SPLIT, true);
         }
@@ -383,6 +495,7 @@ fn reads_the_primary_cannot_do_locally_come_from_the_secondary() {
         }
         c.failpoint("alpha", hast::failpoint::PRIMARY_READ, false);
         assert!(export_matches(&c, "alpha", &reference));
+        check_host(&c, "alpha");
     }
 }
 
@@ -527,6 +640,13 @@ fn stale_primary_pulls_the_newer_data_from_its_secondary() {
     stale_primary_pulls(false);
 }
 
+/// Resynchronization from the peer on the kernel host: reads of stale
+/// extents become HAST_UP_READ upcalls whose data the engine copies in.
+#[test]
+fn kernel_host_stale_primary_pulls_the_newer_data_from_its_secondary() {
+    stale_primary_pulls_on(kernel_cluster("memsync", 64 * MIB), false);
+}
+
 /// The same story with the engine splitting every request for the peer
 /// into 64 KiB pieces (the kernel host's path): multi-MiB writes replicated
 /// in pieces, peer reads reassembled from pieces, resync in pieces.
@@ -536,7 +656,10 @@ fn requests_larger_than_the_peer_accepts_go_in_pieces() {
 }
 
 fn stale_primary_pulls(split: bool) {
-    let mut c = cluster("memsync", 64 * MIB);
+    stale_primary_pulls_on(cluster("memsync", 64 * MIB), split);
+}
+
+fn stale_primary_pulls_on(mut c: Cluster, split: bool) {
     if split {
         c.failpoint("alpha", hast::failpoint::ENGINE_SPLIT, true);
     }
@@ -570,10 +693,13 @@ fn stale_primary_pulls(split: bool) {
             log.contains("split by the engine in 65536-byte pieces"),
             "{log}"
         );
-        assert!(
-            log.contains("of 4194304 bytes goes to the peer in 64 pieces"),
-            "{log}"
-        );
+        // The kernel host's clients send bios of at most MAXPHYS (1 MiB).
+        let pieces = if c.kernel_host() {
+            "of 1048576 bytes goes to the peer in 16 pieces"
+        } else {
+            "of 4194304 bytes goes to the peer in 64 pieces"
+        };
+        assert!(log.contains(pieces), "{log}");
         c.wait_list("alpha", "r0", T, |s| s.dirty == 0).unwrap();
         same_data(&c);
     }
@@ -602,6 +728,39 @@ fn stale_primary_pulls(split: bool) {
     );
     same_data(&c);
     assert!(c.qemu_img_compare("alpha", "r0", &reference).unwrap());
+    check_host(&c, "alpha");
+}
+
+/// A stale node promoted while its peer answers slowly: `role primary`
+/// returns once the first connection attempt is over, so the very first
+/// reads through the export already come from the peer.
+fn no_stale_read_right_after_promotion(mut c: Cluster) {
+    connected(&mut c);
+    let reference = reference_image(&c);
+    qemu_write(&c, "alpha", &reference, 0x10, 0, 4 * MIB);
+    c.wait_list("alpha", "r0", T, |s| s.dirty == 0).unwrap();
+    c.role("alpha", "r0", "init").unwrap();
+    c.role("beta", "r0", "primary").unwrap();
+    qemu_write(&c, "beta", &reference, 0x20, 0, 4 * MIB);
+    c.role("beta", "r0", "secondary").unwrap();
+    c.failpoint("beta", hast::failpoint::SECONDARY_SLOW_ATTACH, true);
+    c.hastctl_ok("alpha", &["role", "--force", "primary", "r0"])
+        .unwrap();
+    assert!(
+        export_matches(&c, "alpha", &reference),
+        "stale data served right after the promotion"
+    );
+    check_host(&c, "alpha");
+}
+
+#[test]
+fn no_stale_read_right_after_a_promotion() {
+    no_stale_read_right_after_promotion(cluster("memsync", 16 * MIB));
+}
+
+#[test]
+fn kernel_host_no_stale_read_right_after_a_promotion() {
+    no_stale_read_right_after_promotion(kernel_cluster("memsync", 16 * MIB));
 }
 
 #[test]

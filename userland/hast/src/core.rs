@@ -56,7 +56,7 @@ pub enum IoCmd {
 }
 
 // The ABI's numbers for these enums (ffi/hast_abi.h), for this wrapper,
-// the kernel transport (crate::kdev) and the tests' module stand-in.
+// the kernel transport (crate::kdev).
 
 impl IoCmd {
     /// The ABI's `HAST_CMD_*`.

@@ -15,6 +15,15 @@ pub const SECONDARY_SLOW_WRITE: &str = "secondary-slow-write";
 /// The wait of [`SECONDARY_SLOW_WRITE`].
 pub const SECONDARY_SLOW_WRITE_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Not a failure: while armed, the secondary waits
+/// [`SECONDARY_SLOW_ATTACH_DELAY`] before it answers a primary's attach (a
+/// slow handshake), so the primary's first connection attempt takes that
+/// long.
+pub const SECONDARY_SLOW_ATTACH: &str = "secondary-slow-attach";
+
+/// The wait of [`SECONDARY_SLOW_ATTACH`].
+pub const SECONDARY_SLOW_ATTACH_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The primary's local read of a client request (uhost): the core then
 /// serves the read from the peer.
 pub const PRIMARY_READ: &str = "primary-read";

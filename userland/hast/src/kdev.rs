@@ -6,7 +6,9 @@
 //! (`nix::ioctl_readwrite!`, compiled only for FreeBSD). On other systems
 //! the same API exists, opening a path still works, and every call answers
 //! [`KdevError::Unsupported`], so the code is type-checked and unit-tested
-//! on Linux. The contract of each ioctl is the comment above `g_hast_ioctl`
+//! on Linux. In a test build (feature `kshim`) the ioctls can instead go to
+//! the module itself running on the userland kernel shim
+//! ([`KernelDevice::open_kshim`]). The contract of each ioctl is the comment above `g_hast_ioctl`
 //! in kmod/g_hast.c; the structs and constants come from ffi/hast_abi.h
 //! through hast-sys.
 
@@ -390,11 +392,12 @@ impl Arg for DestroyArg {
 /// e.g. `tokio::task::spawn_blocking`) while others send downcalls. That
 /// call returns ENXIO once the instance is destroyed, EINTR on a signal.
 pub struct KernelDevice {
-    fd: OwnedFd,
+    fd: Option<OwnedFd>,
     path: PathBuf,
-    /// Tests only: a userland stand-in for the module answers the ioctls.
-    #[cfg(test)]
-    emu: Option<std::sync::Arc<dyn Emulator>>,
+    /// Tests only: the module itself on the userland kernel shim answers
+    /// the ioctls (`crate::kshim`).
+    #[cfg(all(feature = "kshim", target_os = "linux"))]
+    kshim: Option<crate::kshim::CtlFile>,
 }
 
 impl std::fmt::Debug for KernelDevice {
@@ -405,19 +408,6 @@ impl std::fmt::Debug for KernelDevice {
     }
 }
 
-/// Tests only: something that carries out the module's ioctls in this
-/// process (crate::dataplane's emulator, built on the same C core), so the
-/// kernel transport's callers can be exercised on any OS.
-#[cfg(test)]
-pub trait Emulator: Send + Sync {
-    /// Carry out `op` on its argument struct as kmod/g_hast.c does.
-    ///
-    /// # Safety
-    /// `arg` points to the struct `op` carries, and every user address in
-    /// it is valid for the length the struct gives it.
-    unsafe fn ioctl(&self, op: Ioctl, arg: *mut u8) -> Result<(), Errno>;
-}
-
 impl KernelDevice {
     /// Whether this transport can be used with the control device at
     /// `path`: on FreeBSD when it exists (geom_hast is loaded), never on
@@ -426,9 +416,48 @@ impl KernelDevice {
         cfg!(target_os = "freebsd") && path.as_ref().exists()
     }
 
-    /// Open [`DEFAULT_PATH`] for reading and writing.
+    /// Whether hastd runs its primaries in the kernel module: on FreeBSD
+    /// with geom_hast loaded, or, in a test build, on the userland kernel
+    /// shim when `HAST_KSHIM` is set.
+    pub fn kernel_host() -> bool {
+        #[cfg(all(feature = "kshim", target_os = "linux"))]
+        if crate::kshim::selected() {
+            return true;
+        }
+        KernelDevice::available(DEFAULT_PATH)
+    }
+
+    /// Open the module's control device for reading and writing:
+    /// [`DEFAULT_PATH`], or the shim's when it is selected.
     pub fn open() -> Result<KernelDevice, KdevError> {
+        #[cfg(all(feature = "kshim", target_os = "linux"))]
+        if crate::kshim::selected() {
+            return KernelDevice::open_kshim(true);
+        }
         KernelDevice::open_path(DEFAULT_PATH)
+    }
+
+    /// Tests only: `/dev/hastctl` of the module on the userland kernel
+    /// shim (loaded first if need be).
+    #[cfg(all(feature = "kshim", target_os = "linux"))]
+    pub fn open_kshim(write: bool) -> Result<KernelDevice, KdevError> {
+        let path = PathBuf::from(DEFAULT_PATH);
+        crate::kshim::load().map_err(|e| KdevError::Open {
+            path: path.clone(),
+            errno: match e {
+                crate::kshim::KshimError::Load(errno) => errno,
+                _ => Errno::ENXIO,
+            },
+        })?;
+        let file = crate::kshim::CtlFile::open(write).map_err(|errno| KdevError::Open {
+            path: path.clone(),
+            errno,
+        })?;
+        Ok(KernelDevice {
+            fd: None,
+            path,
+            kshim: Some(file),
+        })
     }
 
     /// Open a control device at `path` for reading and writing.
@@ -449,20 +478,11 @@ impl KernelDevice {
             }
         })?;
         Ok(KernelDevice {
-            fd,
+            fd: Some(fd),
             path: path.to_owned(),
-            #[cfg(test)]
-            emu: None,
+            #[cfg(all(feature = "kshim", target_os = "linux"))]
+            kshim: None,
         })
-    }
-
-    /// Tests only: a device whose ioctls `emu` answers.
-    #[cfg(test)]
-    pub fn emulated(emu: std::sync::Arc<dyn Emulator>) -> KernelDevice {
-        let mut dev =
-            KernelDevice::open_with(Path::new("/dev/null"), OFlag::O_RDWR).expect("open /dev/null");
-        dev.emu = Some(emu);
-        dev
     }
 
     /// The path this device was opened at.
@@ -472,22 +492,26 @@ impl KernelDevice {
 
     /// One ioctl; every user address in `arg` must be valid for its length.
     fn ioctl<T: Arg>(&self, arg: &mut T) -> Result<(), KdevError> {
-        #[cfg(test)]
-        if let Some(emu) = &self.emu {
-            // SAFETY: as for the real ioctl below.
-            return unsafe { emu.ioctl(T::OP, (arg as *mut T).cast()) }.map_err(|errno| {
-                KdevError::Ioctl {
+        #[cfg(all(feature = "kshim", target_os = "linux"))]
+        if let Some(file) = &self.kshim {
+            // SAFETY: as for the real ioctl below; the module decodes the
+            // FreeBSD encoding of the command.
+            return unsafe { file.ioctl(T::OP.freebsd_request(), (arg as *mut T).cast()) }.map_err(
+                |errno| KdevError::Ioctl {
                     op: T::OP,
                     path: self.path.clone(),
                     errno,
-                }
-            });
+                },
+            );
         }
+        let Some(fd) = &self.fd else {
+            return Err(KdevError::Unsupported { op: T::OP });
+        };
         #[cfg(target_os = "freebsd")]
         {
             // SAFETY: the descriptor is open; the callers fill `arg` with
             // addresses of live buffers of the lengths they state.
-            match unsafe { T::call(self.fd.as_raw_fd(), arg) } {
+            match unsafe { T::call(fd.as_raw_fd(), arg) } {
                 Ok(_) => Ok(()),
                 Err(errno) => Err(KdevError::Ioctl {
                     op: T::OP,
@@ -498,7 +522,7 @@ impl KernelDevice {
         }
         #[cfg(not(target_os = "freebsd"))]
         {
-            let _ = (arg, self.fd.as_raw_fd());
+            let _ = (arg, fd.as_raw_fd());
             Err(KdevError::Unsupported { op: T::OP })
         }
     }

@@ -9,8 +9,9 @@
 //!   accept loop of every listening socket ([`accept`]), the Prometheus
 //!   metrics and their HTTP server ([`metrics`]);
 //! - the fast-path core ([`core`]) and its hosts ([`uhost`] with the NBD
-//!   server [`nbd`], the kernel transport [`kdev`]), behind the engine's
-//!   [`dataplane`] interface;
+//!   server [`nbd`], the kernel transport [`kdev`]; in test builds also the
+//!   kernel module itself on a userland kernel shim, `kshim`), behind the
+//!   engine's [`dataplane`] interface;
 //! - then the daemon's engine ([`engine`]); the binaries sit on top.
 
 pub mod accept;
@@ -27,6 +28,8 @@ pub mod failpoint;
 pub mod handshake;
 pub mod hooks;
 pub mod kdev;
+#[cfg(all(feature = "kshim", target_os = "linux"))]
+pub mod kshim;
 pub mod metadata;
 pub mod metrics;
 pub mod nbd;

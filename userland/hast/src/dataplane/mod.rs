@@ -7,14 +7,13 @@
 //!   ([`crate::uhost`]); any OS, the only one on Linux;
 //! - [`KernelPlane`]: the geom_hast kernel module through `/dev/hastctl`
 //!   ([`crate::kdev`]); chosen at run time on FreeBSD when the module is
-//!   loaded.
+//!   loaded, and in test builds on Linux when the module runs on the
+//!   userland kernel shim (`crate::kshim`).
 //!
 //! The engine never sees sync-lock grants or sync I/O completions: the
 //! hosts resolve them inside [`Dataplane::sync_lock`],
 //! [`Dataplane::sync_read`] and [`Dataplane::sync_write`].
 
-#[cfg(test)]
-mod emu;
 mod kernel;
 mod user;
 

@@ -19,6 +19,9 @@ pub async fn answer_attach<W: AsyncWrite + Unpin>(
     local: &Local,
     attach: &Attach,
 ) -> Result<Decision, SessionError> {
+    if crate::failpoint::check(crate::failpoint::SECONDARY_SLOW_ATTACH).is_some() {
+        tokio::time::sleep(crate::failpoint::SECONDARY_SLOW_ATTACH_DELAY).await;
+    }
     let (mine, datasize, extentsize) = local.counters();
     let theirs = Counters {
         resuid: attach.resuid,

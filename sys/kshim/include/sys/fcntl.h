@@ -1,0 +1,13 @@
+/*-
+ * SPDX-License-Identifier: BSD-2-Clause
+ *
+ * <sys/fcntl.h> of the kernel shim: the module's #include resolves here (this
+ * directory comes first in its include path); see ../../kshim_kern.h.
+ */
+
+#ifndef _KSHIM_SYS_FCNTL_H
+#define	_KSHIM_SYS_FCNTL_H
+
+#include "../../kshim_kern.h"
+
+#endif	/* !_KSHIM_SYS_FCNTL_H */
