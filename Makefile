@@ -9,8 +9,10 @@
 #                seeded random faults (kill -9, power cuts, partitions,
 #                restarts, disk errors, role swaps) against a pair under a
 #                checked workload; root and /dev/fuse; FAULTS=1000 takes hours
-#   make bench   NBD export of a primary vs qemu-nbd with fio, as ratios (BENCHMARKS.md);
-#                replication; metrics on vs off (needs a quiet machine)
+#   make bench   NBD export of a primary vs qemu-nbd with fio, then replication
+#                (fullsync, memsync, async) vs qemu-storage-daemon's quorum
+#                and an unreplicated qemu-nbd, as ratios (BENCHMARKS.md), then
+#                metrics on vs off (needs a quiet machine)
 #   make install install binaries, man pages and the sample configuration
 #   make fuzz FUZZ_SECONDS=N
 #                run every fuzz target of fuzz/ for N seconds (nightly
@@ -26,6 +28,9 @@ CARGO    ?= cargo
 PREFIX   ?= /usr/local
 DESTDIR  ?=
 UNAME_S  := $(shell uname -s)
+# No incremental state: a clean build (CI) does not reuse it, and it doubles
+# the disk a build needs. Set CARGO_INCREMENTAL=1 for edit-compile loops.
+export CARGO_INCREMENTAL ?= 0
 
 DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
 	python3-libnbd nbdkit fio fuse3 nftables iproute2 mandoc \
@@ -168,7 +173,15 @@ demo: deps
 	$(CARGO) build --workspace
 	sh tests/demo.sh
 
+# qemu-storage-daemon (the qsd peer of tests/bench/replication.sh) is in
+# qemu-utils from QEMU 8 on, in qemu-system-common before (Debian 12).
 bench: deps
+	@if [ "$(UNAME_S)" != FreeBSD ] && ! command -v qemu-storage-daemon >/dev/null 2>&1; then \
+		echo "make bench: installing qemu-system-common (qemu-storage-daemon)"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends qemu-system-common; \
+	fi
 	$(CARGO) build --release -p hastd -p hastctl
 	$(CARGO) build --release -p hast --examples
 	$(CARGO) build --release -p hast-tests --bin replbench

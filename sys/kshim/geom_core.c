@@ -40,6 +40,8 @@ struct g_event {
 
 static TAILQ_HEAD(, g_event) g_events = TAILQ_HEAD_INITIALIZER(g_events);
 static int64_t g_nevents;
+/* Orphans taken off g_doorstep whose orphan methods are still running. */
+static int g_norphaning;
 static int64_t g_ngeoms;
 static int g_wait_event, g_pending_events;
 
@@ -195,7 +197,8 @@ g_waitidle(void)
 
 	g_topology_assert_not();
 	mtx_lock(&g_eventlock);
-	while (!TAILQ_EMPTY(&g_events) || !TAILQ_EMPTY(&g_doorstep))
+	while (!TAILQ_EMPTY(&g_events) || !TAILQ_EMPTY(&g_doorstep) ||
+	    g_norphaning != 0)
 		msleep(&g_pending_events, &g_eventlock, PPAUSE, "g_waitidle",
 		    hz / 10);
 	mtx_unlock(&g_eventlock);
@@ -224,8 +227,12 @@ one_event(void)
 	pp = TAILQ_FIRST(&g_doorstep);
 	if (pp != NULL) {
 		TAILQ_REMOVE(&g_doorstep, pp, orphan);
+		g_norphaning++;
 		mtx_unlock(&g_eventlock);
 		g_orphan_register(pp);
+		mtx_lock(&g_eventlock);
+		g_norphaning--;
+		mtx_unlock(&g_eventlock);
 		return (1);
 	}
 	ep = TAILQ_FIRST(&g_events);

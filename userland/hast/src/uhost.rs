@@ -50,6 +50,9 @@ pub enum UhostError {
     Core(#[from] CoreError),
 }
 
+/// How long [`Uhost::close`] waits for the core's callbacks in flight.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
 /// Largest request handed to the core until a peer says what it accepts.
 pub const DEFAULT_MAX_REQUEST: u64 = crate::wire::MAX_IO;
 
@@ -807,15 +810,25 @@ impl Uhost {
 
     /// Fail every request still waiting and stop the core. Call after the
     /// NBD export is stopped (no new requests) and in-flight I/O finished.
-    pub fn close(self) {
+    /// The callbacks still running (an I/O thread completing its last
+    /// request, a map write) let go of the core first: waited for up to
+    /// [`CLOSE_WAIT`].
+    pub async fn close(self) {
         let Uhost { inner, core } = self;
+        let start = std::time::Instant::now();
+        while Arc::strong_count(&core) > 1 && start.elapsed() < CLOSE_WAIT {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         match Arc::try_unwrap(core) {
             Ok(core) => {
                 if let Err((_, e)) = core.close() {
                     tracing::warn!("core still busy at close: {e}");
                 }
             }
-            Err(_) => tracing::warn!("core still referenced at close"),
+            Err(_) => tracing::warn!(
+                "core still referenced at close after {} s",
+                CLOSE_WAIT.as_secs()
+            ),
         }
         drop(inner);
     }

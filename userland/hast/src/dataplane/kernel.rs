@@ -320,3 +320,139 @@ impl super::Dataplane for KernelPlane {
         Ok(self.dev.write_metadata(self.unit, &md.encode()?)?)
     }
 }
+
+/// How long finishing a kernel host waits for `/dev/hast/NAME` to be closed.
+const KERNEL_DESTROY_WAIT: Duration = Duration::from_secs(10);
+
+/// The kernel host of a primary: `hast/NAME` in the geom_hast module, the
+/// device its own front end (on the kernel shim of a test build, exported
+/// over NBD).
+pub struct KernelHost {
+    plane: Arc<KernelPlane>,
+    #[cfg(all(feature = "kshim", target_os = "linux"))]
+    shim: Option<super::kshim_front::Shim>,
+}
+
+impl KernelHost {
+    /// Close hastd's descriptor of the disk and create `hast/NAME`. The
+    /// device appears at once: writes wait in the module for the first
+    /// connection attempt (the owed localcnt bump), but a client that reads
+    /// it before the role change returns may read a stale copy.
+    pub async fn start(spec: super::HostSpec<'_>) -> Result<KernelHost, super::HostError> {
+        let super::HostSpec {
+            cfg,
+            provider,
+            geometry: geo,
+            map,
+            // The module's requests are not timed (hastd(8), Metrics).
+            metrics: _,
+        } = spec;
+        let provider = Arc::try_unwrap(provider).map_err(|_| super::HostError::ProviderBusy)?;
+        drop(provider);
+        #[allow(unused_mut)] // the kernel shim names the local provider
+        let mut spec = CreateSpec {
+            name: cfg.provname.clone(),
+            local: cfg.local.display().to_string(),
+            params: crate::core::Params {
+                mediasize: geo.datasize,
+                extentsize: geo.extentsize,
+                sectorsize: geo.sectorsize,
+                keepdirty: geo.keepdirty,
+                mode: geo.mode,
+            },
+            localoff: geo.localoff,
+            mapoff: crate::metadata::METADATA_SIZE,
+            metaflush: geo.metaflush,
+            map: map.to_vec(),
+        };
+        let sectorsize = geo.sectorsize;
+        let created = tokio::task::spawn_blocking(move || {
+            #[cfg(all(feature = "kshim", target_os = "linux"))]
+            let mut shim = if crate::kshim::selected() {
+                Some(super::kshim_front::Shim::attach(&mut spec, sectorsize)?)
+            } else {
+                None
+            };
+            #[cfg(not(all(feature = "kshim", target_os = "linux")))]
+            let _ = sectorsize;
+            let plane = KernelDevice::open().and_then(|dev| KernelPlane::create_on(dev, &spec));
+            match plane {
+                #[cfg(all(feature = "kshim", target_os = "linux"))]
+                Ok(plane) => Ok(KernelHost {
+                    plane: Arc::new(plane),
+                    shim,
+                }),
+                #[cfg(not(all(feature = "kshim", target_os = "linux")))]
+                Ok(plane) => Ok(KernelHost {
+                    plane: Arc::new(plane),
+                }),
+                Err(e) => {
+                    #[cfg(all(feature = "kshim", target_os = "linux"))]
+                    if let Some(s) = shim.as_mut() {
+                        s.detach();
+                    }
+                    Err(super::HostError::from(e))
+                }
+            }
+        })
+        .await
+        .map_err(|e| super::HostError::Task(e.to_string()))??;
+        Ok(created)
+    }
+}
+
+impl super::Host for KernelHost {
+    fn plane(&self) -> Arc<dyn super::Dataplane> {
+        self.plane.clone()
+    }
+
+    fn open<'a>(
+        &'a mut self,
+        cfg: &'a crate::config::ResourceConfig,
+    ) -> BoxFuture<'a, Result<(), super::HostError>> {
+        Box::pin(async move {
+            #[cfg(all(feature = "kshim", target_os = "linux"))]
+            if let Some(s) = self.shim.as_mut() {
+                s.export(cfg).await?;
+            }
+            tracing::info!("serving /dev/hast/{} from the kernel module", cfg.provname);
+            Ok(())
+        })
+    }
+
+    fn close(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            #[cfg(all(feature = "kshim", target_os = "linux"))]
+            if let Some(s) = self.shim.as_mut() {
+                s.close().await;
+            }
+        })
+    }
+
+    fn finish(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let host = *self;
+            let unit = host.plane.unit().0;
+            let r = tokio::task::spawn_blocking(move || {
+                #[allow(unused_mut)]
+                let mut host = host;
+                let r = host.plane.destroy(KERNEL_DESTROY_WAIT);
+                #[cfg(all(feature = "kshim", target_os = "linux"))]
+                if let Some(s) = host.shim.as_mut() {
+                    if r.is_ok() {
+                        s.detach();
+                    }
+                }
+                r
+            })
+            .await;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(
+                    "unable to destroy the kernel instance (unit {unit}): {e}; it stays with the link down"
+                ),
+                Err(e) => tracing::error!("destroying the kernel instance failed: {e}"),
+            }
+        })
+    }
+}

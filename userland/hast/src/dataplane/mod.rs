@@ -14,7 +14,10 @@
 //! hosts resolve them inside [`Dataplane::sync_lock`],
 //! [`Dataplane::sync_read`] and [`Dataplane::sync_write`].
 
+mod export;
 mod kernel;
+#[cfg(all(feature = "kshim", target_os = "linux"))]
+mod kshim_front;
 mod user;
 
 use std::collections::HashMap;
@@ -25,12 +28,16 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use crate::config::ResourceConfig;
 use crate::core::{CoreError, MapKind, Mode, Stats, SyncDir, Upcall};
 use crate::kdev::KdevError;
 use crate::metadata::{Metadata, MetadataError};
+use crate::metrics::ResourceMetrics;
+use crate::provider::Provider;
+use crate::uhost::HostGeometry;
 
-pub use kernel::KernelPlane;
-pub use user::UserPlane;
+pub use kernel::{KernelHost, KernelPlane};
+pub use user::{UserHost, UserPlane};
 
 /// A boxed future, as the trait's async methods return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -59,6 +66,84 @@ pub enum DataplaneError {
     /// ioctl) did not run to its end.
     #[error("the host's blocking task failed: {0}")]
     Task(String),
+}
+
+/// Why a host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("{0}")]
+    Uhost(#[from] crate::uhost::UhostError),
+    #[error("kernel host: {0}")]
+    Kernel(#[from] KdevError),
+    /// The blocking task creating the kernel instance did not run to its
+    /// end.
+    #[error("the kernel host's create task failed: {0}")]
+    Task(String),
+    #[error("the local provider is still open in hastd; the kernel module needs it exclusively")]
+    ProviderBusy,
+    #[error("NBD export {addr}: {source}")]
+    Export {
+        addr: String,
+        #[source]
+        source: crate::nbd::NbdError,
+    },
+    #[error("cannot prepare the NBD socket {path}: {source}", path = path.display())]
+    SocketDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[cfg(all(feature = "kshim", target_os = "linux"))]
+    #[error("kernel shim: {0}")]
+    Kshim(#[from] crate::kshim::KshimError),
+}
+
+/// What a host needs to start: the resource, its opened local provider
+/// (the caller's only reference on the kernel host, which closes it before
+/// the module opens the disk exclusively), its geometry and on-disk map,
+/// and where it records its requests' latency, bytes and local errors (the
+/// userland host does; the kernel module's requests are not timed).
+pub struct HostSpec<'a> {
+    pub cfg: &'a ResourceConfig,
+    pub provider: std::sync::Arc<Provider>,
+    pub geometry: HostGeometry,
+    pub map: &'a [u8],
+    pub metrics: std::sync::Arc<ResourceMetrics>,
+}
+
+/// A started host: the core's dataplane and the front end clients reach
+/// the device through.
+pub trait Host: Send + Sync {
+    /// The engine's side of the core.
+    fn plane(&self) -> std::sync::Arc<dyn Dataplane>;
+
+    /// Let clients in (the engine calls it after the first connection
+    /// attempt, so that a stale copy is never read).
+    fn open<'a>(&'a mut self, cfg: &'a ResourceConfig) -> BoxFuture<'a, Result<(), HostError>>;
+
+    /// Refuse new clients, let the requests in flight finish, disconnect
+    /// the clients.
+    fn close(&mut self) -> BoxFuture<'_, ()>;
+
+    /// After the engine let go of the plane: stop the core and release the
+    /// disk (hastd may open the local provider again).
+    fn finish(self: Box<Self>) -> BoxFuture<'static, ()>;
+}
+
+/// Whether primaries run in the kernel module on this system (FreeBSD with
+/// geom_hast loaded, or the kernel shim in a test build).
+pub fn kernel_host() -> bool {
+    crate::kdev::KernelDevice::kernel_host()
+}
+
+/// Start the core of a primary on the host this system has: the kernel
+/// module when [`kernel_host`], else this process with an NBD export.
+pub async fn start(spec: HostSpec<'_>) -> Result<Box<dyn Host>, HostError> {
+    if kernel_host() {
+        Ok(Box::new(KernelHost::start(spec).await?))
+    } else {
+        Ok(Box::new(UserHost::start(spec)?))
+    }
 }
 
 /// An upcall for the engine, with a write's payload.

@@ -220,3 +220,76 @@ impl super::Dataplane for UserPlane {
         Ok(md.write(&self.provider, flush)?)
     }
 }
+
+/// The userland host of a primary: the core in this process behind an NBD
+/// export at the resource's `nbd` address; it times every request and local
+/// write for the resource's metrics ([`crate::uhost`]).
+pub struct UserHost {
+    plane: Arc<UserPlane>,
+    uhost: Arc<Uhost>,
+    export: Option<super::export::Export>,
+}
+
+impl UserHost {
+    /// The core on the opened provider; clients come in with
+    /// [`super::Host::open`].
+    pub fn start(spec: super::HostSpec<'_>) -> Result<UserHost, super::HostError> {
+        let uhost = Arc::new(Uhost::new(
+            spec.provider.clone(),
+            &spec.geometry,
+            spec.map,
+            spec.metrics,
+        )?);
+        let plane = Arc::new(UserPlane::new(uhost.clone(), spec.provider));
+        Ok(UserHost {
+            plane,
+            uhost,
+            export: None,
+        })
+    }
+}
+
+impl super::Host for UserHost {
+    fn plane(&self) -> Arc<dyn super::Dataplane> {
+        self.plane.clone()
+    }
+
+    fn open<'a>(
+        &'a mut self,
+        cfg: &'a crate::config::ResourceConfig,
+    ) -> BoxFuture<'a, Result<(), super::HostError>> {
+        Box::pin(async move {
+            let backend: Arc<dyn crate::nbd::Backend> = self.uhost.clone();
+            self.export = Some(super::export::Export::start(cfg, backend).await?);
+            Ok(())
+        })
+    }
+
+    fn close(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(export) = &self.export {
+                export.shutdown().await;
+            }
+        })
+    }
+
+    fn finish(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let UserHost {
+                plane,
+                uhost,
+                export,
+            } = *self;
+            if let Some(export) = export {
+                export.finish();
+            }
+            drop(plane);
+            // The export's tasks have ended and the engine let go of the
+            // plane: this is the last handle on the host.
+            match Arc::try_unwrap(uhost) {
+                Ok(u) => u.close().await,
+                Err(_) => tracing::error!("the userland host is still referenced after its stop"),
+            }
+        })
+    }
+}

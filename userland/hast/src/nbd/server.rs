@@ -59,6 +59,18 @@ struct Shared {
     registry: Registry,
     config: ServerConfig,
     stop: watch::Sender<bool>,
+    /// The listeners' and connections' tasks: [`Server::shutdown`] returns
+    /// once every one has ended, and with it every handle on an export.
+    tasks: std::sync::Mutex<tokio::task::JoinSet<()>>,
+}
+
+impl Shared {
+    /// Run `task` as one of the server's tasks (finished ones are reaped).
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(task);
+    }
 }
 
 /// An NBD server over a [`Registry`]. Listeners and connections run as tokio
@@ -102,6 +114,7 @@ impl Server {
                 registry,
                 config,
                 stop,
+                tasks: std::sync::Mutex::new(tokio::task::JoinSet::new()),
             }),
         })
     }
@@ -137,7 +150,7 @@ impl Server {
         let stop = self.shared.stop.subscribe();
         let path = path.to_path_buf();
         info!(path = %path.display(), "NBD server listening on Unix socket");
-        tokio::spawn(accept_unix(shared, listener, stop, path));
+        self.shared.spawn(accept_unix(shared, listener, stop, path));
         Ok(())
     }
 
@@ -153,7 +166,7 @@ impl Server {
         let shared = Arc::clone(&self.shared);
         let stop = self.shared.stop.subscribe();
         info!(%local, "NBD server listening on TCP");
-        tokio::spawn(accept_tcp(shared, listener, stop));
+        self.shared.spawn(accept_tcp(shared, listener, stop));
         Ok(local)
     }
 
@@ -165,15 +178,24 @@ impl Server {
         let (r, w) = tokio::io::split(stream);
         let shared = Arc::clone(&self.shared);
         let stop = self.shared.stop.subscribe();
-        tokio::spawn(connection(shared, r, w, stop, "stream".to_string()));
+        self.shared
+            .spawn(connection(shared, r, w, stop, "stream".to_string()));
     }
 
     /// Stops the server: listeners stop accepting, every connection stops
     /// reading requests, in-flight requests finish and are answered, then the
-    /// clients are disconnected. Returns when all of that is done.
+    /// clients are disconnected. Returns when all of that is done and every
+    /// task of the server has ended (none holds an export any more).
     pub async fn shutdown(&self) {
         self.shared.stop.send_replace(true);
-        self.shared.stop.closed().await;
+        loop {
+            let mut tasks =
+                std::mem::take(&mut *self.shared.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+            if tasks.is_empty() {
+                break;
+            }
+            while tasks.join_next().await.is_some() {}
+        }
     }
 }
 
@@ -198,7 +220,7 @@ async fn accept_unix(
         n = n.wrapping_add(1);
         let (r, w) = stream.into_split();
         let peer = format!("{what}#{n}");
-        tokio::spawn(connection(
+        shared.spawn(connection(
             Arc::clone(&shared),
             r,
             w,
@@ -223,7 +245,7 @@ async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener, stop: watch::Rec
             debug!(%peer, error = %e, "cannot set TCP_NODELAY");
         }
         let (r, w) = stream.into_split();
-        tokio::spawn(connection(
+        shared.spawn(connection(
             Arc::clone(&shared),
             r,
             w,
@@ -711,6 +733,9 @@ async fn transmission<R, W>(
     } = att;
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let writer = tokio::spawn(write_replies(w, rx));
+    // Requests the backend has no start method for, run as tasks of this
+    // connection: it ends after them, and with it their hold on the export.
+    let mut jobs = tokio::task::JoinSet::new();
     let budget = Arc::new(Semaphore::new(shared.config.inflight_bytes as usize));
     let max_payload = shared.config.max_payload;
     // Waits for a future unless the connection must stop; on a stop, leaves
@@ -797,7 +822,8 @@ async fn transmission<R, W>(
             Op::Read { off, len } => backend.start_read(off, len, done),
             Op::Write { off, fua, .. } => backend.start_write(off, data, fua, done),
             _ => {
-                tokio::spawn(async move { done.finish(run(backend.as_ref(), op, data).await) });
+                while jobs.try_join_next().is_some() {}
+                jobs.spawn(async move { done.finish(run(backend.as_ref(), op, data).await) });
             }
         }
     };
@@ -817,6 +843,7 @@ async fn transmission<R, W>(
             warn!(%peer, export = %name, "NBD client did not read its replies for {DRAIN_LIMIT:?}; connection closed");
         }
     }
+    while jobs.join_next().await.is_some() {}
     info!(%peer, export = %name, %reason, "NBD client disconnected");
 }
 

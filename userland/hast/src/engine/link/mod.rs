@@ -138,6 +138,9 @@ pub struct Replicator {
     reconnect: tokio::sync::Notify,
     /// Latency of the peer's replies, and where the data path records.
     metrics: Arc<ResourceMetrics>,
+    /// Resync tasks of extents still running (they outlive their session:
+    /// each releases its range lock when it ends).
+    extent_tasks: Arc<resync::Live>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -165,6 +168,7 @@ impl Replicator {
             peer: PeerLink::default(),
             reconnect: tokio::sync::Notify::new(),
             metrics,
+            extent_tasks: Arc::default(),
         })
     }
 
@@ -173,6 +177,12 @@ impl Replicator {
     /// runs.
     pub fn reconnect_now(&self) {
         self.reconnect.notify_one();
+    }
+
+    /// Wait until the resync tasks of extents a stopped session left have
+    /// ended (they let go of the dataplane then).
+    pub async fn extent_tasks_done(&self) {
+        self.extent_tasks.wait_none().await;
     }
 
     /// Wait until the first connection attempt is over (see `first_attempt`).
@@ -211,15 +221,17 @@ impl Replicator {
                 let _ = stop.changed().await;
                 return;
             };
-            match self.connect(&cfg, &remote).await {
+            // A stop does not wait for a connection attempt to time out.
+            let connected = tokio::select! {
+                c = self.connect(&cfg, &remote) => c,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match connected {
                 Ok(parts) => {
                     attempt = 0;
                     last_error.clear();
                     split_brain_reported = false;
-                    let ended = tokio::select! {
-                        r = self.clone().session(parts, &cfg) => r,
-                        _ = stop.changed() => LinkError::Closed,
-                    };
+                    let ended = self.clone().session(parts, &cfg, stop.clone()).await;
                     self.disconnect(&cfg, &ended);
                     if *stop.borrow() {
                         return;

@@ -264,6 +264,9 @@ impl Replicator {
     /// One pass over `dirty` extents, many in flight, with flushes of both
     /// sides as it goes: the bytes synchronized, and whether an extent
     /// failed (it stays dirty).
+    ///
+    /// The extents' tasks run to their end even when the session stops
+    /// (each releases its range lock then); [`Live`] counts them.
     async fn pass(self: Arc<Self>, dir: SyncSrc, dirty: Vec<u64>) -> (u64, bool) {
         let (extentsize, datasize) = {
             let m = lock(&self.md);
@@ -284,9 +287,14 @@ impl Replicator {
             let me = self.clone();
             let off = e * extentsize;
             let len = extentsize.min(datasize - off);
+            let live = self.extent_tasks.enter();
             tasks.push(tokio::spawn(async move {
-                let r = me.sync_extent(dir, off, len).await;
+                let r = me.clone().sync_extent(dir, off, len).await;
                 drop(permit);
+                // The task's last hold on the replicator goes before it
+                // counts as ended.
+                drop(me);
+                drop(live);
                 r
             }));
         }
@@ -393,5 +401,42 @@ impl Replicator {
             .map(|&e| extentsize.min(datasize.saturating_sub(e * extentsize)))
             .sum();
         Ok((dirty, bytes))
+    }
+}
+
+/// A count of running tasks that can be waited to reach zero.
+#[derive(Default)]
+pub(super) struct Live {
+    n: std::sync::atomic::AtomicUsize,
+    none: tokio::sync::Notify,
+}
+
+/// One counted task; dropping it ends it.
+pub(super) struct LiveTask(Arc<Live>);
+
+impl Live {
+    /// Count one more task until the returned guard is dropped.
+    pub(super) fn enter(self: &Arc<Self>) -> LiveTask {
+        self.n.fetch_add(1, Ordering::SeqCst);
+        LiveTask(self.clone())
+    }
+
+    /// Wait until no task is counted.
+    pub(super) async fn wait_none(&self) {
+        loop {
+            let none = self.none.notified();
+            if self.n.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            none.await;
+        }
+    }
+}
+
+impl Drop for LiveTask {
+    fn drop(&mut self) {
+        if self.0.n.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.none.notify_waiters();
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Checksum, Compression, ResourceConfig};
 use crate::core::{SyncDir, Upcall, UpcallKind};
@@ -257,6 +257,7 @@ impl Replicator {
         self: Arc<Self>,
         parts: (TcpStream, TcpStream, Geometry),
         cfg: &ResourceConfig,
+        mut stop: watch::Receiver<bool>,
     ) -> LinkError {
         let (out, inc, geo) = parts;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -292,9 +293,9 @@ impl Replicator {
             },
         );
         let timeout = Duration::from_secs(u64::from(cfg.timeout.max(1)));
-        // The session's tasks live in one set: when one ends (or the
-        // session is dropped) the others are aborted, and the connections
-        // they hold are closed, before anything reconnects.
+        // The session's tasks live in one set: when one ends the others
+        // are aborted and awaited, and the connections they hold are
+        // closed, before anything reconnects.
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(send_loop(out, rx, cfg.compression, cfg.checksum));
         tasks.spawn(recv_loop(
@@ -312,6 +313,12 @@ impl Replicator {
         });
         tasks.spawn(self.clone().flusher());
         tasks.spawn(self.clone().progress_reporter(cfg.name.clone()));
+        // A stop ends the session like a failure: its tasks are shut down
+        // (and awaited) before it returns.
+        tasks.spawn(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            LinkError::Closed
+        });
         let result = match tasks.join_next().await {
             Some(Ok(e)) => e,
             _ => LinkError::Closed,
