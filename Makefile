@@ -12,7 +12,8 @@
 #   make bench   NBD export of a primary vs qemu-nbd with fio, then replication
 #                (fullsync, memsync, async) vs qemu-storage-daemon's quorum
 #                and an unreplicated qemu-nbd, and TLS vs plain replication,
-#                as ratios (BENCHMARKS.md)
+#                as ratios (BENCHMARKS.md), then metrics on vs off (needs a
+#                quiet machine)
 #   make install install binaries, man pages and the sample configuration
 #   make fuzz FUZZ_SECONDS=N
 #                run every fuzz target of fuzz/ for N seconds (nightly
@@ -34,7 +35,8 @@ export CARGO_INCREMENTAL ?= 0
 
 DEB_PKGS = build-essential pkg-config clang libclang-dev qemu-utils libnbd-bin \
 	python3-libnbd nbdkit fio fuse3 nftables iproute2 mandoc \
-	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc liblzf-dev
+	freebsd-manpages shellcheck e2fsprogs util-linux procps psmisc liblzf-dev \
+	prometheus python3-jsonschema curl
 PKG_PKGS = rust llvm qemu-tools libnbd fio shellcheck
 
 # Fuzzing: seconds per target (0: no limit), executions per target (empty:
@@ -187,6 +189,7 @@ bench: deps
 	sh tests/bench/nbd.sh
 	sh tests/bench/replication.sh
 	sh tests/bench/tls.sh
+	sh tests/bench/metrics.sh
 
 install: build
 	install -d $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(PREFIX)/share/man/man4 $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/man/man8 $(DESTDIR)$(PREFIX)/share/examples/hast
@@ -195,6 +198,8 @@ install: build
 	install -m 0444 docs/hast.conf.5 $(DESTDIR)$(PREFIX)/share/man/man5/
 	install -m 0444 docs/hastd.8 docs/hastctl.8 $(DESTDIR)$(PREFIX)/share/man/man8/
 	install -m 0444 docs/hast.conf.sample $(DESTDIR)$(PREFIX)/share/examples/hast/
+	install -d $(DESTDIR)$(PREFIX)/share/hast
+	install -m 0444 docs/hastctl.schema.json docs/grafana-hast.json $(DESTDIR)$(PREFIX)/share/hast/
 
 kmod-check:
 	@if [ -z "$(SYSDIR)" ]; then \

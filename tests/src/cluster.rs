@@ -30,6 +30,8 @@ use std::time::{Duration, Instant};
 
 use hast::stats::{Queues, RequestStats};
 
+use crate::daemon::{Daemon, StartError};
+
 /// Prefix of every name the harness gives to namespaces, temporary
 /// directories (`hastt-<pid>-<n>-...`) and nft tables (`hastt_<pid>_<n>`).
 pub const PREFIX: &str = "hastt";
@@ -76,6 +78,8 @@ pub enum HarnessError {
         secs: u64,
         log: String,
     },
+    #[error(transparent)]
+    Start(crate::daemon::StartError),
     #[error("hastd --node {0} is already running; stop it first")]
     AlreadyRunning(String),
     #[error("hastctl {args} on node {node} exited with {code}: {stderr}")]
@@ -165,13 +169,8 @@ impl Reach {
     }
 }
 
-/// Result of a command: exit code (-1 when killed by a signal) and output.
-#[derive(Debug, Clone)]
-pub struct Output {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
+/// Result of a command: the harness's one type of it ([`crate::Run`]).
+pub use crate::Run as Output;
 
 /// One resource of the cluster: its name, provider size, the two nodes
 /// (indexes) it lives on and the `hastctl create` arguments.
@@ -196,6 +195,7 @@ pub struct ClusterBuilder {
     create_args: Vec<String>,
     extra: String,
     create: bool,
+    metrics: bool,
     kernel_host: bool,
     kshim_fail: Option<String>,
     power: bool,
@@ -221,10 +221,19 @@ impl ClusterBuilder {
             create_args: Vec::new(),
             extra: String::new(),
             create: true,
+            metrics: false,
             kernel_host: crate::kernel_host_selected(),
             kshim_fail: None,
             power: false,
         }
+    }
+
+    /// Whether every node serves Prometheus metrics (`metrics` in its
+    /// top-level `on` block, on 127.0.0.1 of its namespace; see
+    /// [`Cluster::metrics_addr`]). Default no.
+    pub fn metrics(mut self, yes: bool) -> Self {
+        self.metrics = yes;
+        self
     }
 
     /// On the kernel host: the shim fails that share of M_NOWAIT
@@ -394,19 +403,30 @@ impl ClusterBuilder {
                 u8::try_from(i + 1).map_err(|_| HarnessError::Setup("too many nodes".into()))?;
             let lo_addr = Ipv4Addr::new(127, 0, 0, octet);
             let port = free_port(lo_addr)?;
+            let metrics_port = if self.metrics {
+                Some(free_port(Ipv4Addr::LOCALHOST)?)
+            } else {
+                None
+            };
+            let netns = match self.mode {
+                Mode::Netns => Some(format!("{id}-{i}")),
+                Mode::Loopback => None,
+            };
+            let ctl = dir.join(format!("{name}.ctl"));
+            let log = dir.join(format!("{name}.log"));
+            let mut daemon = Daemon::with_paths(name, &dir.join("hast.conf"), &ctl, &log, &bins.0);
+            daemon.in_netns(netns.clone());
             nodes.push(NodeState {
                 name: name.clone(),
-                netns: match self.mode {
-                    Mode::Netns => Some(format!("{id}-{i}")),
-                    Mode::Loopback => None,
-                },
+                netns,
                 lo_addr,
                 port,
-                ctl: dir.join(format!("{name}.ctl")),
+                ctl,
                 pidfile: dir.join(format!("{name}.pid")),
-                log: dir.join(format!("{name}.log")),
+                log,
                 hook_log: dir.join(format!("hooks-{name}.log")),
-                child: None,
+                daemon,
+                metrics_port,
                 disk: None,
             });
         }
@@ -500,12 +520,12 @@ impl ClusterBuilder {
 
 /// Where hastd and hastctl are.
 #[derive(Debug, Clone)]
-struct BinDir(PathBuf);
+pub(crate) struct BinDir(pub(crate) PathBuf);
 
 impl BinDir {
     /// `$HAST_BIN`, else the directory of the running executable (or its
     /// parent when that is a cargo `deps/` directory).
-    fn find() -> Result<BinDir> {
+    pub(crate) fn find() -> Result<BinDir> {
         let dir = match std::env::var_os("HAST_BIN") {
             Some(d) => PathBuf::from(d),
             None => {
@@ -542,7 +562,10 @@ struct NodeState {
     pidfile: PathBuf,
     log: PathBuf,
     hook_log: PathBuf,
-    child: Option<Child>,
+    /// Its hastd (started by [`Cluster::start`]).
+    daemon: Daemon,
+    /// Where the node serves metrics (127.0.0.1 of its namespace).
+    metrics_port: Option<u16>,
     /// The power-loss disk holding this node's providers.
     disk: Option<crate::power::PowerDisk>,
 }
@@ -888,6 +911,9 @@ impl Cluster {
             let _ = writeln!(s, "on {} {{", n.name);
             let _ = writeln!(s, "\tcontrol uds://{}", n.ctl.display());
             let _ = writeln!(s, "\tpidfile {}", n.pidfile.display());
+            if let Some(port) = n.metrics_port {
+                let _ = writeln!(s, "\tmetrics tcp4://127.0.0.1:{port}");
+            }
             match self.mode {
                 Mode::Loopback => {
                     let _ = writeln!(s, "\tlisten tcp4://{}:{}", n.lo_addr, n.port);
@@ -974,86 +1000,33 @@ impl Cluster {
         Ok(())
     }
 
-    /// A command that runs `program` in `node`'s namespace (or here).
-    fn command_in(&self, i: usize, program: &Path) -> Command {
-        match &self.nodes[i].netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.arg("netns").arg("exec").arg(ns).arg(program);
-                c
-            }
-            None => Command::new(program),
-        }
-    }
-
     /// Start hastd for `node` (foreground, debug log to `<dir>/<node>.log`)
     /// and wait until it logs that it started and its control socket
     /// accepts.
     pub fn start(&mut self, node: &str) -> Result<()> {
         let i = self.idx(node)?;
-        if self.running_idx(i) {
+        if self.nodes[i].daemon.running() {
             return Err(HarnessError::AlreadyRunning(node.into()));
         }
-        let n = &self.nodes[i];
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&n.log)
-            .map_err(io_err(format!("open {}", n.log.display())))?;
-        let log2 = log
-            .try_clone()
-            .map_err(io_err("duplicate the log descriptor"))?;
-        let starts_before = crate::hastd_starts(&self.log(node).unwrap_or_default());
-        let hastd = self.bins.get("hastd");
-        let mut cmd = self.command_in(i, &hastd);
-        cmd.arg("-F")
-            .arg("-d")
-            .arg("-c")
-            .arg(&self.conf)
-            .arg("--node")
-            .arg(&n.name)
-            .env("HASTT_NODE", &n.name)
-            .env("HAST_FAILPOINTS", self.failpoint_dir(node))
-            .env(hast::kshim::ENV, if self.kernel_host { "1" } else { "0" })
-            .env(
-                hast::kshim::FAIL_ENV,
-                self.kshim_fail.as_deref().unwrap_or(""),
-            )
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        let child = cmd
-            .spawn()
-            .map_err(io_err(format!("spawn {} for node {node}", hastd.display())))?;
-        let ctl = n.ctl.clone();
-        self.nodes[i].child = Some(child);
-        let start = Instant::now();
-        loop {
-            // Up once it says so (signal handlers in place, control socket
-            // served), not merely once the socket accepts.
-            if crate::hastd_starts(&self.log(node).unwrap_or_default()) > starts_before
-                && std::os::unix::net::UnixStream::connect(&ctl).is_ok()
-            {
-                return Ok(());
-            }
-            if !self.running_idx(i) || start.elapsed() > START_TIMEOUT {
-                let log = self.log(node).unwrap_or_default();
-                self.kill_idx(i, libc::SIGKILL);
-                return Err(HarnessError::StartTimeout {
-                    node: node.into(),
-                    secs: START_TIMEOUT.as_secs(),
-                    log,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let failpoints = self.failpoint_dir(node);
+        let kernel = if self.kernel_host { "1" } else { "0" };
+        let fail = self.kshim_fail.clone().unwrap_or_default();
+        let d = &mut self.nodes[i].daemon;
+        d.env("HASTT_NODE", node)
+            .env("HAST_FAILPOINTS", failpoints)
+            .env(hast::kshim::ENV, kernel)
+            .env(hast::kshim::FAIL_ENV, fail);
+        d.try_start(START_TIMEOUT).map_err(|e| match e {
+            StartError::NotUp { node, secs, log } => HarnessError::StartTimeout { node, secs, log },
+            other => HarnessError::Start(other),
+        })
     }
 
     /// Start every node that is not running.
     pub fn start_all(&mut self) -> Result<()> {
         for name in self.node_names() {
             let i = self.idx(&name)?;
-            if !self.running_idx(i) {
+            if !self.nodes[i].daemon.running() {
                 self.start(&name)?;
             }
         }
@@ -1063,72 +1036,35 @@ impl Cluster {
     /// hastd's pid for `node`, if started by the harness and not reaped.
     pub fn pid(&self, node: &str) -> Option<i32> {
         let i = self.idx(node).ok()?;
-        self.nodes[i]
-            .child
-            .as_ref()
-            .and_then(|c| i32::try_from(c.id()).ok())
+        self.nodes[i].daemon.pid()
     }
 
     /// Whether `node`'s hastd runs.
     pub fn running(&mut self, node: &str) -> bool {
         match self.idx(node) {
-            Ok(i) => self.running_idx(i),
+            Ok(i) => self.nodes[i].daemon.running(),
             Err(_) => false,
-        }
-    }
-
-    fn running_idx(&mut self, i: usize) -> bool {
-        match self.nodes[i].child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
         }
     }
 
     /// Send `sig` to `node`'s hastd (no-op when it does not run).
     pub fn signal(&self, node: &str, sig: i32) -> Result<()> {
         let i = self.idx(node)?;
-        if let Some(c) = &self.nodes[i].child {
-            if let Ok(pid) = i32::try_from(c.id()) {
-                // SAFETY: kill(2) on a child this harness spawned and has not reaped.
-                unsafe { libc::kill(pid, sig) };
-            }
-        }
+        self.nodes[i].daemon.signal(sig);
         Ok(())
     }
 
-    /// Signal and reap; returns the exit status.
-    fn kill_idx(&mut self, i: usize, sig: i32) -> Option<ExitStatus> {
-        let mut child = self.nodes[i].child.take()?;
-        if let Ok(pid) = i32::try_from(child.id()) {
-            // SAFETY: kill(2) on a child this harness spawned and has not reaped.
-            unsafe { libc::kill(pid, sig) };
-        }
-        let start = Instant::now();
-        loop {
-            match child.try_wait() {
-                Ok(Some(st)) => return Some(st),
-                Ok(None) if start.elapsed() < STOP_TIMEOUT => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                _ => {
-                    let _ = child.kill();
-                    return child.wait().ok();
-                }
-            }
-        }
-    }
-
     /// SIGTERM `node`'s hastd and wait for it (SIGKILL after 10 s); the
-    /// exit status, None when it did not run.
+    /// exit status, None when it did not run or had to be killed.
     pub fn stop(&mut self, node: &str) -> Result<Option<ExitStatus>> {
         let i = self.idx(node)?;
-        Ok(self.kill_idx(i, libc::SIGTERM))
+        Ok(self.nodes[i].daemon.stop_with(libc::SIGTERM, STOP_TIMEOUT))
     }
 
     /// kill -9 `node`'s hastd ("pulling the power cord") and reap it.
     pub fn kill9(&mut self, node: &str) -> Result<Option<ExitStatus>> {
         let i = self.idx(node)?;
-        Ok(self.kill_idx(i, libc::SIGKILL))
+        Ok(self.nodes[i].daemon.kill9())
     }
 
     /// Stop (SIGTERM) and start `node` again.
@@ -1141,29 +1077,40 @@ impl Cluster {
     /// `args[0]` is the hastctl command (`role`, `list`, ...).
     pub fn hastctl(&self, node: &str, args: &[&str]) -> Result<Output> {
         let i = self.idx(node)?;
-        let hastctl = self.bins.get("hastctl");
-        let mut cmd = self.command_in(i, &hastctl);
-        let (first, rest) = match args.split_first() {
-            Some((f, r)) => (Some(*f), r),
-            None => (None, args),
-        };
-        if let Some(f) = first {
-            cmd.arg(f);
-        }
-        cmd.arg("-c")
-            .arg(&self.conf)
-            .arg("--node")
-            .arg(node)
-            .args(rest);
-        let out = cmd
+        let (cmd, rest) = args.split_first().map_or(("", args), |(f, r)| (*f, r));
+        self.nodes[i]
+            .daemon
+            .try_hastctl(cmd, rest)
+            .map_err(io_err(format!("run hastctl for node {node}")))
+    }
+
+    /// Start `hastctl ARGS... -c CONF --node NODE` in `node`'s namespace
+    /// without waiting for it (`hastctl events`), its output piped.
+    pub fn hastctl_spawn(&self, node: &str, args: &[&str]) -> Result<Child> {
+        let i = self.idx(node)?;
+        let (cmd, rest) = args.split_first().map_or(("", args), |(f, r)| (*f, r));
+        self.nodes[i]
+            .daemon
+            .hastctl_command(cmd, rest)
             .stdin(Stdio::null())
-            .output()
-            .map_err(io_err(format!("run {} for node {node}", hastctl.display())))?;
-        Ok(Output {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io_err(format!("spawn hastctl for node {node}")))
+    }
+
+    /// A command that runs `program` in `node`'s namespace (or here, in
+    /// loopback mode): for clients of the node's local addresses.
+    pub fn command(&self, node: &str, program: &str) -> Result<Command> {
+        let i = self.idx(node)?;
+        Ok(self.nodes[i].daemon.command(Path::new(program)))
+    }
+
+    /// Where `node` serves metrics (`127.0.0.1:PORT` in its namespace),
+    /// when the cluster was built with [`ClusterBuilder::metrics`].
+    pub fn metrics_addr(&self, node: &str) -> Result<Option<String>> {
+        let i = self.idx(node)?;
+        Ok(self.nodes[i].metrics_port.map(|p| format!("127.0.0.1:{p}")))
     }
 
     /// `hastctl` that must exit 0; its standard output.
@@ -1604,8 +1551,8 @@ impl Cluster {
     /// Kill every daemon, delete the nft tables and namespaces (and with
     /// them the veth links). Called by Drop; safe to call twice.
     pub fn teardown(&mut self) {
-        for i in 0..self.nodes.len() {
-            self.kill_idx(i, libc::SIGKILL);
+        for n in &mut self.nodes {
+            n.daemon.kill9();
         }
         for n in &mut self.nodes {
             if let Some(mut d) = n.disk.take() {

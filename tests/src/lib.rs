@@ -1,10 +1,13 @@
 //! Harness for the integration tests: real hastd and hastctl processes run
-//! from one configuration with `--node`, each node with its own control
-//! socket, pidfile and file-backed provider in a temporary directory.
+//! from one configuration with `--node`. [`daemon::Daemon`] is one hastd
+//! (started, watched, stopped and killed the same way everywhere; [`Node`]
+//! when a test runs it alone, [`Solo`] for a primary exporting over NBD);
+//! [`cluster::Cluster`] runs several in network namespaces or on loopback.
 //! Everything started is stopped when the harness is dropped.
 
 pub mod checker;
 pub mod cluster;
+pub mod daemon;
 pub mod export;
 pub mod freebsd;
 pub mod ledger;
@@ -14,27 +17,17 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The directory that holds the workspace's built binaries (the test
-/// executable lives in its `deps/` subdirectory).
+/// The directory that holds hastd and hastctl: `$HAST_BIN`, else the
+/// workspace's build directory (the test executable lives in its `deps/`
+/// subdirectory); panics when they are not built.
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the test executable");
-    let deps = exe.parent().expect("test executable has a directory");
-    let dir = if deps.ends_with("deps") {
-        deps.parent().expect("deps has a parent").to_path_buf()
-    } else {
-        deps.to_path_buf()
-    };
-    for b in ["hastd", "hastctl"] {
-        assert!(
-            dir.join(b).exists(),
-            "{} not built: run `cargo build --workspace` (make test does) before the tests",
-            dir.join(b).display()
-        );
+    match cluster::BinDir::find() {
+        Ok(d) => d.0,
+        Err(e) => panic!("{e} (make test builds the workspace before the tests)"),
     }
-    dir
 }
 
 /// Path of a workspace binary.
@@ -42,8 +35,9 @@ pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
-/// Result of a command: exit code and output as text.
-#[derive(Debug)]
+/// Result of a command: exit code (-1 when killed by a signal) and output
+/// as text.
+#[derive(Debug, Clone)]
 pub struct Run {
     pub code: i32,
     pub stdout: String,
@@ -133,165 +127,13 @@ pub fn kernel_host_selected() -> bool {
     std::env::var_os(cluster::KERNEL_HOST_ENV).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
-/// How long [`Node::stop`] waits for hastd to exit after SIGTERM: its
+/// How long [`daemon::Daemon::stop`] waits for hastd to exit after SIGTERM: its
 /// exports drain for up to 5 s, then providers are flushed.
 pub const STOP_LIMIT: Duration = Duration::from_secs(30);
 
-/// One node: a name for `--node`, its control socket and pidfile.
-pub struct Node {
-    pub name: String,
-    pub conf: PathBuf,
-    pub control: PathBuf,
-    pub pidfile: PathBuf,
-    pub log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Node {
-    /// A node `name` of configuration `conf` whose files live in `dir`
-    /// (the configuration must put its control socket at
-    /// `dir/<name>.ctl` and its pidfile at `dir/<name>.pid`).
-    pub fn new(dir: &Path, conf: &Path, name: &str) -> Node {
-        Node {
-            name: name.to_string(),
-            conf: conf.to_path_buf(),
-            control: dir.join(format!("{name}.ctl")),
-            pidfile: dir.join(format!("{name}.pid")),
-            log: dir.join(format!("{name}.log")),
-            child: None,
-        }
-    }
-
-    /// Start hastd in the foreground and wait until it logs that it started
-    /// (signal handlers in place, control socket served).
-    pub fn start(&mut self) {
-        let starts = |log: &Path| hastd_starts(&fs::read_to_string(log).unwrap_or_default());
-        let before = starts(&self.log);
-        let child = self.spawn_hastd(&[]);
-        self.child = Some(child);
-        let ctl = self.control.clone();
-        let log = self.log.clone();
-        let up = wait_for(Duration::from_secs(30), || {
-            starts(&log) > before && std::os::unix::net::UnixStream::connect(&ctl).is_ok()
-        });
-        if !up {
-            let log = fs::read_to_string(&self.log).unwrap_or_default();
-            panic!("hastd --node {} did not come up; log:\n{log}", self.name);
-        }
-    }
-
-    /// Spawn hastd for this node with extra arguments, logging to the
-    /// node's log file; the caller owns the child.
-    pub fn spawn_hastd(&self, extra: &[&str]) -> Child {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open node log");
-        Command::new(bin("hastd"))
-            .arg("-F")
-            .arg("-d")
-            .arg("-c")
-            .arg(&self.conf)
-            .arg("--node")
-            .arg(&self.name)
-            .args(extra)
-            .env(
-                hast::kshim::ENV,
-                if kernel_host_selected() { "1" } else { "0" },
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn hastd")
-    }
-
-    /// Run hastctl `cmd` for this node with `args`.
-    pub fn hastctl(&self, cmd: &str, args: &[&str]) -> Run {
-        Command::new(bin("hastctl"))
-            .arg(cmd)
-            .arg("-c")
-            .arg(&self.conf)
-            .arg("--node")
-            .arg(&self.name)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run hastctl")
-            .into()
-    }
-
-    /// The daemon's pid, if it runs.
-    pub fn pid(&self) -> Option<i32> {
-        self.child.as_ref().map(|c| c.id() as i32)
-    }
-
-    /// Send `sig` to the daemon.
-    pub fn signal(&self, sig: i32) {
-        if let Some(pid) = self.pid() {
-            // SAFETY: kill(2) on a child we spawned.
-            unsafe { libc::kill(pid, sig) };
-        }
-    }
-
-    /// Whether the daemon is still running.
-    pub fn running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
-    }
-
-    /// SIGTERM and wait ([`STOP_LIMIT`] at most) for the daemon's exit
-    /// status; None (and SIGKILL) when it did not exit.
-    pub fn stop(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        // SAFETY: kill(2) on a child we spawned.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                return Some(st);
-            }
-            if start.elapsed() > STOP_LIMIT {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The daemon's log so far.
-    pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Data-path helpers: a single primary node exporting over NBD, a raw NBD
-// client for hostile input, and running outside clients with a time limit.
-// ---------------------------------------------------------------------------
-
-impl Node {
-    /// SIGKILL the daemon (no cleanup of any kind on its side) and reap it.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+/// A hastd started alone (the single-node tests): the harness's one
+/// daemon type, the same the [`cluster::Cluster`] runs its nodes with.
+pub use daemon::Daemon as Node;
 
 /// Kills and reaps a helper process (fio, python, nbdfuse...) when dropped,
 /// so a failing test leaves nothing running.

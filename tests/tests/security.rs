@@ -136,6 +136,28 @@ fn log_has(c: &Cluster, node: &str, what: &str) -> bool {
     c.log(node).unwrap_or_default().contains(what)
 }
 
+/// `hastctl list --libxo json r0` on `node`, checked against
+/// docs/hastctl.schema.json (python3-jsonschema).
+fn list_json(c: &Cluster, node: &str) -> serde_json::Value {
+    let out = c
+        .hastctl_ok(node, &["list", "--libxo", "json", "r0"])
+        .expect("hastctl list --libxo json");
+    let path = c.dir().join(format!("{node}.list.json"));
+    std::fs::write(&path, &out).unwrap();
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/hastctl.schema.json");
+    let check = "import json, sys, jsonschema\n\
+                 v = jsonschema.Draft202012Validator(json.load(open(sys.argv[1])))\n\
+                 errs = [f'at {list(e.absolute_path)}: {e.message}' for e in v.iter_errors(json.load(open(sys.argv[2])))]\n\
+                 print('\\n'.join(errs)); sys.exit(1 if errs else 0)\n";
+    let r = hast_tests::python(
+        check,
+        &[&schema.display().to_string(), &path.display().to_string()],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code, 0, "{out}\n{}{}", r.stdout, r.stderr);
+    serde_json::from_str(&out).expect("list JSON")
+}
+
 /// Wait until `node`'s log contains `what` (panics with the log if not).
 fn wait_log(c: &Cluster, node: &str, what: &str) {
     if c.wait_for(&format!("{node} logs {what:?}"), T, |c| {
@@ -253,6 +275,21 @@ fn tls_pair_syncs_fails_over_and_resyncs_with_identical_data() {
     assert!(sec.starts_with("tls (encrypted and authenticated"), "{sec}");
     assert_eq!(peer, k.alpha_fp, "beta shows alpha's key");
     assert!(log_has(&c, "alpha", "link to "), "alpha logs the link");
+    // The machine-readable list says the same, as the schema describes.
+    let json = list_json(&c, "alpha");
+    let r = &json["list"]["resource"][0];
+    assert_eq!(r["security"]["mode"], "tls", "{json}");
+    assert_eq!(
+        r["security"]["peer-fingerprint"],
+        k.beta_fp.as_str(),
+        "{json}"
+    );
+    let protection = r["security"]["protection"].as_str().unwrap_or_default();
+    assert!(
+        protection.starts_with("encrypted and authenticated (TLS 1.3), TLS13_"),
+        "{json}"
+    );
+    assert_eq!(r["link"]["encryption"], protection, "{json}");
 
     // The seeds' story: the primary dies, the secondary takes over.
     c.kill9("alpha").unwrap();

@@ -7,10 +7,11 @@
 //! control <addr>          pidfile <path>          listen <addr> (repeatable)
 //! replication fullsync|memsync|async   checksum none|crc32|sha256
 //! compression none|hole|lzf            timeout <seconds>   exec <path>
-//! metaflush on|off
-//! on <node> { control <addr>  pidfile <path>  listen <addr> }
+//! metaflush on|off     metrics <addr>     probe_timeout <seconds>   connect_wait <seconds>
+//! on <node> { control <addr>  pidfile <path>  listen <addr>  metrics <addr> }
 //! resource <name> {
 //!     replication, checksum, compression, timeout, exec, metaflush,
+//!     probe_timeout, connect_wait,
 //!     name <provname>, local <path>, nbd <addr>
 //!     on <node> { name <provname>  local <path>  remote <addr>|none
 //!                 source <addr>  metaflush on|off  nbd <addr> }
@@ -31,7 +32,12 @@
 //! white space); addresses are checked when parsed, in every `on` block, not when first
 //! used; `timeout` must fit in 1..2147483647 (the reference overflows `atoi`).
 //! `nbd <addr>` is this project's extension, recognised only where a statement starts
-//! inside a resource (anywhere else `nbd` stays an ordinary word).
+//! inside a resource (anywhere else `nbd` stays an ordinary word). So are, where a
+//! statement starts, `metrics <addr>` (global and top-level `on` blocks: where hastd
+//! serves Prometheus metrics; node > global) and `probe_timeout <seconds>` and
+//! `connect_wait <seconds>` (global and resource: how long `hastctl role primary` waits
+//! for the peer's answer to its promotion probe, and for the first connection attempt
+//! before the device is served; resource > global).
 //!
 //! Link security (extensions, recognised only where a statement starts, so the words
 //! stay usable as names): `security none|secret|tls`, `peerfingerprint <sha256>`,
@@ -68,6 +74,11 @@ pub const MAX_TIMEOUT: u32 = i32::MAX as u32;
 pub const NBD_DEFAULT_PORT: u16 = 10809;
 /// Directory of the default NBD sockets: `<dir>/<provname>.nbd`.
 pub const DEFAULT_NBD_DIR: &str = "/var/run/hast";
+/// Default port of a `metrics` address (the one Prometheus' port
+/// allocations list leaves free for hast).
+pub const METRICS_DEFAULT_PORT: u16 = 9458;
+/// Default `probe_timeout` in seconds.
+pub const DEFAULT_PROBE_TIMEOUT: u32 = 5;
 
 /// Longest resource or provider name (`char [NAME_MAX]` in the reference).
 const MAX_NAME_LEN: usize = 254;
@@ -396,6 +407,9 @@ pub struct Config {
     pub listen: Vec<Addr>,
     /// In file order.
     pub resources: Vec<ResourceConfig>,
+    /// Extension: where hastd serves Prometheus metrics (`metrics`); off
+    /// when None.
+    pub metrics: Option<Addr>,
     /// Extension: this node's key pair (`keyfile`, node > global), used by
     /// resources with `security tls`.
     pub keyfile: Option<FileRef>,
@@ -473,6 +487,13 @@ pub struct ResourceConfig {
     pub metaflush: bool,
     /// Extension: NBD export address; None = [`ResourceConfig::nbd_addr`]'s default.
     pub nbd: Option<Addr>,
+    /// Extension: seconds `role primary` waits for the peer's answer to
+    /// its promotion probe (`probe_timeout`, default 5).
+    pub probe_timeout: u32,
+    /// Extension: seconds a new primary waits for its first connection
+    /// attempt before it serves the device (`connect_wait`); None:
+    /// `timeout` + 1.
+    pub connect_wait: Option<u32>,
     /// Line of the `resource` keyword.
     pub line: u32,
     /// Extension: what the replication connections must have.
@@ -480,6 +501,20 @@ pub struct ResourceConfig {
 }
 
 impl ResourceConfig {
+    /// How long a new primary waits for its first connection attempt
+    /// before serving the device: `connect_wait`, else `timeout` + 1 s.
+    pub fn first_connect_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(
+            self.connect_wait
+                .unwrap_or_else(|| self.timeout.max(1).saturating_add(1)),
+        ))
+    }
+
+    /// How long `role primary` waits for the peer's answer to its probe.
+    pub fn probe_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.probe_timeout.max(1)))
+    }
+
     /// The NBD export address: `nbd` if set, else the Unix socket
     /// `/var/run/hast/<provname>.nbd`.
     pub fn nbd_addr(&self) -> Addr {
@@ -518,6 +553,12 @@ pub enum Problem {
     },
     #[error("timeout {0} is out of range (1 to 2147483647 seconds)")]
     BadTimeout(String),
+    #[error("{statement} {value} is out of range ({min} to 2147483647 seconds)")]
+    BadSeconds {
+        statement: &'static str,
+        value: String,
+        min: u32,
+    },
     #[error("{what} is too long ({len} bytes, at most {max})")]
     TooLong {
         what: &'static str,
@@ -770,9 +811,9 @@ enum Ctx {
 impl Ctx {
     fn expected(self) -> &'static str {
         match self {
-            Ctx::Top => "a statement (control, pidfile, listen, replication, checksum, compression, timeout, exec, metaflush, on, resource, security, keyfile, peerfingerprint, cafile, secretfile)",
-            Ctx::Node => "`}` or a node statement (control, pidfile, listen, security, keyfile, peerfingerprint, cafile, secretfile)",
-            Ctx::Resource => "`}` or a resource statement (replication, checksum, compression, timeout, exec, metaflush, name, local, nbd, on, security, peerfingerprint, cafile, secretfile)",
+            Ctx::Top => "a statement (control, pidfile, listen, replication, checksum, compression, timeout, exec, metaflush, metrics, probe_timeout, connect_wait, on, resource, security, keyfile, peerfingerprint, cafile, secretfile)",
+            Ctx::Node => "`}` or a node statement (control, pidfile, listen, metrics, security, keyfile, peerfingerprint, cafile, secretfile)",
+            Ctx::Resource => "`}` or a resource statement (replication, checksum, compression, timeout, exec, metaflush, probe_timeout, connect_wait, name, local, nbd, on, security, peerfingerprint, cafile, secretfile)",
             Ctx::ResNode => "`}` or a resource node statement (name, local, remote, source, metaflush, nbd, security, peerfingerprint, cafile, secretfile)",
         }
     }
@@ -787,7 +828,7 @@ impl Ctx {
     }
 }
 
-/// A statement keyword (including the contextual `nbd`).
+/// A statement keyword (including the contextual extension words).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SKw {
     Control,
@@ -811,6 +852,9 @@ enum SKw {
     PeerFingerprint,
     Cafile,
     Secretfile,
+    Metrics,
+    ProbeTimeout,
+    ConnectWait,
 }
 
 impl SKw {
@@ -824,6 +868,9 @@ impl SKw {
             "peerfingerprint" => SKw::PeerFingerprint,
             "cafile" => SKw::Cafile,
             "secretfile" => SKw::Secretfile,
+            "metrics" => SKw::Metrics,
+            "probe_timeout" => SKw::ProbeTimeout,
+            "connect_wait" => SKw::ConnectWait,
             _ => return None,
         })
     }
@@ -872,6 +919,9 @@ impl SKw {
             SKw::PeerFingerprint => "peerfingerprint",
             SKw::Cafile => "cafile",
             SKw::Secretfile => "secretfile",
+            SKw::Metrics => "metrics",
+            SKw::ProbeTimeout => "probe_timeout",
+            SKw::ConnectWait => "connect_wait",
         }
     }
 
@@ -889,6 +939,8 @@ impl SKw {
             SKw::On => matches!(ctx, Top | Resource),
             SKw::Keyfile => matches!(ctx, Top | Node),
             SKw::Security | SKw::PeerFingerprint | SKw::Cafile | SKw::Secretfile => true,
+            SKw::Metrics => matches!(ctx, Top | Node),
+            SKw::ProbeTimeout | SKw::ConnectWait => matches!(ctx, Top | Resource),
         }
     }
 
@@ -907,6 +959,8 @@ impl SKw {
             SKw::On => "at top level or in a `resource` block",
             SKw::Keyfile => "at top level or in a top-level `on` block (it is this node's key)",
             SKw::Security | SKw::PeerFingerprint | SKw::Cafile | SKw::Secretfile => "anywhere",
+            SKw::Metrics => "at top level or in a top-level `on` block",
+            SKw::ProbeTimeout | SKw::ConnectWait => "at top level or in a `resource` block",
         }
     }
 }
@@ -935,6 +989,9 @@ enum Stmt {
     PeerFingerprint(Fingerprint),
     Cafile(PathBuf),
     Secretfile(PathBuf),
+    Metrics(Addr),
+    ProbeTimeout(u32),
+    ConnectWait(u32),
 }
 
 type PResult<T> = Result<T, (u32, Problem)>;
@@ -953,6 +1010,10 @@ struct Globals {
     timeout: Option<u32>,
     exec: Option<PathBuf>,
     metaflush: Option<bool>,
+    metrics: Option<Addr>,
+    node_metrics: Option<Addr>,
+    probe_timeout: Option<u32>,
+    connect_wait: Option<u32>,
     /// Link security at top level and in this host's top-level `on` blocks.
     sec: SecVals,
     node_sec: SecVals,
@@ -1034,6 +1095,8 @@ struct PendingResource {
     nbd: Option<Addr>,
     /// Link security of the resource node block over the resource's.
     sec: SecVals,
+    probe_timeout: Option<u32>,
+    connect_wait: Option<u32>,
 }
 
 struct Parser<'h> {
@@ -1131,6 +1194,33 @@ impl Parser<'_> {
         let (s, line) = self.word(&format!("a path after `{statement}`"))?;
         check_len(what, &s, MAX_PATH_LEN).map_err(|p| (line, p))?;
         Ok(PathBuf::from(s))
+    }
+
+    /// A number of seconds from `min` to [`MAX_TIMEOUT`] after `statement`.
+    fn seconds(&mut self, statement: &'static str, min: u32) -> PResult<u32> {
+        let t = self.next();
+        match t.tok {
+            Tok::Num(n) => n
+                .parse::<u64>()
+                .ok()
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|v| (min..=MAX_TIMEOUT).contains(v))
+                .ok_or((
+                    t.line,
+                    Problem::BadSeconds {
+                        statement,
+                        value: n.clone(),
+                        min,
+                    },
+                )),
+            other => Err((
+                t.line,
+                Problem::Unexpected {
+                    found: describe(&other),
+                    expected: format!("a number of seconds after `{statement}`"),
+                },
+            )),
+        }
     }
 
     fn open_brace(&mut self, what: &str) -> PResult<()> {
@@ -1350,6 +1440,9 @@ impl Parser<'_> {
                     Fingerprint::parse(&text).map_err(|e| (t.line, Problem::BadFingerprint(e)))?;
                 Stmt::PeerFingerprint(fp)
             }
+            SKw::Metrics => Stmt::Metrics(self.address("metrics", METRICS_DEFAULT_PORT)?),
+            SKw::ProbeTimeout => Stmt::ProbeTimeout(self.seconds("probe_timeout", 1)?),
+            SKw::ConnectWait => Stmt::ConnectWait(self.seconds("connect_wait", 0)?),
         };
         Ok(Some((stmt, line)))
     }
@@ -1373,6 +1466,9 @@ impl Parser<'_> {
                 Stmt::Exec(p) => g.exec = Some(p),
                 Stmt::Metaflush(v) => g.metaflush = Some(v),
                 Stmt::Keyfile(p) => g.keyfile = Some(FileRef { path: p, line }),
+                Stmt::Metrics(a) => g.metrics = Some(a),
+                Stmt::ProbeTimeout(v) => g.probe_timeout = Some(v),
+                Stmt::ConnectWait(v) => g.connect_wait = Some(v),
                 Stmt::On(node) => {
                     self.open_brace(&format!("`on {node}`"))?;
                     self.node_block(&node, line, &mut g)?;
@@ -1458,6 +1554,11 @@ impl Parser<'_> {
                 exec: p.exec.or_else(|| g.exec.clone()),
                 metaflush: p.metaflush.or(g.metaflush).unwrap_or(true),
                 nbd: p.nbd,
+                probe_timeout: p
+                    .probe_timeout
+                    .or(g.probe_timeout)
+                    .unwrap_or(DEFAULT_PROBE_TIMEOUT),
+                connect_wait: p.connect_wait.or(g.connect_wait),
                 line: p.line,
                 security,
             });
@@ -1469,6 +1570,7 @@ impl Parser<'_> {
             listen,
             resources,
             keyfile,
+            metrics: g.node_metrics.or(g.metrics),
         })
     }
 
@@ -1488,6 +1590,7 @@ impl Parser<'_> {
                 Stmt::Pidfile(p) => g.node_pidfile = Some(p),
                 Stmt::Listen(a) => g.listen.push(a),
                 Stmt::Keyfile(p) => g.node_keyfile = Some(FileRef { path: p, line }),
+                Stmt::Metrics(a) => g.node_metrics = Some(a),
                 _ => {}
             }
         }
@@ -1504,6 +1607,8 @@ impl Parser<'_> {
         let mut provname = None;
         let mut local = None;
         let mut nbd = None;
+        let mut probe_timeout = None;
+        let mut connect_wait = None;
         let mut node = ResNodeVals::default();
         let mut sec = SecVals::default();
         let mut had_mine = false;
@@ -1521,6 +1626,8 @@ impl Parser<'_> {
                 Stmt::Name(n) => provname = Some(n),
                 Stmt::Local(p) => local = Some(p),
                 Stmt::Nbd(a) => nbd = Some(a),
+                Stmt::ProbeTimeout(v) => probe_timeout = Some(v),
+                Stmt::ConnectWait(v) => connect_wait = Some(v),
                 Stmt::On(on_name) => {
                     self.open_brace(&format!("`on {on_name}`"))?;
                     let mine = self.host.matches(&on_name);
@@ -1561,6 +1668,8 @@ impl Parser<'_> {
             metaflush: node.metaflush.or(metaflush),
             nbd: node.nbd.or(nbd),
             sec: node.sec.over(&sec),
+            probe_timeout,
+            connect_wait,
         })
     }
 

@@ -1,9 +1,14 @@
 //! Event hooks: the `exec` program of hast.conf, run with the event's
 //! arguments (`role <res> <old> <new>`, `connect <res>`, ...), never waited
-//! for by the caller; its exit is logged when it happens.
+//! for by the caller; its exit is logged, and published on the event
+//! stream, when it happens. [`notify`] is where the daemon reports an
+//! event: it goes on the event stream ([`crate::events`]) and, when it is
+//! one the reference has a hook for, runs the hook.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+
+use crate::events::{self, HookEnd, Kind};
 
 /// An event that runs the resource's `exec` hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +54,30 @@ impl Event<'_> {
     }
 }
 
+/// Report `kind` on `resource`: publish it on the event stream, then run
+/// `program` (the resource's `exec`) for it when it is a hook event (role,
+/// connect, disconnect, syncstart, syncdone, syncintr, split-brain).
+pub fn notify(program: Option<&Path>, resource: &str, kind: Kind) {
+    events::publish(resource, kind.clone());
+    let event = match &kind {
+        Kind::Role { old, new } => Event::Role {
+            old: old.as_str(),
+            new: new.as_str(),
+        },
+        Kind::Connect { .. } => Event::Connect,
+        Kind::Disconnect { .. } => Event::Disconnect,
+        Kind::SyncStart { .. } => Event::SyncStart,
+        Kind::SyncDone { .. } => Event::SyncDone,
+        Kind::SyncInterrupted { .. } => Event::SyncIntr,
+        Kind::SplitBrain { .. } => Event::SplitBrain,
+        Kind::SyncProgress { .. }
+        | Kind::IoError { .. }
+        | Kind::Timeout { .. }
+        | Kind::Hook { .. } => return,
+    };
+    run(program, resource, &event);
+}
+
 /// Start `program` for `event` on `resource` (no-op when `program` is None).
 /// The hook runs with standard input, output and error on /dev/null; a
 /// background thread reaps it and logs how it ended. Failure to start it is
@@ -69,16 +98,38 @@ pub fn run(program: Option<&Path>, resource: &str, event: &Event<'_>) {
             tracing::debug!(resource, hook = %program.display(), pid, args = ?args, "hook started");
             let program = program.display().to_string();
             let resource = resource.to_string();
+            let name = event.name();
             let spawned = std::thread::Builder::new()
                 .name("hast-hook".into())
-                .spawn(move || match child.wait() {
-                    Ok(status) if status.success() => {
-                        tracing::debug!(resource, hook = %program, pid, "hook exited gracefully")
-                    }
-                    Ok(status) => {
-                        tracing::warn!(resource, hook = %program, pid, %status, args = ?args, "hook failed")
-                    }
-                    Err(e) => tracing::warn!(resource, hook = %program, pid, error = %e, "cannot wait for hook"),
+                .spawn(move || {
+                    let end = match child.wait() {
+                        Ok(status) if status.success() => {
+                            tracing::debug!(resource, hook = %program, pid, "hook exited gracefully");
+                            HookEnd::Exited(0)
+                        }
+                        Ok(status) => {
+                            tracing::warn!(resource, hook = %program, pid, %status, args = ?args, "hook failed");
+                            use std::os::unix::process::ExitStatusExt;
+                            match (status.code(), status.signal()) {
+                                (Some(code), _) => HookEnd::Exited(code),
+                                (None, Some(sig)) => HookEnd::Killed(sig),
+                                (None, None) => HookEnd::Failed(status.to_string()),
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(resource, hook = %program, pid, error = %e, "cannot wait for hook");
+                            HookEnd::Failed(format!("cannot wait for it: {e}"))
+                        }
+                    };
+                    events::publish(
+                        &resource,
+                        Kind::Hook {
+                            hook: name.to_string(),
+                            program,
+                            pid: Some(pid),
+                            end,
+                        },
+                    );
                 });
             if let Err(e) = spawned {
                 tracing::warn!(error = %e, "cannot start a thread to reap the hook; it stays a zombie until exit");
@@ -86,6 +137,15 @@ pub fn run(program: Option<&Path>, resource: &str, event: &Event<'_>) {
         }
         Err(e) => {
             tracing::error!(resource, hook = %program.display(), error = %e, "cannot execute hook {}", program.display());
+            events::publish(
+                resource,
+                Kind::Hook {
+                    hook: event.name().to_string(),
+                    program: program.display().to_string(),
+                    pid: None,
+                    end: HookEnd::Failed(format!("cannot execute it: {e}")),
+                },
+            );
         }
     }
 }

@@ -5,7 +5,10 @@
 //! decisions out on the local provider (positioned I/O on the blocking
 //! thread pool, many requests in flight) and writes the map sectors.
 //! Upcalls for the engine (replicate, read from the peer, persist the
-//! counter bump) are signalled through [`Uhost::upcalls_ready`].
+//! counter bump) are signalled through [`Uhost::upcalls_ready`]. Each
+//! request's latency and bytes, the local writes' latency and the local
+//! provider's errors go to the resource's [`ResourceMetrics`] (atomics; a
+//! clock read per request only while metrics are on).
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -18,8 +21,10 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::core::{Core, CoreError, CoreHost, IoCmd, LocalIo, Mode, Params};
 use crate::metadata::METADATA_SIZE;
+use crate::metrics::ResourceMetrics;
 use crate::nbd::{Backend, BoxFuture, Done, FileBackend, FileOptions, NbdError};
 use crate::provider::Provider;
+use crate::stats::RequestKind;
 
 /// Where a provider's replicated data lives and how it is replicated.
 #[derive(Debug, Clone)]
@@ -80,6 +85,21 @@ struct Pending {
     /// Data read locally (or from the peer) for a read.
     read: Option<Vec<u8>>,
     answer: Option<Waiter>,
+    /// Bytes the request covers, and when it reached the core (metrics on).
+    bytes: u64,
+    since: Option<Instant>,
+}
+
+impl Op {
+    /// The kind of request the core counts it as.
+    fn kind(&self) -> RequestKind {
+        match self {
+            Op::Read => RequestKind::Read,
+            Op::Write { .. } | Op::Zeroes { .. } => RequestKind::Write,
+            Op::Delete { .. } => RequestKind::Delete,
+            Op::Flush => RequestKind::Flush,
+        }
+    }
 }
 
 /// A resynchronization I/O's buffer.
@@ -273,6 +293,7 @@ struct Inner {
     sectorsize: u32,
     /// Threads for client reads and non-FUA writes.
     pool: IoPool,
+    metrics: Arc<ResourceMetrics>,
 }
 
 /// One primary provider served through the core.
@@ -318,17 +339,31 @@ impl Inner {
                         self.with_pending(cookie, |p| p.read = Some(buf));
                     }),
                 };
-                self.local_done(seq, result.as_ref().map_or_else(errno, |()| 0));
+                let error = result.as_ref().map_or_else(errno, |()| 0);
+                self.io_done(seq, "read", off, u64::from(len), error);
             }
             Job::Write { seq, off, data } => {
                 if crate::failpoint::check(crate::failpoint::PRIMARY_JITTER).is_some() {
                     let max = crate::failpoint::PRIMARY_JITTER_MAX.as_micros() as u64;
                     std::thread::sleep(Duration::from_micros(rand::random::<u64>() % max));
                 }
+                let since = self.metrics.start();
                 let result = self.local.write_now(off, &data, false);
-                self.local_done(seq, result.as_ref().map_or_else(errno, |()| 0));
+                self.metrics.local_write_done(since);
+                let error = result.as_ref().map_or_else(errno, |()| 0);
+                self.io_done(seq, "write", off, data.len() as u64, error);
             }
         }
+    }
+
+    /// A local I/O of `op` (`len` bytes at data offset `off`) for seq
+    /// ended with `error`: an `io-error` event when it failed, then the
+    /// core hears of it.
+    fn io_done(&self, seq: u64, op: &'static str, off: u64, len: u64, error: i32) {
+        if error != 0 {
+            self.metrics.local_error(op, off, len, error);
+        }
+        self.local_done(seq, error);
     }
 
     fn local_done(&self, seq: u64, error: i32) {
@@ -356,6 +391,7 @@ impl Inner {
             return;
         };
         self.rt.spawn(async move {
+            let op = if write.is_some() { "write" } else { "read" };
             let result = match write {
                 Some(data) => me.local.write_bytes(io.offset, data, false).await,
                 None => match me.local.read(io.offset, len).await {
@@ -367,7 +403,8 @@ impl Inner {
                     Err(e) => Err(e),
                 },
             };
-            me.local_done(io.seq, result.as_ref().map_or_else(errno, |()| 0));
+            let error = result.as_ref().map_or_else(errno, |()| 0);
+            me.io_done(io.seq, op, io.offset, u64::from(len), error);
         });
     }
 }
@@ -388,7 +425,8 @@ impl CoreHost for Inner {
             let Some(me) = self.me.upgrade() else { return };
             self.rt.spawn(async move {
                 let result = me.local.flush().await;
-                me.local_done(io.seq, result.as_ref().map_or_else(errno, |()| 0));
+                let error = result.as_ref().map_or_else(errno, |()| 0);
+                me.io_done(io.seq, "flush", 0, 0, error);
             });
             return;
         }
@@ -436,12 +474,21 @@ impl CoreHost for Inner {
         let Some(me) = self.me.upgrade() else { return };
         if let Op::Write { data, .. } = op {
             self.rt.spawn_blocking(move || {
+                let since = me.metrics.start();
                 let result = me.local.write_now(io.offset, &data, true);
-                me.local_done(io.seq, result.as_ref().map_or_else(errno, |()| 0));
+                me.metrics.local_write_done(since);
+                let error = result.as_ref().map_or_else(errno, |()| 0);
+                me.io_done(io.seq, "write", io.offset, data.len() as u64, error);
             });
             return;
         }
         self.rt.spawn(async move {
+            let name = match op {
+                Op::Read => "read",
+                Op::Write { .. } | Op::Zeroes { .. } => "write",
+                Op::Delete { .. } => "delete",
+                Op::Flush => "flush",
+            };
             let result = match op {
                 Op::Read | Op::Write { .. } => Ok(()),
                 Op::Zeroes { no_hole, fua } => {
@@ -450,7 +497,8 @@ impl CoreHost for Inner {
                 Op::Delete { fua } => me.local.trim(io.offset, len, fua).await,
                 Op::Flush => me.local.flush().await,
             };
-            me.local_done(io.seq, result.as_ref().map_or_else(errno, |()| 0));
+            let error = result.as_ref().map_or_else(errno, |()| 0);
+            me.io_done(io.seq, name, io.offset, u64::from(len), error);
         });
     }
 
@@ -487,9 +535,16 @@ impl CoreHost for Inner {
             let mut table = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             table.get_mut(&cookie).and_then(|p| {
                 let read = p.read.take();
-                p.answer.take().map(|tx| (tx, read))
+                let timed = p.since.take().map(|t| (p.op.kind(), p.bytes, t));
+                p.answer.take().map(|tx| (tx, read, timed))
             })
         };
+        let answer = answer.map(|(tx, read, timed)| {
+            if let Some((kind, bytes, since)) = timed {
+                self.metrics.request_done(kind, bytes, Some(since));
+            }
+            (tx, read)
+        });
         match answer {
             Some((Waiter::Task(tx), read)) => {
                 let _ = tx.send(if error == 0 { Ok(read) } else { Err(error) });
@@ -522,6 +577,7 @@ impl Uhost {
         provider: Arc<Provider>,
         geo: &HostGeometry,
         map: &[u8],
+        metrics: Arc<ResourceMetrics>,
     ) -> Result<Uhost, UhostError> {
         let local = FileBackend::on(
             provider,
@@ -549,6 +605,7 @@ impl Uhost {
             pool: IoPool {
                 shared: Arc::new(PoolShared::default()),
             },
+            metrics,
         });
         let core = Arc::new(Core::new(
             Params {
@@ -676,6 +733,8 @@ impl Uhost {
                     op,
                     read: None,
                     answer: Some(answer),
+                    bytes: len,
+                    since: self.inner.metrics.start(),
                 },
             );
         }
@@ -704,6 +763,8 @@ impl Uhost {
                 op,
                 read: None,
                 answer: Some(Waiter::Client(done)),
+                bytes: len,
+                since: self.inner.metrics.start(),
             },
         );
         if let Err(e) = self.core.submit(cmd, off, len, cookie) {

@@ -276,9 +276,9 @@ fn misplaced_messages_say_what_is_expected_and_where_it_belongs() {
     assert_eq!(
         msg,
         "/etc/hast.conf:2: found `remote`, expected `}` or a resource statement (replication, \
-         checksum, compression, timeout, exec, metaflush, name, local, nbd, on, security, \
-         peerfingerprint, cafile, secretfile); `remote` is allowed only in an `on` block inside \
-         a `resource` block"
+         checksum, compression, timeout, exec, metaflush, probe_timeout, connect_wait, name, \
+         local, nbd, on, security, peerfingerprint, cafile, secretfile); `remote` is allowed \
+         only in an `on` block inside a `resource` block"
     );
     let (line, msg, _) = fail("\n\nlocal /dev/da0\n");
     assert_eq!(line, 3);
@@ -403,6 +403,120 @@ fn nbd_is_a_keyword_only_where_a_resource_statement_starts() {
     let (line, _, p) = fail("on hasta {\n\n nbd /tmp/x\n}\n");
     assert_eq!(line, 3);
     assert!(matches!(p, Problem::Misplaced { keyword: "nbd", .. }));
+}
+
+#[test]
+fn metrics_is_off_by_default_global_or_per_node() {
+    assert_eq!(ok(RES).metrics, None);
+    let c = ok(&format!("metrics 127.0.0.1\n{RES}"));
+    assert_eq!(
+        c.metrics.map(|a| a.kind),
+        Some(tcp(Family::Any, "127.0.0.1", 9458))
+    );
+    // This host's top-level on block beats the global statement, wherever
+    // they stand; another host's block does not count.
+    let c = ok(&format!(
+        "on hasta {{\n metrics tcp4://10.0.0.1:9100\n}}\non hastb {{\n metrics 10.0.0.2\n}}\n\
+         metrics 127.0.0.1:9999\n{RES}"
+    ));
+    assert_eq!(
+        c.metrics.map(|a| a.kind),
+        Some(tcp(Family::V4, "10.0.0.1", 9100))
+    );
+    // A resource name, path or node called metrics is an ordinary word.
+    let c = ok("resource metrics {\n local metrics\n on hasta { remote none }\n}\n");
+    assert!(c.resource("metrics").is_some());
+}
+
+#[test]
+fn metrics_errors_name_the_line() {
+    let (line, _, p) = fail(&format!("{RES}\nmetrics\n"));
+    assert_eq!(line, 8);
+    assert!(matches!(p, Problem::Unexpected { .. }), "{p:?}");
+    let (line, msg, p) =
+        fail("resource r {\n local /d\n\n metrics 127.0.0.1\n on hasta { remote none }\n}\n");
+    assert_eq!(line, 4);
+    assert!(
+        matches!(
+            p,
+            Problem::Misplaced {
+                keyword: "metrics",
+                ..
+            }
+        ),
+        "{p:?}"
+    );
+    assert!(msg.contains("`metrics` is allowed only at top level or in a top-level `on` block"));
+    let (line, _, p) = fail(&format!("metrics 127.0.0.1:99999\n{RES}"));
+    assert_eq!(line, 1);
+    assert!(
+        matches!(
+            p,
+            Problem::BadAddress {
+                statement: "metrics",
+                ..
+            }
+        ),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn promotion_waits_default_inherit_and_are_checked() {
+    let c = ok(&format!("timeout 7\n{RES}"));
+    let r = &c.resources[0];
+    assert_eq!((r.probe_timeout, r.connect_wait), (5, None));
+    assert_eq!(r.probe_wait(), std::time::Duration::from_secs(5));
+    // The first connection attempt's wait: timeout + 1 unless set.
+    assert_eq!(r.first_connect_wait(), std::time::Duration::from_secs(8));
+    let c = ok(
+        "probe_timeout 2\nconnect_wait 0\nresource a {\n probe_timeout 9\n connect_wait 3\n \
+         local /d\n on hasta { remote none }\n}\nresource b {\n local /d\n on hasta { remote none }\n}\n",
+    );
+    let (a, b) = (c.resource("a").unwrap(), c.resource("b").unwrap());
+    assert_eq!((a.probe_timeout, a.connect_wait), (9, Some(3)));
+    assert_eq!((b.probe_timeout, b.connect_wait), (2, Some(0)));
+    assert_eq!(b.first_connect_wait(), std::time::Duration::ZERO);
+    let (line, msg, p) = fail(&format!("{RES}probe_timeout 0\n"));
+    assert_eq!(line, 7);
+    assert!(
+        matches!(
+            p,
+            Problem::BadSeconds {
+                statement: "probe_timeout",
+                ..
+            }
+        ),
+        "{p:?}"
+    );
+    assert!(
+        msg.contains("probe_timeout 0 is out of range (1 to 2147483647 seconds)"),
+        "{msg}"
+    );
+    let (_, _, p) = fail(&format!("connect_wait 4294967296\n{RES}"));
+    assert!(
+        matches!(
+            p,
+            Problem::BadSeconds {
+                statement: "connect_wait",
+                ..
+            }
+        ),
+        "{p:?}"
+    );
+    let (line, _, p) =
+        fail("resource r {\n local /d\n on hasta {\n  remote none\n  connect_wait 1\n }\n}\n");
+    assert_eq!(line, 5);
+    assert!(
+        matches!(
+            p,
+            Problem::Misplaced {
+                keyword: "connect_wait",
+                ..
+            }
+        ),
+        "{p:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1132,8 +1246,8 @@ fn unbalanced_braces_and_missing_pieces() {
     let (_, msg, _) = fail("on hasta {\n on hastb { }\n}\n");
     assert!(
         msg.contains(
-            "found `on`, expected `}` or a node statement (control, pidfile, listen, security, \
-             keyfile, peerfingerprint, cafile, secretfile)"
+            "found `on`, expected `}` or a node statement (control, pidfile, listen, metrics, \
+             security, keyfile, peerfingerprint, cafile, secretfile)"
         ),
         "{msg}"
     );

@@ -1,7 +1,12 @@
 //! hastctl: the Highly Available Storage control utility. `create` and
 //! `dump` work on the local provider directly; `role`, `list` and `status`
-//! talk to hastd over its control socket; `keygen` and `fingerprint`
-//! (extensions) make and show a node's key pair for `security tls`.
+//! talk to hastd over its control socket, and so do this project's
+//! `events` and `reconnect`; `keygen` and `fingerprint` (extensions) make
+//! and show a node's key pair for `security tls`. `--libxo` selects
+//! machine-readable output ([`xo`], [`report`]).
+
+mod report;
+mod xo;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +16,7 @@ use hast::config::{Config, HostIdentity, ResourceConfig, DEFAULT_CONFIG};
 use hast::control;
 use hast::control::role::RoleReply;
 use hast::control::status::StatusReply;
+use hast::events::{self, Record};
 use hast::metadata::{self, Layout, Metadata};
 use hast::nv::Nv;
 use hast::provider::Provider;
@@ -24,6 +30,11 @@ use hast::sysexits;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Output style, as FreeBSD's libxo reads it: json, xml or text, with
+    /// pretty or underscores (`--libxo json`, `--libxo=json,pretty`,
+    /// `--libxo:JP`).
+    #[arg(long, global = true, value_name = "options", value_parser = xo::parse)]
+    libxo: Option<xo::Options>,
 }
 
 #[derive(Debug, Args)]
@@ -111,6 +122,26 @@ enum Cmd {
         #[arg(value_name = "keyfile|certfile")]
         path: PathBuf,
     },
+    /// Print the state of resources, then their events as they happen.
+    Events {
+        #[command(flatten)]
+        common: Common,
+        /// Print the current state and exit.
+        #[arg(long)]
+        now: bool,
+        /// Add the request counters and queues to the state.
+        #[arg(long)]
+        statistics: bool,
+        #[arg(value_name = "all|name")]
+        names: Vec<String>,
+    },
+    /// Make primaries try their peer now instead of at their next retry.
+    Reconnect {
+        #[command(flatten)]
+        common: Common,
+        #[arg(required = true, value_name = "all|name")]
+        names: Vec<String>,
+    },
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -131,7 +162,7 @@ fn exit(code: i32) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(xo::normalize_args(std::env::args_os())) {
         Ok(c) => c,
         Err(e) => {
             let usage = e.use_stderr();
@@ -146,8 +177,11 @@ fn main() -> ExitCode {
         | Cmd::Status { common, .. }
         | Cmd::Dump { common, .. }
         | Cmd::Keygen { common, .. }
-        | Cmd::Fingerprint { common, .. } => common,
+        | Cmd::Fingerprint { common, .. }
+        | Cmd::Events { common, .. }
+        | Cmd::Reconnect { common, .. } => common,
     };
+    let out = cli.libxo.unwrap_or_default();
     let level = match common.debug {
         0 => tracing::Level::WARN,
         1 => tracing::Level::DEBUG,
@@ -186,7 +220,7 @@ fn main() -> ExitCode {
             names,
             ..
         } => create(&cfg, names, *mediasize, *extentsize, *keepdirty),
-        Cmd::Dump { names, .. } => dump(&cfg, names),
+        Cmd::Dump { names, .. } => dump(&cfg, names, &out),
         Cmd::Role {
             role, names, force, ..
         } => {
@@ -195,11 +229,33 @@ fn main() -> ExitCode {
         }
         Cmd::List { names, .. } => {
             let req = control::status_request(&only_all_means_empty(names));
-            talk(&cfg, &req).map_or_else(|c| c, |nv| print_list(&nv))
+            talk(&cfg, &req).map_or_else(
+                |c| c,
+                |nv| match out.style {
+                    xo::Style::Text => print_list(&nv),
+                    _ => print_xo(&out, "list", &nv, report::list),
+                },
+            )
         }
         Cmd::Status { names, .. } => {
             let req = control::status_request(&only_all_means_empty(names));
-            talk(&cfg, &req).map_or_else(|c| c, |nv| print_status(&nv))
+            talk(&cfg, &req).map_or_else(
+                |c| c,
+                |nv| match out.style {
+                    xo::Style::Text => print_status(&nv),
+                    _ => print_xo(&out, "status", &nv, report::status),
+                },
+            )
+        }
+        Cmd::Events {
+            names,
+            now,
+            statistics,
+            ..
+        } => watch_events(&cfg, names, *now, *statistics, &out),
+        Cmd::Reconnect { names, .. } => {
+            let req = control::reconnect_request(&only_all_means_empty(names));
+            talk(&cfg, &req).map_or_else(|c| c, |nv| print_reconnect(&nv))
         }
         // Handled before the configuration is read.
         Cmd::Keygen { .. } | Cmd::Fingerprint { .. } => 0,
@@ -337,15 +393,18 @@ fn create_one(
 /// dump_one returns metadata_read's -1, which exit() turns into 255.
 const DUMP_FAILED: i32 = 255;
 
-fn dump(cfg: &Config, names: &[String]) -> i32 {
+fn dump(cfg: &Config, names: &[String], out: &xo::Options) -> i32 {
     let (resources, mut ec) = select(cfg, names, true);
+    let mut entries = Vec::new();
     for res in resources {
         let read = Provider::open(&res.local, false)
             .map_err(|e| e.to_string())
             .and_then(|p| Metadata::read(&p, &res.name).map_err(|e| e.to_string()));
-        let r = match read {
+        let r = match &read {
             Ok(md) => {
-                print!("{}", metadata::dump_text(&md));
+                if out.style == xo::Style::Text {
+                    print!("{}", metadata::dump_text(md));
+                }
                 0
             }
             Err(e) => {
@@ -353,11 +412,127 @@ fn dump(cfg: &Config, names: &[String]) -> i32 {
                 DUMP_FAILED
             }
         };
+        entries.push(report::dump_entry(
+            &res.name,
+            read.as_ref().map_err(String::as_str),
+        ));
         if r != 0 && ec == 0 {
             ec = r;
         }
     }
+    if out.style != xo::Style::Text {
+        print!("{}", xo::document(out, "dump", &report::dump(entries)));
+    }
     ec
+}
+
+/// `status` or `list` in JSON or XML: the document built by `build`; the
+/// exit code is the first per-resource error, as in text.
+fn print_xo(out: &xo::Options, top: &str, nv: &Nv, build: fn(&StatusReply) -> xo::Node) -> i32 {
+    let reply = StatusReply::from_nv(nv);
+    print!("{}", xo::document(out, top, &build(&reply)));
+    reply
+        .entries
+        .iter()
+        .find_map(|e| e.status.as_ref().err().map(|err| i32::from(err.code)))
+        .unwrap_or(0)
+}
+
+/// `hastctl events`: the state of the resources, then (unless `now`) each
+/// event as hastd sends it, one line (or one document) each, until hastd
+/// closes the connection or drops this watcher.
+fn watch_events(
+    cfg: &Config,
+    names: &[String],
+    now: bool,
+    statistics: bool,
+    out: &xo::Options,
+) -> i32 {
+    use std::io::Write;
+    let req = control::events_request(&only_all_means_empty(names), now, statistics);
+    let mut stream = match control::stream(&cfg.control, &req) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return e.exit_code();
+        }
+    };
+    let mut ret = 0;
+    let stdout = std::io::stdout();
+    loop {
+        let nv = match stream.next_frame() {
+            Ok(Some(nv)) => nv,
+            Ok(None) if now => return ret,
+            Ok(None) => {
+                eprintln!("hastd closed the event stream");
+                return sysexits::EX_UNAVAILABLE;
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return e.exit_code();
+            }
+        };
+        let error = nv.get_i16("error").unwrap_or(0);
+        if error != 0 {
+            eprintln!("Error {error} received from hastd.");
+            return sysexits::EX_SOFTWARE;
+        }
+        if nv.get_u8(events::END_OF_STATE) == Some(1) {
+            if now {
+                return ret;
+            }
+            continue;
+        }
+        if let Some(why) = nv.get_string(events::DROPPED) {
+            eprintln!("hastd dropped this watcher: {why}");
+            return sysexits::EX_TEMPFAIL;
+        }
+        let Some(record) = Record::from_nv(&nv) else {
+            continue;
+        };
+        if record.event == "error" && ret == 0 {
+            ret = record
+                .fields
+                .iter()
+                .find_map(|(k, v)| match (k.as_str(), v) {
+                    ("code", events::Field::I64(c)) => i32::try_from(*c).ok(),
+                    _ => None,
+                })
+                .unwrap_or(1);
+        }
+        let text = match out.style {
+            xo::Style::Text => format!("{}\n", record.text_line()),
+            _ => xo::document(out, "event", &report::event(&record)),
+        };
+        let mut lock = stdout.lock();
+        if lock
+            .write_all(text.as_bytes())
+            .and_then(|()| lock.flush())
+            .is_err()
+        {
+            // Nobody reads our output any more.
+            return ret;
+        }
+    }
+}
+
+/// `hastctl reconnect`: the errors of the resources that could not.
+fn print_reconnect(nv: &Nv) -> i32 {
+    let mut ret = 0;
+    for e in RoleReply::from_nv(nv).entries {
+        let Some(err) = &e.error else {
+            tracing::debug!("[{}] reconnecting now", e.name);
+            continue;
+        };
+        match &err.message {
+            Some(msg) => eprintln!("[{}] Received error {} from hastd: {msg}", e.name, err.code),
+            None => eprintln!("[{}] Received error {} from hastd.", e.name, err.code),
+        }
+        if ret == 0 {
+            ret = i32::from(err.code);
+        }
+    }
+    ret
 }
 
 /// Send `req` to hastd; on failure print why and return the exit code.
@@ -462,8 +637,19 @@ fn print_list(nv: &Nv) -> i32 {
         if st.inconsistent {
             let _ = writeln!(out, "  {}", hast::metadata::INCONSISTENT_LINE);
         }
-        if let Some(l) = &st.link {
-            // Extension: only for a resource whose `security` is not none.
+        // This project's lines, after the reference's, only when they apply.
+        if st.split_brain {
+            let _ = writeln!(out, "  {SPLIT_BRAIN_LINE}");
+        }
+        if let Some((t, why)) = st.link.as_ref().and_then(|l| l.last_disconnect.as_ref()) {
+            let _ = writeln!(
+                out,
+                "  last disconnect: {} ({why})",
+                hast::clock::rfc3339_ms(*t)
+            );
+        }
+        // Only for a resource whose `security` is not none.
+        if let Some(l) = &st.security {
             let _ = writeln!(
                 out,
                 "  security: {} ({})",
@@ -479,20 +665,15 @@ fn print_list(nv: &Nv) -> i32 {
     ret
 }
 
+/// The line `list` prints for a resource refused for split-brain.
+const SPLIT_BRAIN_LINE: &str =
+    "split-brain: yes (this node and the peer both changed the data while apart; see hastctl(8))";
+
 /// The resync progress line of `list` (this project's addition): percent
 /// done, rate and estimated time left.
 fn sync_line(total: u64, done: u64, msecs: u64) -> String {
-    let pct = if total == 0 {
-        100.0
-    } else {
-        done as f64 * 100.0 / total as f64
-    };
-    let rate = if msecs == 0 {
-        0
-    } else {
-        (done as u128 * 1000 / u128::from(msecs)) as u64
-    };
-    let eta = match total.saturating_sub(done).checked_div(rate) {
+    let (pct, rate, eta) = report::sync_figures(total, done, msecs);
+    let eta = match eta {
         None => "unknown".to_string(),
         Some(s) => format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60),
     };
@@ -521,7 +702,14 @@ fn print_status(nv: &Nv) -> i32 {
                 continue;
             }
         };
-        let status = st.activity.as_ref().map_or("-", |a| a.status.as_str());
+        let status = if st.split_brain {
+            // This project's status for a resource refused for split-brain
+            // (the reference shows a primary as degraded); a space keeps it
+            // apart from the role.
+            "split-brain "
+        } else {
+            st.activity.as_ref().map_or("-", |a| a.status.as_str())
+        };
         let _ = writeln!(
             out,
             "{status:<9}{:<15}{}\t{}",

@@ -150,6 +150,16 @@ fn main() -> ExitCode {
             return exit(sysexits::EX_OSERR);
         }
     };
+    let metrics = match &cfg.metrics {
+        Some(addr) => match hast::metrics::http::MetricsListener::bind(addr) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("hastd: {e}");
+                return exit(sysexits::EX_OSERR);
+            }
+        },
+        None => None,
+    };
     if !cli.foreground {
         if let Err(e) = nix::unistd::daemon(false, false) {
             eprintln!("hastd: unable to daemonize: {e}");
@@ -178,7 +188,10 @@ fn main() -> ExitCode {
             return exit(sysexits::EX_OSERR);
         }
     };
-    let daemon = Daemon::new(opts, cfg, tls, pidfile, control, listeners);
+    let mut daemon = Daemon::new(opts, cfg, tls, pidfile, control, listeners);
+    if let Some(m) = metrics {
+        daemon = daemon.with_metrics(m);
+    }
     let code = runtime.block_on(daemon.run());
     exit(code)
 }

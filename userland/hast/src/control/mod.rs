@@ -8,6 +8,13 @@
 //! (int16) when that resource failed; `error` (int16) when the whole request
 //! failed. This project adds `errmsg%u` (a string saying what failed), which
 //! the reference hastctl ignores.
+//!
+//! Extensions (commands a FreeBSD hastd answers with EHAST_UNIMPLEMENTED):
+//! `cmd` 64 EVENTS (`now`, `statistics`: uint8 flags) is answered with the
+//! state of the resources as event frames, a frame with `end_of_state`, and
+//! then, unless `now`, every event as it happens, on the same connection
+//! ([`crate::events`]); `cmd` 65 RECONNECT makes primaries try their peer
+//! now, and is answered like SETROLE (per resource `error%u`, `errmsg%u`).
 
 pub mod role;
 pub mod status;
@@ -26,6 +33,12 @@ use crate::sysexits;
 pub const HASTCTL_CMD_SETROLE: u8 = 1;
 /// `cmd` value: report the status of the listed resources.
 pub const HASTCTL_CMD_STATUS: u8 = 2;
+/// `cmd` value (extension): stream the events of the listed resources.
+/// Far from the reference's values so that a command it may add never
+/// collides.
+pub const HASTCTL_CMD_EVENTS: u8 = 64;
+/// `cmd` value (extension): primaries try their peer now.
+pub const HASTCTL_CMD_RECONNECT: u8 = 65;
 
 /// Per-resource or request error: no such resource.
 pub const EHAST_NOENTRY: i16 = 1;
@@ -148,6 +161,51 @@ pub fn request(addr: &Addr, req: &Nv) -> Result<Nv, ControlError> {
     Ok(reply)
 }
 
+/// A connection to hastd on which it streams frames (the answer to an
+/// EVENTS request), read without a timeout: events come when they happen.
+pub struct FrameStream {
+    stream: Stream,
+    addr: String,
+}
+
+/// Send `req` to hastd at `addr` and keep the connection to read the
+/// frames that follow.
+pub fn stream(addr: &Addr, req: &Nv) -> Result<FrameStream, ControlError> {
+    let name = addr.to_string();
+    let mut stream = connect(addr, CONTROL_TIMEOUT).map_err(|source| ControlError::Connect {
+        addr: name.clone(),
+        source,
+    })?;
+    proto::write_frame(&mut stream, req, &[]).map_err(|source| ControlError::Send {
+        addr: name.clone(),
+        source,
+    })?;
+    let unlimited = match &stream {
+        Stream::Unix(s) => s.set_read_timeout(None),
+        Stream::Tcp(s) => s.set_read_timeout(None),
+    };
+    unlimited.map_err(|e| ControlError::Receive {
+        addr: name.clone(),
+        source: ProtoError::Io(e),
+    })?;
+    Ok(FrameStream { stream, addr: name })
+}
+
+impl FrameStream {
+    /// The next frame; `None` when hastd closed the connection between
+    /// frames.
+    pub fn next_frame(&mut self) -> Result<Option<Nv>, ControlError> {
+        match proto::read_frame(&mut self.stream, Limits::HEADERS_ONLY) {
+            Ok((nv, _)) => Ok(Some(nv)),
+            Err(ProtoError::Closed) => Ok(None),
+            Err(source) => Err(ControlError::Receive {
+                addr: self.addr.clone(),
+                source,
+            }),
+        }
+    }
+}
+
 /// Build a SETROLE request for `resources` (`["all"]` for every resource).
 /// `force` (an extension the reference ignores) skips safe promotion.
 pub fn setrole_request(role: Role, resources: &[String], force: bool) -> Nv {
@@ -165,8 +223,13 @@ pub fn setrole_request(role: Role, resources: &[String], force: bool) -> Nv {
 
 /// Build a STATUS request for `resources` (empty means `all`).
 pub fn status_request(resources: &[String]) -> Nv {
+    named_request(HASTCTL_CMD_STATUS, resources)
+}
+
+/// A request of `cmd` for `resources` (empty means `all`).
+fn named_request(cmd: u8, resources: &[String]) -> Nv {
     let mut nv = Nv::new();
-    nv.add_u8("cmd", HASTCTL_CMD_STATUS);
+    nv.add_u8("cmd", cmd);
     if resources.is_empty() {
         nv.add_string("resource0", "all");
     }
@@ -176,16 +239,47 @@ pub fn status_request(resources: &[String]) -> Nv {
     nv
 }
 
+/// Build an EVENTS request (extension) for `resources` (empty means
+/// `all`): the state first, then (unless `now`) the events as they
+/// happen; `statistics` adds the request counters to the state.
+pub fn events_request(resources: &[String], now: bool, statistics: bool) -> Nv {
+    let mut nv = named_request(HASTCTL_CMD_EVENTS, resources);
+    if now {
+        nv.add_u8("now", 1);
+    }
+    if statistics {
+        nv.add_u8("statistics", 1);
+    }
+    nv
+}
+
+/// Build a RECONNECT request (extension) for `resources` (`["all"]` for
+/// every resource).
+pub fn reconnect_request(resources: &[String]) -> Nv {
+    named_request(HASTCTL_CMD_RECONNECT, resources)
+}
+
 /// A control request as hastd understands it (see [`parse_request`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Command {
     /// `Some(role)` for SETROLE (init, primary or secondary), `None` for
-    /// STATUS.
+    /// STATUS and the extensions.
     pub role: Option<Role>,
     /// Extension: `force` skips the safe-promotion check.
     pub force: bool,
     /// The resources named, in order; `None` when `resource0` is `all`.
     pub resources: Option<Vec<String>>,
+    /// An extension command, when it is one (then `role` is `None`).
+    pub extension: Option<Extension>,
+}
+
+/// The commands this project adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extension {
+    /// Stream events; `now`: only the state; `statistics`: with counters.
+    Events { now: bool, statistics: bool },
+    /// Primaries try their peer now.
+    Reconnect,
 }
 
 /// A control request hastd refuses.
@@ -225,12 +319,24 @@ pub fn parse_request(nv: &Nv) -> Result<Command, CommandError> {
         return Err(CommandError::NoCmd);
     }
     let first = nv.get_string("resource0").ok_or(CommandError::NoResource)?;
+    let mut extension = None;
     let role = match cmd {
         HASTCTL_CMD_SETROLE => match nv.get_u8("role").and_then(Role::from_u8) {
             Some(r @ (Role::Init | Role::Primary | Role::Secondary)) => Some(r),
             _ => return Err(CommandError::BadRole(format!("{:?}", nv.get("role")))),
         },
         HASTCTL_CMD_STATUS => None,
+        HASTCTL_CMD_EVENTS => {
+            extension = Some(Extension::Events {
+                now: nv.get_u8("now") == Some(1),
+                statistics: nv.get_u8("statistics") == Some(1),
+            });
+            None
+        }
+        HASTCTL_CMD_RECONNECT => {
+            extension = Some(Extension::Reconnect);
+            None
+        }
         _ => return Err(CommandError::BadCmd(cmd)),
     };
     let resources = if first == "all" {
@@ -242,6 +348,7 @@ pub fn parse_request(nv: &Nv) -> Result<Command, CommandError> {
         role,
         force: nv.get_u8("force") == Some(1),
         resources,
+        extension,
     })
 }
 
@@ -294,7 +401,24 @@ mod tests {
                 role: Some(Role::Primary),
                 force: true,
                 resources: Some(names.clone()),
+                extension: None,
             }
+        );
+        let ev = parse_request(&events_request(&names, true, false)).unwrap();
+        assert_eq!(
+            (ev.role, ev.extension),
+            (
+                None,
+                Some(Extension::Events {
+                    now: true,
+                    statistics: false
+                })
+            )
+        );
+        let rc = parse_request(&reconnect_request(&[])).unwrap();
+        assert_eq!(
+            (rc.extension, rc.resources),
+            (Some(Extension::Reconnect), None)
         );
         let all = parse_request(&status_request(&[])).unwrap();
         assert_eq!((all.role, all.resources), (None, None));

@@ -5,6 +5,7 @@
 //! Extensions are fields the reference ignores.
 
 use crate::nv::Nv;
+use crate::splitbrain::Counters;
 use crate::stats::{Queues, RequestStats};
 
 /// A STATUS reply: one entry per resource asked for, in order.
@@ -45,17 +46,47 @@ pub struct ResourceStatus {
     /// finish (nv `inconsistent%u`, uint8 1, only when set).
     pub inconsistent: bool,
     /// Extension: how the replication link is protected, for a resource
-    /// whose `security` is not `none` (nv `security%u`, `link%u`,
+    /// whose `security` is not `none` (nv `security%u`, `security_link%u`,
     /// `peerfingerprint%u`).
-    pub link: Option<LinkStatus>,
+    pub security: Option<SecurityStatus>,
     /// Present for a primary, and for a secondary while its primary is
     /// connected (the reference reports nothing more otherwise).
     pub activity: Option<Activity>,
+    /// Extension: the metadata's counters (`resuid%u`, `localcnt%u`,
+    /// `remotecnt%u`), for a resource whose provider is open.
+    pub counters: Option<Counters>,
+    /// Extension: the replication link of a primary or secondary.
+    pub link: Option<LinkStatus>,
+    /// Extension: the peer's and this node's data both changed while they
+    /// were apart; they refuse to connect (`split_brain%u`, uint8 1).
+    pub split_brain: bool,
+    /// Extension: bytes of extents a synchronization must copy, running or
+    /// not yet started (`sync_pending%u`; a primary).
+    pub sync_pending: Option<u64>,
+}
+
+/// Extension: what this node knows of its replication link.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkStatus {
+    /// Since when a session runs (milliseconds since the epoch;
+    /// `connected_since%u`); `None` while disconnected.
+    pub connected_since_ms: Option<u64>,
+    /// When the last session ended and why (`disconnect_time%u`,
+    /// `disconnect_reason%u`).
+    pub last_disconnect: Option<(u64, String)>,
+    /// Why the last attempt to connect failed, while disconnected
+    /// (`link_error%u`; a primary, which makes the attempts).
+    pub last_error: Option<String>,
+    /// How the link is protected, once it can be (`encryption%u`).
+    pub encryption: Option<String>,
+    /// Sessions established after an earlier one ended, since the
+    /// resource took its role (`reconnects%u`).
+    pub reconnects: u64,
 }
 
 /// Extension: a resource's link security.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LinkStatus {
+pub struct SecurityStatus {
     /// The configured `security` (`secret` or `tls`).
     pub security: String,
     /// What protects the connected link (absent while not connected).
@@ -132,15 +163,7 @@ impl ResourceStatus {
         if self.inconsistent {
             nv.add_u8(format!("inconsistent{no}"), 1);
         }
-        if let Some(l) = &self.link {
-            nv.add_string(format!("security{no}"), l.security.as_str());
-            if let Some(d) = &l.link {
-                nv.add_string(format!("link{no}"), d.as_str());
-            }
-            if let Some(p) = &l.peerfingerprint {
-                nv.add_string(format!("peerfingerprint{no}"), p.as_str());
-            }
-        }
+        self.extensions_to_nv(nv, no);
         let Some(a) = &self.activity else {
             return;
         };
@@ -170,6 +193,7 @@ impl ResourceStatus {
                 .to_string()
         };
         let u = |name: &str| nv.get_u64(&format!("{name}{no}")).unwrap_or(0);
+        let opt_string = |name: &str| nv.get_string(&format!("{name}{no}")).map(str::to_string);
         let activity = nv.get_string(&format!("status{no}")).map(|status| {
             let sync = nv
                 .get_u64(&format!("sync_total{no}"))
@@ -217,16 +241,85 @@ impl ResourceStatus {
             role: s("role"),
             workerpid: nv.get_i32(&format!("workerpid{no}")).unwrap_or(0),
             inconsistent: nv.get_u8(&format!("inconsistent{no}")) == Some(1),
-            link: nv
+            security: nv
                 .get_string(&format!("security{no}"))
-                .map(|security| LinkStatus {
+                .map(|security| SecurityStatus {
                     security: security.to_string(),
-                    link: nv.get_string(&format!("link{no}")).map(str::to_string),
+                    link: nv
+                        .get_string(&format!("security_link{no}"))
+                        .map(str::to_string),
                     peerfingerprint: nv
                         .get_string(&format!("peerfingerprint{no}"))
                         .map(str::to_string),
                 }),
             activity,
+            counters: nv.get_u64(&format!("resuid{no}")).map(|resuid| Counters {
+                resuid,
+                localcnt: u("localcnt"),
+                remotecnt: u("remotecnt"),
+            }),
+            link: nv
+                .get_u8(&format!("link{no}"))
+                .filter(|&l| l == 1)
+                .map(|_| LinkStatus {
+                    connected_since_ms: nv.get_u64(&format!("connected_since{no}")),
+                    last_disconnect: nv.get_u64(&format!("disconnect_time{no}")).map(|t| {
+                        (
+                            t,
+                            nv.get_string(&format!("disconnect_reason{no}"))
+                                .unwrap_or("")
+                                .to_string(),
+                        )
+                    }),
+                    last_error: opt_string("link_error"),
+                    encryption: opt_string("encryption"),
+                    reconnects: u("reconnects"),
+                }),
+            split_brain: nv.get_u8(&format!("split_brain{no}")) == Some(1),
+            sync_pending: nv.get_u64(&format!("sync_pending{no}")),
+        }
+    }
+
+    /// The extension fields this project adds (the reference ignores
+    /// them): link security, counters, link, split-brain, pending
+    /// synchronization.
+    fn extensions_to_nv(&self, nv: &mut Nv, no: usize) {
+        if let Some(l) = &self.security {
+            nv.add_string(format!("security{no}"), l.security.as_str());
+            if let Some(d) = &l.link {
+                nv.add_string(format!("security_link{no}"), d.as_str());
+            }
+            if let Some(p) = &l.peerfingerprint {
+                nv.add_string(format!("peerfingerprint{no}"), p.as_str());
+            }
+        }
+        if let Some(c) = &self.counters {
+            nv.add_u64(format!("resuid{no}"), c.resuid);
+            nv.add_u64(format!("localcnt{no}"), c.localcnt);
+            nv.add_u64(format!("remotecnt{no}"), c.remotecnt);
+        }
+        if let Some(l) = &self.link {
+            nv.add_u8(format!("link{no}"), 1);
+            if let Some(t) = l.connected_since_ms {
+                nv.add_u64(format!("connected_since{no}"), t);
+            }
+            if let Some((t, why)) = &l.last_disconnect {
+                nv.add_u64(format!("disconnect_time{no}"), *t);
+                nv.add_string(format!("disconnect_reason{no}"), why.as_str());
+            }
+            if let Some(e) = &l.last_error {
+                nv.add_string(format!("link_error{no}"), e.as_str());
+            }
+            if let Some(e) = &l.encryption {
+                nv.add_string(format!("encryption{no}"), e.as_str());
+            }
+            nv.add_u64(format!("reconnects{no}"), l.reconnects);
+        }
+        if self.split_brain {
+            nv.add_u8(format!("split_brain{no}"), 1);
+        }
+        if let Some(p) = self.sync_pending {
+            nv.add_u64(format!("sync_pending{no}"), p);
         }
     }
 }
@@ -295,7 +388,7 @@ mod tests {
             role: "primary".into(),
             workerpid: 77,
             inconsistent: true,
-            link: Some(LinkStatus {
+            security: Some(SecurityStatus {
                 security: "tls".into(),
                 link: Some(
                     "encrypted and authenticated (TLS 1.3), TLS13_AES_128_GCM_SHA256".into(),
@@ -331,6 +424,20 @@ mod tests {
                     msecs: 1500,
                 }),
             }),
+            counters: Some(Counters {
+                resuid: 0xdead_beef,
+                localcnt: 3,
+                remotecnt: 2,
+            }),
+            link: Some(LinkStatus {
+                connected_since_ms: Some(1_700_000_000_000),
+                last_disconnect: Some((1_699_999_999_000, "connection reset".into())),
+                last_error: Some("connection refused".into()),
+                encryption: Some("encrypted and authenticated (TLS 1.3)".into()),
+                reconnects: 4,
+            }),
+            split_brain: true,
+            sync_pending: Some(60),
         }
     }
 
@@ -389,14 +496,28 @@ mod tests {
         let plain = ResourceStatus {
             inconsistent: false,
             activity: None,
+            counters: None,
             link: None,
+            split_brain: false,
+            sync_pending: None,
+            security: None,
             ..busy()
         };
         let mut nv = Nv::new();
         plain.to_nv(&mut nv, 0);
         assert!(nv.get("inconsistent0").is_none());
-        assert!(nv.get("security0").is_none());
-        assert!(nv.get("peerfingerprint0").is_none());
+        for ext in [
+            "security0",
+            "security_link0",
+            "peerfingerprint0",
+            "resuid0",
+            "link0",
+            "split_brain0",
+            "sync_pending0",
+            "reconnects0",
+        ] {
+            assert!(nv.get(ext).is_none(), "{ext}");
+        }
         assert!(nv.get("status0").is_none());
         assert!(nv.get("sync_total0").is_none());
     }

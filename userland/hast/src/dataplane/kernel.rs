@@ -344,6 +344,8 @@ impl KernelHost {
             provider,
             geometry: geo,
             map,
+            // The module's requests are not timed (hastd(8), Metrics).
+            metrics: _,
         } = spec;
         let provider = Arc::try_unwrap(provider).map_err(|_| super::HostError::ProviderBusy)?;
         drop(provider);

@@ -32,6 +32,7 @@ use crate::config::ResourceConfig;
 use crate::core::{CoreError, MapKind, Mode, Stats, SyncDir, Upcall};
 use crate::kdev::KdevError;
 use crate::metadata::{Metadata, MetadataError};
+use crate::metrics::ResourceMetrics;
 use crate::provider::Provider;
 use crate::uhost::HostGeometry;
 
@@ -99,12 +100,15 @@ pub enum HostError {
 
 /// What a host needs to start: the resource, its opened local provider
 /// (the caller's only reference on the kernel host, which closes it before
-/// the module opens the disk exclusively), its geometry and on-disk map.
+/// the module opens the disk exclusively), its geometry and on-disk map,
+/// and where it records its requests' latency, bytes and local errors (the
+/// userland host does; the kernel module's requests are not timed).
 pub struct HostSpec<'a> {
     pub cfg: &'a ResourceConfig,
     pub provider: std::sync::Arc<Provider>,
     pub geometry: HostGeometry,
     pub map: &'a [u8],
+    pub metrics: std::sync::Arc<ResourceMetrics>,
 }
 
 /// A started host: the core's dataplane and the front end clients reach

@@ -222,7 +222,8 @@ impl super::Dataplane for UserPlane {
 }
 
 /// The userland host of a primary: the core in this process behind an NBD
-/// export at the resource's `nbd` address.
+/// export at the resource's `nbd` address; it times every request and local
+/// write for the resource's metrics ([`crate::uhost`]).
 pub struct UserHost {
     plane: Arc<UserPlane>,
     uhost: Arc<Uhost>,
@@ -233,7 +234,12 @@ impl UserHost {
     /// The core on the opened provider; clients come in with
     /// [`super::Host::open`].
     pub fn start(spec: super::HostSpec<'_>) -> Result<UserHost, super::HostError> {
-        let uhost = Arc::new(Uhost::new(spec.provider.clone(), &spec.geometry, spec.map)?);
+        let uhost = Arc::new(Uhost::new(
+            spec.provider.clone(),
+            &spec.geometry,
+            spec.map,
+            spec.metrics,
+        )?);
         let plane = Arc::new(UserPlane::new(uhost.clone(), spec.provider));
         Ok(UserHost {
             plane,

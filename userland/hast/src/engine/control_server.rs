@@ -245,6 +245,10 @@ pub async fn handle_client<S: AsyncRead + AsyncWrite + Unpin>(
             return;
         }
     };
+    if nv.get_u8("cmd") == Some(crate::control::HASTCTL_CMD_EVENTS) {
+        // hastctl events: the connection stays open for the events.
+        return super::watch::serve(stream, nv, requests).await;
+    }
     let (tx, rx) = oneshot::channel();
     if requests
         .send(ControlRequest { nv, reply: tx })

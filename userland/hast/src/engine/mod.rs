@@ -1,19 +1,22 @@
 //! The hastd engine: owns the configuration, the resources and their roles,
-//! the control socket, the pidfile, and the reaction to signals (SIGHUP
-//! reloads the configuration with the reference's rules; SIGINT and SIGTERM
-//! stop cleanly).
+//! the control socket (and its event watchers, [`watch`]), the metrics
+//! server, the pidfile, and the reaction to signals (SIGHUP reloads the
+//! configuration with the reference's rules; SIGINT and SIGTERM stop
+//! cleanly).
 
 pub mod admission;
 pub mod control_server;
 pub mod credentials;
 pub mod link;
 pub mod listen;
+pub mod peer;
 pub mod primary;
 pub mod probe;
 pub mod reload;
 pub mod resource;
 pub mod secondary;
 pub mod transport;
+pub mod watch;
 
 use std::path::PathBuf;
 
@@ -23,7 +26,9 @@ use tokio::sync::mpsc;
 use crate::config::{Config, HostIdentity, ResourceConfig};
 use crate::control::role::{RoleEntry, RoleReply};
 use crate::control::status::{Entry, EntryError, StatusReply};
-use crate::control::{parse_request, EHAST_NOENTRY};
+use crate::control::{parse_request, Extension, EHAST_NOENTRY};
+use crate::metrics::expose::ResourceSample;
+use crate::metrics::http::{MetricsListener, MetricsServer, ScrapeRequest};
 use crate::nv::Nv;
 use crate::pidfile::Pidfile;
 use crate::role::Role;
@@ -116,6 +121,9 @@ pub struct Daemon {
     /// The node's TLS server side (this node's key), shared with the
     /// listeners and replaced on reload.
     tls: TlsSlot,
+    /// The metrics address bound before the daemon forked, until served.
+    metrics_listener: Option<MetricsListener>,
+    metrics: Option<MetricsServer>,
 }
 
 /// The live control socket: its accept task and its path (Unix sockets).
@@ -145,7 +153,10 @@ impl Daemon {
         control: ControlListener,
         listeners: Listeners,
     ) -> Daemon {
-        let resources = cfg.resources.iter().cloned().map(Resource::new).collect();
+        let resources: Vec<Resource> = cfg.resources.iter().cloned().map(Resource::new).collect();
+        for r in &resources {
+            r.metrics().set_enabled(cfg.metrics.is_some());
+        }
         Daemon {
             opts,
             cfg,
@@ -155,7 +166,66 @@ impl Daemon {
             listeners: Some(listeners),
             listen_tasks: Vec::new(),
             tls: std::sync::Arc::new(std::sync::RwLock::new(tls)),
+            metrics_listener: None,
+            metrics: None,
         }
+    }
+
+    /// Serve metrics on `listener` (the configuration's `metrics` address,
+    /// bound before the daemon forked). Without it, [`Daemon::run`] binds
+    /// the address itself.
+    pub fn with_metrics(mut self, listener: MetricsListener) -> Daemon {
+        self.metrics_listener = Some(listener);
+        self
+    }
+
+    /// Start serving metrics when the configuration asks for them.
+    fn start_metrics(&mut self, scrapes: &mpsc::Sender<ScrapeRequest>) {
+        let Some(addr) = self.cfg.metrics.clone() else {
+            self.metrics = None;
+            return;
+        };
+        let listener = match self.metrics_listener.take() {
+            Some(l) if *l.addr() == addr => Ok(l),
+            _ => MetricsListener::bind(&addr),
+        };
+        match listener.and_then(|l| l.serve(scrapes.clone())) {
+            Ok(server) => self.metrics = Some(server),
+            Err(e) => tracing::error!("{e}; metrics are not served"),
+        }
+    }
+
+    /// After a reload: serve metrics at the new address (or stop), and
+    /// record them for the resources (or not).
+    fn reload_metrics(
+        &mut self,
+        old: Option<crate::addr::Addr>,
+        scrapes: &mpsc::Sender<ScrapeRequest>,
+    ) {
+        let on = self.cfg.metrics.is_some();
+        for r in &self.resources {
+            r.metrics().set_enabled(on);
+        }
+        if old == self.cfg.metrics && (self.metrics.is_some() || !on) {
+            return;
+        }
+        // The old server releases its address before the new one binds it.
+        self.metrics = None;
+        self.start_metrics(scrapes);
+    }
+
+    /// A scrape: every resource's status and recorded metrics.
+    fn scrape(&self, req: ScrapeRequest) {
+        let samples = self
+            .resources
+            .iter()
+            .map(|r| ResourceSample {
+                name: r.name().to_string(),
+                status: r.status(),
+                recorded: r.metrics().snapshot(),
+            })
+            .collect();
+        let _ = req.reply.send(samples);
     }
 
     /// Serve until SIGINT or SIGTERM; returns the process exit code.
@@ -177,6 +247,8 @@ impl Daemon {
         let (tx, mut rx) = mpsc::channel::<ControlRequest>(64);
         let (itx, mut irx) = mpsc::channel::<Incoming>(64);
         let (ptx, mut prx) = mpsc::channel::<PendingRole>(16);
+        let (stx, mut srx) = mpsc::channel::<ScrapeRequest>(16);
+        self.start_metrics(&stx);
         if let Some(l) = self.listeners.take() {
             self.listen_tasks = l.serve(itx.clone(), self.tls.clone());
         }
@@ -196,8 +268,11 @@ impl Daemon {
                 Some(req) = rx.recv() => self.request(req, &ptx),
                 Some(pending) = prx.recv() => self.finish_setrole(pending).await,
                 Some(inc) = irx.recv() => self.incoming(inc).await,
+                Some(scrape) = srx.recv() => self.scrape(scrape),
                 _ = hup.recv() => {
+                    let old_metrics = self.cfg.metrics.clone();
                     let (new_control, new_listeners) = self.reload().await;
+                    self.reload_metrics(old_metrics, &stx);
                     if let Some(l) = new_listeners {
                         for t in self.listen_tasks.drain(..) {
                             t.abort();
@@ -220,6 +295,7 @@ impl Daemon {
             }
         }
         tracing::info!("termination signal received, exiting");
+        self.metrics = None;
         serving.stop();
         for t in self.listen_tasks.drain(..) {
             t.abort();
@@ -377,6 +453,7 @@ impl Daemon {
         };
         let mut out = Nv::new();
         let (role, force) = (cmd.role, cmd.force);
+        let reconnect = cmd.extension == Some(Extension::Reconnect);
         let names: Vec<String> = match cmd.resources {
             None => self
                 .resources
@@ -385,6 +462,32 @@ impl Daemon {
                 .collect(),
             Some(names) => names,
         };
+        if reconnect {
+            let reply_nv = RoleReply {
+                entries: names
+                    .into_iter()
+                    .map(|name| {
+                        let found = self.resources.iter().find(|r| r.name() == name);
+                        let error = match found {
+                            None => Some(unknown_resource(&name)),
+                            Some(res) => res.reconnect().err().map(|message| EntryError {
+                                code: crate::sysexits::EX_UNAVAILABLE as i16,
+                                message: Some(message),
+                            }),
+                        };
+                        RoleEntry {
+                            old_role: found.map(|r| r.role().as_str().to_string()),
+                            name,
+                            error,
+                        }
+                    })
+                    .collect(),
+            };
+            reply_nv.to_nv(&mut out);
+            let _ = reply.send(out);
+            return;
+        }
+        // STATUS, and the state EVENTS starts with.
         let Some(new) = role else {
             let status = StatusReply {
                 entries: names

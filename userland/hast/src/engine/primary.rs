@@ -8,12 +8,12 @@
 //! stay dirty, and reads the core wants from the peer fail.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use crate::config::{Replication, ResourceConfig};
 use crate::core::Mode;
 use crate::dataplane::{Dataplane, DataplaneError, Host, HostError, HostSpec};
 use crate::metadata::Metadata;
+use crate::metrics::ResourceMetrics;
 use crate::provider::Provider;
 use crate::uhost::HostGeometry;
 
@@ -35,9 +35,11 @@ pub fn mode_of(r: Replication) -> Mode {
 
 /// Connect before serving, as the reference does: if the peer holds newer
 /// data, reads must go to it from the first request on. Waits for the
-/// first connection attempt, at most the resource's timeout and a second.
+/// first connection attempt, at most `connect_wait` (by default the
+/// resource's timeout and a second).
 async fn first_attempt(replicator: &Replicator, cfg: &ResourceConfig) {
-    let wait = Duration::from_secs(u64::from(cfg.timeout.max(1)) + 1);
+    // hast.conf `connect_wait`, by default timeout + 1 s.
+    let wait = cfg.first_connect_wait();
     if tokio::time::timeout(wait, replicator.first_attempt_done())
         .await
         .is_err()
@@ -55,8 +57,13 @@ struct Link {
 }
 
 impl Link {
-    fn start(dp: Arc<dyn Dataplane>, md: Arc<Mutex<Metadata>>, cfg: &ResourceConfig) -> Link {
-        let replicator = Replicator::new(dp, md, cfg.clone());
+    fn start(
+        dp: Arc<dyn Dataplane>,
+        md: Arc<Mutex<Metadata>>,
+        cfg: &ResourceConfig,
+        metrics: Arc<ResourceMetrics>,
+    ) -> Link {
+        let replicator = Replicator::new(dp, md, cfg.clone(), metrics);
         let upcalls = tokio::spawn(replicator.clone().upcalls());
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let run = tokio::spawn(replicator.clone().run(stop_rx));
@@ -96,12 +103,14 @@ impl Primary {
     }
 
     /// Start the core on the opened provider, connect to the peer, and let
-    /// clients in once the first connection attempt is over.
+    /// clients in once the first connection attempt is over. The host and
+    /// the link record into `metrics`.
     pub async fn start(
         cfg: &ResourceConfig,
         provider: Arc<Provider>,
         md: Arc<Mutex<Metadata>>,
         map: &[u8],
+        metrics: Arc<ResourceMetrics>,
     ) -> Result<Primary, PrimaryError> {
         let geometry = {
             let m = md.lock().unwrap_or_else(|p| p.into_inner());
@@ -120,10 +129,11 @@ impl Primary {
             provider,
             geometry,
             map,
+            metrics: metrics.clone(),
         })
         .await?;
         let dp = host.plane();
-        let link = Link::start(dp.clone(), md, cfg);
+        let link = Link::start(dp.clone(), md, cfg, metrics);
         first_attempt(&link.replicator, cfg).await;
         if let Err(e) = host.open(cfg).await {
             let primary = Primary { host, dp, link };

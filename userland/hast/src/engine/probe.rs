@@ -10,8 +10,6 @@
 //! a MAC over the prober's challenge, and one without it counts as no
 //! answer).
 
-use std::time::Duration;
-
 use crate::config::ResourceConfig;
 use crate::handshake::{Hello, MAC_FIELD, NONCE_FIELD};
 use crate::nv::Nv;
@@ -19,9 +17,6 @@ use crate::proto::{self, Limits, HAST_PROTO_VERSION};
 use crate::role::Role;
 use crate::security::secret::{self, Nonce, Secret, Step, Transcript, MAC_SIZE, NONCE_SIZE};
 use crate::splitbrain::{self, Counters, Decision, SyncSrc};
-
-/// Longest wait for the peer's answer.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the peer said about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,7 +160,9 @@ pub async fn probe(cfg: &ResourceConfig) -> PeerState {
         Ok(s) => s,
         Err(e) => return PeerState::Unreachable(e.to_string()),
     };
-    let mut s = match super::link::open(cfg, remote, PROBE_TIMEOUT).await {
+    // `probe_timeout` (5 s by default) to connect, and again for the answer.
+    let wait = cfg.probe_wait();
+    let mut s = match super::link::open(cfg, remote, wait).await {
         Ok(s) => s,
         Err(e) => return PeerState::Unreachable(e.to_string()),
     };
@@ -182,7 +179,7 @@ pub async fn probe(cfg: &ResourceConfig) -> PeerState {
         proto::write_frame_async(&mut s, &hello, &[]).await?;
         proto::read_frame_async(&mut s, limits).await
     };
-    match tokio::time::timeout(PROBE_TIMEOUT, exchange).await {
+    match tokio::time::timeout(wait, exchange).await {
         Ok(Ok((nv, _))) => match (secret, &nonce) {
             (Some(s), Some(ours))
                 if nv.get_u8("probe") == Some(1) && !authentic(&nv, s, &cfg.name, ours) =>

@@ -1,20 +1,24 @@
 //! One resource inside hastd: its configuration, its role, and while it is
 //! primary or secondary the opened local provider and its metadata (and,
 //! on a primary, the data path of [`super::primary`]). Role changes are
-//! persisted as `prevrole` and run the `role` hook.
+//! persisted as `prevrole`, published as events and run the `role` hook.
+//! Its [`ResourceMetrics`] live as long as the resource.
 
 use std::sync::{Arc, Mutex};
 
 use crate::config::ResourceConfig;
 use crate::control::status::{Activity, ResourceStatus, SyncProgress};
-use crate::hooks::{self, Event};
+use crate::events::Kind;
+use crate::hooks;
 use crate::metadata::{Metadata, MetadataError};
+use crate::metrics::ResourceMetrics;
 use crate::provider::{Provider, ProviderError};
 use crate::role::Role;
 use crate::stats::{AtomicRequestStats, Queues};
 use crate::sysexits;
 
 use super::admission::{Refusal, SecretExchange};
+use super::peer::PeerLink;
 use super::primary::{Primary, PrimaryError};
 use super::secondary::{self, Local};
 use super::transport::{Conn, LinkInfo};
@@ -102,10 +106,11 @@ struct SecondaryState {
     pending: Option<Pending>,
     session: Option<tokio::task::JoinHandle<()>>,
     /// How the running session's link is protected.
-    link: Arc<Mutex<Option<LinkInfo>>>,
+    protection: Arc<Mutex<Option<LinkInfo>>>,
     connected: Arc<AtomicBool>,
     stats: Arc<AtomicRequestStats>,
     slots: secondary::Slots,
+    peer: Arc<PeerLink>,
 }
 
 impl SecondaryState {
@@ -114,8 +119,11 @@ impl SecondaryState {
         if let Some(s) = self.session.take() {
             s.abort();
         }
-        self.connected.store(false, Ordering::SeqCst);
-        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if self.connected.swap(false, Ordering::SeqCst) {
+            self.peer
+                .disconnected("the session was stopped by this node");
+        }
+        *self.protection.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Stop the session and wait for the I/O it had started.
@@ -130,15 +138,43 @@ pub struct Resource {
     cfg: ResourceConfig,
     role: Role,
     active: Option<Active>,
+    metrics: Arc<ResourceMetrics>,
 }
 
 impl Resource {
     /// A resource as configured, in role init (hastd never picks a role).
     pub fn new(cfg: ResourceConfig) -> Resource {
+        let metrics = ResourceMetrics::new(&cfg.name);
         Resource {
             cfg,
             role: Role::Init,
             active: None,
+            metrics,
+        }
+    }
+
+    /// What its data path records for the metrics.
+    pub fn metrics(&self) -> &Arc<ResourceMetrics> {
+        &self.metrics
+    }
+
+    /// `hastctl reconnect`: a primary tries its peer now instead of at the
+    /// end of its current wait. The error says why not.
+    pub fn reconnect(&self) -> Result<(), String> {
+        match &self.active {
+            Some(Active::Primary { primary, .. }) => {
+                let r = primary.replicator();
+                if r.is_connected() {
+                    tracing::info!("[{}] reconnect asked: already connected", self.cfg.name);
+                } else {
+                    r.reconnect_now();
+                }
+                Ok(())
+            }
+            _ => Err(format!(
+                "resource {} is {}, not primary: only a primary connects to its peer (a secondary waits for it)",
+                self.cfg.name, self.role
+            )),
         }
     }
 
@@ -186,12 +222,12 @@ impl Resource {
             self.role = Role::Init;
         }
         if self.role != old {
-            hooks::run(
+            hooks::notify(
                 self.cfg.exec.as_deref(),
                 &self.cfg.name,
-                &Event::Role {
-                    old: old.as_str(),
-                    new: self.role.as_str(),
+                Kind::Role {
+                    old: old.as_str().to_string(),
+                    new: self.role.as_str().to_string(),
                 },
             );
         }
@@ -215,13 +251,21 @@ impl Resource {
         let dirty = map.count();
         let md = Arc::new(Mutex::new(md));
         let flush = self.cfg.metaflush;
+        // The counters of the new role start from 0: so do the histograms.
+        self.metrics.reset();
         let active = match role {
             Role::Primary => {
                 // On the kernel host the module takes the disk: hastd keeps
                 // no descriptor of it.
                 let kept = (!Primary::kernel_host()).then(|| provider.clone());
-                let primary =
-                    Primary::start(&self.cfg, provider, md.clone(), map.as_bytes()).await?;
+                let primary = Primary::start(
+                    &self.cfg,
+                    provider,
+                    md.clone(),
+                    map.as_bytes(),
+                    self.metrics.clone(),
+                )
+                .await?;
                 // The role is recorded only once the resource really has it.
                 let recorded = primary
                     .record(move |m| m.prevrole = role, flush)
@@ -468,13 +512,15 @@ impl Resource {
                 return;
             }
         };
-        let link = sec.link.clone();
+        let protection = sec.protection.clone();
         let local = Local {
             provider: provider.clone(),
             md: md.clone(),
             cfg: cfg.clone(),
+            metrics: self.metrics.clone(),
         };
         let connected = sec.connected.clone();
+        let link = sec.peer.clone();
         let stats = sec.stats.clone();
         let slots = sec.slots.clone();
         let name = cfg.name.clone();
@@ -496,19 +542,48 @@ impl Resource {
                                     .map_or(String::new(), |p| format!(", peer key {p}"))
                             );
                         }
-                        *link.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
+                        *protection.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
                         connected.store(true, Ordering::SeqCst);
-                        hooks::run(cfg.exec.as_deref(), &name, &Event::Connect);
+                        link.connected();
+                        hooks::notify(
+                            cfg.exec.as_deref(),
+                            &name,
+                            Kind::Connect {
+                                peer: peer.to_string(),
+                            },
+                        );
                         stream.set_nodelay();
                         let why =
                             secondary::serve(conn1, stream, local, stats, slots, attach.synctrack)
                                 .await;
-                        *link.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        *protection.lock().unwrap_or_else(|p| p.into_inner()) = None;
                         connected.store(false, Ordering::SeqCst);
                         tracing::warn!("[{name}] primary {peer} disconnected: {why}");
-                        hooks::run(cfg.exec.as_deref(), &name, &Event::Disconnect);
+                        let reason = why.to_string();
+                        link.disconnected(&reason);
+                        if let secondary::SessionError::Idle(d) = why {
+                            crate::events::publish(
+                                &name,
+                                Kind::Timeout {
+                                    what: "no request or keepalive from the primary".to_string(),
+                                    secs: d.as_secs(),
+                                },
+                            );
+                        }
+                        hooks::notify(
+                            cfg.exec.as_deref(),
+                            &name,
+                            Kind::Disconnect {
+                                peer: peer.to_string(),
+                                reason,
+                            },
+                        );
                     }
-                    Err(e) => tracing::error!("[{name}] connection from {peer} refused: {e}"),
+                    Err(e) => {
+                        tracing::error!("[{name}] connection from {peer} refused: {e}");
+                        let split = matches!(e, secondary::SessionError::SplitBrain);
+                        link.failed(&e.to_string(), split);
+                    }
                 }
             },
             span,
@@ -574,18 +649,23 @@ impl Resource {
             role: self.role.as_str().to_string(),
             ..Default::default()
         };
-        let link = match &self.active {
+        let protection = match &self.active {
             Some(Active::Primary { primary, .. }) => primary.replicator().link_info(),
-            Some(Active::Secondary { sec, .. }) => {
-                sec.link.lock().unwrap_or_else(|p| p.into_inner()).clone()
-            }
+            Some(Active::Secondary { sec, .. }) => sec
+                .protection
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             None => None,
         };
         if cfg.security.mode != SecurityMode::None {
-            st.link = Some(crate::control::status::LinkStatus {
+            st.security = Some(crate::control::status::SecurityStatus {
                 security: cfg.security.mode.as_str().to_string(),
-                link: link.as_ref().map(LinkInfo::describe),
-                peerfingerprint: link.and_then(|l| l.peer).map(|p| p.to_string()),
+                link: protection.as_ref().map(LinkInfo::describe),
+                peerfingerprint: protection
+                    .as_ref()
+                    .and_then(|l| l.peer)
+                    .map(|p| p.to_string()),
             });
         }
         let Some(active) = &self.active else {
@@ -604,8 +684,24 @@ impl Resource {
         let (extentsize, keepdirty) = {
             let m = active.md().lock().unwrap_or_else(|p| p.into_inner());
             st.inconsistent = m.syncing;
+            st.counters = Some(crate::splitbrain::Counters {
+                resuid: m.resuid,
+                localcnt: m.localcnt,
+                remotecnt: m.remotecnt,
+            });
             (m.extentsize, m.keepdirty)
         };
+        let peer = match active {
+            Active::Secondary { sec, .. } => &*sec.peer,
+            Active::Primary { primary, .. } => &primary.replicator().peer,
+        };
+        let mut link = peer.status();
+        // What protects it, once there is something (security not none).
+        link.encryption = protection
+            .filter(|l| l.mode != SecurityMode::None)
+            .map(|l| l.describe());
+        st.link = Some(link);
+        st.split_brain = peer.split_brain();
         st.activity = match active {
             // Like the reference, a secondary reports status only while its
             // primary is connected, and no dirty count.
@@ -619,6 +715,7 @@ impl Resource {
             }
             Active::Primary { primary, .. } => {
                 let c = primary.stats();
+                st.sync_pending = Some(c.syncdirty.saturating_mul(u64::from(extentsize)));
                 let p = &primary.replicator().progress;
                 let sync = p.active.load(Ordering::SeqCst).then(|| {
                     let total = p.total.load(Ordering::Relaxed);

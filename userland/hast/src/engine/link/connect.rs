@@ -230,7 +230,7 @@ fn new_resuid() -> u64 {
 
 /// Connect to the peer `remote`, bound to the resource's `source` when it
 /// has one, within `timeout` per address tried.
-pub(crate) async fn dial(
+async fn dial(
     cfg: &ResourceConfig,
     remote: &Addr,
     timeout: Duration,

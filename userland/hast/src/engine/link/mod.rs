@@ -5,8 +5,12 @@
 //! extents ([`resync`]), flushes both sides so written extents can leave
 //! the map ([`flush`]), and records counters and roles in the metadata
 //! ([`record`]). It reconnects with quick first retries, then every 10
-//! seconds. Without a session the upcalls get the degraded answers (the
-//! localcnt bump is persisted, peer reads fail).
+//! seconds (`hastctl reconnect` cuts a wait short; the retries are quick
+//! again after a session was established). Without a session the upcalls
+//! get the degraded answers (the localcnt bump is persisted, peer reads
+//! fail). What happens to the link is reported as events
+//! ([`crate::hooks::notify`]) and kept for `hastctl list`
+//! ([`super::peer::PeerLink`]).
 
 mod connect;
 mod flush;
@@ -25,13 +29,17 @@ use tokio::sync::watch;
 
 use crate::config::ResourceConfig;
 use crate::dataplane::{Dataplane, DataplaneError};
-use crate::hooks::{self, Event};
+use crate::events::Kind;
+use crate::hooks;
 use crate::metadata::Metadata;
+use crate::metrics::ResourceMetrics;
 use crate::proto;
 use crate::security::tls::PeerRefused;
 use crate::security::Fingerprint;
 
 use super::transport::LinkInfo;
+
+use super::peer::PeerLink;
 
 use session::{Session, SYNC_SEQ_BASE};
 
@@ -194,6 +202,12 @@ pub struct Replicator {
     /// Counts changes of the security settings: a session started before
     /// a change ends, and the link is re-established with the new keys.
     rekey: watch::Sender<u64>,
+    /// The link's state for `hastctl list` and the metrics.
+    pub peer: PeerLink,
+    /// `hastctl reconnect`: end the wait before the next attempt.
+    reconnect: tokio::sync::Notify,
+    /// Latency of the peer's replies, and where the data path records.
+    metrics: Arc<ResourceMetrics>,
     /// Resync tasks of extents still running (they outlive their session:
     /// each releases its range lock when it ends).
     extent_tasks: Arc<resync::Live>,
@@ -208,6 +222,7 @@ impl Replicator {
         dp: Arc<dyn Dataplane>,
         md: Arc<Mutex<Metadata>>,
         cfg: ResourceConfig,
+        metrics: Arc<ResourceMetrics>,
     ) -> Arc<Replicator> {
         Arc::new(Replicator {
             dp,
@@ -222,8 +237,18 @@ impl Replicator {
             unflushed_bytes: AtomicU64::new(0),
             link: Mutex::new(None),
             rekey: watch::channel(0).0,
+            peer: PeerLink::default(),
+            reconnect: tokio::sync::Notify::new(),
+            metrics,
             extent_tasks: Arc::default(),
         })
+    }
+
+    /// `hastctl reconnect`: make the next connection attempt now instead
+    /// of at the end of the current wait. Nothing changes while a session
+    /// runs.
+    pub fn reconnect_now(&self) {
+        self.reconnect.notify_one();
     }
 
     /// Wait until the resync tasks of extents a stopped session left have
@@ -327,9 +352,16 @@ impl Replicator {
                         e,
                         LinkError::Handshake(crate::handshake::HandshakeError::SplitBrain)
                     );
+                    self.peer.failed(&msg, split_brain);
                     if split_brain && !split_brain_reported {
                         tracing::error!("split-brain detected with {remote}; both nodes refuse to synchronize (see hastctl(8) for the recovery)");
-                        hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SplitBrain);
+                        hooks::notify(
+                            cfg.exec.as_deref(),
+                            &cfg.name,
+                            Kind::SplitBrain {
+                                peer: cfg.remote.clone(),
+                            },
+                        );
                         split_brain_reported = true;
                     }
                     if msg != last_error {
@@ -346,6 +378,9 @@ impl Replicator {
             attempt = attempt.saturating_add(1);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
+                _ = self.reconnect.notified() => {
+                    tracing::info!("reconnecting to {remote} now, as asked");
+                }
                 _ = stop.changed() => return,
             }
         }
@@ -360,12 +395,37 @@ impl Replicator {
         // Resync tasks waiting for a range learn the session is gone.
         self.dp.sync_cancel();
         tracing::warn!("disconnected from {}: {why}", cfg.remote);
+        let reason = why.to_string();
+        self.peer.disconnected(&reason);
+        if let LinkError::Unanswered(seq) = why {
+            crate::events::publish(
+                &cfg.name,
+                Kind::Timeout {
+                    what: format!("the peer did not answer request seq {seq}"),
+                    secs: u64::from(cfg.timeout.max(1)),
+                },
+            );
+        }
         // A synchronization that was running ends here, whatever ended the
         // session.
         if self.progress.active.swap(false, Ordering::SeqCst) {
             tracing::warn!("synchronization interrupted; it goes on after the next connection");
-            hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncIntr);
+            hooks::notify(
+                cfg.exec.as_deref(),
+                &cfg.name,
+                Kind::SyncInterrupted {
+                    done: self.progress.done.load(Ordering::Relaxed),
+                    total: self.progress.total.load(Ordering::Relaxed),
+                },
+            );
         }
-        hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::Disconnect);
+        hooks::notify(
+            cfg.exec.as_deref(),
+            &cfg.name,
+            Kind::Disconnect {
+                peer: cfg.remote.clone(),
+                reason,
+            },
+        );
     }
 }

@@ -11,8 +11,9 @@ use bytes::Bytes;
 
 use crate::config::ResourceConfig;
 use crate::core::{MapKind, SyncDir};
+use crate::events::{Direction, Kind};
 use crate::handshake::Geometry;
-use crate::hooks::{self, Event};
+use crate::hooks;
 use crate::splitbrain::SyncSrc;
 use crate::wire::Cmd;
 
@@ -34,6 +35,9 @@ const SYNC_FLUSH_EVERY: u64 = 128 << 20;
 const RESYNC_IDLE: Duration = Duration::from_millis(200);
 
 const RESYNC_RETRY: Duration = Duration::from_secs(1);
+
+/// How often a running synchronization reports its progress as an event.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Resync progress, for `hastctl list`.
 #[derive(Debug, Default)]
@@ -102,7 +106,17 @@ impl Replicator {
                         "synchronization started: {bytes} bytes in {} extents",
                         dirty.len()
                     );
-                    hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncStart);
+                    hooks::notify(
+                        cfg.exec.as_deref(),
+                        &cfg.name,
+                        Kind::SyncStart {
+                            bytes,
+                            direction: match dir {
+                                SyncSrc::Primary => Direction::ToPeer,
+                                SyncSrc::Secondary => Direction::FromPeer,
+                            },
+                        },
+                    );
                 }
                 self.progress.total.fetch_add(bytes, Ordering::Relaxed);
                 let (n, failed) = self.clone().pass(dir, dirty).await;
@@ -180,12 +194,42 @@ impl Replicator {
                     secs(flushed_in),
                     secs(lock(&self.progress.started).map(|t| t.elapsed())),
                 );
-                hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::SyncDone);
+                hooks::notify(
+                    cfg.exec.as_deref(),
+                    &cfg.name,
+                    Kind::SyncDone {
+                        bytes: synced,
+                        msecs: lock(&self.progress.started).map_or(0, |t| {
+                            u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+                        }),
+                    },
+                );
                 synced = 0;
             }
             // `list` drops its progress line only now: the counters are
             // recorded and the completion is logged.
             self.progress.active.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Publish the progress of a running synchronization every
+    /// [`PROGRESS_EVERY`] (a `sync-progress` event); runs as long as the
+    /// session.
+    pub(super) async fn progress_reporter(self: Arc<Self>, name: String) -> LinkError {
+        loop {
+            tokio::time::sleep(PROGRESS_EVERY).await;
+            if !self.progress.active.load(Ordering::SeqCst) {
+                continue;
+            }
+            let total = self.progress.total.load(Ordering::Relaxed);
+            let done = self.progress.done.load(Ordering::Relaxed).min(total);
+            let secs = lock(&self.progress.started).map_or(0.0, |t| t.elapsed().as_secs_f64());
+            let rate = if secs > 0.0 {
+                (done as f64 / secs) as u64
+            } else {
+                0
+            };
+            crate::events::publish(&name, Kind::SyncProgress { done, total, rate });
         }
     }
 

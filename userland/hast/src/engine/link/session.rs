@@ -15,7 +15,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::{Checksum, Compression, ResourceConfig};
 use crate::core::{SyncDir, Upcall, UpcallKind};
 use crate::dataplane::{Dataplane, HostUpcall};
-use crate::hooks::{self, Event};
+use crate::events::Kind;
+use crate::hooks;
+use crate::metrics::ResourceMetrics;
 use crate::proto::{self, Limits};
 use crate::splitbrain::SyncSrc;
 use crate::wire::{Cmd, Reply, Request};
@@ -284,14 +286,26 @@ impl Replicator {
         self.connected.store(true, Ordering::SeqCst);
         self.first_attempt.send_replace(true);
         tracing::info!("connected to {}", cfg.remote);
-        hooks::run(cfg.exec.as_deref(), &cfg.name, &Event::Connect);
+        self.peer.connected();
+        hooks::notify(
+            cfg.exec.as_deref(),
+            &cfg.name,
+            Kind::Connect {
+                peer: cfg.remote.clone(),
+            },
+        );
         let timeout = Duration::from_secs(u64::from(cfg.timeout.max(1)));
         // The session's tasks live in one set: when one ends the others
         // are aborted and awaited, and the connections they hold are
         // closed, before anything reconnects.
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(send_loop(out, rx, cfg.compression, cfg.checksum));
-        tasks.spawn(recv_loop(inc, waiters.clone(), self.dp.clone()));
+        tasks.spawn(recv_loop(
+            inc,
+            waiters.clone(),
+            self.dp.clone(),
+            self.metrics.clone(),
+        ));
         tasks.spawn(watchdog(waiters, timeout));
         let me = self.clone();
         let sync_cfg = cfg.clone();
@@ -300,6 +314,7 @@ impl Replicator {
             LinkError::Closed
         });
         tasks.spawn(self.clone().flusher());
+        tasks.spawn(self.clone().progress_reporter(cfg.name.clone()));
         // A stop ends the session like a failure: its tasks are shut down
         // (and awaited) before it returns.
         tasks.spawn(async move {
@@ -440,6 +455,7 @@ async fn recv_loop<R: AsyncRead + Unpin>(
     mut inc: R,
     waiters: Arc<Mutex<HashMap<u64, (Waiter, Instant)>>>,
     dp: Arc<dyn Dataplane>,
+    metrics: Arc<ResourceMetrics>,
 ) -> LinkError {
     let limits = Limits::replication(MAX_IO_BYTES);
     loop {
@@ -454,10 +470,11 @@ async fn recv_loop<R: AsyncRead + Unpin>(
             dp.remote_received(reply.seq);
             continue;
         }
-        let Some((waiter, _)) = lock(&waiters).remove(&reply.seq) else {
+        let Some((waiter, sent)) = lock(&waiters).remove(&reply.seq) else {
             tracing::debug!("reply for unknown seq {} ignored", reply.seq);
             continue;
         };
+        metrics.remote_done(sent);
         let expect = waiter.data_length();
         let data = if reply.error != 0 || expect == 0 {
             None

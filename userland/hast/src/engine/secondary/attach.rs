@@ -3,8 +3,9 @@
 
 use tokio::io::AsyncWrite;
 
+use crate::events::Kind;
 use crate::handshake::{Attach, Geometry};
-use crate::hooks::{self, Event};
+use crate::hooks;
 use crate::metadata::METADATA_SIZE;
 use crate::proto::{self};
 use crate::splitbrain::{self, Counters, Decision, MapToSend, SPLIT_BRAIN_MSG};
@@ -48,10 +49,12 @@ pub async fn answer_attach<W: AsyncWrite + Unpin>(
         }
         Decision::SplitBrain => {
             proto::write_frame_async(conn_in, &refuse(SPLIT_BRAIN_MSG), &[]).await?;
-            hooks::run(
+            hooks::notify(
                 local.cfg.exec.as_deref(),
                 &local.cfg.name,
-                &Event::SplitBrain,
+                Kind::SplitBrain {
+                    peer: local.cfg.remote.clone(),
+                },
             );
             return Err(SessionError::SplitBrain);
         }

@@ -88,6 +88,8 @@ pub struct Local {
     pub provider: Arc<Provider>,
     pub md: Arc<Mutex<Metadata>>,
     pub cfg: ResourceConfig,
+    /// Where requests' latency and the local provider's errors go.
+    pub metrics: Arc<crate::metrics::ResourceMetrics>,
 }
 
 impl Local {
@@ -140,6 +142,7 @@ where
         provider: local.provider.clone(),
         localoff,
         stats: stats.clone(),
+        metrics: local.metrics.clone(),
         pool: pool.clone(),
         replies: replies.clone(),
     }) {

@@ -2,8 +2,9 @@
 //! dedicated I/O threads: no task, blocking-pool hop or channel per
 //! request. A request runs after the earlier ones it overlaps (a flush
 //! after every earlier one, so it covers each write received before it,
-//! memsync acknowledging writes before they are done), is counted, and its
-//! reply is queued for the writer.
+//! memsync acknowledging writes before they are done), is counted (and
+//! timed, when metrics are on; a failure is published as an `io-error`
+//! event), and its reply is queued for the writer.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -13,6 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::buffers::BufPool;
 use super::replies::{Outgoing, ReplyQueue};
+use crate::metrics::ResourceMetrics;
 use crate::provider::Provider;
 use crate::stats::{AtomicRequestStats, RequestKind};
 use crate::wire::{Cmd, Reply, Request};
@@ -35,6 +37,8 @@ pub(super) struct Context {
     /// Where the data area starts on the provider.
     pub localoff: u64,
     pub stats: Arc<AtomicRequestStats>,
+    /// Where the requests' latency and the local provider's errors go.
+    pub metrics: Arc<ResourceMetrics>,
     pub pool: Arc<BufPool>,
     pub replies: Arc<ReplyQueue>,
 }
@@ -48,6 +52,8 @@ struct Job {
     data: Option<Vec<u8>>,
     /// Held until the I/O is done, even when the session stops meanwhile.
     slot: OwnedSemaphorePermit,
+    /// When it was admitted (metrics on).
+    since: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -179,6 +185,7 @@ impl IoThreads {
             req,
             data,
             slot,
+            since: self.shared.ctx.metrics.start(),
         };
         if lock(&self.shared.state).admit(job) {
             self.shared.work.notify_one();
@@ -244,10 +251,14 @@ fn run(shared: &Shared) {
             req,
             data,
             slot,
+            since,
         } = job;
         // The reply is queued before the requests this one held back may
         // run: a flush is answered after every write received before it.
-        shared.ctx.replies.push(carry_out(&shared.ctx, req, data));
+        shared
+            .ctx
+            .replies
+            .push(carry_out(&shared.ctx, req, data, since));
         let freed = {
             let mut st = lock(&shared.state);
             st.running.retain(|&(i, _)| i != id);
@@ -260,11 +271,20 @@ fn run(shared: &Shared) {
     }
 }
 
-/// One request's I/O, counted and logged; its reply.
-fn carry_out(ctx: &Context, req: Request, data: Option<Vec<u8>>) -> Outgoing {
+/// One request's I/O, counted, timed (from `since`, its admission) and
+/// logged; its reply.
+fn carry_out(
+    ctx: &Context,
+    req: Request,
+    data: Option<Vec<u8>>,
+    since: Option<Instant>,
+) -> Outgoing {
     let at = ctx.localoff.saturating_add(req.offset);
     let (cmd, len) = (req.cmd, req.length);
-    let (error, out) = match execute(&ctx.provider, &ctx.pool, cmd, at, len, data) {
+    let started = (cmd == Cmd::Write).then(|| ctx.metrics.start()).flatten();
+    let done = execute(&ctx.provider, &ctx.pool, cmd, at, len, data);
+    ctx.metrics.local_write_done(started);
+    let (error, out) = match done {
         Ok(out) => (0, out),
         Err(e) => (e.raw_os_error().unwrap_or(libc::EIO), None),
     };
@@ -275,12 +295,15 @@ fn carry_out(ctx: &Context, req: Request, data: Option<Vec<u8>>) -> Outgoing {
         _ => RequestKind::Flush,
     };
     ctx.stats.count(kind, error != 0);
+    ctx.metrics.request_done(kind, len, since);
     if error != 0 {
         tracing::error!(
             "request failed: {}({}, {len}): errno {error}",
             cmd.name(),
             req.offset
         );
+        ctx.metrics
+            .local_error(crate::metrics::kind_label(kind), req.offset, len, error);
     }
     Outgoing {
         reply: Reply {
@@ -377,7 +400,7 @@ mod tests {
                 };
                 kinds.push((cmd, block));
                 let req = Request { cmd, seq: id, offset: block * 4096, length: 4096, memsync: false };
-                st.admit(Job { id, req, data: None, slot: slots.clone().try_acquire_owned().unwrap() });
+                st.admit(Job { id, req, data: None, slot: slots.clone().try_acquire_owned().unwrap(), since: None });
             }
             // The jobs running now; finish one of them at a time.
             let mut running: Vec<u64> = Vec::new();
@@ -425,6 +448,7 @@ mod tests {
             provider: provider.clone(),
             localoff: 0,
             stats: Arc::new(AtomicRequestStats::default()),
+            metrics: ResourceMetrics::new("test"),
             pool: Arc::new(BufPool::default()),
             replies: replies.clone(),
         })
