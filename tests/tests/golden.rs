@@ -113,17 +113,8 @@ fn settled(c: &Cluster, node: &str) {
 }
 
 fn qemu_io(c: &Cluster, node: &str, cmds: &[&str]) {
-    let mut cmd = std::process::Command::new("qemu-io");
-    cmd.args(["-f", "raw", &c.nbd_uri(node, "r0").unwrap()]);
-    for x in cmds {
-        cmd.args(["-c", x]);
-    }
-    let out = cmd.output().expect("run qemu-io");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let r = hast_tests::export::qemu_io(&c.nbd_uri(node, "r0").unwrap(), cmds);
+    hast_tests::export::ok(&r, "qemu-io");
 }
 
 #[test]
