@@ -112,11 +112,6 @@ fn settled(c: &Cluster, node: &str) {
     );
 }
 
-fn qemu_io(c: &Cluster, node: &str, cmds: &[&str]) {
-    let r = hast_tests::export::qemu_io(&c.nbd_uri(node, "r0").unwrap(), cmds);
-    hast_tests::export::ok(&r, "qemu-io");
-}
-
 #[test]
 fn status_list_and_dump_outputs_stay_byte_identical() {
     let mut c = Cluster::builder(Mode::auto())
@@ -135,11 +130,12 @@ fn status_list_and_dump_outputs_stay_byte_identical() {
         s.status.as_deref() == Some("degraded")
     })
     .unwrap();
-    qemu_io(
-        &c,
+    c.qemu_io(
         "alpha",
+        "r0",
         &["write -P 0x11 0 1M", "write -P 0x22 8M 1M", "flush"],
-    );
+    )
+    .unwrap();
     settled(&c, "alpha");
     check_all(&c, "alpha", "degraded", &mut failures);
 
