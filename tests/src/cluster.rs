@@ -897,6 +897,20 @@ impl Cluster {
         Ok(format!("nbd+unix:///{res}?socket={}", sock.display()))
     }
 
+    /// Run qemu-io with `cmds` (one `-c` each) on `node`'s export of `res`;
+    /// an error with its output when it fails.
+    pub fn qemu_io(&self, node: &str, res: &str, cmds: &[&str]) -> Result<()> {
+        let r = crate::export::qemu_io(&self.nbd_uri(node, res)?, cmds);
+        if r.code != 0 {
+            return Err(HarnessError::Command {
+                cmd: format!("qemu-io {cmds:?} on node {node}, resource {res}"),
+                code: r.code,
+                stderr: r.stderr,
+            });
+        }
+        Ok(())
+    }
+
     fn config_text(&self, b: &ClusterBuilder) -> String {
         use fmt::Write as _;
         let d = self.dir.display();

@@ -42,11 +42,11 @@ pub fn ok(r: &Run, what: &str) {
 
 /// Run qemu-io on `target` (a file or an NBD URI, raw format) with one
 /// `-c` per command.
-pub fn qemu_io(target: &str, cmds: &[String]) -> Run {
+pub fn qemu_io<S: AsRef<str>>(target: &str, cmds: &[S]) -> Run {
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw"]);
     for x in cmds {
-        c.arg("-c").arg(x);
+        c.arg("-c").arg(x.as_ref());
     }
     c.arg(target);
     run_timeout(&mut c, CLIENT_TIME)

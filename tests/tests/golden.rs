@@ -112,20 +112,6 @@ fn settled(c: &Cluster, node: &str) {
     );
 }
 
-fn qemu_io(c: &Cluster, node: &str, cmds: &[&str]) {
-    let mut cmd = std::process::Command::new("qemu-io");
-    cmd.args(["-f", "raw", &c.nbd_uri(node, "r0").unwrap()]);
-    for x in cmds {
-        cmd.args(["-c", x]);
-    }
-    let out = cmd.output().expect("run qemu-io");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn status_list_and_dump_outputs_stay_byte_identical() {
     let mut c = Cluster::builder(Mode::auto())
@@ -144,11 +130,12 @@ fn status_list_and_dump_outputs_stay_byte_identical() {
         s.status.as_deref() == Some("degraded")
     })
     .unwrap();
-    qemu_io(
-        &c,
+    c.qemu_io(
         "alpha",
+        "r0",
         &["write -P 0x11 0 1M", "write -P 0x22 8M 1M", "flush"],
-    );
+    )
+    .unwrap();
     settled(&c, "alpha");
     check_all(&c, "alpha", "degraded", &mut failures);
 

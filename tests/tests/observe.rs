@@ -106,20 +106,6 @@ fn res(list: &Value) -> &Value {
     &list["list"]["resource"][0]
 }
 
-fn qemu_io(c: &Cluster, node: &str, cmds: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", &c.nbd_uri(node, "r0").unwrap()]);
-    for x in cmds {
-        cmd.args(["-c", x]);
-    }
-    let out = cmd.output().expect("run qemu-io");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn libxo_outputs_validate_against_the_schema_in_every_state() {
     let mut c = Cluster::builder(Mode::auto())
@@ -164,7 +150,12 @@ fn libxo_outputs_validate_against_the_schema_in_every_state() {
         s.status.as_deref() == Some("degraded")
     })
     .unwrap();
-    qemu_io(&c, "alpha", &["write -P 0x11 0 1M", "write -P 0x22 8M 1M"]);
+    c.qemu_io(
+        "alpha",
+        "r0",
+        &["write -P 0x11 0 1M", "write -P 0x22 8M 1M"],
+    )
+    .unwrap();
     let (f, list) = outputs(&c, "alpha", "degraded");
     files.extend(f);
     let r = res(&list);
@@ -211,8 +202,8 @@ fn libxo_outputs_validate_against_the_schema_in_every_state() {
     // Split-brain, refused by both nodes.
     c.partition("alpha", "beta").unwrap();
     c.role("beta", "r0", "primary").unwrap();
-    qemu_io(&c, "alpha", &["write -P 0x0a 0 1M"]);
-    qemu_io(&c, "beta", &["write -P 0x0b 4M 1M"]);
+    c.qemu_io("alpha", "r0", &["write -P 0x0a 0 1M"]).unwrap();
+    c.qemu_io("beta", "r0", &["write -P 0x0b 4M 1M"]).unwrap();
     c.role("beta", "r0", "secondary").unwrap();
     c.heal("alpha", "beta").unwrap();
     c.wait_hook("alpha", "split-brain r0", T).unwrap();
@@ -371,7 +362,12 @@ fn events_follow_the_seeds_story() {
     c.role("beta", "r0", "secondary").unwrap();
     c.role("alpha", "r0", "primary").unwrap();
     c.wait_list("alpha", "r0", T, |s| s.in_sync()).unwrap();
-    qemu_io(&c, "alpha", &["write -P 0x11 0 8M", "write -P 0x22 40M 3M"]);
+    c.qemu_io(
+        "alpha",
+        "r0",
+        &["write -P 0x11 0 8M", "write -P 0x22 40M 3M"],
+    )
+    .unwrap();
     c.wait_list("alpha", "r0", T, |s| s.dirty == 0).unwrap();
 
     // The primary dies: its watcher's stream ends.
@@ -380,7 +376,7 @@ fn events_follow_the_seeds_story() {
     c.role("beta", "r0", "primary").unwrap();
     c.wait_list("beta", "r0", T, |s| s.status.as_deref() == Some("degraded"))
         .unwrap();
-    qemu_io(&c, "beta", &["write -P 0x33 10M 5M"]);
+    c.qemu_io("beta", "r0", &["write -P 0x33 10M 5M"]).unwrap();
 
     // The old primary comes back as secondary and is synchronized.
     c.restart("alpha").unwrap();
@@ -753,7 +749,12 @@ fn metrics_scrape_check_histograms_and_hostile_clients() {
     assert!(c.running("alpha"));
     let m = scrape(&c, "alpha");
     assert_eq!(get(&m, "hast_connected{resource=\"r0\"}"), 1.0);
-    qemu_io(&c, "alpha", &["write -P 0x44 0 64k", "read -P 0x44 0 64k"]);
+    c.qemu_io(
+        "alpha",
+        "r0",
+        &["write -P 0x44 0 64k", "read -P 0x44 0 64k"],
+    )
+    .unwrap();
     c.hastctl_ok("alpha", &["status"]).unwrap();
 }
 

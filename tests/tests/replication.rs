@@ -73,17 +73,8 @@ fn reference_image(c: &Cluster) -> std::path::PathBuf {
 
 /// Run `qemu-io` commands on `target` (an NBD URI or a raw image).
 fn qemu_io(target: &str, cmds: &[&str]) {
-    let mut cmd = std::process::Command::new("qemu-io");
-    cmd.args(["-f", "raw", target]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.output().expect("run qemu-io");
-    assert!(
-        out.status.success(),
-        "qemu-io {cmds:?} on {target}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let r = hast_tests::export::qemu_io(target, cmds);
+    hast_tests::export::ok(&r, &format!("qemu-io {cmds:?} on {target}"));
 }
 
 /// Write `pattern` at `offset` through `node`'s export and into `reference`.

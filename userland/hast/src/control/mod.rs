@@ -145,8 +145,9 @@ fn connect(addr: &Addr, timeout: Duration) -> io::Result<Stream> {
     }
 }
 
-/// Send one request to hastd at `addr` and return its reply.
-pub fn request(addr: &Addr, req: &Nv) -> Result<Nv, ControlError> {
+/// Connect to hastd at `addr` and send `req`; the connection and the
+/// address as text, for the errors of what follows.
+fn send(addr: &Addr, req: &Nv) -> Result<(Stream, String), ControlError> {
     let name = addr.to_string();
     let mut stream = connect(addr, CONTROL_TIMEOUT).map_err(|source| ControlError::Connect {
         addr: name.clone(),
@@ -156,6 +157,12 @@ pub fn request(addr: &Addr, req: &Nv) -> Result<Nv, ControlError> {
         addr: name.clone(),
         source,
     })?;
+    Ok((stream, name))
+}
+
+/// Send one request to hastd at `addr` and return its reply.
+pub fn request(addr: &Addr, req: &Nv) -> Result<Nv, ControlError> {
+    let (mut stream, name) = send(addr, req)?;
     let (reply, _) = proto::read_frame(&mut stream, Limits::HEADERS_ONLY)
         .map_err(|source| ControlError::Receive { addr: name, source })?;
     Ok(reply)
@@ -171,15 +178,7 @@ pub struct FrameStream {
 /// Send `req` to hastd at `addr` and keep the connection to read the
 /// frames that follow.
 pub fn stream(addr: &Addr, req: &Nv) -> Result<FrameStream, ControlError> {
-    let name = addr.to_string();
-    let mut stream = connect(addr, CONTROL_TIMEOUT).map_err(|source| ControlError::Connect {
-        addr: name.clone(),
-        source,
-    })?;
-    proto::write_frame(&mut stream, req, &[]).map_err(|source| ControlError::Send {
-        addr: name.clone(),
-        source,
-    })?;
+    let (stream, name) = send(addr, req)?;
     let unlimited = match &stream {
         Stream::Unix(s) => s.set_read_timeout(None),
         Stream::Tcp(s) => s.set_read_timeout(None),
