@@ -177,19 +177,11 @@ fn log_count(c: &Cluster, node: &str, what: &str) -> usize {
     c.log(node).unwrap_or_default().matches(what).count()
 }
 
-/// Run `qemu-io` commands on `target` (an NBD URI or a raw image).
+/// Run `qemu-io` commands on `target` (an NBD URI or a raw image); they
+/// must succeed.
 fn qemu_io(target: &str, cmds: &[&str]) {
-    let mut cmd = std::process::Command::new("qemu-io");
-    cmd.args(["-f", "raw", target]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.output().expect("run qemu-io");
-    assert!(
-        out.status.success(),
-        "qemu-io {cmds:?} on {target}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let r = hast_tests::export::qemu_io(target, cmds);
+    assert_eq!(r.code, 0, "qemu-io {cmds:?} on {target}: {}", r.stderr);
 }
 
 /// A sparse reference image as large as the data area.
