@@ -346,13 +346,14 @@ impl Replicator {
                     }
                 }
                 Err(e) => {
-                    self.first_attempt.send_replace(true);
                     let msg = e.to_string();
                     let split_brain = matches!(
                         e,
                         LinkError::Handshake(crate::handshake::HandshakeError::SplitBrain)
                     );
+                    // As on success: the event before the promotion goes on.
                     self.peer.failed(&msg, split_brain);
+                    self.first_attempt.send_replace(true);
                     if split_brain && !split_brain_reported {
                         tracing::error!("split-brain detected with {remote}; both nodes refuse to synchronize (see hastctl(8) for the recovery)");
                         hooks::notify(

@@ -284,9 +284,11 @@ impl Replicator {
         });
         self.dp.set_link(true);
         self.connected.store(true, Ordering::SeqCst);
-        self.first_attempt.send_replace(true);
         tracing::info!("connected to {}", cfg.remote);
+        // The connect event goes out before the waiting promotion goes on,
+        // so that a watcher sees it before the role change.
         self.peer.connected();
+        self.first_attempt.send_replace(true);
         hooks::notify(
             cfg.exec.as_deref(),
             &cfg.name,
