@@ -101,6 +101,11 @@ fn secondary_power_cut_during_resync_keeps_the_pair_equal() {
     // Writes while beta is away: every extent of the device is dirty.
     let history = write(&c, "alpha", 3000, 12);
     c.failpoint("beta", hast::failpoint::SECONDARY_SLOW_WRITE, true);
+    // Flushes slow too: the chunks beta confirmed stay unflushed long
+    // enough for the cut to find them there (under load the primary's
+    // flush of both sides otherwise often came first and the cut lost
+    // nothing).
+    c.failpoint("beta", hast::failpoint::SECONDARY_SLOW_FLUSH, true);
     c.start("beta").unwrap();
     c.role("beta", "r0", "secondary").unwrap();
     // Half way: some extents copied (and confirmed), others not yet.
@@ -122,6 +127,7 @@ fn secondary_power_cut_during_resync_keeps_the_pair_equal() {
         "nothing was volatile on beta: the cut tests nothing"
     );
     c.failpoint("beta", hast::failpoint::SECONDARY_SLOW_WRITE, false);
+    c.failpoint("beta", hast::failpoint::SECONDARY_SLOW_FLUSH, false);
     recover_secondary_and_check(&mut c, &history);
 }
 

@@ -12,7 +12,13 @@ pub const SECONDARY_WRITE: &str = "secondary-write";
 /// slow disk), so a test can stop the session while writes are running.
 pub const SECONDARY_SLOW_WRITE: &str = "secondary-slow-write";
 
-/// The wait of [`SECONDARY_SLOW_WRITE`].
+/// Not a failure: while armed, the secondary's flush waits
+/// [`SECONDARY_SLOW_WRITE_DELAY`] before it reaches the provider (a disk
+/// slow to flush), so a power cut in a test reliably finds written data
+/// that is not flushed yet.
+pub const SECONDARY_SLOW_FLUSH: &str = "secondary-slow-flush";
+
+/// The wait of [`SECONDARY_SLOW_WRITE`] and [`SECONDARY_SLOW_FLUSH`].
 pub const SECONDARY_SLOW_WRITE_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Not a failure: while armed, the secondary waits

@@ -354,6 +354,9 @@ fn execute(
             Ok(None)
         }
         Cmd::Flush => {
+            if crate::failpoint::check(crate::failpoint::SECONDARY_SLOW_FLUSH).is_some() {
+                std::thread::sleep(crate::failpoint::SECONDARY_SLOW_WRITE_DELAY);
+            }
             provider.sync()?;
             Ok(None)
         }
